@@ -1,0 +1,1 @@
+"""The aggregator: event stream to exact per-campaign statistics, pages and metrics."""

@@ -1,0 +1,87 @@
+"""Database engines for SQLite (embedded) and PostgreSQL (production)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlmodel import SQLModel
+
+from aggregator import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+
+
+def async_url(url: str) -> str:
+    """Map the URLs operators write to the async drivers we ship."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        return str(parsed.set(drivername="sqlite+aiosqlite"))
+    if backend in ("postgresql", "postgres"):
+        return parsed.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
+    raise ValueError(f"unsupported database {backend!r}: use sqlite:///... or postgresql://...")
+
+
+def sqlite_url(data_dir: Path) -> str:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(data_dir / 'mailbeacon.db').resolve()}"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets the API read while ingest writes; the busy timeout lets replicas take turns.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+@dataclass
+class Database:
+    """``engine`` for writes, ``read_engine`` for queries (the same engine on PostgreSQL)."""
+
+    engine: AsyncEngine
+    read_engine: AsyncEngine
+    dialect: str
+
+    @property
+    def insert(self) -> Any:
+        """The dialect's INSERT, which knows ON CONFLICT."""
+        return postgresql.insert if self.dialect == "postgresql" else sqlite.insert
+
+    async def create_schema(self) -> None:
+        async with self.engine.begin() as conn:
+            await conn.run_sync(SQLModel.metadata.create_all)
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+        if self.read_engine is not self.engine:
+            await self.read_engine.dispose()
+
+
+def open_database(url: str) -> Database:
+    driver_url = async_url(url)
+    if driver_url.startswith("sqlite"):
+        writer = create_async_engine(driver_url, connect_args={"timeout": 30})
+        reader = create_async_engine(driver_url, connect_args={"timeout": 30})
+        for engine in (writer, reader):
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+
+        # SQLite's deferred BEGIN upgrades to a write lock late and then fails at once when
+        # another writer holds it; BEGIN IMMEDIATE waits for the lock up front instead.
+        @event.listens_for(writer.sync_engine, "connect")
+        def _no_autobegin(dbapi_connection: Any, _: Any) -> None:
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(writer.sync_engine, "begin")
+        def _begin_immediate(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return Database(writer, reader, "sqlite")
+    engine = create_async_engine(driver_url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return Database(engine, engine, "postgresql")

@@ -1,0 +1,178 @@
+"""SQL tables (sqlmodel). The same schema on SQLite and PostgreSQL.
+
+``events`` is the record of everything that happened; the other tables are state
+maintained from it on ingest so that reading statistics never scans events.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, String, Text, text
+from sqlmodel import Field, SQLModel
+
+_ID = 36  # a canonical UUID
+
+
+def _ts(**kwargs: Any) -> Any:
+    return Field(default=None, sa_column=Column(DateTime(timezone=True), **kwargs))
+
+
+class CampaignRow(SQLModel, table=True):
+    __tablename__ = "campaigns"
+
+    key: str = Field(primary_key=True, max_length=320)
+    namespace: str = Field(max_length=63)
+    name: str = Field(max_length=253)
+    first_seen_at: datetime | None = _ts()
+
+
+class CampaignStats(SQLModel, table=True):
+    """Maintained counters, one row per campaign (see DESIGN.md "Statistics")."""
+
+    __tablename__ = "campaign_stats"
+
+    campaign: str = Field(primary_key=True, max_length=320)
+    total_recipients: int = 0
+    sent_count: int = 0
+    failed_count: int = 0
+    delivered_count: int = 0
+    deferred_count: int = 0
+    bounced_count: int = 0
+    hard_bounced_count: int = 0
+    soft_bounced_count: int = 0
+    complained_count: int = 0
+    unsubscribed_count: int = 0
+    unique_opens: int = 0
+    total_opens: int = 0
+    human_unique_opens: int = 0
+    human_total_opens: int = 0
+    unique_clicks: int = 0
+    total_clicks: int = 0
+    human_unique_clicks: int = 0
+    human_total_clicks: int = 0
+    updated_at: datetime | None = _ts()
+
+
+COUNTER_COLUMNS: tuple[str, ...] = tuple(
+    name for name in CampaignStats.model_fields if name not in ("campaign", "updated_at")
+)
+
+
+class MessageRow(SQLModel, table=True):
+    """One recipient copy, with the first time each kind of event was seen for it."""
+
+    __tablename__ = "messages"
+    __table_args__ = (Index("ix_messages_recipient_sent", "recipient", "sent_at"),)
+
+    tracking_id: str = Field(primary_key=True, max_length=_ID)
+    campaign: str = Field(max_length=320, index=True)
+    recipient: str = Field(max_length=320)
+    message_id: str | None = Field(default=None, max_length=998)
+    status: str = Field(max_length=10)  # sent | failed
+    sent_at: datetime | None = _ts()
+    delivered_at: datetime | None = _ts()
+    deferred_at: datetime | None = _ts()
+    first_opened_at: datetime | None = _ts()
+    first_human_opened_at: datetime | None = _ts()
+    first_clicked_at: datetime | None = _ts()
+    first_human_clicked_at: datetime | None = _ts()
+    bounced_at: datetime | None = _ts()
+    bounce_kind: str | None = Field(default=None, max_length=4)
+    complained_at: datetime | None = _ts()
+    unsubscribed_at: datetime | None = _ts()
+    open_count: int = 0
+    click_count: int = 0
+
+
+class EventRow(SQLModel, table=True):
+    __tablename__ = "events"
+    __table_args__ = (
+        Index("ix_events_message_type", "tracking_id", "type"),
+        Index("ix_events_campaign_time", "campaign", "occurred_at"),
+        Index("ix_events_type_time", "type", "occurred_at"),
+        # Parked events (waiting for their message) are few; a partial index finds them fast.
+        Index(
+            "ix_events_parked",
+            "recipient",
+            sqlite_where=text("applied = 0"),
+            postgresql_where=text("applied = false"),
+        ),
+    )
+
+    id: int | None = Field(
+        default=None,
+        sa_column=Column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    )
+    event_id: str = Field(max_length=200, unique=True)
+    type: str = Field(max_length=16)
+    tracking_id: str | None = Field(default=None, max_length=_ID)
+    campaign: str | None = Field(default=None, max_length=320)
+    recipient: str | None = Field(default=None, max_length=320)
+    occurred_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    received_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    ip: str | None = Field(default=None, max_length=64)
+    user_agent: str | None = Field(default=None, sa_column=Column(Text))
+    url: str | None = Field(default=None, sa_column=Column(Text))
+    bounce_kind: str | None = Field(default=None, max_length=4)
+    reason: str | None = Field(default=None, sa_column=Column(Text))
+    machine: bool = False
+    machine_kind: str | None = Field(default=None, max_length=64)
+    source: str = Field(max_length=32)
+    details: dict[str, Any] | None = Field(default=None, sa_column=Column("metadata", JSON))
+    applied: bool = Field(default=False)
+
+
+class CampaignRecipient(SQLModel, table=True):
+    """Distinct recipients per campaign, for ``total_recipients``."""
+
+    __tablename__ = "campaign_recipients"
+
+    campaign: str = Field(primary_key=True, max_length=320)
+    recipient: str = Field(primary_key=True, max_length=320)
+
+
+class LinkStats(SQLModel, table=True):
+    __tablename__ = "link_stats"
+    __table_args__ = (Index("ix_link_stats_rank", "campaign", "total_clicks"),)
+
+    campaign: str = Field(primary_key=True, max_length=320)
+    url_hash: str = Field(primary_key=True, max_length=64)
+    url: str = Field(sa_column=Column(Text, nullable=False))
+    total_clicks: int = 0
+    unique_clicks: int = 0
+
+
+class MessageLink(SQLModel, table=True):
+    """Which links a message has clicked, for per-link unique clicks."""
+
+    __tablename__ = "message_links"
+
+    tracking_id: str = Field(primary_key=True, max_length=_ID)
+    url_hash: str = Field(primary_key=True, max_length=64)
+
+
+class OpenBucket(SQLModel, table=True):
+    """Opens per campaign and UTC hour; days are sums of hours."""
+
+    __tablename__ = "open_buckets"
+
+    campaign: str = Field(primary_key=True, max_length=320)
+    hour: datetime = Field(sa_column=Column(DateTime(timezone=True), primary_key=True))
+    opens: int = 0
+    human_opens: int = 0
+
+
+__all__ = [
+    "COUNTER_COLUMNS",
+    "CampaignRecipient",
+    "CampaignRow",
+    "CampaignStats",
+    "EventRow",
+    "LinkStats",
+    "MessageLink",
+    "MessageRow",
+    "OpenBucket",
+    "String",
+]

@@ -1,0 +1,96 @@
+"""Pages for the development outbox: what the proxy relayed, as recipients would see it."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import re
+from email.message import Message
+from email.policy import default as default_policy
+from html import escape
+from pathlib import Path
+
+from aiohttp import web
+
+from aggregator.pages import layout
+
+OUTBOX_KEY = web.AppKey("outbox_dir", Path)
+_NAME = re.compile(r"^[A-Za-z0-9._-]+\.eml$")
+MAX_LISTED = 200
+
+
+def _file(request: web.Request) -> Path:
+    name = request.match_info["name"]
+    directory = request.app[OUTBOX_KEY]
+    path = directory / name
+    if not _NAME.match(name) or not path.is_file():
+        raise web.HTTPNotFound(text="no such message in the outbox")
+    return path
+
+
+def _load(path: Path) -> Message:
+    return email.message_from_bytes(path.read_bytes(), policy=default_policy)
+
+
+def _html_of(message: Message) -> str | None:
+    body = message.get_body(preferencelist=("html", "plain"))  # type: ignore[attr-defined]
+    if body is None:
+        return None
+    content = body.get_content()
+    if body.get_content_type() == "text/plain":
+        return f"<pre style='white-space:pre-wrap'>{escape(content)}</pre>"
+    return str(content)
+
+
+async def outbox_list(request: web.Request) -> web.Response:
+    directory = request.app[OUTBOX_KEY]
+    files = sorted(directory.glob("*.eml"), key=lambda p: p.stat().st_mtime, reverse=True)[:MAX_LISTED]
+    headers = await asyncio.to_thread(lambda: [(p, _load(p)) for p in files])
+    rows = (
+        "".join(
+            f'<tr><td><a href="/outbox/{escape(p.name)}">{escape(str(m.get("Subject", "(no subject)")))}</a></td>'
+            f"<td>{escape(str(m.get('Delivered-To', '')))}</td><td>{escape(str(m.get('From', '')))}</td>"
+            f'<td class="muted">{escape(str(m.get("X-Mailbeacon-Tracking-ID", "untracked")))}</td></tr>'
+            for p, m in headers
+        )
+        or '<tr><td colspan="4" class="muted">Nothing relayed yet.</td></tr>'
+    )
+    body = (
+        f"<h1>Outbox</h1><p class=muted>Messages the proxy relayed, kept in {escape(str(directory))}.</p>"
+        "<div class=wrap><table><thead><tr><th>Subject</th><th>To</th><th>From</th><th>Tracking id</th>"
+        f"</tr></thead><tbody>{rows}</tbody></table></div>"
+    )
+    return layout("Outbox", body)
+
+
+async def outbox_message(request: web.Request) -> web.Response:
+    path = _file(request)
+    message = await asyncio.to_thread(_load, path)
+    html = _html_of(message) or "<p>(no text body)</p>"
+    # Shown in a sandbox without scripts: the pixel loads and links open, nothing else runs.
+    frame = (
+        '<iframe title="message" style="width:100%;height:70vh;border:1px solid #e3e8ef;background:#fff" '
+        'sandbox="allow-popups allow-popups-to-escape-sandbox" '
+        f'srcdoc="{escape(html, quote=True)}"></iframe>'
+    )
+    fields = "".join(
+        f"<tr><th>{name}</th><td>{escape(str(message.get(name, '')))}</td></tr>"
+        for name in ("Subject", "From", "Delivered-To", "Date", "X-Mailbeacon-Tracking-ID")
+    )
+    body = (
+        f"<h1>{escape(str(message.get('Subject', '(no subject)')))}</h1><table>{fields}</table><p>"
+        f'<a href="/outbox/{escape(path.name)}/raw">Download .eml</a></p>{frame}'
+    )
+    return layout("Outbox message", body)
+
+
+async def outbox_raw(request: web.Request) -> web.StreamResponse:
+    path = _file(request)
+    return web.FileResponse(path, headers={"Content-Type": "message/rfc822"})
+
+
+def add_outbox_routes(app: web.Application, directory: Path) -> None:
+    app[OUTBOX_KEY] = directory
+    app.router.add_get("/outbox/", outbox_list)
+    app.router.add_get("/outbox/{name}", outbox_message)
+    app.router.add_get("/outbox/{name}/raw", outbox_raw)

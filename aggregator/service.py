@@ -1,0 +1,88 @@
+"""Wiring: database, JetStream consumer, campaign mirror and the web app on AGGREGATOR_LISTEN."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from aiohttp import web
+from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
+
+from aggregator.api import DB_KEY, add_api_routes
+from aggregator.consumer import EventConsumer
+from aggregator.db import Database, open_database, sqlite_url
+from aggregator.ingest import CAMPAIGNS
+from aggregator.outbox_pages import add_outbox_routes
+from aggregator.pages import add_page_routes, layout
+from mailbeacon.campaign_store import CampaignStore
+from mailbeacon.campaigns import CampaignKey, CampaignSpec
+from mailbeacon.events import utcnow
+from mailbeacon.settings import Settings
+from mailbeacon.web import add_health_routes, bound_port, json_errors, serve
+
+log = logging.getLogger(__name__)
+
+
+def database_url(settings: Settings) -> str:
+    return settings.database_url_value() or sqlite_url(settings.data_dir)
+
+
+def create_app(db: Database, outbox_dir: Path | None, ready: bool | None = None) -> web.Application:
+    app = web.Application(middlewares=[json_errors])
+    app[DB_KEY] = db
+    add_api_routes(app)
+    add_page_routes(app)
+    if outbox_dir is not None:
+        add_outbox_routes(app, outbox_dir)
+    else:
+
+        async def no_outbox(_: web.Request) -> web.Response:
+            return layout(
+                "Outbox", "<h1>Outbox</h1><p>Mail is relayed to the real upstream (UPSTREAM_SMTP).</p>"
+            )
+
+        app.router.add_get("/outbox/", no_outbox)
+    return app
+
+
+class AggregatorService:
+    def __init__(self, settings: Settings, js: JetStreamContext, kv: KeyValue | None) -> None:
+        self.settings = settings
+        self.js = js
+        self.db = open_database(database_url(settings))
+        self.consumer = EventConsumer(js, self.db, settings.ingest_batch_size)
+        self.campaigns = CampaignStore(kv, on_change=self._campaign_changed) if kv is not None else None
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    async def _campaign_changed(self, key: CampaignKey, spec: CampaignSpec | None) -> None:
+        if spec is None:
+            return  # a deleted Campaign keeps its statistics
+        insert = self.db.insert
+        async with self.db.engine.begin() as conn:
+            await conn.execute(
+                insert(CAMPAIGNS)
+                .values(key=str(key), namespace=key.namespace, name=key.name, first_seen_at=utcnow())
+                .on_conflict_do_nothing(index_elements=["key"])
+            )
+
+    async def start(self) -> None:
+        await self.db.create_schema()
+        if self.campaigns is not None:
+            await self.campaigns.start()
+        await self.consumer.start()
+        app = create_app(self.db, self.settings.outbox_dir)
+        add_health_routes(app, ready=lambda: self.consumer.healthy)
+        self._runner = await serve(app, self.settings.aggregator_listen)
+        self.port = bound_port(self._runner)
+        log.info("aggregator listening on port %s", self.port)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.consumer.stop()
+        if self.campaigns is not None:
+            await self.campaigns.stop()
+        await self.db.dispose()

@@ -1,0 +1,99 @@
+"""The campaign specs in the NATS KV bucket, mirrored in memory and kept current by a watch.
+
+The operator (from ``Campaign`` resources) and the command line write specs; proxies and
+aggregators read them from their local mirror, so a lookup never waits on the network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+
+from mailbeacon.campaigns import CampaignKey, CampaignSpec, InvalidCampaign
+
+log = logging.getLogger(__name__)
+
+
+OnChange = Callable[[CampaignKey, CampaignSpec | None], Awaitable[None]]
+
+
+class CampaignStore:
+    def __init__(self, kv: KeyValue, on_change: OnChange | None = None) -> None:
+        self._kv = kv
+        self._on_change = on_change
+        self.specs: dict[CampaignKey, CampaignSpec] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._watcher: KeyValue.KeyWatcher | None = None
+
+    def get(self, key: CampaignKey) -> CampaignSpec | None:
+        return self.specs.get(key)
+
+    async def _apply(self, entry: KeyValue.Entry) -> None:
+        try:
+            key = CampaignKey.parse(entry.key)
+        except InvalidCampaign:
+            log.warning("ignoring campaign KV key %r", entry.key)
+            return
+        spec: CampaignSpec | None = None
+        if entry.operation in (KV_DEL, KV_PURGE):
+            self.specs.pop(key, None)
+        else:
+            try:
+                spec = self.specs[key] = CampaignSpec.from_json(entry.value or b"{}")
+            except ValueError as exc:
+                log.warning("ignoring invalid spec for campaign %s: %s", key, exc)
+                return
+        if self._on_change is not None:
+            try:
+                await self._on_change(key, spec)
+            except Exception:
+                log.exception("campaign change handler failed for %s", key)
+
+    async def start(self) -> None:
+        """Load every spec, then keep following changes in the background."""
+        self._watcher = await self._kv.watchall()
+        while True:
+            entry = await self._watcher.updates(timeout=10)
+            if entry is None:  # the end-of-initial-values marker
+                break
+            await self._apply(entry)
+        self._task = asyncio.create_task(self._follow(), name="campaign-store")
+
+    async def _follow(self) -> None:
+        assert self._watcher is not None
+        async for entry in self._watcher:
+            if entry is not None:
+                await self._apply(entry)
+
+    async def put(self, key: CampaignKey, spec: CampaignSpec) -> None:
+        await self._kv.put(key.kv_key, spec.to_json())
+        self.specs[key] = spec
+
+    async def create_if_missing(self, key: CampaignKey, spec: CampaignSpec) -> bool:
+        """Create the campaign unless someone already has; True when this call created it."""
+        if key in self.specs:
+            return False
+        try:
+            await self._kv.create(key.kv_key, spec.to_json())
+        except KeyWrongLastSequenceError:
+            return False
+        self.specs[key] = spec
+        return True
+
+    async def delete(self, key: CampaignKey) -> None:
+        await self._kv.delete(key.kv_key)
+        self.specs.pop(key, None)
+
+    async def stop(self) -> None:
+        if self._watcher is not None:
+            with contextlib.suppress(Exception):
+                await self._watcher.stop()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

@@ -1,0 +1,202 @@
+"""The `mailbeacon` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from pydantic import ValidationError
+
+from mailbeacon.campaign_store import CampaignStore
+from mailbeacon.campaigns import CampaignKey, InvalidCampaign, parse_manifests
+from mailbeacon.jetstream import EventPublisher, connect, provision
+from mailbeacon.runner import AllInOne, Component, nats_url_file, run_component, wait_for_signal
+from mailbeacon.settings import Settings, parse_listen
+
+
+class _WithPublisher:
+    """A component plus the publisher and campaign mirror it was given, stopped in order."""
+
+    def __init__(self, component: Component, publisher: EventPublisher, store: CampaignStore | None) -> None:
+        self.component, self.publisher, self.store = component, publisher, store
+
+    async def start(self) -> None:
+        if self.store is not None:
+            await self.store.start()
+        await self.component.start()
+
+    async def stop(self) -> None:
+        await self.component.stop()
+        await self.publisher.close()
+        if self.store is not None:
+            await self.store.stop()
+
+
+async def _build_proxy(settings: Settings, nc: NATS) -> Component:
+    from smtp_proxy.service import ProxyService
+
+    kv = await provision(nc.jetstream(), settings)
+    publisher, store = EventPublisher(nc.jetstream()), CampaignStore(kv)
+    return _WithPublisher(ProxyService(settings, publisher, store), publisher, store)
+
+
+async def _build_tracker(settings: Settings, nc: NATS) -> Component:
+    from tracker.service import TrackerService
+
+    await provision(nc.jetstream(), settings)
+    publisher = EventPublisher(nc.jetstream())
+    return _WithPublisher(TrackerService(settings, publisher), publisher, None)
+
+
+async def _build_aggregator(settings: Settings, nc: NATS) -> Component:
+    from aggregator.service import AggregatorService
+
+    kv = await provision(nc.jetstream(), settings)
+    return AggregatorService(settings, nc.jetstream(), kv)
+
+
+async def _up(settings: Settings) -> None:
+    system = AllInOne(settings)
+    try:
+        addresses = await system.start()
+        print(
+            "\nmailbeacon is running (Ctrl-C stops it)\n\n"
+            f"  send mail (SMTP, no auth)  {addresses.smtp}\n"
+            f"  tracker (pixel, clicks)    {addresses.tracker}\n"
+            f"  statistics and pages       {addresses.aggregator}/campaigns/\n"
+            f"  statistics API             {addresses.aggregator}/api/campaigns\n"
+            + (
+                f"  outbox (relayed mail)      {addresses.aggregator}/outbox/  ({addresses.outbox})\n"
+                if addresses.outbox
+                else ""
+            )
+            + f"  NATS                       {addresses.nats}\n\n"
+            "Try it:  python -m mailbeacon.sendtest "
+            f"--smtp {addresses.smtp}\n",
+            flush=True,
+        )
+        await wait_for_signal()
+        print("\nstopping...", flush=True)
+    finally:
+        await system.stop()
+
+
+def _nats_url(settings: Settings) -> str:
+    if settings.nats_url:
+        return settings.nats_url
+    path = nats_url_file(settings)
+    if path.exists():
+        return path.read_text().strip()
+    raise SystemExit("no NATS to talk to: set MAILBEACON_NATS_URL or start `mailbeacon up` first")
+
+
+async def _apply(settings: Settings, text: str) -> None:
+    try:
+        campaigns = parse_manifests(text)
+    except InvalidCampaign as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    nc = await connect(_nats_url(settings), "mailbeacon-cli")
+    try:
+        store = CampaignStore(await provision(nc.jetstream(), settings))
+        for key, spec in campaigns:
+            await store.put(key, spec)
+            print(f"campaign.mailbeacon.io/{key.name} configured (namespace {key.namespace})")
+    finally:
+        await nc.close()
+
+
+def _aggregator_get(settings: Settings, path: str, method: str = "GET") -> Any:
+    host, port = parse_listen(settings.aggregator_listen)
+    request = urllib.request.Request(f"http://{host}:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        raise SystemExit(f"error: {exc.code} {exc.read().decode(errors='replace')}") from exc
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"error: aggregator not reachable at {host}:{port} ({exc.reason})") from exc
+
+
+def _campaign_arg(value: str) -> CampaignKey:
+    try:
+        return CampaignKey.parse(value)
+    except InvalidCampaign as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mailbeacon", description="Email delivery tracking")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("up", help="run the whole system in one process on embedded defaults")
+    for name in ("proxy", "tracker", "aggregator", "operator"):
+        commands.add_parser(name, help=f"run the {name} component")
+    commands.add_parser("migrate", help="bring the SQL schema up to date")
+    campaign = commands.add_parser("campaign", help="manage campaigns").add_subparsers(
+        dest="action", required=True
+    )
+    apply = campaign.add_parser("apply", help="define or update campaigns from Campaign manifests")
+    apply.add_argument("-f", "--filename", required=True, help="YAML file with Campaign documents, or -")
+    stats = commands.add_parser("stats", help="a campaign's statistics")
+    stats.add_argument("campaign", type=_campaign_arg, help="NAMESPACE/NAME")
+    refresh = commands.add_parser("refresh", help="recompute a campaign's statistics from stored events")
+    refresh.add_argument("campaign", type=_campaign_arg, help="NAMESPACE/NAME")
+    commands.add_parser("campaigns", help="list campaigns with headline numbers")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        raise SystemExit(f"invalid configuration:\n{exc}") from exc
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    command = args.command
+    if command == "up":
+        asyncio.run(_up(settings))
+    elif command == "proxy":
+        asyncio.run(run_component(settings, _build_proxy, "proxy"))
+    elif command == "tracker":
+        asyncio.run(run_component(settings, _build_tracker, "tracker"))
+    elif command == "aggregator":
+        asyncio.run(run_component(settings, _build_aggregator, "aggregator"))
+    elif command == "operator":
+        raise SystemExit("the operator ships with the Kubernetes integration (see the README)")
+    elif command == "migrate":
+        from aggregator.db import open_database
+        from aggregator.service import database_url
+
+        async def migrate() -> None:
+            db = open_database(database_url(settings))
+            await db.create_schema()
+            await db.dispose()
+
+        asyncio.run(migrate())
+        print("schema is up to date")
+    elif command == "campaign":
+        text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
+        asyncio.run(_apply(settings, text))
+    elif command == "stats":
+        key: CampaignKey = args.campaign
+        print(json.dumps(_aggregator_get(settings, f"/api/campaigns/{key}/statistics"), indent=2))
+    elif command == "refresh":
+        print(
+            json.dumps(_aggregator_get(settings, f"/api/campaigns/{args.campaign}/refresh", "POST"), indent=2)
+        )
+    elif command == "campaigns":
+        print(json.dumps(_aggregator_get(settings, "/api/campaigns"), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The event contract: one JSON object per NATS message (DESIGN.md "Events")."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SUBJECT_PREFIX = "mailbeacon.events"
+
+
+class EventType(StrEnum):
+    SENT = "sent"
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    OPENED = "opened"
+    CLICKED = "clicked"
+    BOUNCED = "bounced"
+    FAILED = "failed"
+    COMPLAINED = "complained"
+    UNSUBSCRIBED = "unsubscribed"
+
+
+BounceKind = Literal["hard", "soft"]
+
+SOURCES = (
+    "proxy",
+    "pixel",
+    "click",
+    "unsubscribe",
+    "webhook:generic",
+    "webhook:sendgrid",
+    "webhook:mailgun",
+    "webhook:ses",
+    "webhook:postmark",
+)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_event_id() -> str:
+    """A random id for events that have no natural identity (pixel loads, clicks)."""
+    return uuid.uuid4().hex
+
+
+def derived_event_id(source: str, *parts: str) -> str:
+    """An id derived from a provider's own event identity, so a retried webhook is the same event.
+
+    Long or odd provider ids are hashed to keep the id a safe ``Nats-Msg-Id`` and column value.
+    """
+    natural = ":".join(parts)
+    if len(natural) <= 100 and natural.isascii() and natural.isprintable() and " " not in natural:
+        return f"{source}:{natural}"
+    return f"{source}:{hashlib.sha256(natural.encode()).hexdigest()[:40]}"
+
+
+class Event(BaseModel):
+    """One thing that happened to one recipient copy of a message."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    event_id: str = Field(min_length=1, max_length=200)
+    type: EventType
+    tracking_id: str | None = None
+    campaign: str | None = None
+    recipient: str | None = None
+    occurred_at: datetime = Field(default_factory=utcnow)
+    ip: str | None = None
+    user_agent: str | None = None
+    url: str | None = None
+    bounce_kind: BounceKind | None = None
+    reason: str | None = None
+    machine: bool = False
+    machine_kind: str | None = None
+    source: str = "proxy"
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("tracking_id")
+    @classmethod
+    def _tracking_id(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return str(uuid.UUID(value))  # canonical lower-case form, rejects garbage
+
+    @field_validator("recipient")
+    @classmethod
+    def _recipient(cls, value: str | None) -> str | None:
+        return value.strip().lower() if value else None
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _utc(cls, value: datetime) -> datetime:
+        # Naive times are taken as UTC; everything is stored and compared in UTC.
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+    @property
+    def subject(self) -> str:
+        return subject_for(self.type)
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=False).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> Event:
+        return cls.model_validate_json(data)
+
+
+def subject_for(event_type: EventType | str) -> str:
+    return f"{SUBJECT_PREFIX}.{EventType(event_type).value}"
+
+
+def parse_tracking_id(value: str) -> str | None:
+    """The canonical form of a tracking id, or None when it is not a UUID."""
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, AttributeError, TypeError):
+        return None

@@ -1,0 +1,162 @@
+"""The composition root: one component, or the whole system in one process (`mailbeacon up`).
+
+This is the only place (with the command line) that imports the components; they never
+import each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from nats.aio.client import Client as NATS
+from pydantic import SecretStr
+
+from mailbeacon.campaign_store import CampaignStore
+from mailbeacon.embedded_nats import EmbeddedNats
+from mailbeacon.jetstream import EventPublisher, connect, provision
+from mailbeacon.outbox import Outbox
+from mailbeacon.settings import Settings, parse_listen
+
+log = logging.getLogger(__name__)
+
+
+class Component(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def nats_url_file(settings: Settings) -> Path:
+    return settings.data_dir / "nats.url"
+
+
+def ensure_secret_key(settings: Settings) -> Settings:
+    """Embedded mode: a signing key kept under DATA_DIR, so links survive restarts."""
+    if settings.secret_keys:
+        return settings
+    path = settings.data_dir / "secret.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(32))
+    return settings.model_copy(update={"secret_keys": [SecretStr(path.read_text().strip())]})
+
+
+@dataclass
+class Addresses:
+    smtp: str
+    tracker: str
+    aggregator: str
+    nats: str
+    outbox: Path | None
+
+
+def _http(listen: str, port: int | None) -> str:
+    host, configured = parse_listen(listen)
+    return f"http://{host}:{port or configured}"
+
+
+class AllInOne:
+    """Embedded NATS (unless NATS_URL), SQLite (unless DATABASE_URL), outbox (unless UPSTREAM_SMTP)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.nats: EmbeddedNats | None = None
+        self.outbox: Outbox | None = None
+        self.nc: NATS | None = None
+        self.publisher: EventPublisher | None = None
+        self.store: CampaignStore | None = None
+        self.components: list[Component] = []
+
+    async def start(self) -> Addresses:
+        from aggregator.service import AggregatorService
+        from smtp_proxy.service import ProxyService
+        from tracker.service import TrackerService
+
+        settings = ensure_secret_key(self.settings)
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        nats_url = settings.nats_url
+        if nats_url is None:
+            self.nats = EmbeddedNats(settings.data_dir / "nats")
+            nats_url = await asyncio.to_thread(self.nats.start)
+            nats_url_file(settings).write_text(nats_url)
+        updates: dict[str, object] = {"nats_url": nats_url, "auto_create_campaigns": True}
+        if settings.upstream_smtp is None:
+            self.outbox = Outbox(settings.data_dir / "outbox")
+            await self.outbox.start()
+            updates |= {"upstream_smtp": SecretStr(self.outbox.url), "outbox_dir": self.outbox.directory}
+        settings = settings.model_copy(update=updates)
+        self.nc = await connect(nats_url, "mailbeacon-up")
+        js = self.nc.jetstream()
+        kv = await provision(js, settings)
+        self.publisher = EventPublisher(js)
+        self.store = CampaignStore(kv)
+        await self.store.start()
+        aggregator = AggregatorService(settings, js, kv)
+        tracker = TrackerService(settings, self.publisher)
+        proxy = ProxyService(settings, self.publisher, self.store, serve_http=False)
+        for component in (aggregator, tracker, proxy):
+            await component.start()
+            self.components.append(component)
+        host, _ = parse_listen(settings.smtp_listen)
+        return Addresses(
+            smtp=f"{host}:{proxy.port}",
+            tracker=_http(settings.tracker_listen, tracker.port),
+            aggregator=_http(settings.aggregator_listen, aggregator.port),
+            nats=nats_url,
+            outbox=self.outbox.directory if self.outbox else None,
+        )
+
+    async def stop(self) -> None:
+        # Proxy and tracker first, then flush their events, then the aggregator.
+        for component in reversed(self.components):
+            if component is self.components[0] and self.publisher is not None:
+                await self.publisher.close()
+            try:
+                await component.stop()
+            except Exception:
+                log.exception("stopping %s failed", type(component).__name__)
+        self.components.clear()
+        if self.store is not None:
+            await self.store.stop()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+        if self.outbox is not None:
+            await self.outbox.stop()
+        if self.nats is not None:
+            self.nats.stop()
+            nats_url_file(self.settings).unlink(missing_ok=True)
+
+
+async def wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run_component(
+    settings: Settings, build: Callable[[Settings, NATS], Awaitable[Component]], name: str
+) -> None:
+    """One component as its container runs it: connect, provision, serve until SIGTERM."""
+    if not settings.nats_url:
+        raise SystemExit(f"mailbeacon {name}: MAILBEACON_NATS_URL is required (or use `mailbeacon up`)")
+    nc = await connect(settings.nats_url, f"mailbeacon-{name}")
+    component = await build(settings, nc)
+    await component.start()
+    try:
+        await wait_for_signal()
+    finally:
+        await component.stop()
+        await nc.drain()

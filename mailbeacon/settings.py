@@ -1,0 +1,144 @@
+"""The one settings object per process.
+
+Built once at start-up (``Settings()``) and passed down; no other module reads the
+environment. Every variable carries the ``MAILBEACON_`` prefix; ``SITE_URL`` alone is
+accepted as a fallback because the original tracking guide used it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+UpstreamProvider = Literal["generic", "sendgrid", "mailgun", "ses", "postmark"]
+
+
+def parse_listen(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """Split ``host:port`` (IPv6 as ``[::1]:25``); a bare port binds the default host."""
+    value = value.strip()
+    if value.isdigit():
+        return default_host, int(value)
+    if value.startswith("["):
+        host, _, port = value[1:].partition("]:")
+    else:
+        host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"listen address must look like host:port, got {value!r}")
+    return host, int(port)
+
+
+def _split_list(value: object) -> object:
+    # Lists arrive from the environment as comma-separated strings.
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="MAILBEACON_",
+        case_sensitive=False,
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    site_url: str = Field(
+        default="http://127.0.0.1:8080",
+        validation_alias=AliasChoices("MAILBEACON_SITE_URL", "SITE_URL", "site_url"),
+        description="Public base URL of the tracker, used in pixel, click and unsubscribe links",
+    )
+    nats_url: str | None = Field(default=None, description="NATS server; unset means embedded nats-server")
+    database_url: SecretStr | None = Field(default=None, description="SQL database; unset means SQLite")
+    secret_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Click-signing keys, newest first; all are accepted when verifying",
+    )
+    upstream_smtp: SecretStr | None = Field(
+        default=None, description="smtp://[user:password@]host:port[?starttls=true] or smtps://..."
+    )
+    upstream_provider: UpstreamProvider = "generic"
+    upstream_timeout: float = Field(default=30.0, gt=0)
+    default_campaign: str | None = None
+    auto_create_campaigns: bool = Field(
+        default=False, description="An unknown X-Campaign name creates the campaign in namespace default"
+    )
+    data_dir: Path = Path(".mailbeacon")
+    anonymize_ip: bool = False
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="CIDRs of proxies whose X-Forwarded-For is believed"
+    )
+    max_webhook_bytes: int = Field(default=5 * 1024 * 1024, gt=0)
+
+    smtp_listen: str = "127.0.0.1:2525"
+    proxy_http_listen: str = "127.0.0.1:8025"
+    tracker_listen: str = "127.0.0.1:8080"
+    aggregator_listen: str = "127.0.0.1:8090"
+    outbox_dir: Path | None = Field(default=None, description="Development outbox shown in the web UI")
+
+    stream_max_age_days: float = Field(default=30.0, gt=0)
+    stream_duplicate_window_seconds: float = Field(default=600.0, gt=0)
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+
+    ingest_batch_size: int = Field(default=500, ge=1, le=10000)
+    max_message_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+
+    sendgrid_public_key: SecretStr | None = None
+    mailgun_signing_key: SecretStr | None = None
+    ses_topic_arns: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    sns_cert_dir: Path | None = None
+    postmark_basic_auth: SecretStr | None = None
+    webhook_token: SecretStr | None = None
+
+    log_level: str = "INFO"
+
+    @field_validator("secret_keys", "ses_topic_arns", "trusted_proxies", mode="before")
+    @classmethod
+    def _lists(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)  # fail at start-up on a typo
+        return value
+
+    @field_validator("site_url")
+    @classmethod
+    def _site_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("SITE_URL must be an absolute http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator("smtp_listen", "proxy_http_listen", "tracker_listen", "aggregator_listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        parse_listen(value)  # fail at start-up, not at bind time
+        return value
+
+    @field_validator("default_campaign")
+    @classmethod
+    def _default_campaign(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        from mailbeacon.campaigns import CampaignKey
+
+        return str(CampaignKey.parse(value))
+
+    def signing_keys(self) -> list[bytes]:
+        return [key.get_secret_value().encode() for key in self.secret_keys]
+
+    def database_url_value(self) -> str | None:
+        return self.database_url.get_secret_value() if self.database_url else None
+
+    def upstream_smtp_value(self) -> str | None:
+        return self.upstream_smtp.get_secret_value() if self.upstream_smtp else None
+
+    def listen(self, which: Literal["smtp", "proxy_http", "tracker", "aggregator"]) -> tuple[str, int]:
+        return parse_listen(getattr(self, f"{which}_listen"))

@@ -1,0 +1,1 @@
+"""The SMTP proxy: per-recipient tracked copies relayed to the real upstream."""

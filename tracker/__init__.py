@@ -1,0 +1,1 @@
+"""The tracker: open pixel, click redirects, unsubscribe and ESP webhooks."""

@@ -1,0 +1,129 @@
+"""The generic JSON webhooks of the original tracking guide: bounce, delivery, complaint.
+
+Shapes accepted (``tracking_id`` or ``email`` is required)::
+
+    POST /track/bounce/     {"tracking_id": "...", "email": "...", "bounce_type": "hard"|"soft",
+                             "reason": "...", "timestamp": "2026-11-27T10:00:00Z"}
+    POST /track/delivery/   {"tracking_id": "...", "email": "...", "timestamp": ...}
+    POST /track/complaint/  {"tracking_id": "...", "email": "...", "reason": "...", "timestamp": ...}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from mailbeacon.events import Event, EventType, new_event_id, parse_tracking_id
+
+
+class WebhookError(ValueError):
+    """A request we refuse; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    event_type: EventType
+    names: frozenset[str]  # values accepted in an optional "event" field
+    answer: str
+
+
+ENDPOINTS: dict[str, Endpoint] = {
+    "bounce": Endpoint(EventType.BOUNCED, frozenset({"bounce", "bounced"}), "Event recorded"),
+    "delivery": Endpoint(EventType.DELIVERED, frozenset({"delivery", "delivered"}), "Delivery recorded"),
+    "complaint": Endpoint(EventType.COMPLAINED, frozenset({"complaint", "complained"}), "Event recorded"),
+}
+
+
+def parse_timestamp(value: Any) -> datetime:
+    """RFC 3339 / ISO 8601 text or Unix seconds (milliseconds are recognised by size)."""
+    if isinstance(value, bool):
+        raise WebhookError("timestamp must be an ISO 8601 time or Unix seconds")
+    if isinstance(value, int | float):
+        seconds = float(value) / 1000 if value > 1e11 else float(value)
+        try:
+            return datetime.fromtimestamp(seconds, UTC)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise WebhookError("timestamp is out of range") from exc
+    if isinstance(value, str) and value.strip():
+        text = value.strip()
+        if text.replace(".", "", 1).isdigit():
+            return parse_timestamp(float(text))
+        try:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError as exc:
+            raise WebhookError(f"timestamp {text[:40]!r} is not an ISO 8601 time") from exc
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    raise WebhookError("timestamp must be an ISO 8601 time or Unix seconds")
+
+
+def _text(payload: dict[str, Any], name: str, limit: int = 2000) -> str | None:
+    value = payload.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise WebhookError(f"{name} must be a string")
+    return value.strip()[:limit] or None
+
+
+def parse_generic(kind: str, body: bytes, received_at: datetime) -> tuple[Event, str]:
+    """The event a generic webhook describes, and the success message to answer with."""
+    endpoint = ENDPOINTS.get(kind)
+    if endpoint is None:
+        raise WebhookError(f"unknown event {kind!r}", 404)
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WebhookError("body is not valid JSON") from exc
+    if not isinstance(payload, dict):
+        raise WebhookError("body must be a JSON object")
+    named = payload.get("event", payload.get("type"))
+    if named is not None and str(named).lower() not in endpoint.names:
+        raise WebhookError(f"unknown event {str(named)[:40]!r} for /track/{kind}/")
+    tracking_id = None
+    raw_id = payload.get("tracking_id")
+    if raw_id not in (None, ""):
+        tracking_id = parse_tracking_id(str(raw_id)) if isinstance(raw_id, str) else None
+        if tracking_id is None:
+            raise WebhookError("tracking_id is not a UUID")
+    email = _text(payload, "email", 320)
+    if email is not None and "@" not in email:
+        raise WebhookError("email is not an address")
+    if tracking_id is None and email is None:
+        raise WebhookError("missing field: tracking_id or email is required")
+    bounce_kind = None
+    if endpoint.event_type is EventType.BOUNCED:
+        bounce_kind = (_text(payload, "bounce_type", 20) or "hard").lower()
+        if bounce_kind not in ("hard", "soft"):
+            raise WebhookError("bounce_type must be 'hard' or 'soft'")
+    timestamp = payload.get("timestamp")
+    occurred_at = parse_timestamp(timestamp) if timestamp not in (None, "") else received_at
+    reason = _text(payload, "reason")
+    supplied_id = _text(payload, "event_id", 150)
+    if supplied_id:
+        event_id = f"generic:{supplied_id}"
+    elif timestamp not in (None, ""):
+        # The same report retried is the same event: derive the id from its content.
+        identity = json.dumps([kind, tracking_id, email, bounce_kind, reason, occurred_at.isoformat()])
+        event_id = f"generic:{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
+    else:
+        event_id = new_event_id()
+    event = Event(
+        event_id=event_id,
+        type=endpoint.event_type,
+        tracking_id=tracking_id,
+        recipient=email,
+        occurred_at=occurred_at,
+        bounce_kind=bounce_kind,
+        reason=reason,
+        source="webhook:generic",
+        metadata={"payload": payload},
+    )
+    return event, endpoint.answer

@@ -1,0 +1,43 @@
+"""Client addresses: which one to believe, and how much of it to keep."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+
+
+def anonymize_ip(address: str) -> str:
+    """IPv4 to its /24 and IPv6 to its /48 (host part zeroed), as analytics tools commonly do."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return ""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    prefix = 24 if ip.version == 4 else 48
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
+
+
+def client_ip(
+    peer: str | None,
+    forwarded_for: str | None,
+    trusted_proxies: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+) -> str | None:
+    """The client's address: ``X-Forwarded-For`` counts only when the peer is a trusted proxy.
+
+    Walk the header from the right, skipping our own proxies, so a client cannot forge
+    its address by sending the header itself.
+    """
+    if peer is None:
+        return None
+    chain = [peer]
+    if forwarded_for:
+        chain = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()] + [peer]
+    for hop in reversed(chain):
+        try:
+            ip = ipaddress.ip_address(hop)
+        except ValueError:
+            return hop if hop == peer else None
+        if not any(ip in network for network in trusted_proxies):
+            return str(ip)
+    return chain[0]
