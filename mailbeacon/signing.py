@@ -14,6 +14,11 @@ import hmac
 from collections.abc import Sequence
 from urllib.parse import quote, urlencode
 
+# The destination of the honeypot link the proxy hides in each message: people never see
+# it, so a click on it marks a scanner that follows every link. Signed like any link, and
+# the tracker answers it without redirecting anywhere.
+HONEYPOT_URL = "mailbeacon:honeypot"
+
 # 128 bits of the MAC: ample against forgery and keeps links short in mail bodies.
 _SIGNATURE_BYTES = 16
 
@@ -48,6 +53,10 @@ def pixel_url(site_url: str, tracking_id: str) -> str:
 def click_url(site_url: str, keys: Sequence[bytes], tracking_id: str, url: str) -> str:
     query = urlencode({"url": url, "sig": sign_click(keys, tracking_id, url)}, quote_via=quote)
     return f"{site_url}/track/click/{tracking_id}/?{query}"
+
+
+def honeypot_url(site_url: str, keys: Sequence[bytes], tracking_id: str) -> str:
+    return click_url(site_url, keys, tracking_id, HONEYPOT_URL)
 
 
 def unsubscribe_url(site_url: str, tracking_id: str) -> str:
