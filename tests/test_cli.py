@@ -1,0 +1,172 @@
+"""The `mailbeacon` command line as a user runs it: `up`, `campaign apply`, `stats`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.support import free_port
+
+MAILBEACON = [sys.executable, "-m", "mailbeacon.cli"]
+
+
+def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILBEACON_") and k != "SITE_URL"}
+    tracker = free_port()
+    env.update(
+        MAILBEACON_DATA_DIR=str(tmp_path / "data"),
+        MAILBEACON_SMTP_LISTEN="127.0.0.1:0",
+        MAILBEACON_TRACKER_LISTEN=f"127.0.0.1:{tracker}",
+        MAILBEACON_SITE_URL=f"http://127.0.0.1:{tracker}",
+        MAILBEACON_AGGREGATOR_LISTEN=f"127.0.0.1:{free_port()}",
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, str], dict[str, str]]]:
+    env = cli_env(tmp_path)
+    process = subprocess.Popen(
+        [*MAILBEACON, "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    addresses: dict[str, str] = {}
+    try:
+        assert process.stdout is not None
+        deadline = time.monotonic() + 30
+        for line in process.stdout:
+            match = re.match(
+                r"\s+(send mail|statistics API|outbox)\b.*?\s((?:http://)?127\.0\.0\.1:\S+)", line
+            )
+            if match:
+                addresses[match.group(1)] = match.group(2)
+            if ("NATS" in line and "nats://" in line) or time.monotonic() > deadline:
+                break
+        yield process, addresses, env
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def nats_children_of(data_dir: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if proc.info["name"] == "nats-server" and any(str(data_dir) in part for part in cmdline):
+            found.append(proc)
+    return found
+
+
+def test_up_prints_addresses_relays_mail_and_stops_cleanly(
+    up: tuple[subprocess.Popen[str], dict[str, str], dict[str, str]], tmp_path: Path
+) -> None:
+    process, addresses, env = up
+    assert set(addresses) == {"send mail", "statistics API", "outbox"}, addresses
+    assert len(nats_children_of(tmp_path / "data")) == 1
+    send = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mailbeacon.sendtest",
+            "--smtp",
+            addresses["send mail"],
+            "--to",
+            "ann@example.com",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert send.returncode == 0, send.stderr
+    outbox = list((tmp_path / "data" / "outbox").glob("*.eml"))
+    assert len(outbox) == 1 and b"/track/pixel/" in outbox[0].read_bytes()
+    statistics = addresses["statistics API"] + "/default/welcome/statistics"
+    deadline = time.monotonic() + 15
+    while True:
+        with urllib.request.urlopen(statistics, timeout=5) as response:
+            sent = json.load(response)["sent_count"]
+        if sent == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert sent == 1
+    with urllib.request.urlopen(addresses["outbox"], timeout=5) as response:
+        assert "Welcome to mailbeacon" in response.read().decode()
+
+    process.send_signal(signal.SIGINT)  # what Ctrl-C does
+    assert process.wait(timeout=30) == 0
+    assert nats_children_of(tmp_path / "data") == []  # the child nats-server is gone too
+
+
+def test_campaign_apply_defines_campaigns_in_the_bucket(
+    up: tuple[subprocess.Popen[str], dict[str, str], dict[str, str]], tmp_path: Path
+) -> None:
+    _, addresses, env = up
+    manifest = tmp_path / "campaign.yaml"
+    manifest.write_text(
+        "apiVersion: mailbeacon.io/v1alpha1\nkind: Campaign\n"
+        "metadata: {name: newsletter, namespace: marketing}\nspec: {paused: true}\n"
+    )
+    applied = subprocess.run(
+        [*MAILBEACON, "campaign", "apply", "-f", str(manifest)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert applied.returncode == 0, applied.stderr
+    assert "marketing" in applied.stdout and "newsletter" in applied.stdout
+    # The running proxy follows the bucket: mail of the paused campaign is deferred.
+    import smtplib
+
+    host, port = addresses["send mail"].rsplit(":", 1)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with smtplib.SMTP(host, int(port), timeout=10) as smtp:
+                smtp.sendmail(
+                    "news@example.com",
+                    ["ann@example.com"],
+                    "X-Campaign: marketing/newsletter\r\nSubject: x\r\n\r\nhello\r\n",
+                )
+        except smtplib.SMTPDataError as refused:
+            assert refused.smtp_code == 451 and b"paused" in refused.smtp_error
+            break
+        assert time.monotonic() < deadline, "the paused campaign's mail was accepted"
+        time.sleep(0.2)
+    listed = subprocess.run([*MAILBEACON, "campaigns"], env=env, capture_output=True, text=True, timeout=60)
+    assert "marketing/newsletter" in listed.stdout
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "apiVersion: mailbeacon.io/v1alpha1\nkind: Campaign\nmetadata: {name: x}\nspec: {paused: maybe}\n"
+    )
+    refused = subprocess.run(
+        [*MAILBEACON, "campaign", "apply", "-f", str(bad)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert refused.returncode != 0 and "invalid spec" in refused.stderr
+
+
+def test_components_need_their_settings(tmp_path: Path) -> None:
+    env = cli_env(tmp_path)
+    result = subprocess.run([*MAILBEACON, "tracker"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "MAILBEACON_NATS_URL is required" in result.stderr
+    env["MAILBEACON_SITE_URL"] = "not a url"
+    result = subprocess.run([*MAILBEACON, "up"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "invalid configuration" in result.stderr

@@ -1,0 +1,227 @@
+"""The shared contract in `mailbeacon/`: settings, events, link signing, campaigns."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+from pydantic import ValidationError
+
+from mailbeacon import signing
+from mailbeacon.campaigns import (
+    CampaignKey,
+    CampaignSpec,
+    InvalidCampaign,
+    match_campaign,
+    parse_manifests,
+)
+from mailbeacon.events import Event, EventType, derived_event_id, subject_for
+from mailbeacon.settings import Settings, parse_listen
+
+TID = "0b7e4c2a-4f7e-4d8e-9a51-3c1f0f7d2b11"
+
+
+class TestSettings:
+    def test_prefixed_variables_and_site_url_fallback(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("SITE_URL", "https://track.example.com/")
+        monkeypatch.setenv("MAILBEACON_SECRET_KEYS", "new-key, old-key")
+        monkeypatch.setenv("MAILBEACON_TRUSTED_PROXIES", "10.0.0.0/8,192.168.0.0/16")
+        settings = Settings()
+        assert settings.site_url == "https://track.example.com"
+        assert settings.signing_keys() == [b"new-key", b"old-key"]
+        assert settings.trusted_proxies == ["10.0.0.0/8", "192.168.0.0/16"]
+        monkeypatch.setenv("MAILBEACON_SITE_URL", "https://t.example.org")
+        assert Settings().site_url == "https://t.example.org"  # the prefixed name wins
+
+    def test_secrets_are_not_printed(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("MAILBEACON_SECRET_KEYS", "s3cr3t-signing")
+        monkeypatch.setenv("MAILBEACON_UPSTREAM_SMTP", "smtp://user:pa55word@relay.example.com:587")
+        monkeypatch.setenv("MAILBEACON_DATABASE_URL", "postgresql://app:dbpa55@db/mail")
+        shown = repr(Settings()) + str(Settings().model_dump())
+        for secret in ("s3cr3t-signing", "pa55word", "dbpa55"):
+            assert secret not in shown
+
+    @pytest.mark.parametrize(
+        ("name", "value"),
+        [
+            ("MAILBEACON_SITE_URL", "track.example.com"),
+            ("MAILBEACON_SMTP_LISTEN", "localhost"),
+            ("MAILBEACON_UPSTREAM_PROVIDER", "sendmail"),
+            ("MAILBEACON_TRUSTED_PROXIES", "10.0.0.0/33"),
+            ("MAILBEACON_DEFAULT_CAMPAIGN", "Bad Namespace/x"),
+        ],
+    )
+    def test_bad_values_fail_at_start(self, monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+        monkeypatch.setenv(name, value)
+        with pytest.raises(ValidationError):
+            Settings()
+
+    def test_listen_addresses(self) -> None:
+        assert parse_listen("0.0.0.0:25") == ("0.0.0.0", 25)
+        assert parse_listen("[::1]:8080") == ("::1", 8080)
+        assert parse_listen("2525") == ("127.0.0.1", 2525)
+
+
+class TestEvents:
+    def test_round_trip_keeps_every_field(self) -> None:
+        event = Event(
+            event_id="sendgrid:abc",
+            type=EventType.BOUNCED,
+            tracking_id=TID.upper(),
+            campaign="default/spring",
+            recipient=" Ann@Example.COM ",
+            occurred_at=datetime(2026, 11, 27, 10, 0, 0),
+            ip="203.0.113.0",
+            user_agent="Mozilla/5.0",
+            url="https://example.com/",
+            bounce_kind="hard",
+            reason="550 5.1.1 no such user",
+            machine=True,
+            machine_kind="security_scanner",
+            source="webhook:sendgrid",
+            metadata={"smtp_code": 550},
+        )
+        again = Event.from_json(event.to_json())
+        assert again == event
+        assert again.tracking_id == TID  # canonical lower-case form
+        assert again.recipient == "ann@example.com"
+        assert again.occurred_at == datetime(2026, 11, 27, 10, tzinfo=UTC)  # naive means UTC
+        assert event.subject == "mailbeacon.events.bounced" == subject_for("bounced")
+
+    def test_rejects_what_is_not_an_event(self) -> None:
+        with pytest.raises(ValidationError):
+            Event(event_id="x", type="exploded")  # type: ignore[arg-type]
+        with pytest.raises(ValidationError):
+            Event(event_id="x", type=EventType.OPENED, tracking_id="not-a-uuid")
+        with pytest.raises(ValidationError):
+            Event(event_id="", type=EventType.OPENED)
+
+    def test_derived_ids_are_stable_and_safe(self) -> None:
+        assert derived_event_id("sendgrid", "abc.123") == "sendgrid:abc.123"
+        odd = derived_event_id("mailgun", "id with spaces/and ünicode")
+        assert odd == derived_event_id("mailgun", "id with spaces/and ünicode")
+        assert odd.isascii() and " " not in odd and len(odd) < 100
+
+
+class TestSigning:
+    url = "https://shop.example.com/spring?utm_source=mail&id=1"
+
+    def test_click_url_verifies_and_binds_id_and_destination(self) -> None:
+        link = signing.click_url("https://t.example.com", [b"k1"], TID, self.url)
+        parts = urlsplit(link)
+        assert parts.path == f"/track/click/{TID}/"
+        query = parse_qs(parts.query)
+        assert query["url"] == [self.url]
+        signature = query["sig"][0]
+        assert signing.verify_click([b"k1"], TID, self.url, signature)
+        assert not signing.verify_click([b"k1"], TID, "https://evil.example.net/", signature)
+        other = "1b7e4c2a-4f7e-4d8e-9a51-3c1f0f7d2b11"
+        assert not signing.verify_click([b"k1"], other, self.url, signature)
+        assert not signing.verify_click([b"k1"], TID, self.url, "")
+
+    def test_key_rotation(self) -> None:
+        old = signing.sign_click([b"old"], TID, self.url)
+        assert signing.verify_click([b"new", b"old"], TID, self.url, old)  # links already sent keep working
+        assert signing.sign_click([b"new", b"old"], TID, self.url) != old  # new links use the new key
+        assert not signing.verify_click([b"new"], TID, self.url, old)  # until the old key is retired
+
+    def test_no_key_no_signature(self) -> None:
+        with pytest.raises(signing.NoSigningKey):
+            signing.sign_click([], TID, self.url)
+        assert not signing.verify_click([], TID, self.url, "anything")
+
+    def test_tracking_urls(self) -> None:
+        assert signing.pixel_url("https://t.example.com", TID) == f"https://t.example.com/track/pixel/{TID}/"
+        unsubscribe = signing.unsubscribe_url("https://t.example.com", TID)
+        assert unsubscribe == f"https://t.example.com/track/unsubscribe/{TID}/"
+        assert signing.is_tracking_url("https://t.example.com", unsubscribe)
+        assert not signing.is_tracking_url("https://t.example.com", self.url)
+
+
+class TestCampaigns:
+    def test_keys(self) -> None:
+        assert CampaignKey.parse("newsletter") == CampaignKey("default", "newsletter")
+        assert str(CampaignKey.parse("marketing/spring.2026")) == "marketing/spring.2026"
+        assert CampaignKey.from_header("Spring Sale 2026!") == CampaignKey("default", "spring-sale-2026")
+        assert CampaignKey.from_header("Marketing/Black Friday") == CampaignKey("marketing", "black-friday")
+        for bad in ("Marketing/x", "a/b/c", "ns/-x", "", "ns/"):
+            with pytest.raises(InvalidCampaign):
+                CampaignKey.parse(bad)
+        with pytest.raises(InvalidCampaign):
+            CampaignKey.from_header("!!!")
+
+    def test_manifests(self, tmp_path: Path) -> None:
+        text = """
+apiVersion: mailbeacon.io/v1alpha1
+kind: Campaign
+metadata: {name: newsletter, namespace: marketing}
+spec:
+  match: {senders: ["*@news.example.com"]}
+  tracking: {clicks: false, unsubscribeHeader: true}
+---
+apiVersion: mailbeacon.io/v1alpha1
+kind: Campaign
+metadata: {name: receipts}
+"""
+        (newsletter, spec), (receipts, default_spec) = parse_manifests(text)
+        assert newsletter == CampaignKey("marketing", "newsletter")
+        assert spec.match.senders == ["*@news.example.com"]
+        assert (spec.tracking.opens, spec.tracking.clicks, spec.tracking.unsubscribe_header) == (
+            True,
+            False,
+            True,
+        )
+        assert receipts == CampaignKey("default", "receipts") and default_spec == CampaignSpec()
+        assert CampaignSpec.from_json(spec.to_json()) == spec
+
+    @pytest.mark.parametrize(
+        ("text", "complaint"),
+        [
+            ("kind: Deployment\napiVersion: apps/v1\nmetadata: {name: x}", "is not a mailbeacon.io Campaign"),
+            ("kind: Campaign\napiVersion: mailbeacon.io/v1alpha1\nmetadata: {}", "no metadata.name"),
+            (
+                "kind: Campaign\napiVersion: mailbeacon.io/v1alpha1\nmetadata: {name: x}\nspec: {pasued: true}",
+                "invalid spec",
+            ),
+            ("kind: [unclosed", "not valid YAML"),
+            (
+                "kind: Campaign\napiVersion: mailbeacon.io/v1alpha1\nmetadata: {name: X_Y}",
+                "not a DNS subdomain",
+            ),
+        ],
+    )
+    def test_bad_manifests_say_why(self, text: str, complaint: str) -> None:
+        with pytest.raises(InvalidCampaign, match=complaint):
+            parse_manifests(text)
+
+    def test_matching(self) -> None:
+        specs = {
+            CampaignKey("marketing", "news"): CampaignSpec.model_validate(
+                {"match": {"senders": ["*@news.example.com"]}}
+            ),
+            CampaignKey("marketing", "digest"): CampaignSpec.model_validate(
+                {
+                    "match": {
+                        "listIds": ["digest.example.com"],
+                        "headers": [{"name": "X-Kind", "value": "weekly*"}],
+                    }
+                }
+            ),
+            CampaignKey("default", "no-rules"): CampaignSpec(),
+        }
+        default = CampaignKey("default", "catch-all")
+
+        def match(headers: list[tuple[str, str]], sender: str = "app@example.com") -> CampaignKey | None:
+            return match_campaign(specs, headers, sender, default)
+
+        assert match([("X-Campaign", "Spring")]) == CampaignKey("default", "spring")  # explicit header wins
+        assert match([("From", "News <Team@News.Example.com>")]) == CampaignKey("marketing", "news")
+        assert match([], sender="bounce@news.example.com") == CampaignKey("marketing", "news")
+        digest_headers = [("List-Id", "Digest <digest.example.com>"), ("X-Kind", "weekly-1")]
+        assert match(digest_headers) == CampaignKey("marketing", "digest")
+        assert (
+            match([("List-Id", "<digest.example.com>"), ("X-Kind", "daily")]) == default
+        )  # every rule must hold
+        assert match_campaign(specs, [], "x@example.com", None) is None  # no default: untracked

@@ -1,0 +1,95 @@
+"""Provisioning, publishing and the campaign KV mirror against a real nats-server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+
+from mailbeacon.campaign_store import CampaignStore
+from mailbeacon.campaigns import CampaignKey, CampaignSpec
+from mailbeacon.events import Event, EventType, new_event_id
+from mailbeacon.jetstream import CONSUMER, KV_BUCKET, STREAM, EventPublisher, connect, provision
+from tests.support import eventually, make_settings
+
+TID = "0b7e4c2a-4f7e-4d8e-9a51-3c1f0f7d2b11"
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[NATS]:
+    client = await connect(nats_url, "test")
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def test_provisioning_is_idempotent_and_follows_settings(nc: NATS, tmp_path: Path) -> None:
+    js = nc.jetstream()
+    settings = make_settings(tmp_path)
+    await provision(js, settings)
+    await provision(js, settings)  # a second replica starting changes nothing
+    info = await js.stream_info(STREAM)
+    assert info.config.subjects == ["mailbeacon.events.>"]
+    assert info.config.max_age == pytest.approx(30 * 86400)
+    consumer = await js.consumer_info(STREAM, CONSUMER)
+    assert consumer.config.durable_name == CONSUMER
+    assert (await js.key_value(KV_BUCKET)) is not None
+    await provision(js, make_settings(tmp_path, stream_max_age_days=7))
+    assert (await js.stream_info(STREAM)).config.max_age == pytest.approx(7 * 86400)
+
+
+async def test_publishing_deduplicates_by_event_id(nc: NATS, tmp_path: Path) -> None:
+    js = nc.jetstream()
+    await provision(js, make_settings(tmp_path))
+    publisher = EventPublisher(js)
+    event = Event(event_id=new_event_id(), type=EventType.OPENED, tracking_id=TID, source="pixel")
+    await publisher.publish(event)
+    await publisher.publish(event)  # a retried publish inside the duplicate window
+    assert publisher.publish_later(event.model_copy(update={"event_id": new_event_id()}))
+    await publisher.close()  # drains the buffer before returning
+    info = await js.stream_info(STREAM)
+    assert info.state.messages == 2
+    stored = await js.get_msg(STREAM, 1)
+    assert Event.from_json(stored.data or b"") == event
+    assert stored.headers is not None and stored.headers["Nats-Msg-Id"] == event.event_id
+
+
+async def test_campaign_store_mirrors_the_bucket(nats_url: str, tmp_path: Path) -> None:
+    settings = make_settings(tmp_path)
+    writer_nc, reader_nc = await connect(nats_url, "writer"), await connect(nats_url, "reader")
+    try:
+        writer = CampaignStore(await provision(writer_nc.jetstream(), settings))
+        key = CampaignKey("marketing", "news")
+        await writer.put(key, CampaignSpec(paused=True))
+        seen: list[tuple[CampaignKey, bool]] = []
+
+        async def on_change(changed: CampaignKey, spec: CampaignSpec | None) -> None:
+            seen.append((changed, spec is not None))
+
+        reader = CampaignStore(await reader_nc.jetstream().key_value(KV_BUCKET), on_change=on_change)
+        await reader.start()
+        spec = reader.get(key)
+        assert spec is not None and spec.paused  # loaded before start() returns
+        await writer.put(key, CampaignSpec(paused=False))
+
+        async def resumed() -> bool:
+            spec = reader.get(key)
+            return spec is not None and not spec.paused
+
+        await eventually(resumed)
+        assert await writer.create_if_missing(CampaignKey("default", "new"), CampaignSpec())
+        assert not await writer.create_if_missing(CampaignKey("default", "new"), CampaignSpec())
+        await writer.delete(key)
+
+        async def deleted() -> bool:
+            return reader.get(key) is None and reader.get(CampaignKey("default", "new")) is not None
+
+        await eventually(deleted)
+        assert seen[:2] == [(key, True), (key, True)] and (key, False) in seen
+        await reader.stop()
+    finally:
+        await writer_nc.close()
+        await reader_nc.close()
