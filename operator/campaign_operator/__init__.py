@@ -1,0 +1,1 @@
+"""The kopf operator for Campaign resources (see deploy/ and DESIGN.md)."""
