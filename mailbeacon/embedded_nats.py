@@ -22,6 +22,15 @@ class NatsServerError(RuntimeError):
     pass
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel stop the server if we are killed without a chance to stop it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def nats_server_binary() -> Path:
     candidates = [
         Path(sysconfig.get_path("scripts")) / "nats-server",
@@ -69,7 +78,10 @@ class EmbeddedNats:
             "-l",
             str(self._log_file),
         ]
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        # Own session: Ctrl-C reaches us, not the server, so we can stop it after our clients.
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

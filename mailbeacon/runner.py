@@ -87,7 +87,8 @@ class AllInOne:
         nats_url = settings.nats_url
         if nats_url is None:
             self.nats = EmbeddedNats(settings.data_dir / "nats")
-            nats_url = await asyncio.to_thread(self.nats.start)
+            # Started from this (the main) thread: the child's parent-death signal follows it.
+            nats_url = self.nats.start()
             nats_url_file(settings).write_text(nats_url)
         updates: dict[str, object] = {"nats_url": nats_url, "auto_create_campaigns": True}
         if settings.upstream_smtp is None:

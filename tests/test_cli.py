@@ -56,8 +56,14 @@ def up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, str], 
         yield process, addresses, env
     finally:
         if process.poll() is None:
-            process.kill()
-            process.wait()
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for leftover in nats_children_of(tmp_path / "data"):
+            leftover.kill()
 
 
 def nats_children_of(data_dir: Path) -> list[psutil.Process]:
