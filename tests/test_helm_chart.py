@@ -452,20 +452,29 @@ def test_every_value_is_documented_and_typed() -> None:
             node = node["properties"][key]
             assert node.get("description"), path
             assert "type" in node or "oneOf" in node or "anyOf" in node, path
-    # Documented: every key line has a comment right above it, or its enclosing key has.
+    # Documented: every key that holds a value has a comment right above it (keys inside
+    # Kubernetes objects passed through as they are, like securityContext, excepted).
     lines = text.splitlines()
-    stack: list[tuple[int, bool]] = []  # (indent, documented) of the enclosing keys
+    stack: list[tuple[int, str]] = []
     for index, line in enumerate(lines):
-        match = re.match(r"^(\s*)([A-Za-z][\w.-]*):", line)
+        match = re.match(r"^(\s*)([A-Za-z][\w.-]*):(.*)$", line)
         if not match:
             continue
-        indent = len(match.group(1))
+        indent, key, rest = len(match.group(1)), match.group(2), match.group(3).split(" #")[0].strip()
         while stack and stack[-1][0] >= indent:
             stack.pop()
-        commented = index > 0 and lines[index - 1].strip().startswith("#")
-        documented = commented or any(doc for _, doc in stack)
-        assert documented, f"values.yaml line {index + 1}: {line.strip()} has no comment"
-        stack.append((indent, commented))
+        path = [k for _, k in stack] + [key]
+        stack.append((indent, key))
+        node = schema
+        passed_through = False
+        for part in path[:-1]:
+            if "properties" not in node or part == "resources":
+                passed_through = True
+                break
+            node = node["properties"].get(part, {})
+        if passed_through or "properties" not in node or not rest:
+            continue
+        assert lines[index - 1].strip().startswith("#"), f"values.yaml line {index + 1}: {key} has no comment"
 
 
 APP_DEPLOYMENT = """\

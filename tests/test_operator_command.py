@@ -45,8 +45,11 @@ async def test_operator_command_serves_campaigns_until_sigterm(
         "MAILBEACON_OPERATOR_NAMESPACES": "marketing",
         "MAILBEACON_DATA_DIR": str(tmp_path / "data"),
     }
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mailbeacon.cli", "operator"],
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "mailbeacon.cli",
+        "operator",
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -71,14 +74,12 @@ async def test_operator_command_serves_campaigns_until_sigterm(
 
             await eventually(stored, within=20)
         process.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(process.wait, 20)
-        assert code == 0, (process.stdout.read() if process.stdout else b"").decode()[-3000:]
+        output, _ = await asyncio.wait_for(process.communicate(), 20)
+        assert process.returncode == 0, output.decode()[-3000:]
     finally:
-        if process.poll() is None:
+        if process.returncode is None:
             process.kill()
-            process.wait()
-        if process.stdout:
-            process.stdout.close()
+            await process.wait()
 
 
 def test_operator_command_requires_nats(tmp_path: Path) -> None:
