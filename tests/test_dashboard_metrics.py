@@ -159,7 +159,7 @@ def test_dashboard_is_importable_grafana_json() -> None:
     assert len(ids) == len(set(ids))
     for panel in dashboard["panels"]:
         grid = panel["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24, panel["title"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
         if panel["type"] != "row":
             assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
             assert panel["description"], panel["title"]
@@ -176,7 +176,9 @@ def test_operator_metrics_carry_a_campaigns_numbers() -> None:
 
     key = CampaignKey("metrics-test", "newsletter")
     spec = CampaignSpec.model_validate({"guardrails": {"minDelivered": 10, "complaintRatePercent": 0.5}})
-    numbers = Headline(sent=100, delivered=90, complained=1, unique_opens=40, human_unique_opens=30, open_rate=44.44)
+    numbers = Headline(
+        sent=100, delivered=90, complained=1, unique_opens=40, human_unique_opens=30, open_rate=44.44
+    )
     campaign_operator.metrics.export(key, spec, numbers, judge(spec.guardrails, numbers))
 
     def value(name: str, **labels: str) -> float | None:
@@ -186,7 +188,9 @@ def test_operator_metrics_carry_a_campaigns_numbers() -> None:
     assert value("mailbeacon_campaign_messages", state="human_opened") == 30
     assert value("mailbeacon_campaign_rate_percent", rate="open") == 44.44
     assert value("mailbeacon_campaign_guardrail_breached", guardrail="complaint_rate") == 1
-    assert value("mailbeacon_campaign_guardrail_ratio", guardrail="complaint_rate") == pytest.approx(100 / 90 / 0.5)
+    assert value("mailbeacon_campaign_guardrail_ratio", guardrail="complaint_rate") == pytest.approx(
+        100 / 90 / 0.5
+    )
     assert value("mailbeacon_campaign_guardrail_threshold_percent", guardrail="complaint_rate") == 0.5
     assert value("mailbeacon_campaign_paused") == 0
     campaign_operator.metrics.forget(key)
