@@ -12,6 +12,7 @@ import email
 import smtplib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.policy import default as default_policy
 from pathlib import Path
@@ -131,15 +132,27 @@ def send(port: int, recipient: str) -> None:
         smtp.send_message(newsletter(recipient), to_addrs=[recipient])
 
 
+@dataclass
+class System:
+    running: AllInOne
+    addresses: Addresses
+
+    def mirrored_paused(self) -> bool | None:
+        """Whether the proxy's own mirror of the KV bucket has the campaign paused (None: absent)."""
+        assert self.running.store is not None
+        spec = self.running.store.get(KEY)
+        return None if spec is None else spec.paused
+
+
 @pytest.fixture
-async def system(tmp_path: Path, nats_url: str, sink: SmtpSink) -> AsyncIterator[Addresses]:
+async def system(tmp_path: Path, nats_url: str, sink: SmtpSink) -> AsyncIterator[System]:
     settings = make_settings(
         tmp_path, nats_url=nats_url, upstream_smtp=sink.url, database_url=f"sqlite:///{tmp_path / 'stats.db'}"
     )
     running = AllInOne(settings)
     addresses = await running.start()
     try:
-        yield addresses
+        yield System(running, addresses)
     finally:
         await running.stop()
 
@@ -148,23 +161,24 @@ async def test_campaign_lifecycle_with_guardrails(
     tmp_path: Path,
     nats_url: str,
     sink: SmtpSink,
-    system: Addresses,
+    system: System,
     kube: FakeKubernetes,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    addresses = system.addresses
     settings = make_settings(
         tmp_path,
         nats_url=nats_url,
-        aggregator_url=system.aggregator,
+        aggregator_url=addresses.aggregator,
         operator_listen="127.0.0.1:0",
         operator_status_interval=0.3,
     )
-    smtp_port = int(system.smtp.rsplit(":", 1)[1])
+    smtp_port = int(addresses.smtp.rsplit(":", 1)[1])
     async with aiohttp.ClientSession() as http:
         kubectl = Kubectl(kube, http)
         with operator_running(kube, settings, tmp_path, monkeypatch) as operator:
             applied = await kubectl.apply(
-                campaign_manifest(minDelivered=5, complaintRatePercent=0.3, autoPause=True)
+                campaign_manifest(minDelivered=10, complaintRatePercent=0.3, autoPause=True)
             )
             assert applied["spec"]["guardrails"]["bounceRatePercent"] == 5.0  # the CRD's default
 
@@ -175,7 +189,7 @@ async def test_campaign_lifecycle_with_guardrails(
             stored = await eventually(spec_in_kv)
             assert stored == CampaignSpec.model_validate(applied["spec"])
             assert stored.match.senders == [SENDER] and stored.tracking.unsubscribe_header
-            assert stored.guardrails.auto_pause and stored.guardrails.min_delivered == 5
+            assert stored.guardrails.auto_pause and stored.guardrails.min_delivered == 10
             resource = await eventually(lambda: kubectl.get(KEY.namespace, KEY.name))
             assert "mailbeacon.io/campaign-operator" in resource["metadata"]["finalizers"]
 
@@ -192,7 +206,7 @@ async def test_campaign_lifecycle_with_guardrails(
             assert sorted(tracking) == recipients
 
             async def webhook(kind: str, recipient: str) -> None:
-                url = f"{system.tracker}/track/{kind}/"
+                url = f"{addresses.tracker}/track/{kind}/"
                 async with http.post(url, json={"tracking_id": tracking[recipient]}) as response:
                     assert response.status == 200, await response.text()
 
@@ -200,6 +214,12 @@ async def test_campaign_lifecycle_with_guardrails(
             for recipient in recipients[:4]:
                 await webhook("delivery", recipient)
             await webhook("complaint", recipients[0])
+
+            async def spec_with(**wanted: Any) -> dict[str, Any]:
+                current = await kubectl.get(KEY.namespace, KEY.name)
+                assert current is not None
+                assert {k: current["spec"].get(k) for k in wanted} == wanted, current["spec"]
+                return current
 
             async def status_with(**wanted: Any) -> dict[str, Any]:
                 current = await kubectl.get(KEY.namespace, KEY.name)
@@ -216,11 +236,11 @@ async def test_campaign_lifecycle_with_guardrails(
             assert early["spec"]["paused"] is False
             assert not [e for e in kube.events(KEY.namespace) if e["reason"] == "ComplaintRateHigh"]
 
-            # Six more deliveries: 1 complaint in 10 deliveries crosses 0.3 % with enough volume.
+            # Six more deliveries: 1 complaint in 10 deliveries crosses 0.3 % once volume suffices.
             for recipient in recipients[4:]:
                 await webhook("delivery", recipient)
             tripped = await eventually(lambda: status_with(delivered=10, complained=1, complaintRate=10.0))
-            async with http.get(f"{system.aggregator}/api/campaigns/{KEY}/statistics") as response:
+            async with http.get(f"{addresses.aggregator}/api/campaigns/{KEY}/statistics") as response:
                 statistics = await response.json()
             for status_field, source in {**COUNTS, **RATES}.items():
                 assert tripped["status"][status_field] == statistics[source], status_field
@@ -242,22 +262,20 @@ async def test_campaign_lifecycle_with_guardrails(
             assert complaint["type"] == "Warning" and "complaint rate 10.00%" in complaint["message"]
             assert complaint["involvedObject"]["kind"] == "Campaign"
             assert len([e for e in events if e["reason"] == "ComplaintRateHigh"]) == 1
-            paused = await eventually(lambda: status_with())
-            assert paused["spec"]["paused"] is True
-
-            # The proxy now defers the campaign's mail with a 4xx: the app keeps it and retries.
-            async def deferred() -> bool:
-                try:
-                    await asyncio.to_thread(send, smtp_port, "late@example.org")
-                except smtplib.SMTPDataError as refused:
-                    assert 400 <= refused.smtp_code < 500 and b"paused" in refused.smtp_error
-                    return True
-                raise AssertionError("mail of a paused campaign was accepted")
-
-            sent_before = len(sink.messages)
+            await eventually(lambda: spec_with(paused=True))
             stored = await eventually(spec_in_kv)
-            assert stored.paused
-            await eventually(deferred)
+            assert stored.paused  # written to the bucket before the resource was patched
+
+            # Once the proxy's campaign mirror has it, the proxy defers the campaign's mail
+            # with a 4xx: the app keeps the message and retries later.
+            async def proxy_sees(paused: bool) -> bool:
+                return system.mirrored_paused() is paused
+
+            await eventually(lambda: proxy_sees(True))
+            sent_before = len(sink.messages)
+            with pytest.raises(smtplib.SMTPDataError) as refused:
+                await asyncio.to_thread(send, smtp_port, "late@example.org")
+            assert 400 <= refused.value.smtp_code < 500 and b"paused" in refused.value.smtp_error
             assert len(sink.messages) == sent_before
 
             # A person resumes the campaign; the guardrail is still high, but it tripped before:
@@ -269,6 +287,7 @@ async def test_campaign_lifecycle_with_guardrails(
                 return spec is not None and not spec.paused
 
             await eventually(resumed_in_kv)
+            await eventually(lambda: proxy_sees(False))
             await asyncio.sleep(3 * settings.operator_status_interval)
             current = await kubectl.get(KEY.namespace, KEY.name)
             assert current is not None and current["spec"]["paused"] is False
@@ -282,7 +301,7 @@ async def test_campaign_lifecycle_with_guardrails(
 
             await eventually(gone)
             assert await kv_spec(nats_url, KEY) is None
-            async with http.get(f"{system.aggregator}/api/campaigns/{KEY}/statistics") as response:
+            async with http.get(f"{addresses.aggregator}/api/campaigns/{KEY}/statistics") as response:
                 assert response.status == 200
                 assert (await response.json())["sent_count"] == 10
             assert operator.health_port is not None
@@ -326,7 +345,15 @@ async def test_spec_updates_resume_and_unreachable_aggregator(
 
             current = await eventually(unavailable)
             assert "sent" not in current["status"]
-            assert current["status"]["observedGeneration"] == current["metadata"]["generation"] == 2
+
+            async def observed() -> bool:
+                current = await kubectl.get(KEY.namespace, KEY.name)
+                assert current is not None
+                return bool(
+                    current["status"].get("observedGeneration") == current["metadata"]["generation"] == 2
+                )
+
+            await eventually(observed)
 
             async with http.get(f"http://127.0.0.1:{operator.health_port}/readyz") as response:
                 assert response.status == 200
@@ -347,3 +374,54 @@ async def test_spec_updates_resume_and_unreachable_aggregator(
             await eventually(gone)
     assert await kv_spec(nats_url, KEY) is None
     assert kube.pruned == []
+
+
+async def test_a_hung_aggregator_does_not_hold_a_deletion(
+    tmp_path: Path, nats_url: str, kube: FakeKubernetes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An aggregator that accepts connections and never answers (a network partition, a
+    # stuck process): every timer tick hangs in its HTTP request.
+    hung: list[asyncio.StreamWriter] = []
+
+    async def accept(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hung.append(writer)
+
+    black_hole = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = black_hole.sockets[0].getsockname()[1]
+    settings = make_settings(
+        tmp_path,
+        nats_url=nats_url,
+        aggregator_url=f"http://127.0.0.1:{port}",
+        operator_listen="127.0.0.1:0",
+        operator_status_interval=0.2,
+    )
+    try:
+        async with aiohttp.ClientSession() as http:
+            kubectl = Kubectl(kube, http)
+            with operator_running(kube, settings, tmp_path, monkeypatch):
+                await kubectl.apply(campaign_manifest())
+
+                async def stored() -> bool:
+                    return await kv_spec(nats_url, KEY) is not None
+
+                await eventually(stored)
+
+                async def asking() -> bool:
+                    return bool(hung)
+
+                await eventually(asking)  # a tick is waiting for the aggregator right now
+                await kubectl.delete(KEY.namespace, KEY.name)
+                started = asyncio.get_running_loop().time()
+
+                async def gone() -> bool:
+                    return await kubectl.get(KEY.namespace, KEY.name) is None
+
+                await eventually(gone, within=8)
+                # Well before the statistics request's own 10 s timeout.
+                assert asyncio.get_running_loop().time() - started < 5
+                assert await kv_spec(nats_url, KEY) is None
+    finally:
+        for writer in hung:
+            writer.close()
+        black_hole.close()
+        await black_hole.wait_closed()

@@ -8,10 +8,12 @@ round trip through the API server.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import aiohttp
 import kopf
@@ -30,6 +32,7 @@ from mailbeacon.settings import Settings
 from mailbeacon.web import add_health_routes, bound_port, serve
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def configure(settings: kopf.OperatorSettings) -> None:
@@ -39,6 +42,9 @@ def configure(settings: kopf.OperatorSettings) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
     )
+    # A Campaign deleted while its timer reads statistics: look again every second for the
+    # tick to finish (kopf's default of 60 s would hold the finalizer, and kubectl, that long).
+    settings.background.cancellation_polling = 1.0
     # No watching of CRDs and namespaces: the operator needs RBAC only for Campaigns and Events.
     settings.scanning.disabled = True
     # Handler failures still become Events; routine successes (every timer tick) do not.
@@ -59,6 +65,34 @@ def campaign_key(namespace: str | None, name: str) -> CampaignKey:
     if not namespace:  # the CRD is namespaced; a cluster-scoped body would be a bug elsewhere
         raise kopf.PermanentError(f"Campaign {name} has no namespace")
     return CampaignKey(namespace, name)
+
+
+STOPPED = object()
+
+
+async def until_stopped(work: Awaitable[T], stopped: Any) -> T | object:
+    """``work``'s result, or :data:`STOPPED` as soon as kopf signals the timer to stop.
+
+    A hung aggregator must not hold a deleted Campaign's finalizer until the HTTP timeout.
+    """
+    if stopped is None:
+        return await work
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(_wait(stopped))
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return STOPPED
+    return task.result()
+
+
+async def _wait(stopped: Any) -> None:
+    await stopped.wait()
 
 
 def now_utc() -> datetime:
@@ -152,7 +186,7 @@ class CampaignOperator:
         namespace: str | None,
         meta: kopf.Meta,
         patch: kopf.Patch,
-        **_: Any,
+        **kwargs: Any,
     ) -> None:
         """Timer: statistics into status, guardrail conditions, Events on flips, auto-pause."""
         if self.statistics is None:
@@ -162,7 +196,11 @@ class CampaignOperator:
         current = list(status.get("conditions") or [])
         generation = meta.get("generation")
         try:
-            statistics = await self.statistics.fetch(key)
+            # kopf gives timers a "stopped" flag (not in its TimerFn protocol's signature).
+            fetched = await until_stopped(self.statistics.fetch(key), kwargs.get("stopped"))
+            if fetched is STOPPED:
+                return  # the Campaign is being deleted (or the operator stops): its finalizer waits for us
+            statistics = cast(dict[str, Any] | None, fetched)
             headline = Headline() if statistics is None else Headline.from_statistics(statistics)
         except (StatisticsUnavailable, InvalidStatistics) as exc:
             metrics.STATISTICS_ERRORS.inc()
@@ -173,6 +211,14 @@ class CampaignOperator:
             return
         decision = guardrails.decide(campaign, headline, current, now_utc(), generation)
         metrics.export(key, campaign, headline, decision.judgements)
+        if decision.pause:
+            # The bucket first, before anything is patched: the proxies defer the mail at once,
+            # and if NATS fails here the condition is not recorded either, so the next tick
+            # sees the same flip and pauses again.
+            await self._store().put(key, campaign.model_copy(update={"paused": True}))
+            patch.spec["paused"] = True
+            metrics.AUTO_PAUSES.inc()
+            metrics.PAUSED.labels(str(key)).set(1)
         if numbers_changed(status, headline) or guardrails.conditions_changed(current, decision.conditions):
             patch.status.update(headline.as_status())
             patch.status["conditions"] = decision.conditions
@@ -185,12 +231,6 @@ class CampaignOperator:
                 key,
                 note.message,
             )
-        if decision.pause:
-            paused = campaign.model_copy(update={"paused": True})
-            await self._store().put(key, paused)
-            patch.spec["paused"] = True
-            metrics.AUTO_PAUSES.inc()
-            metrics.PAUSED.labels(str(key)).set(1)
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> CampaignOperator:
