@@ -31,8 +31,17 @@ def kube() -> Iterator[FakeKubernetes]:
         server.stop()
 
 
+COMMANDS = {
+    # What the container runs (the chart's operator Deployment: args ["operator"]).
+    "mailbeacon operator": ["-m", "mailbeacon.cli", "operator"],
+    # kopf's own runner, as DESIGN.md names the operator module.
+    "kopf run": ["-m", "kopf", "run", "-m", "campaign_operator.handlers", "--standalone", "-n", "marketing"],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
 async def test_operator_command_serves_campaigns_until_sigterm(
-    tmp_path: Path, nats_url: str, kube: FakeKubernetes
+    command: str, tmp_path: Path, nats_url: str, kube: FakeKubernetes
 ) -> None:
     health = free_port()
     env = {
