@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "aggregator":
         asyncio.run(run_component(settings, _build_aggregator, "aggregator"))
     elif command == "operator":
-        raise SystemExit("the operator ships with the Kubernetes integration (see the README)")
+        from campaign_operator.main import run
+
+        asyncio.run(run(settings))
     elif command == "migrate":
         from aggregator.db import open_database
         from aggregator.service import database_url

@@ -79,6 +79,19 @@ class Settings(BaseSettings):
     tracker_listen: str = "127.0.0.1:8080"
     aggregator_listen: str = "127.0.0.1:8090"
     outbox_dir: Path | None = Field(default=None, description="Development outbox shown in the web UI")
+    operator_listen: str = Field(
+        default="127.0.0.1:8070", description="Health, readiness and metrics of the Campaign operator"
+    )
+    aggregator_url: str | None = Field(
+        default=None,
+        description="Base URL the operator reads campaign statistics from; unset means AGGREGATOR_LISTEN",
+    )
+    operator_status_interval: float = Field(
+        default=30.0, gt=0, description="Seconds between copies of a campaign's statistics into its status"
+    )
+    operator_namespaces: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Namespaces whose Campaigns the operator serves; empty means all"
+    )
 
     stream_max_age_days: float = Field(default=30.0, gt=0)
     stream_duplicate_window_seconds: float = Field(default=600.0, gt=0)
@@ -96,7 +109,7 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    @field_validator("secret_keys", "ses_topic_arns", "trusted_proxies", mode="before")
+    @field_validator("secret_keys", "ses_topic_arns", "trusted_proxies", "operator_namespaces", mode="before")
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
@@ -116,7 +129,19 @@ class Settings(BaseSettings):
             raise ValueError("SITE_URL must be an absolute http(s) URL")
         return value.rstrip("/")
 
-    @field_validator("smtp_listen", "proxy_http_listen", "tracker_listen", "aggregator_listen")
+    @field_validator("aggregator_url")
+    @classmethod
+    def _aggregator_url(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("AGGREGATOR_URL must be an absolute http(s) URL")
+        return value.rstrip("/")
+
+    @field_validator(
+        "smtp_listen", "proxy_http_listen", "tracker_listen", "aggregator_listen", "operator_listen"
+    )
     @classmethod
     def _listen(cls, value: str) -> str:
         parse_listen(value)  # fail at start-up, not at bind time
@@ -142,3 +167,12 @@ class Settings(BaseSettings):
 
     def listen(self, which: Literal["smtp", "proxy_http", "tracker", "aggregator"]) -> tuple[str, int]:
         return parse_listen(getattr(self, f"{which}_listen"))
+
+    def aggregator_base_url(self) -> str:
+        """Where the aggregator's API answers: AGGREGATOR_URL, else its listen address."""
+        if self.aggregator_url:
+            return self.aggregator_url.rstrip("/")
+        host, port = parse_listen(self.aggregator_listen)
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"

@@ -1,0 +1,249 @@
+{{/* Names, labels and the pieces every component shares. */}}
+
+{{- define "mailbeacon.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "mailbeacon.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "mailbeacon.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Selector labels of one component: (dict "root" $ "component" "tracker") */}}
+{{- define "mailbeacon.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "mailbeacon.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "mailbeacon.labels" -}}
+helm.sh/chart: {{ include "mailbeacon.chart" .root }}
+{{ include "mailbeacon.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: mailbeacon
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "mailbeacon.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "mailbeacon.secretName" -}}
+{{- default (include "mailbeacon.fullname" .) .Values.secrets.existingSecret -}}
+{{- end -}}
+
+{{- define "mailbeacon.operatorServiceAccount" -}}
+{{- if .Values.operator.serviceAccount.create -}}
+{{- default (printf "%s-operator" (include "mailbeacon.fullname" .)) .Values.operator.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.operator.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* True (non-empty) when the aggregator has PostgreSQL rather than the SQLite fallback. */}}
+{{- define "mailbeacon.hasDatabase" -}}
+{{- if or .Values.secrets.existingSecret .Values.database.url -}}true{{- end -}}
+{{- end -}}
+
+{{/* One environment variable from the Secret: (dict "root" $ "name" "X" "key" "k" "optional" true) */}}
+{{- define "mailbeacon.secretEnv" -}}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "mailbeacon.secretName" .root }}
+      key: {{ .key }}
+      optional: {{ .optional }}
+{{- end -}}
+
+{{/* Environment every component gets. */}}
+{{- define "mailbeacon.commonEnv" -}}
+- name: MAILBEACON_NATS_URL
+  value: {{ .Values.nats.url | quote }}
+- name: MAILBEACON_STREAM_REPLICAS
+  value: {{ .Values.nats.streamReplicas | quote }}
+- name: MAILBEACON_STREAM_MAX_AGE_DAYS
+  value: {{ .Values.nats.streamMaxAgeDays | quote }}
+- name: MAILBEACON_LOG_LEVEL
+  value: {{ .Values.config.logLevel | quote }}
+- name: MAILBEACON_DATA_DIR
+  value: /tmp/mailbeacon
+- name: MAILBEACON_SITE_URL
+  value: {{ .Values.siteUrl | quote }}
+- name: MAILBEACON_ANONYMIZE_IP
+  value: {{ .Values.config.anonymizeIp | quote }}
+{{- with .Values.config.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod-level settings every component shares: (dict "root" $ "component" "tracker" "values" .Values.tracker) */}}
+{{- define "mailbeacon.podSpec" -}}
+{{- with .root.Values.imagePullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+securityContext:
+  {{- toYaml .root.Values.podSecurityContext | nindent 2 }}
+automountServiceAccountToken: {{ eq .component "operator" }}
+{{- with .values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+volumes:
+  # The root filesystem is read-only; Python and the components write only here.
+  - name: tmp
+    emptyDir:
+      sizeLimit: 256Mi
+{{- end -}}
+
+{{/* Probes on the component's health endpoints: (dict "port" "http") */}}
+{{- define "mailbeacon.probes" -}}
+startupProbe:
+  httpGet: {path: /healthz, port: {{ .port }}}
+  periodSeconds: 2
+  failureThreshold: 30
+livenessProbe:
+  httpGet: {path: /healthz, port: {{ .port }}}
+  periodSeconds: 10
+  timeoutSeconds: 3
+  failureThreshold: 3
+readinessProbe:
+  httpGet: {path: /readyz, port: {{ .port }}}
+  periodSeconds: 5
+  timeoutSeconds: 3
+  failureThreshold: 2
+{{- end -}}
+
+{{/*
+The SMTP proxy as a container, for an app's pod (sidecar) or the shared proxy Deployment.
+
+Apps include it with their own parameters; only natsUrl, siteUrl and secretName are needed:
+
+  containers:
+    - name: app
+      ...
+    {{- include "mailbeacon.proxySidecar" (dict
+          "image" "ghcr.io/mailbeacon/mailbeacon:0.1.0"
+          "natsUrl" "nats://nats.nats.svc:4222"
+          "siteUrl" "https://track.example.com"
+          "secretName" "mailbeacon"
+          "defaultCampaign" "shop/receipts") | nindent 4 }}
+
+Parameters: image, natsUrl, siteUrl, secretName (a Secret with secret-keys and
+upstream-smtp), and optionally name ("mailbeacon-proxy"), upstreamSecretKey
+("upstream-smtp"), upstreamProvider ("generic"), defaultCampaign, listen
+("127.0.0.1:2525": only the app in the same pod can relay), httpPort (8025: health and
+metrics), tmpVolume ("mailbeacon-proxy-tmp"), anonymizeIp, logLevel,
+resources, imagePullPolicy, extraEnv. The app sends mail to 127.0.0.1:2525.
+*/}}
+{{- define "mailbeacon.proxySidecar" -}}
+- name: {{ .name | default "mailbeacon-proxy" }}
+  image: {{ required "mailbeacon.proxySidecar: image is required" .image | quote }}
+  imagePullPolicy: {{ .imagePullPolicy | default "IfNotPresent" }}
+  args: ["proxy"]
+  env:
+    - name: MAILBEACON_NATS_URL
+      value: {{ required "mailbeacon.proxySidecar: natsUrl is required" .natsUrl | quote }}
+    - name: MAILBEACON_SITE_URL
+      value: {{ required "mailbeacon.proxySidecar: siteUrl is required" .siteUrl | quote }}
+    - name: MAILBEACON_SMTP_LISTEN
+      value: {{ .listen | default "127.0.0.1:2525" | quote }}
+    - name: MAILBEACON_PROXY_HTTP_LISTEN
+      value: {{ printf "0.0.0.0:%d" (int (.httpPort | default 8025)) | quote }}
+    - name: MAILBEACON_UPSTREAM_PROVIDER
+      value: {{ .upstreamProvider | default "generic" | quote }}
+    {{- with .defaultCampaign }}
+    - name: MAILBEACON_DEFAULT_CAMPAIGN
+      value: {{ . | quote }}
+    {{- end }}
+    - name: MAILBEACON_ANONYMIZE_IP
+      value: {{ .anonymizeIp | default false | quote }}
+    - name: MAILBEACON_LOG_LEVEL
+      value: {{ .logLevel | default "INFO" | quote }}
+    - name: MAILBEACON_DATA_DIR
+      value: /tmp/mailbeacon
+    - name: MAILBEACON_SECRET_KEYS
+      valueFrom:
+        secretKeyRef:
+          name: {{ required "mailbeacon.proxySidecar: secretName is required" .secretName }}
+          key: secret-keys
+    - name: MAILBEACON_UPSTREAM_SMTP
+      valueFrom:
+        secretKeyRef:
+          name: {{ .secretName }}
+          key: {{ .upstreamSecretKey | default "upstream-smtp" }}
+    {{- with .extraEnv }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  ports:
+    - name: smtp
+      containerPort: {{ (split ":" (.listen | default "127.0.0.1:2525"))._1 | int }}
+      protocol: TCP
+    - name: proxy-http
+      containerPort: {{ .httpPort | default 8025 | int }}
+      protocol: TCP
+  startupProbe:
+    httpGet: {path: /healthz, port: proxy-http}
+    periodSeconds: 2
+    failureThreshold: 30
+  livenessProbe:
+    httpGet: {path: /healthz, port: proxy-http}
+    periodSeconds: 10
+    timeoutSeconds: 3
+  readinessProbe:
+    httpGet: {path: /readyz, port: proxy-http}
+    periodSeconds: 5
+    timeoutSeconds: 3
+  resources:
+    {{- toYaml (.resources | default (dict "requests" (dict "cpu" "50m" "memory" "96Mi") "limits" (dict "memory" "256Mi"))) | nindent 4 }}
+  securityContext:
+    runAsNonRoot: true
+    runAsUser: 10001
+    runAsGroup: 10001
+    allowPrivilegeEscalation: false
+    readOnlyRootFilesystem: true
+    privileged: false
+    capabilities:
+      drop: ["ALL"]
+    seccompProfile:
+      type: RuntimeDefault
+  volumeMounts:
+    - name: {{ .tmpVolume | default "mailbeacon-proxy-tmp" }}
+      mountPath: /tmp
+{{- end -}}
+
+{{/* The volume the sidecar's /tmp lives on; add it to the pod's volumes next to the sidecar. */}}
+{{- define "mailbeacon.proxySidecarVolume" -}}
+- name: {{ .tmpVolume | default "mailbeacon-proxy-tmp" }}
+  emptyDir:
+    sizeLimit: 64Mi
+{{- end -}}
