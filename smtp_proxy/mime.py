@@ -3,7 +3,8 @@
 Python's email package re-folds headers and re-encodes parts when it writes a message
 back, which would alter attachments and break signatures. Here a message is cut into
 header block, body and multipart segments at the exact byte offsets, so any part that
-is not changed is copied through untouched.
+is not changed is copied through untouched. Bodies are ``memoryview`` slices of the
+received message: a 25 MB attachment is never copied while the message is split.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from email.message import Message
 from email.policy import compat32
 
+Buffer = bytes | memoryview
+
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 
 
@@ -23,32 +26,36 @@ _HEADER_END = re.compile(rb"\r?\n\r?\n")
 class Part:
     headers: bytes  # the header block, each line with its own line ending
     separator: bytes  # the blank line between headers and body
-    body: bytes
+    body: memoryview
     parsed: Message  # headers only, for reading content type and parameters
 
     @classmethod
-    def parse(cls, raw: bytes) -> Part:
-        if raw.startswith(b"\r\n") or raw.startswith(b"\n"):
-            eol = b"\r\n" if raw.startswith(b"\r\n") else b"\n"
-            headers, separator, body = b"", eol, raw[len(eol) :]
+    def parse(cls, raw: Buffer) -> Part:
+        view = memoryview(raw)
+        head = bytes(view[:2])
+        if head == b"\r\n" or head[:1] == b"\n":
+            eol = b"\r\n" if head == b"\r\n" else b"\n"
+            headers, separator, body = b"", eol, view[len(eol) :]
         else:
-            match = _HEADER_END.search(raw)
+            match = _HEADER_END.search(view)
             if match is None:
-                headers, separator, body = raw, b"", b""
+                headers, separator, body = bytes(view), b"", view[len(view) :]
             else:
-                first_eol = raw[match.start() : match.start() + (2 if raw[match.start()] == 13 else 1)]
-                headers = raw[: match.start() + len(first_eol)]
-                separator = raw[match.start() + len(first_eol) : match.end()]
-                body = raw[match.end() :]
+                start = match.start()
+                first_eol = 2 if view[start] == 13 else 1
+                headers = bytes(view[: start + first_eol])
+                separator = bytes(view[start + first_eol : match.end()])
+                body = view[match.end() :]
         parsed = email.message_from_bytes(headers, policy=compat32)
         return cls(headers, separator, body, parsed)
 
     def to_bytes(self) -> bytes:
-        return self.headers + self.separator + self.body
+        return self.headers + self.separator + bytes(self.body)
 
     @property
     def eol(self) -> bytes:
-        return b"\r\n" if b"\r\n" in (self.separator or self.headers[:2000] or b"\r\n") else b"\n"
+        sample = self.separator or self.headers[:2000]
+        return b"\r\n" if b"\r\n" in sample or not sample else b"\n"
 
     @property
     def content_type(self) -> str:
@@ -88,11 +95,19 @@ def field_name(field: bytes) -> str:
     return field.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
 
 
-def remove_headers(block: bytes, should_remove: set[str], prefixes: tuple[str, ...] = ()) -> bytes:
+def field_value(field: bytes) -> str:
+    """The unfolded value of one header field."""
+    value = field.split(b":", 1)[1] if b":" in field else b""
+    return re.sub(rb"\r?\n[ \t]", b" ", value).strip().decode("utf-8", "surrogateescape")
+
+
+def remove_headers(
+    block: bytes, should_remove: set[str], prefixes: tuple[str, ...] = (), keep: frozenset[str] = frozenset()
+) -> bytes:
     kept = []
     for field in header_lines(block):
         name = field_name(field)
-        if name in should_remove or (prefixes and name.startswith(prefixes)):
+        if name not in keep and (name in should_remove or (prefixes and name.startswith(prefixes))):
             continue
         kept.append(field)
     return b"".join(kept)
@@ -104,35 +119,46 @@ def set_header(block: bytes, name: str, value: str, eol: bytes) -> bytes:
     return remove_headers(block, {name.lower()}) + line
 
 
-def split_multipart(body: bytes, boundary: bytes) -> list[tuple[bool, bytes]]:
+_DELIMITER_TAIL = re.compile(rb"(--)?[ \t]*\r?(?:\n|\Z)")
+
+
+def split_multipart(body: Buffer, boundary: bytes) -> list[tuple[bool, memoryview]]:
     """Segments of a multipart body as ``(is_part, bytes)``; joining them gives ``body`` back.
 
     Delimiter lines (with the line break before them, which RFC 2046 counts as part of
     the delimiter), preamble and epilogue are non-part segments.
     """
-    delimiter = re.compile(rb"^--" + re.escape(boundary) + rb"(--)?[ \t]*\r?$", re.MULTILINE)
-    segments: list[tuple[bool, bytes]] = []
+    view = memoryview(body)
+    # A pure literal lets the regex engine skip through large parts at memchr speed;
+    # whether a hit is a whole delimiter line is checked after.
+    needle = re.compile(re.escape(b"--" + boundary))
+    segments: list[tuple[bool, memoryview]] = []
     position = 0
     inside = False
-    for match in delimiter.finditer(body):
-        start = match.start()
-        if body[max(start - 2, 0) : start] == b"\r\n":
+    for hit in needle.finditer(view):
+        start = hit.start()
+        if start > 0 and view[start - 1] != 10:  # not at the start of a line
+            continue
+        tail = _DELIMITER_TAIL.match(view, hit.end())
+        if tail is None:
+            continue
+        before = bytes(view[max(start - 2, 0) : start])
+        if before == b"\r\n":
             content_end = start - 2
-        elif body[max(start - 1, 0) : start] == b"\n":
+        elif before.endswith(b"\n"):
             content_end = start - 1
         else:
             content_end = start
         content_end = max(content_end, position)
-        segments.append((inside, body[position:content_end]))
-        line_end = match.end() + (1 if body[match.end() : match.end() + 1] == b"\n" else 0)
-        segments.append((False, body[content_end:line_end]))
-        position = line_end
-        if match.group(1):  # the closing delimiter: the rest is epilogue
+        segments.append((inside, view[position:content_end]))
+        segments.append((False, view[content_end : tail.end()]))
+        position = tail.end()
+        if tail.group(1):  # the closing delimiter: the rest is epilogue
             inside = False
             break
         inside = True
-    segments.append((inside, body[position:]))
-    return [segment for segment in segments if segment[1] or segment[0]]
+    segments.append((inside, view[position:]))
+    return [segment for segment in segments if len(segment[1]) or segment[0]]
 
 
 def decode_body(part: Part) -> bytes:
@@ -143,8 +169,8 @@ def decode_body(part: Part) -> bytes:
             data = data[:-1]  # a lone trailing character carries no whole byte
         return base64.b64decode(data + b"=" * (-len(data) % 4))
     if encoding == "quoted-printable":
-        return binascii.a2b_qp(part.body)
-    return part.body
+        return binascii.a2b_qp(bytes(part.body))
+    return bytes(part.body)
 
 
 def _wrap(data: bytes, width: int, eol: bytes) -> bytes:
