@@ -220,6 +220,9 @@ class PreparedMessage:
     def __init__(self, message: Part, site_url: str, skip_links: Sequence[str] = ()) -> None:
         if not message.separator:
             raise RewriteError("message has no body")
+        if any(b":" not in field for field in mime.header_lines(message.headers) if field.strip()):
+            # Readers disagree on where such a header block ends: leave the message alone.
+            raise RewriteError("malformed header block")
         self.message = message
         self.eol = message.eol
         self.dkim_signed = message.parsed.get("DKIM-Signature") is not None
