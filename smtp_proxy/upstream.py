@@ -103,8 +103,17 @@ def _unavailable(recipient: str, why: str) -> CopyResult:
     return CopyResult(recipient, 451, f"4.4.1 upstream unavailable: {why}")
 
 
-def smtp_data(pieces: Iterable[Buffer]) -> Iterator[bytes]:
-    """The message as DATA wants it: CRLF line endings, leading dots doubled, in bounded chunks."""
+def _transparent(block: bytes) -> bytes:
+    """One block (starting at a line start) with CRLF line endings and leading dots doubled."""
+    crlf = block.count(b"\r\n")
+    if block.count(b"\n") != crlf or block.count(b"\r") != crlf:
+        block = _LINE_ENDINGS.sub(b"\r\n", block)
+    if block[:1] == b"." or b"\n." in block:
+        block = _LEADING_DOT.sub(b"..", block)
+    return block  # the common case costs three memchr scans and no copy
+
+
+def _blocks(pieces: Iterable[Buffer]) -> Iterator[bytes]:
     carry = b""
     last = b"\n"
     for piece in pieces:
@@ -118,12 +127,30 @@ def smtp_data(pieces: Iterable[Buffer]) -> Iterator[bytes]:
             # Cut after a line break, so each block starts at the start of a line.
             ready, carry = block[:cut], block[cut:]
             last = ready[-1:]
-            yield _LEADING_DOT.sub(b"..", _LINE_ENDINGS.sub(b"\r\n", ready))
+            yield _transparent(ready)
     if carry:
         last = carry[-1:]
-        yield _LEADING_DOT.sub(b"..", _LINE_ENDINGS.sub(b"\r\n", carry))
+        yield _transparent(carry)
     if last != b"\n":
         yield b"\r\n"
+
+
+def smtp_data(pieces: Iterable[Buffer]) -> Iterator[bytes]:
+    """The message as DATA wants it: CRLF line endings, leading dots doubled, in bounded chunks.
+
+    Small pieces (headers, rewritten parts, delimiters) are gathered into one write: a
+    send per piece costs more than the copy.
+    """
+    gathered: list[bytes] = []
+    size = 0
+    for block in _blocks(pieces):
+        gathered.append(block)
+        size += len(block)
+        if size >= _CHUNK:
+            yield gathered[0] if len(gathered) == 1 else b"".join(gathered)
+            gathered, size = [], 0
+    if gathered:
+        yield b"".join(gathered)
 
 
 async def send_data(

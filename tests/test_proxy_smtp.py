@@ -362,3 +362,40 @@ async def test_idle_and_slow_data_clients_are_cut_off(tmp_path: Path, nats_url: 
         rest, waited = await asyncio.to_thread(slow_data)
         assert rest == b"" and 0.7 < waited < 4  # the DATA budget, not the 0.5 s command timeout
     assert sink.messages == []
+
+
+async def test_data_reception_edge_cases(tmp_path: Path, nats_url: str, sink: SmtpSink) -> None:
+    async with proxy_running(tmp_path, nats_url, sink) as proxy:
+
+        def conversation() -> list[bytes]:
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as conn:
+                reader = conn.makefile("rb")
+                replies = [reader.readline()]
+
+                def command(line: bytes) -> None:
+                    conn.sendall(line + b"\r\n")
+                    replies.append(reader.readline().rstrip())
+
+                command(b"HELO client.example")
+                for body in (
+                    # An overlong line whose last character is a dot right before its CRLF.
+                    b"Subject: long\r\n\r\n" + b"x" * 3000 + b".\r\nmore\r\n",
+                    b"Subject: dots\r\n\r\n..leading dot\r\n" + b"y" * 990 + b"\r\nend\r\n",
+                ):
+                    command(b"MAIL FROM:<a@example.com>")
+                    command(b"RCPT TO:<b@example.com>")
+                    command(b"DATA")
+                    # The terminator and the next command arrive together (a pipelining client).
+                    conn.sendall(body + b".\r\nNOOP\r\n")
+                    replies.append(reader.readline().rstrip())
+                    replies.append(reader.readline().rstrip())
+                return replies
+
+        replies = await asyncio.to_thread(conversation)
+    greeting = [b"220", b"250"]
+    refused = [b"250", b"250", b"354", b"500", b"250"]  # MAIL, RCPT, DATA, the message, NOOP
+    accepted = [b"250", b"250", b"354", b"250", b"250"]
+    assert [r[:3] for r in replies] == [*greeting, *refused, *accepted]
+    assert len(sink.messages) == 1
+    assert b"\r\n.leading dot\r\n" in sink.messages[0].content  # the client's doubled dot undone
+    assert b"y" * 990 + b"\r\nend\r\n" in sink.messages[0].content
