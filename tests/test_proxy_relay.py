@@ -406,3 +406,37 @@ async def test_large_attachment_streams_through_unchanged(
     relayed = email.message_from_bytes(sink.messages[0].content, policy=default_policy)
     attachment = next(iter(relayed.iter_attachments()))
     assert attachment.get_content() == blob
+
+
+async def test_unparsable_and_signed_mail_is_relayed_and_counted(
+    tmp_path: Path, nats_url: str, sink: SmtpSink
+) -> None:
+    headers_only = b"From: a@shop.example.com\r\nTo: ann@example.com\r\nX-Campaign: c\r\nSubject: no body\r\n"
+    signed = (
+        b"DKIM-Signature: v=1; a=rsa-sha256; d=shop.example.com; s=s1; h=from:subject; bh=x; b=y\r\n"
+        b"From: a@shop.example.com\r\nSubject: signed\r\nX-Campaign: c\r\nContent-Type: text/html\r\n\r\n"
+        b'<a href="https://shop.example.com/">x</a>\r\n'
+    )
+    before = metrics()
+    async with proxy_running(tmp_path, nats_url, sink) as proxy:
+
+        def conversation() -> None:
+            with smtplib.SMTP("127.0.0.1", proxy.port, timeout=30) as smtp:
+                smtp.sendmail("a@shop.example.com", ["ann@example.com"], headers_only)
+                smtp.sendmail("a@shop.example.com", ["ann@example.com"], signed)
+
+        await asyncio.to_thread(conversation)
+    after = metrics()
+
+    def delta(name: str, **labels: str) -> float:
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
+
+    assert sink.messages[0].content == headers_only  # byte for byte
+    relayed = sink.messages[1].content
+    assert relayed.endswith(signed.split(b"\r\n\r\n", 1)[1])  # the signed body untouched
+    assert b"X-Campaign" not in relayed and b"X-Mailbeacon-Tracking-ID:" in relayed
+    assert delta("mailbeacon_proxy_rewrite_failures_total") == 1
+    assert delta("mailbeacon_proxy_untracked_messages_total", why="dkim_signed") == 1
+    assert delta("mailbeacon_proxy_relay_seconds_count") == 2
+    assert delta("mailbeacon_proxy_messages_total", result="accepted") == 2
+    assert await count_events(nats_url, "sent") == 2
