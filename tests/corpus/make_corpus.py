@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import quopri
+import zlib
 from pathlib import Path
 
 HERE = Path(__file__).parent
@@ -37,7 +38,7 @@ def headers(subject: str, extra: str = "") -> str:
         "To: Ann Example <ann@example.com>\n"
         f"Subject: {subject}\n"
         "Date: Tue, 03 Mar 2026 10:00:00 +0000\n"
-        f"Message-ID: <{abs(hash(subject)) % 10**12}@shop.example.com>\n"
+        f"Message-ID: <{zlib.crc32(subject.encode())}@shop.example.com>\n"
         "MIME-Version: 1.0\n" + extra
     )
 
