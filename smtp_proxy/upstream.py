@@ -167,7 +167,11 @@ async def send_data(
     protocol._response_pending = True
     for chunk in smtp_data(pieces):
         protocol.write(chunk)
-        await protocol._drain_helper()  # flow control: never buffer more than the socket takes
+        # Flow control: never buffer more than the socket takes, nor wait forever for it.
+        try:
+            await asyncio.wait_for(protocol._drain_helper(), reply_timeout)
+        except TimeoutError as exc:
+            raise aiosmtplib.SMTPTimeoutError("upstream stopped reading the message") from exc
     protocol.write(b".\r\n")
     response = await protocol.read_response(timeout=reply_timeout)
     if response.code != 250:
@@ -293,6 +297,10 @@ class Upstream:
             # Sender or recipient refused, or the message refused after DATA.
             await _reset(client)
             return CopyResult(recipient, exc.code, exc.message), False
+        except UnicodeEncodeError:
+            # RFC 6531: an internationalised address the upstream cannot take is final.
+            await _reset(client)
+            return CopyResult(recipient, 553, "5.6.7 upstream does not support SMTPUTF8 addresses"), False
         except aiosmtplib.SMTPException as exc:
             log.warning("upstream error for one copy: %s", exc)
             client.close()
@@ -331,6 +339,11 @@ class Upstream:
             results = [await self._attempt(lease, sender, copy, mail_options) for copy in copies]
             if any(r.accepted for r in results):
                 await self._retry(lease, sender, copies, mail_options, results)
+        except BaseException:
+            # Cancelled (the app went away) or worse, possibly half-way through DATA:
+            # that session must never carry another message.
+            self._discard(lease)
+            raise
         finally:
             self._release(lease)
             self._slots.release()

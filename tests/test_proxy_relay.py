@@ -6,6 +6,7 @@ import asyncio
 import email
 import json
 import smtplib
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class FlakyHandler:
     sessions: set[int] = field(default_factory=set)
     messages: list[tuple[list[str], bytes]] = field(default_factory=list)
     credentials: tuple[str, str] | None = None
+    delay: float = 0.0
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
@@ -63,6 +65,7 @@ class FlakyHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        await asyncio.sleep(self.delay)
         self.sessions.add(id(session))
         self.messages.append((list(envelope.rcpt_tos), envelope.original_content or b""))
         return "250 2.0.0 queued as 1234"
@@ -440,3 +443,63 @@ async def test_unparsable_and_signed_mail_is_relayed_and_counted(
     assert delta("mailbeacon_proxy_relay_seconds_count") == 2
     assert delta("mailbeacon_proxy_messages_total", result="accepted") == 2
     assert await count_events(nats_url, "sent") == 2
+
+
+async def test_an_app_that_hangs_up_mid_relay_does_not_poison_the_pool(
+    tmp_path: Path, nats_url: str, flaky: Upstream
+) -> None:
+    flaky.handler.delay = 0.5
+    message = html_message(["ann@example.com"]).as_bytes().replace(b"\n", b"\r\n")
+    async with proxy_running(tmp_path, nats_url, f"smtp://127.0.0.1:{flaky.port}") as proxy:
+
+        def hang_up() -> None:
+            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as conn:
+                reader = conn.makefile("rb")
+                reader.readline()
+                for command in (
+                    b"HELO x",
+                    b"MAIL FROM:<a@example.com>",
+                    b"RCPT TO:<ann@example.com>",
+                    b"DATA",
+                ):
+                    conn.sendall(command + b"\r\n")
+                    reader.readline()
+                conn.sendall(message + b".\r\n")  # and gone before the answer
+
+        await asyncio.to_thread(hang_up)
+        await asyncio.sleep(0.1)
+        flaky.handler.delay = 0
+        await asyncio.to_thread(send, proxy.port, html_message(["ben@example.com"]), ["ben@example.com"])
+    # The abandoned relay was dropped with its session; the next message is whole and answered.
+    delivered = {rcpts[0]: content for rcpts, content in flaky.handler.messages}
+    assert "ben@example.com" in delivered
+    ben = email.message_from_bytes(delivered["ben@example.com"], policy=default_policy)
+    assert ben["To"] == "ben@example.com" and "/track/click/" in html_of(delivered["ben@example.com"])
+    assert await count_events(nats_url, "sent") == 1
+
+
+async def test_utf8_address_to_an_upstream_without_smtputf8(tmp_path: Path, nats_url: str) -> None:
+    handler = FlakyHandler()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: SMTP(handler, enable_SMTPUTF8=False), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with proxy_running(tmp_path, nats_url, f"smtp://127.0.0.1:{port}") as proxy:
+
+            def conversation() -> None:
+                with smtplib.SMTP("127.0.0.1", proxy.port, timeout=30) as smtp:
+                    smtp.ehlo()
+                    with pytest.raises(smtplib.SMTPDataError) as refused:
+                        smtp.sendmail(
+                            "news@shop.example.com",
+                            ["j\u00f6rg@b\u00fccher.example"],
+                            html_message(["x"]).as_bytes(),
+                            mail_options=["SMTPUTF8"],
+                        )
+                    assert refused.value.smtp_code == 553
+
+            await asyncio.to_thread(conversation)
+    finally:
+        server.close()
+    assert handler.messages == []
+    assert await count_events(nats_url, "failed") == 1
