@@ -331,6 +331,15 @@ async def peak_memory(workdir: Path, sink_port: int, nats_url: str) -> tuple[int
     return size, peak - before, process.returncode or 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (Linux /proc), 0 where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def row(label: str, value: str) -> str:
     return f"{label:58} {value}"
 
@@ -356,11 +365,21 @@ def main() -> None:
             total = MESSAGES
             # Interleaved rounds, median per path: other load on the machine drifts over time.
             paths = {"a": sink_port, "b": stock_port, "b2": relay_port, "c": proxy_port}
+            # CPU of the process in the middle (and of nats-server for the proxy's events):
+            # steadier than throughput on a machine shared with other work.
+            nats_pid = nats.process.pid  # type: ignore[union-attr]
+            middle = {"b": [stock.pid], "b2": [relay.pid], "c": [proxy.pid], "nats": [nats_pid]}
             rates: dict[str, list[float]] = {name: [] for name in paths}
+            cpu: dict[str, list[float]] = {name: [] for name in middle}
             for _ in range(ROUNDS):
                 for name, port in paths.items():
+                    measured = [n for n in middle if n == name or (name == "c" and n == "nats")]
+                    before = {n: cpu_seconds(middle[n][0]) for n in measured}
                     rates[name].append(asyncio.run(load(port, message, total)))
+                    for n in measured:  # load() sends its warm-up share too: 2 x total messages
+                        cpu[n].append((cpu_seconds(middle[n][0]) - before[n]) / (2 * total) * 1000)
             a, b, b2, c = (statistics.median(rates[name]) for name in paths)
+            cpu_b, cpu_b2, cpu_c, cpu_nats = (statistics.median(cpu[name]) for name in middle)
             print(f"messages: {len(message) // 1024} KB (20 KB HTML, 10 links, 100 KB attachment), "
                   f"{total} per run, {CONCURRENCY} connections, median of {ROUNDS} interleaved rounds")  # fmt: skip
             print(f"{'path':58} {'msg/s':>8}")
@@ -370,6 +389,11 @@ def main() -> None:
             print(f"{'(c) -> mailbeacon proxy (tracking + NATS events) -> sink':58} {c:8.0f}")
             print(f"{'ratio c/b (goal >= 0.80)':58} {c / b:8.2f}")
             print(row("ratio c/b' (tracking alone)", f"{c / b2:8.2f}"))
+            print(f"\n{'CPU per message in the relay / proxy process':58} {'ms':>8}")
+            print(row("(b) stock aiosmtpd pass-through relay", f"{cpu_b:8.2f}"))
+            print(row("(b') pass-through on the proxy's server class", f"{cpu_b2:8.2f}"))
+            print(row("(c) mailbeacon proxy", f"{cpu_c:8.2f}"))
+            print(row("    plus nats-server storing the proxy's events", f"{cpu_nats:8.2f}"))
             for label, port in (("(b) relay", stock_port), ("(c) proxy", proxy_port)):
                 rate = smtp_source(port, total)
                 if rate is not None:

@@ -16,10 +16,15 @@ import re
 from dataclasses import dataclass
 from email.message import Message
 from email.policy import compat32
+from functools import cached_property
 
 Buffer = bytes | memoryview
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+_CONTENT_FIELDS = frozenset({"content-type", "content-transfer-encoding", "content-disposition"})
+_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 
 
 @dataclass
@@ -27,7 +32,6 @@ class Part:
     headers: bytes  # the header block, each line with its own line ending
     separator: bytes  # the blank line between headers and body
     body: memoryview
-    parsed: Message  # headers only, for reading content type and parameters
 
     @classmethod
     def parse(cls, raw: Buffer) -> Part:
@@ -35,19 +39,44 @@ class Part:
         head = bytes(view[:2])
         if head == b"\r\n" or head[:1] == b"\n":
             eol = b"\r\n" if head == b"\r\n" else b"\n"
-            headers, separator, body = b"", eol, view[len(eol) :]
-        else:
-            match = _HEADER_END.search(view)
-            if match is None:
-                headers, separator, body = bytes(view), b"", view[len(view) :]
-            else:
-                start = match.start()
-                first_eol = 2 if view[start] == 13 else 1
-                headers = bytes(view[: start + first_eol])
-                separator = bytes(view[start + first_eol : match.end()])
-                body = view[match.end() :]
-        parsed = email.message_from_bytes(headers, policy=compat32)
-        return cls(headers, separator, body, parsed)
+            return cls(b"", eol, view[len(eol) :])
+        match = _HEADER_END.search(view)
+        if match is None:
+            return cls(bytes(view), b"", view[len(view) :])
+        start = match.start()
+        first_eol = 2 if view[start] == 13 else 1
+        headers = bytes(view[: start + first_eol])
+        separator = bytes(view[start + first_eol : match.end()])
+        return cls(headers, separator, view[match.end() :])
+
+    @cached_property
+    def parsed(self) -> Message:
+        """All header fields, parsed by the email package (only where they are all needed)."""
+        return email.message_from_bytes(self.headers, policy=compat32)
+
+    @cached_property
+    def _content_fields(self) -> dict[str, str]:
+        # Walking every part needs just these three fields; reading them directly is
+        # several times faster than a full header parse per part.
+        found: dict[str, str] = {}
+        for field in header_lines(self.headers):
+            name = field_name(field)
+            if name in _CONTENT_FIELDS and name not in found:
+                found[name] = field_value(field)
+        return found
+
+    @cached_property
+    def _params(self) -> dict[str, str] | None:
+        """Content-Type parameters, or None when they need RFC 2231 decoding."""
+        params: dict[str, str] = {}
+        for match in _PARAM.finditer(self._content_fields.get("content-type", "")):
+            key, value = match.group(1).lower(), match.group(2).strip()
+            if key.endswith("*") or "=?" in value:
+                return None
+            if value.startswith('"') and value.endswith('"') and len(value) >= 2:
+                value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            params.setdefault(key, value)
+        return params
 
     def to_bytes(self) -> bytes:
         return self.headers + self.separator + bytes(self.body)
@@ -59,24 +88,31 @@ class Part:
 
     @property
     def content_type(self) -> str:
-        return self.parsed.get_content_type()
+        value = self._content_fields.get("content-type")
+        if value is None:
+            return "text/plain"
+        content_type = value.split(";", 1)[0].strip().lower()
+        return content_type if content_type.count("/") == 1 else "text/plain"
 
     @property
     def is_attachment(self) -> bool:
-        disposition = str(self.parsed.get("Content-Disposition", "")).split(";")[0].strip().lower()
-        return disposition == "attachment"
+        disposition = self._content_fields.get("content-disposition", "")
+        return disposition.split(";")[0].strip().lower() == "attachment"
 
     @property
     def transfer_encoding(self) -> str:
-        return str(self.parsed.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+        return self._content_fields.get("content-transfer-encoding", "7bit").strip().lower() or "7bit"
 
     @property
     def charset(self) -> str:
-        return str(self.parsed.get_content_charset() or "us-ascii")
+        params = self._params
+        charset = self.parsed.get_content_charset() if params is None else params.get("charset", "").lower()
+        return str(charset or "us-ascii")
 
     @property
     def boundary(self) -> bytes | None:
-        value = self.parsed.get_boundary()
+        params = self._params
+        value = self.parsed.get_boundary() if params is None else params.get("boundary", "").rstrip()
         return value.encode("ascii", "surrogateescape") if value else None
 
 

@@ -279,3 +279,58 @@ def test_smtp_data_stuffs_dots_and_fixes_line_endings() -> None:
     assert b"".join(smtp_data(pieces)) == (
         b"Subject: x\r\n\r\n..leading dot\r\nbare\r\ncr\r\n...two\r\nno final break\r\n"
     )
+
+
+header_values = st.builds(
+    lambda ctype, params, spaced: ctype + "".join((" ; " if spaced else "; ") + p for p in params),
+    st.sampled_from(
+        ["text/html", "TEXT/Plain", "multipart/mixed", "Multipart/Alternative", "image/png", "bogus", ""]
+    ),
+    st.lists(
+        st.sampled_from(
+            [
+                'boundary="==b1=="',
+                "boundary=plain-b",
+                'boundary="with \\"quote\\""',
+                "charset=UTF-8",
+                'charset="iso-8859-1"',
+                "charset = windows-1252",
+                "name=report.pdf",
+                'boundary="trailing  "',
+            ]
+        ),
+        max_size=3,
+    ),
+    st.booleans(),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.one_of(st.none(), header_values),
+    st.sampled_from([None, "base64", " Quoted-Printable ", "8bit"]),
+    st.sampled_from([None, "attachment; filename=a.pdf", "inline", "ATTACHMENT"]),
+    st.booleans(),
+)
+def test_fast_content_fields_agree_with_the_email_package(
+    content_type: str | None, encoding: str | None, disposition: str | None, folded: bool
+) -> None:
+    lines = ["Subject: x"]
+    if content_type is not None:
+        lines.append(f"Content-Type: {content_type}".replace("; ", ";\r\n\t" if folded else "; "))
+    if encoding is not None:
+        lines.append(f"Content-Transfer-Encoding: {encoding}")
+    if disposition is not None:
+        lines.append(f"Content-Disposition: {disposition}")
+    from smtp_proxy.mime import Part
+
+    part = Part.parse(("\r\n".join(lines) + "\r\n\r\nbody").encode())
+    reference = email.message_from_bytes(part.headers, policy=compat32)
+    assert part.content_type == reference.get_content_type()
+    assert part.charset == str(reference.get_content_charset() or "us-ascii")
+    boundary = reference.get_boundary()
+    assert part.boundary == (boundary.encode() if boundary else None)
+    assert part.transfer_encoding == str(reference.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+    assert part.is_attachment == (
+        str(reference.get("Content-Disposition", "")).split(";")[0].strip().lower() == "attachment"
+    )
