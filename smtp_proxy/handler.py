@@ -25,7 +25,14 @@ from smtp_proxy.auth import Networks
 from smtp_proxy.dkim_sign import DkimSigner, without_signatures
 from smtp_proxy.mime import Buffer, Part
 from smtp_proxy.optout import TRACK_HEADER, RecipientOptOuts, TrackSwitches, switches_from_header
-from smtp_proxy.rewrite import CONTROL_HEADERS, CONTROL_PREFIXES, CopyTracking, PreparedMessage, prepare
+from smtp_proxy.rewrite import (
+    CONTROL_HEADERS,
+    CONTROL_PREFIXES,
+    TRACKING_HEADER,
+    CopyTracking,
+    PreparedMessage,
+    prepare,
+)
 from smtp_proxy.upstream import CopyResult, OutgoingCopy, Upstream
 
 log = logging.getLogger(__name__)
@@ -161,7 +168,7 @@ class _MessageCopies:
             )
             if prepared.dkim_signed and not resign:
                 headers, body = prepared.untouched()  # rewriting would break the signature
-                headers += f"X-Mailbeacon-Tracking-ID: {tracking_id}".encode() + prepared.eol
+                headers += f"{TRACKING_HEADER}: {tracking_id}".encode() + prepared.eol
             else:
                 headers, body = prepared.render(tracking)
             protected = frozenset() if resign else prepared.protected

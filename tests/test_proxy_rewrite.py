@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 
 from mailbeacon import signing
 from smtp_proxy import esp
+from smtp_proxy.data_stream import smtp_data
 from smtp_proxy.html_links import honeypot_tag, pixel_tag, quote_attr
 from smtp_proxy.optout import NOTHING, TrackSwitches, switches_from_header
 from smtp_proxy.rewrite import CopyTracking, RewriteError, prepare, rewrite_copy
-from smtp_proxy.upstream import smtp_data
 
 SITE = "https://t.example.test"
 KEYS = [b"property-key"]
