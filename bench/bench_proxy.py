@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import email
+import logging
 import os
 import re
 import shutil
@@ -346,6 +347,8 @@ def row(label: str, value: str) -> str:
 
 def main() -> None:
     from mailbeacon.embedded_nats import EmbeddedNats
+
+    logging.getLogger("mailbeacon.jetstream").setLevel(logging.ERROR)  # "disconnected" on close
 
     message = build_message()
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:

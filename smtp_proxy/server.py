@@ -81,8 +81,12 @@ class ProxySMTP(SMTP):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
         self.envelope.content = self.envelope.original_content = content  # type: ignore[assignment]
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            # Even when the hook failed (answered 451 by handle_exception), the
+            # transaction is over: the client may start the next one with MAIL.
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
         await self.push("250 OK" if status is MISSING else status)
 
     async def _receive(self) -> tuple[bytearray | None, bool, bool]:

@@ -161,6 +161,12 @@ class Upstream:
         client = self._client()
         try:
             await client.connect()
+            if client.is_ehlo_or_helo_needed:
+                # Now, not lazily at MAIL: which options go upstream depends on its extensions.
+                try:
+                    await client.ehlo()
+                except aiosmtplib.SMTPHeloError:
+                    await client.helo()
         except aiosmtplib.SMTPResponseException as exc:
             # A refused greeting or login says nothing final about the message: let the app retry.
             code = exc.code if 400 <= exc.code < 500 else 451

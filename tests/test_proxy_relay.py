@@ -50,6 +50,7 @@ class FlakyHandler:
     permanent: set[str] = field(default_factory=set)
     sessions: set[int] = field(default_factory=set)
     messages: list[tuple[list[str], bytes]] = field(default_factory=list)
+    mail_options: list[list[str]] = field(default_factory=list)
     credentials: tuple[str, str] | None = None
     delay: float = 0.0
 
@@ -67,6 +68,7 @@ class FlakyHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         await asyncio.sleep(self.delay)
         self.sessions.add(id(session))
+        self.mail_options.append(list(envelope.mail_options))
         self.messages.append((list(envelope.rcpt_tos), envelope.original_content or b""))
         return "250 2.0.0 queued as 1234"
 
@@ -503,3 +505,29 @@ async def test_utf8_address_to_an_upstream_without_smtputf8(tmp_path: Path, nats
         server.close()
     assert handler.messages == []
     assert await count_events(nats_url, "failed") == 1
+
+
+async def test_8bitmime_and_smtputf8_senders_are_relayed_as_such(
+    tmp_path: Path, nats_url: str, flaky: Upstream
+) -> None:
+    message = (
+        "From: J\u00f6rg <j\u00f6rg@b\u00fccher.example>\r\nTo: ann@example.com\r\nSubject: Gr\u00fc\u00dfe\r\n"
+        "X-Campaign: utf8\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        '<p>Gr\u00fc\u00dfe</p><a href="https://b\u00fccher.example/\u00e4">\u00e4</a>\r\n'
+    ).encode()
+    async with proxy_running(tmp_path, nats_url, f"smtp://127.0.0.1:{flaky.port}") as proxy:
+
+        def conversation() -> None:
+            with smtplib.SMTP("127.0.0.1", proxy.port, timeout=30) as smtp:
+                smtp.sendmail(
+                    "j\u00f6rg@b\u00fccher.example", ["ann@example.com"], message,
+                    mail_options=["SMTPUTF8", "BODY=8BITMIME"],
+                )  # fmt: skip
+
+        await asyncio.to_thread(conversation)
+    assert sorted(flaky.handler.mail_options[0]) == ["BODY=8BITMIME", "SMTPUTF8"]
+    relayed = flaky.handler.messages[0][1]
+    assert "Subject: Gr\u00fc\u00dfe".encode() in relayed  # 8-bit headers as they came
+    markup = relayed.decode()
+    assert "<p>Gr\u00fc\u00dfe</p>" in markup
+    assert "url=https%3A%2F%2Fb%C3%BCcher.example%2F%C3%A4" in markup  # the IRI, percent-encoded

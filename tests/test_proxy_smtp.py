@@ -331,6 +331,7 @@ async def test_a_failing_hook_answers_451_without_internals(
                 assert b"hunter2" not in failed.value.smtp_error
                 assert b"RuntimeError" not in failed.value.smtp_error
                 assert smtp.noop()[0] == 250  # the session survives
+                assert smtp.mail("news@shop.example.com")[0] == 250  # and a new transaction can start
 
         await asyncio.to_thread(conversation)
 
