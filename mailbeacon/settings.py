@@ -109,12 +109,48 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
-    @field_validator("secret_keys", "ses_topic_arns", "trusted_proxies", "operator_namespaces", mode="before")
+    # SMTP proxy: who may relay, TLS, limits (README "SMTP proxy settings").
+    smtp_relay_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description="CIDRs that may relay without AUTH; everyone else must authenticate",
+    )
+    smtp_auth_networks: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.0/8", "::1/128"],
+        description="CIDRs that may AUTH without STARTTLS",
+    )
+    smtp_auth_file: Path | None = Field(default=None, description="username:password lines")
+    smtp_auth_users: SecretStr | None = Field(default=None, description="username:password,...")
+    smtp_tls_cert_file: Path | None = None
+    smtp_tls_key_file: Path | None = None
+    smtp_require_starttls: bool = False
+    smtp_max_recipients: int = Field(default=100, ge=1)
+    smtp_command_timeout: float = Field(default=300.0, gt=0)
+    smtp_data_timeout: float = Field(default=600.0, gt=0)
+    upstream_pool_size: int = Field(default=8, ge=1)
+    upstream_idle_seconds: float = Field(default=30.0, gt=0)
+    upstream_retry_seconds: float = Field(default=30.0, ge=0)
+    upstream_ca_file: Path | None = None
+    ses_configuration_set: str | None = None
+    dkim_private_key_file: Path | None = None
+    dkim_selector: str | None = None
+    dkim_domain: str | None = None
+    tracking_optout_file: Path | None = None
+    honeypot_links: bool = True
+
+    @field_validator(
+        "secret_keys",
+        "ses_topic_arns",
+        "trusted_proxies",
+        "smtp_relay_networks",
+        "smtp_auth_networks",
+        "operator_namespaces",
+        mode="before",
+    )
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
 
-    @field_validator("trusted_proxies")
+    @field_validator("trusted_proxies", "smtp_relay_networks", "smtp_auth_networks")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
         for cidr in value:
@@ -161,6 +197,9 @@ class Settings(BaseSettings):
 
     def database_url_value(self) -> str | None:
         return self.database_url.get_secret_value() if self.database_url else None
+
+    def smtp_auth_users_value(self) -> str | None:
+        return self.smtp_auth_users.get_secret_value() if self.smtp_auth_users else None
 
     def upstream_smtp_value(self) -> str | None:
         return self.upstream_smtp.get_secret_value() if self.upstream_smtp else None

@@ -1,8 +1,12 @@
-"""HTML rewriting for tracking: signed click links and the open pixel.
+"""HTML rewriting for tracking: signed click links, the open pixel and the honeypot link.
 
 Works on the HTML text with a small tag scanner instead of parsing and re-serialising
 the document, so every character except the rewritten ``href`` values and the inserted
 pixel stays exactly as the sender wrote it (mail clients are picky about markup).
+
+Scanning happens once per message and yields an :class:`HtmlTemplate`: the literal
+text between link values plus one slot per trackable link. Each recipient's copy is
+then a cheap fill-in of the slots with that copy's signed URLs.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import fnmatch
 import html
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # Elements whose href is a link a person can click: anchors, image-map areas and
 # Outlook's VML shapes (bullet-proof buttons live inside conditional comments).
@@ -23,24 +27,24 @@ _HREF = re.compile(
     r"(?P<pre>(?:^|(?<=[\s\"']))href\s*=\s*)(?:\"(?P<dq>[^\"]*)\"|'(?P<sq>[^']*)'|(?P<uq>[^\s\"'=<>`]+))",
     re.IGNORECASE,
 )
-_NOTRACK = re.compile(
+_NOTRACK_ATTR = re.compile(
     r"\s+data-notrack(?:\s*=\s*(?:\"[^\"]*\"|'[^']*'|[^\s\"'=<>`]+))?(?=[\s/>]|$)",
     re.IGNORECASE,
 )
+# ``https+notrack://...`` (or ``+notrack:https://...``): leave the link alone, drop the marker.
+_NOTRACK_SCHEME = re.compile(r"^(\s*)(?:\+notrack:)?(https?)(?:\+notrack)?(?=://)", re.IGNORECASE)
 _BODY_CLOSE = re.compile(r"</body\s*>", re.IGNORECASE)
 _URL_IN_TEXT = re.compile(r"https?://[^\s<>\"']+", re.IGNORECASE)
 _UNSUBSCRIBE_WORDS = re.compile(r"unsubscribe|opt-?out|optout", re.IGNORECASE)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LinkPolicy:
-    """Decides which destinations get wrapped and how; ``wrap`` builds the tracked URL."""
+    """Which destinations of one message get wrapped (the same for every recipient)."""
 
-    wrap: Callable[[str], str]
     is_ours: Callable[[str], bool]
     skip_globs: Sequence[str] = ()
     unsubscribe_urls: frozenset[str] = frozenset()
-    wrapped: list[str] = field(default_factory=list)
 
     def should_track(self, url: str) -> bool:
         lowered = url.lower()
@@ -53,42 +57,101 @@ class LinkPolicy:
         return not any(fnmatch.fnmatchcase(url, glob) for glob in self.skip_globs)
 
 
-def _quote_attr(url: str, quote: str) -> str:
+@dataclass(frozen=True)
+class LinkSlot:
+    """One trackable ``href`` value: ``original`` is the value as written, quotes included."""
+
+    url: str
+    quote: str
+    original: str
+
+
+class _Marker:
+    """Where the pixel and honeypot go (just before the last ``</body>``)."""
+
+
+PIXEL_MARK = _Marker()
+Piece = str | LinkSlot | _Marker
+
+
+@dataclass
+class HtmlTemplate:
+    pieces: list[Piece]
+    links: list[str]
+    changed: bool  # markers were removed, so even an untracked rendering differs from the input
+
+    def render(self, wrap: Callable[[str], str] | None, extra_html: str = "") -> str:
+        out: list[str] = []
+        for piece in self.pieces:
+            if isinstance(piece, str):
+                out.append(piece)
+            elif isinstance(piece, LinkSlot):
+                if wrap is None:
+                    out.append(piece.original)
+                else:
+                    out.append(piece.quote + quote_attr(wrap(piece.url), piece.quote) + piece.quote)
+            else:
+                out.append(extra_html)
+        return "".join(out)
+
+
+def quote_attr(url: str, quote: str) -> str:
     escaped = url.replace("&", "&amp;")
     return escaped.replace('"', "&quot;") if quote == '"' else escaped.replace("'", "&#39;")
 
 
-def rewrite_links(markup: str, policy: LinkPolicy) -> str:
-    """Replace every trackable href with its tracked URL; nothing else changes."""
+def scan_html(
+    markup: str, policy: LinkPolicy, url_of: Callable[[str], str] = lambda value: value
+) -> HtmlTemplate:
+    """Split markup into literal text and trackable link slots.
 
-    def on_tag(tag_match: re.Match[str]) -> str:
-        attrs = tag_match.group("attrs")
-        if _NOTRACK.search(attrs):
+    ``url_of`` turns the raw attribute text into a real string when the markup was
+    decoded byte-for-byte (latin-1) rather than in its own charset.
+    """
+    pieces: list[Piece] = []
+    links: list[str] = []
+    changed = False
+    literal_start = 0
+    for tag in _TAG.finditer(markup):
+        attrs_start, attrs_end = tag.span("attrs")
+        attrs = tag.group("attrs")
+        if _NOTRACK_ATTR.search(attrs):
             # The sender asked us to leave this link alone; the marker itself is ours to remove.
-            start, end = tag_match.span("attrs")
-            whole = tag_match.group(0)
-            base = tag_match.start()
-            return whole[: start - base] + _NOTRACK.sub("", attrs) + whole[end - base :]
+            pieces.append(markup[literal_start:attrs_start])
+            pieces.append(_NOTRACK_ATTR.sub("", attrs))
+            literal_start, changed = attrs_end, True
+            continue
         href = _HREF.search(attrs)
         if href is None:
-            return tag_match.group(0)
-        raw_value = href.group("dq") if href.group("dq") is not None else href.group("sq")
-        if raw_value is None:
-            raw_value = href.group("uq")
-        url = html.unescape(raw_value).strip()
+            continue
+        group = "dq" if href.group("dq") is not None else "sq" if href.group("sq") is not None else "uq"
+        value_start, value_end = href.span(group)
+        raw_value = href.group(group)
+        marker = _NOTRACK_SCHEME.match(raw_value)
+        if marker and marker.group(0) != marker.group(1) + marker.group(2):
+            pieces.append(markup[literal_start : attrs_start + value_start])
+            pieces.append(_NOTRACK_SCHEME.sub(r"\1\2", raw_value, count=1))
+            literal_start, changed = attrs_start + value_end, True
+            continue
+        url = url_of(html.unescape(raw_value)).strip()
         if not policy.should_track(url):
-            return tag_match.group(0)
-        tracked = policy.wrap(url)
-        policy.wrapped.append(url)
-        quote = "'" if href.group("sq") is not None else '"'
-        new_attrs = attrs[: href.start()] + href.group("pre") + quote + _quote_attr(tracked, quote) + quote
-        new_attrs += attrs[href.end() :]
-        whole = tag_match.group(0)
-        base = tag_match.start()
-        start, end = tag_match.span("attrs")
-        return whole[: start - base] + new_attrs + whole[end - base :]
-
-    return _TAG.sub(on_tag, markup)
+            continue
+        # The slot covers the value with its quotes, so an unquoted value can gain some.
+        quote = "'" if group == "sq" else '"'
+        slot_start = attrs_start + href.end("pre")
+        slot_end = attrs_start + href.end()
+        pieces.append(markup[literal_start:slot_start])
+        pieces.append(LinkSlot(url, quote, markup[slot_start:slot_end]))
+        links.append(url)
+        literal_start = slot_end
+    tail = markup[literal_start:]
+    closes = list(_BODY_CLOSE.finditer(tail))
+    if closes:
+        at = closes[-1].start()
+        pieces.extend([tail[:at], PIXEL_MARK, tail[at:]])
+    else:
+        pieces.extend([tail, PIXEL_MARK])
+    return HtmlTemplate([p for p in pieces if not isinstance(p, str) or p], links, changed)
 
 
 def pixel_tag(pixel_url: str) -> str:
@@ -98,32 +161,37 @@ def pixel_tag(pixel_url: str) -> str:
     )
 
 
-def insert_pixel(markup: str, pixel_url: str) -> str:
-    """Put the pixel just before the last ``</body>``, or at the very end without one."""
-    closes = list(_BODY_CLOSE.finditer(markup))
-    tag = pixel_tag(pixel_url)
-    if not closes:
-        return markup + tag
-    at = closes[-1].start()
-    return markup[:at] + tag + markup[at:]
+def honeypot_tag(honeypot_url: str) -> str:
+    # No text, not displayed, not focusable, hidden from screen readers: only a robot
+    # that follows every href it finds ever requests it.
+    return (
+        f'<a href="{quote_attr(honeypot_url, chr(34))}" style="display:none!important;mso-hide:all" '
+        'aria-hidden="true" tabindex="-1"></a>'
+    )
 
 
-def text_to_html(text: str, policy: LinkPolicy | None) -> str:
+def scan_text(text: str, policy: LinkPolicy) -> HtmlTemplate:
     """An HTML rendering of a plain-text body: escaped, line breaks kept, URLs as (tracked) links."""
-    pieces: list[str] = []
+    pieces: list[Piece] = [
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"></head>\n<body><div style="font-family:monospace">'
+    ]
+    links: list[str] = []
     position = 0
+
+    def escaped(chunk: str) -> str:
+        return html.escape(chunk).replace("\r\n", "\n").replace("\n", "<br>\n")
+
     for match in _URL_IN_TEXT.finditer(text):
         url = match.group(0).rstrip(".,;:!?)]}")
         end = match.start() + len(url)
-        pieces.append(html.escape(text[position : match.start()]))
-        href = policy.wrap(url) if policy and policy.should_track(url) else url
-        if policy and href != url:
-            policy.wrapped.append(url)
-        pieces.append(f'<a href="{_quote_attr(href, chr(34))}">{html.escape(url)}</a>')
+        pieces.append(escaped(text[position : match.start()]) + "<a href=")
+        plain = '"' + quote_attr(url, '"') + '"'
+        if policy.should_track(url):
+            pieces.append(LinkSlot(url, '"', plain))
+            links.append(url)
+        else:
+            pieces.append(plain)
+        pieces.append(f">{html.escape(url)}</a>")
         position = end
-    pieces.append(html.escape(text[position:]))
-    body = "".join(pieces).replace("\r\n", "\n").replace("\n", "<br>\n")
-    return (
-        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"></head>\n'
-        f'<body><div style="font-family:monospace">{body}</div>\n</body></html>\n'
-    )
+    pieces.extend([escaped(text[position:]) + "</div>\n", PIXEL_MARK, "</body></html>\n"])
+    return HtmlTemplate(pieces, links, changed=True)

@@ -3,7 +3,8 @@
 Python's email package re-folds headers and re-encodes parts when it writes a message
 back, which would alter attachments and break signatures. Here a message is cut into
 header block, body and multipart segments at the exact byte offsets, so any part that
-is not changed is copied through untouched.
+is not changed is copied through untouched. Bodies are ``memoryview`` slices of the
+received message: a 25 MB attachment is never copied while the message is split.
 """
 
 from __future__ import annotations
@@ -15,61 +16,103 @@ import re
 from dataclasses import dataclass
 from email.message import Message
 from email.policy import compat32
+from functools import cached_property
+
+Buffer = bytes | memoryview
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
+
+
+_CONTENT_FIELDS = frozenset({"content-type", "content-transfer-encoding", "content-disposition"})
+_PARAM = re.compile(r';\s*([^\s=;]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;]*)')
 
 
 @dataclass
 class Part:
     headers: bytes  # the header block, each line with its own line ending
     separator: bytes  # the blank line between headers and body
-    body: bytes
-    parsed: Message  # headers only, for reading content type and parameters
+    body: memoryview
 
     @classmethod
-    def parse(cls, raw: bytes) -> Part:
-        if raw.startswith(b"\r\n") or raw.startswith(b"\n"):
-            eol = b"\r\n" if raw.startswith(b"\r\n") else b"\n"
-            headers, separator, body = b"", eol, raw[len(eol) :]
-        else:
-            match = _HEADER_END.search(raw)
-            if match is None:
-                headers, separator, body = raw, b"", b""
-            else:
-                first_eol = raw[match.start() : match.start() + (2 if raw[match.start()] == 13 else 1)]
-                headers = raw[: match.start() + len(first_eol)]
-                separator = raw[match.start() + len(first_eol) : match.end()]
-                body = raw[match.end() :]
-        parsed = email.message_from_bytes(headers, policy=compat32)
-        return cls(headers, separator, body, parsed)
+    def parse(cls, raw: Buffer) -> Part:
+        view = memoryview(raw)
+        head = bytes(view[:2])
+        if head == b"\r\n" or head[:1] == b"\n":
+            eol = b"\r\n" if head == b"\r\n" else b"\n"
+            return cls(b"", eol, view[len(eol) :])
+        match = _HEADER_END.search(view)
+        if match is None:
+            return cls(bytes(view), b"", view[len(view) :])
+        start = match.start()
+        first_eol = 2 if view[start] == 13 else 1
+        headers = bytes(view[: start + first_eol])
+        separator = bytes(view[start + first_eol : match.end()])
+        return cls(headers, separator, view[match.end() :])
+
+    @cached_property
+    def parsed(self) -> Message:
+        """All header fields, parsed by the email package (only where they are all needed)."""
+        return email.message_from_bytes(self.headers, policy=compat32)
+
+    @cached_property
+    def _content_fields(self) -> dict[str, str]:
+        # Walking every part needs just these three fields; reading them directly is
+        # several times faster than a full header parse per part.
+        found: dict[str, str] = {}
+        for field in header_lines(self.headers):
+            name = field_name(field)
+            if name in _CONTENT_FIELDS and name not in found:
+                found[name] = field_value(field)
+        return found
+
+    @cached_property
+    def _params(self) -> dict[str, str] | None:
+        """Content-Type parameters, or None when they need RFC 2231 decoding."""
+        params: dict[str, str] = {}
+        for match in _PARAM.finditer(self._content_fields.get("content-type", "")):
+            key, value = match.group(1).lower(), match.group(2).strip()
+            if key.endswith("*") or "=?" in value:
+                return None
+            if value.startswith('"') and value.endswith('"') and len(value) >= 2:
+                value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            params.setdefault(key, value)
+        return params
 
     def to_bytes(self) -> bytes:
-        return self.headers + self.separator + self.body
+        return self.headers + self.separator + bytes(self.body)
 
     @property
     def eol(self) -> bytes:
-        return b"\r\n" if b"\r\n" in (self.separator or self.headers[:2000] or b"\r\n") else b"\n"
+        sample = self.separator or self.headers[:2000]
+        return b"\r\n" if b"\r\n" in sample or not sample else b"\n"
 
     @property
     def content_type(self) -> str:
-        return self.parsed.get_content_type()
+        value = self._content_fields.get("content-type")
+        if value is None:
+            return "text/plain"
+        content_type = value.split(";", 1)[0].strip().lower()
+        return content_type if content_type.count("/") == 1 else "text/plain"
 
     @property
     def is_attachment(self) -> bool:
-        disposition = str(self.parsed.get("Content-Disposition", "")).split(";")[0].strip().lower()
-        return disposition == "attachment"
+        disposition = self._content_fields.get("content-disposition", "")
+        return disposition.split(";")[0].strip().lower() == "attachment"
 
     @property
     def transfer_encoding(self) -> str:
-        return str(self.parsed.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+        return self._content_fields.get("content-transfer-encoding", "7bit").strip().lower() or "7bit"
 
     @property
     def charset(self) -> str:
-        return str(self.parsed.get_content_charset() or "us-ascii")
+        params = self._params
+        charset = self.parsed.get_content_charset() if params is None else params.get("charset", "").lower()
+        return str(charset or "us-ascii")
 
     @property
     def boundary(self) -> bytes | None:
-        value = self.parsed.get_boundary()
+        params = self._params
+        value = self.parsed.get_boundary() if params is None else params.get("boundary", "").rstrip()
         return value.encode("ascii", "surrogateescape") if value else None
 
 
@@ -88,11 +131,19 @@ def field_name(field: bytes) -> str:
     return field.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
 
 
-def remove_headers(block: bytes, should_remove: set[str], prefixes: tuple[str, ...] = ()) -> bytes:
+def field_value(field: bytes) -> str:
+    """The unfolded value of one header field."""
+    value = field.split(b":", 1)[1] if b":" in field else b""
+    return re.sub(rb"\r?\n[ \t]", b" ", value).strip().decode("utf-8", "surrogateescape")
+
+
+def remove_headers(
+    block: bytes, should_remove: set[str], prefixes: tuple[str, ...] = (), keep: frozenset[str] = frozenset()
+) -> bytes:
     kept = []
     for field in header_lines(block):
         name = field_name(field)
-        if name in should_remove or (prefixes and name.startswith(prefixes)):
+        if name not in keep and (name in should_remove or (prefixes and name.startswith(prefixes))):
             continue
         kept.append(field)
     return b"".join(kept)
@@ -104,35 +155,46 @@ def set_header(block: bytes, name: str, value: str, eol: bytes) -> bytes:
     return remove_headers(block, {name.lower()}) + line
 
 
-def split_multipart(body: bytes, boundary: bytes) -> list[tuple[bool, bytes]]:
+_DELIMITER_TAIL = re.compile(rb"(--)?[ \t]*\r?(?:\n|\Z)")
+
+
+def split_multipart(body: Buffer, boundary: bytes) -> list[tuple[bool, memoryview]]:
     """Segments of a multipart body as ``(is_part, bytes)``; joining them gives ``body`` back.
 
     Delimiter lines (with the line break before them, which RFC 2046 counts as part of
     the delimiter), preamble and epilogue are non-part segments.
     """
-    delimiter = re.compile(rb"^--" + re.escape(boundary) + rb"(--)?[ \t]*\r?$", re.MULTILINE)
-    segments: list[tuple[bool, bytes]] = []
+    view = memoryview(body)
+    # A pure literal lets the regex engine skip through large parts at memchr speed;
+    # whether a hit is a whole delimiter line is checked after.
+    needle = re.compile(re.escape(b"--" + boundary))
+    segments: list[tuple[bool, memoryview]] = []
     position = 0
     inside = False
-    for match in delimiter.finditer(body):
-        start = match.start()
-        if body[max(start - 2, 0) : start] == b"\r\n":
+    for hit in needle.finditer(view):
+        start = hit.start()
+        if start > 0 and view[start - 1] != 10:  # not at the start of a line
+            continue
+        tail = _DELIMITER_TAIL.match(view, hit.end())
+        if tail is None:
+            continue
+        before = bytes(view[max(start - 2, 0) : start])
+        if before == b"\r\n":
             content_end = start - 2
-        elif body[max(start - 1, 0) : start] == b"\n":
+        elif before.endswith(b"\n"):
             content_end = start - 1
         else:
             content_end = start
         content_end = max(content_end, position)
-        segments.append((inside, body[position:content_end]))
-        line_end = match.end() + (1 if body[match.end() : match.end() + 1] == b"\n" else 0)
-        segments.append((False, body[content_end:line_end]))
-        position = line_end
-        if match.group(1):  # the closing delimiter: the rest is epilogue
+        segments.append((inside, view[position:content_end]))
+        segments.append((False, view[content_end : tail.end()]))
+        position = tail.end()
+        if tail.group(1):  # the closing delimiter: the rest is epilogue
             inside = False
             break
         inside = True
-    segments.append((inside, body[position:]))
-    return [segment for segment in segments if segment[1] or segment[0]]
+    segments.append((inside, view[position:]))
+    return [segment for segment in segments if len(segment[1]) or segment[0]]
 
 
 def decode_body(part: Part) -> bytes:
@@ -143,8 +205,8 @@ def decode_body(part: Part) -> bytes:
             data = data[:-1]  # a lone trailing character carries no whole byte
         return base64.b64decode(data + b"=" * (-len(data) % 4))
     if encoding == "quoted-printable":
-        return binascii.a2b_qp(part.body)
-    return part.body
+        return binascii.a2b_qp(bytes(part.body))
+    return bytes(part.body)
 
 
 def _wrap(data: bytes, width: int, eol: bytes) -> bytes:

@@ -6,16 +6,53 @@ import asyncio
 import logging
 
 from aiohttp import web
-from aiosmtpd.smtp import SMTP
 
 from mailbeacon.campaign_store import CampaignStore
+from mailbeacon.campaigns import CampaignKey
 from mailbeacon.jetstream import EventPublisher
 from mailbeacon.settings import Settings, parse_listen
 from mailbeacon.web import add_health_routes, serve
-from smtp_proxy.handler import ProxyHandler
+from smtp_proxy.auth import Authenticator, Credentials, Networks
+from smtp_proxy.dkim_sign import DkimSigner
+from smtp_proxy.handler import ProxyHandler, ProxyOptions
+from smtp_proxy.optout import RecipientOptOuts
+from smtp_proxy.server import ListenerPolicy, ProxySMTP, server_tls_context
 from smtp_proxy.upstream import Upstream, UpstreamConfig
 
 log = logging.getLogger(__name__)
+
+
+def upstream_config(settings: Settings, url: str) -> UpstreamConfig:
+    return UpstreamConfig.from_url(
+        url,
+        settings.upstream_timeout,
+        ca_file=str(settings.upstream_ca_file) if settings.upstream_ca_file else None,
+        pool_size=settings.upstream_pool_size,
+        idle_seconds=settings.upstream_idle_seconds,
+        retry_seconds=settings.upstream_retry_seconds,
+    )
+
+
+def proxy_options(settings: Settings) -> ProxyOptions:
+    return ProxyOptions(
+        site_url=settings.site_url,
+        keys=settings.signing_keys(),
+        relay_networks=Networks(settings.smtp_relay_networks),
+        max_recipients=settings.smtp_max_recipients,
+        provider=settings.upstream_provider,
+        ses_configuration_set=settings.ses_configuration_set,
+        default_campaign=CampaignKey.parse(settings.default_campaign) if settings.default_campaign else None,
+        auto_create_campaigns=settings.auto_create_campaigns,
+        honeypot=settings.honeypot_links,
+    )
+
+
+def dkim_signer(settings: Settings) -> DkimSigner | None:
+    if settings.dkim_private_key_file is None:
+        return None
+    return DkimSigner.from_file(
+        settings.dkim_private_key_file, settings.dkim_selector or "", settings.dkim_domain or ""
+    )
 
 
 class ProxyService:
@@ -31,22 +68,44 @@ class ProxyService:
         if not upstream_url:
             raise ValueError("MAILBEACON_UPSTREAM_SMTP is not set: the proxy needs somewhere to relay to")
         self.settings = settings
-        self.upstream = Upstream(UpstreamConfig.from_url(upstream_url, settings.upstream_timeout))
-        self.handler = ProxyHandler(settings, self.upstream, publisher, campaigns)
+        self.upstream = Upstream(upstream_config(settings, upstream_url))
+        self.handler = ProxyHandler(
+            proxy_options(settings),
+            self.upstream,
+            publisher,
+            campaigns,
+            optouts=RecipientOptOuts(settings.tracking_optout_file),
+            dkim_signer=dkim_signer(settings),
+        )
+        self.credentials = Credentials.load(settings.smtp_auth_file, settings.smtp_auth_users_value())
+        self.tls = None
+        if settings.smtp_tls_cert_file and settings.smtp_tls_key_file:
+            self.tls = server_tls_context(settings.smtp_tls_cert_file, settings.smtp_tls_key_file)
+        elif settings.smtp_tls_cert_file or settings.smtp_tls_key_file:
+            raise ValueError("STARTTLS needs both MAILBEACON_SMTP_TLS_CERT_FILE and _KEY_FILE")
+        self.policy = ListenerPolicy(
+            auth_networks=Networks(settings.smtp_auth_networks),
+            command_timeout=settings.smtp_command_timeout,
+            data_timeout=settings.smtp_data_timeout,
+        )
         self._serve_http = serve_http
         self._server: asyncio.Server | None = None
         self._http: web.AppRunner | None = None
         self.port: int | None = None
 
-    def _smtp(self) -> SMTP:
-        return SMTP(
+    def _smtp(self) -> ProxySMTP:
+        return ProxySMTP(
             self.handler,
+            policy=self.policy,
             hostname="mailbeacon",
             ident="mailbeacon proxy",
             data_size_limit=self.settings.max_message_bytes,
             enable_SMTPUTF8=True,
             decode_data=False,
-            timeout=300,
+            tls_context=self.tls,
+            require_starttls=self.settings.smtp_require_starttls,
+            authenticator=Authenticator(self.credentials) if self.credentials else None,
+            auth_require_tls=True,
         )
 
     async def start(self) -> None:
@@ -58,13 +117,21 @@ class ProxyService:
             app = web.Application()
             add_health_routes(app, ready=lambda: self._server is not None and self._server.is_serving())
             self._http = await serve(app, self.settings.proxy_http_listen)
-        log.info("SMTP proxy listening on %s:%s, relaying to %r", host, self.port, self.upstream.config)
+        log.info(
+            "SMTP proxy listening on %s:%s (STARTTLS %s, AUTH %s), relaying to %r",
+            host,
+            self.port,
+            "on" if self.tls else "off",
+            "on" if self.credentials else "off",
+            self.upstream.config,
+        )
 
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
+        await self.upstream.close()
         if self._http is not None:
             await self._http.cleanup()
             self._http = None

@@ -95,7 +95,9 @@ def tracking_urls(content: bytes) -> tuple[str, list[str], list[str]]:
     html = message.get_body(preferencelist=("html",)).get_content()  # type: ignore[union-attr]
     pixels = re.findall(r'<img src="([^"]+/track/pixel/[^"]+)"', html)
     clicks = [
-        url.replace("&amp;", "&") for url in re.findall(r'href=["\']([^"\']+/track/click/[^"\']+)', html)
+        url.replace("&amp;", "&")
+        for url in re.findall(r'href=["\']([^"\']+/track/click/[^"\']+)', html)
+        if "url=mailbeacon%3Ahoneypot" not in url  # the hidden honeypot link is not a real link
     ]
     return tracking_id, pixels, clicks
 

@@ -1,0 +1,154 @@
+"""The SMTP listener: aiosmtpd with the proxy's relay policy, TLS and timeouts.
+
+aiosmtpd gives one idle timer per connection, restarted by each command, which would
+also cut off a long DATA transfer or the wait for the upstream. Here DATA gets its own
+budget and the relay (bounded by its own upstream timeouts and retry window) none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiosmtpd.smtp import MISSING, SMTP
+
+from smtp_proxy.auth import Networks
+
+_READ_SIZE = 256 * 1024
+_STUFFED_DOT = re.compile(rb"(?:^|(?<=\r\n))\.")
+# The longest line (without its CRLF) aiosmtpd accepts: RFC 5321's 998 octets plus slack.
+_MAX_LINE = 999
+
+
+@dataclass(frozen=True)
+class ListenerPolicy:
+    auth_networks: Networks  # may AUTH without TLS
+    command_timeout: float
+    data_timeout: float
+
+
+class ProxySMTP(SMTP):
+    def __init__(self, handler: Any, *, policy: ListenerPolicy, **kwargs: Any) -> None:
+        super().__init__(handler, timeout=policy.command_timeout, **kwargs)
+        self.policy = policy
+        self._auth_tls_default = kwargs.get("auth_require_tls", True)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.session is not None and self.session.peer in self.policy.auth_networks:
+            # A trusted network (loopback, the pod) may send credentials without STARTTLS.
+            self._auth_require_tls = False
+        else:
+            self._auth_require_tls = self._auth_tls_default
+
+    async def smtp_DATA(self, arg: str) -> None:
+        """aiosmtpd's DATA, receiving into one buffer.
+
+        aiosmtpd keeps every line as its own bytearray and joins them at the end: close to
+        three times the message in memory. Here lines are appended to a single buffer that
+        becomes the message itself, and DATA gets its own time budget.
+        """
+        self._reset_timeout(self.policy.data_timeout)
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        # The line limit doubles as the reader's buffer bound, which would stop the socket
+        # every 2 KB; DATA is read in large chunks and checks line lengths itself.
+        line_limit = self._reader._limit  # type: ignore[attr-defined]
+        self._reader._limit = _READ_SIZE  # type: ignore[attr-defined]
+        try:
+            content, too_long, too_much = await self._receive()
+        finally:
+            self._reader._limit = line_limit  # type: ignore[attr-defined]
+        if content is None:
+            return  # the connection went away
+        if too_long or too_much:
+            # RFC 5321 4.2.5: answer only once the whole message has been read.
+            await self.push(
+                "500 Line too long (see RFC5321 4.5.3.1.6)" if too_long else "552 Error: Too much mail data"
+            )
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+            return
+        self.envelope.content = self.envelope.original_content = content  # type: ignore[assignment]
+        try:
+            status = await self._call_handler_hook("DATA")
+        finally:
+            # Even when the hook failed (answered 451 by handle_exception), the
+            # transaction is over: the client may start the next one with MAIL.
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+        await self.push("250 OK" if status is MISSING else status)
+
+    async def _receive(self) -> tuple[bytearray | None, bool, bool]:
+        """Read DATA up to the lone dot, in socket-sized chunks rather than line by line."""
+        content = bytearray()
+        limit = self.data_size_limit
+        too_long = too_much = False
+        window = b""  # the start of a line not yet complete
+        mid_line = False  # window is the tail of an overlong line, not a line start
+        while self.transport is not None:
+            chunk = await self._reader.read(_READ_SIZE)
+            if not chunk:
+                return None, too_long, too_much
+            data = window + chunk
+            if data.startswith(b".\r\n") and not mid_line:
+                end, rest = 0, 3
+            else:
+                found = data.find(b"\r\n.\r\n")
+                end, rest = (found + 2, found + 5) if found >= 0 else (-1, -1)
+            if end >= 0:
+                lines, window = data[:end], b""
+                if rest < len(data):
+                    # Sent ahead of our reply (pipelining): leave it for the command loop.
+                    self._reader._buffer[:0] = data[rest:]  # type: ignore[attr-defined]
+            else:
+                cut = data.rfind(b"\r\n") + 2 if b"\r\n" in data else 0
+                lines, window = data[:cut], data[cut:]
+                mid_line = mid_line and cut == 0
+                if len(window) > self.line_length_limit:
+                    # Keep only a CR that a LF may follow; the terminator needs a line start.
+                    too_long, mid_line, window = True, True, window[-1:]
+            if not (too_long or too_much):
+                if len(lines) > _MAX_LINE and max(map(len, lines.split(b"\r\n"))) > _MAX_LINE:
+                    too_long = True
+                elif limit and len(content) + len(lines) > limit:
+                    too_much = True
+                else:
+                    # RFC 5321 4.5.2: a leading dot was doubled by the client.
+                    if lines.startswith(b".") or b"\r\n." in lines:
+                        lines = _STUFFED_DOT.sub(b"", lines)
+                    content += lines
+                if too_long or too_much:
+                    content = bytearray()  # it will be refused: free the memory now
+            if end >= 0:
+                return content, too_long, too_much
+        return None, too_long, too_much
+
+    async def _call_handler_hook(self, command: str, *args: Any) -> Any:
+        if command != "DATA":
+            return await super()._call_handler_hook(command, *args)
+        # The relay is bounded by the upstream timeouts and retry window, not the idle timer.
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+        try:
+            return await super()._call_handler_hook(command, *args)
+        finally:
+            if self.transport is not None:
+                self._reset_timeout()
+
+
+def server_tls_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert_file), str(key_file))
+    return context
