@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 
 import nats
@@ -170,6 +171,7 @@ class EventPublisher:
         self._closing = False
         self.dropped = 0
         self.published = 0
+        self._drop_logged_at = -60.0
         # Pipelined flushing: acknowledgements of buffered events arrive on one wildcard inbox.
         self._acks: Subscription | None = None
         self._acks_nc: NATS | None = None
@@ -211,7 +213,12 @@ class EventPublisher:
         """Queue the event; False when the buffer was full and the event was dropped."""
         if len(self._buffer) >= self._buffer_limit:
             self.dropped += 1
-            log.error("event buffer full (%d): dropped a %s event", self._buffer_limit, event.type)
+            now = time.monotonic()
+            if now - self._drop_logged_at >= 10.0:  # one line per 10 s, not one per request
+                self._drop_logged_at = now
+                log.error(
+                    "event buffer full (%d): %d events dropped so far", self._buffer_limit, self.dropped
+                )
             return False
         self._buffer.append(event)
         self._wakeup.set()

@@ -178,3 +178,28 @@ async def test_real_request_shapes_against_the_tracker(tmp_path: Path, nats_url:
 async def _status(http: aiohttp.ClientSession, url: str) -> int:
     async with http.get(url, allow_redirects=False) as response:
         return response.status
+
+
+def test_trusted_event_equals_a_validated_one() -> None:
+    from datetime import UTC, datetime
+
+    from tracker.engagement import trusted_event
+
+    values = {
+        "event_id": "a" * 32,
+        "type": EventType.CLICKED,
+        "tracking_id": TID,
+        "occurred_at": datetime(2026, 11, 27, 10, 0, tzinfo=UTC),
+        "ip": "198.51.100.7",
+        "user_agent": BROWSER_UA,
+        "machine": True,
+        "machine_kind": "burst",
+        "url": "https://shop.example.com/",
+        "source": "click",
+        "metadata": {"machine_evidence": "x"},
+    }
+    fast, validated = trusted_event(**values), Event(**values)
+    assert fast == validated
+    assert fast.to_json() == validated.to_json()
+    assert Event.from_json(fast.to_json()) == validated
+    assert fast.model_copy(update={"machine": False}).machine is False

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
+import signal
+import sys
 import time
 import uuid
 from collections import Counter
@@ -18,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from mailbeacon.embedded_nats import EmbeddedNats
 from mailbeacon.signing import click_url, pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, FakeSns, sendgrid_headers, stream_events, webhook_settings
 from tests.support import SECRET, eventually, free_port, make_settings, metric_value
+from tracker import service as tracker_service
 from tracker.service import StandaloneTracker
 
 
@@ -176,3 +182,74 @@ async def test_graceful_shutdown_drains_and_a_full_buffer_counts_drops(
             await tracker.stop()  # returns once the buffer is published (or the drain time is up)
     stored = await stream_events(nats_server.url)
     assert sorted(e.tracking_id or "" for e in stored) == sorted(ids[:40])
+
+
+async def test_cli_tracker_with_workers_shares_the_port_and_drains_on_sigterm(
+    tmp_path: Path, nats_server: EmbeddedNats
+) -> None:
+    """``mailbeacon tracker --workers 2`` as operators run it: SO_REUSEPORT workers, SIGTERM drains."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "MAILBEACON_NATS_URL": nats_server.url,
+        "MAILBEACON_SECRET_KEYS": SECRET,
+        "MAILBEACON_TRACKER_LISTEN": f"127.0.0.1:{port}",
+        "MAILBEACON_SITE_URL": f"http://127.0.0.1:{port}",
+        "MAILBEACON_CLICK_BURST_SECONDS": "5",  # clicks are still held when SIGTERM arrives
+    }
+    command = [str(Path(sys.executable).parent / "mailbeacon"), "tracker", "--workers", "2"]
+    process = await asyncio.create_subprocess_exec(*command, env=env, start_new_session=True)
+    ids = [str(uuid.uuid4()) for _ in range(40)]
+    try:
+        async with aiohttp.ClientSession(headers={"User-Agent": BROWSER_UA}) as http:
+
+            async def serving() -> bool:
+                try:
+                    async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                        return response.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await eventually(serving, within=30)
+            site = f"http://127.0.0.1:{port}"
+            for index, tid in enumerate(ids):
+                # A fresh connection per request, so the kernel spreads them over both workers.
+                async with aiohttp.ClientSession(headers={"User-Agent": BROWSER_UA}) as once:
+                    if index % 2:
+                        url = click_url(site, [SECRET.encode()], tid, "https://shop.example.com/")
+                        async with once.get(url, allow_redirects=False) as response:
+                            assert response.status == 302
+                    else:
+                        async with once.get(pixel_url(site, tid)) as response:
+                            assert response.status == 200
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 60) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    stored = await stream_events(nats_server.url)
+    assert sorted(e.tracking_id or "" for e in stored) == sorted(ids)
+
+
+async def test_a_nats_that_lost_its_store_gets_the_stream_back(
+    tmp_path: Path, nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tracker_service, "PROVISION_CHECK_SECONDS", 0.2)
+    ids = [str(uuid.uuid4()) for _ in range(10)]
+    async with standalone(tmp_path, nats_server.url) as tracker, aiohttp.ClientSession() as http:
+        await eventually(lambda: asyncio.sleep(0, tracker.publisher.connected))
+        await asyncio.to_thread(nats_server.stop)
+        shutil.rmtree(nats_server.store_dir / "jetstream")  # a pod without a persistent volume
+        await asyncio.to_thread(nats_server.start)
+        for tid in ids:
+            async with http.get(pixel_url(tracker.settings.site_url, tid)) as response:
+                assert response.status == 200
+
+        async def stored() -> list[Any]:
+            events = await stream_events(nats_server.url)
+            assert len(events) == len(ids)
+            return events
+
+        events = await eventually(stored, within=20)
+    assert sorted(e.tracking_id or "" for e in events) == sorted(ids)

@@ -157,6 +157,7 @@ def _paths() -> dict[str, Any]:
                 "200": _json("Stored", {"$ref": "#/components/schemas/GenericAccepted"}),
                 "400": _json("Malformed report"),
                 "401": _json("Missing or wrong WEBHOOK_TOKEN"),
+                "404": _json("Not one of bounce, delivery, complaint"),
                 "413": _json("Body too large"),
                 "503": _json("Event store unavailable: retry later"),
             },

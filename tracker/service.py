@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -30,6 +31,8 @@ from tracker.app import HOLD_KEY, create_app
 from tracker.esp.sns import HttpGet, https_get
 
 log = logging.getLogger(__name__)
+
+PROVISION_CHECK_SECONDS = 10.0
 
 
 class TrackerService:
@@ -101,7 +104,16 @@ class NatsLink:
                 continue
             self.publisher.attach(self.nc.jetstream())
             log.info("connected to NATS at %s", url)
-            return
+            break
+        while True:
+            # A NATS that came back with an empty store (no persistent volume) has no stream:
+            # events would pile up in the buffer. Provisioning again is idempotent and cheap.
+            await asyncio.sleep(PROVISION_CHECK_SECONDS)
+            if self.publisher.buffered and self.publisher.connected:
+                try:
+                    await provision(self.nc.jetstream(), self.settings)
+                except Exception as exc:
+                    log.warning("re-provisioning JetStream failed: %s", exc)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -139,6 +151,10 @@ class StandaloneTracker:
 async def serve_standalone(settings: Settings, *, reuse_port: bool = False) -> None:
     tracker = StandaloneTracker(settings, reuse_port=reuse_port)
     await tracker.start()
+    # Everything alive now lives as long as the process: keep it out of the collector's
+    # scans, and collect less often (every request allocates a few short-lived objects).
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
     try:
         await wait_for_signal()
     finally:

@@ -285,7 +285,9 @@ async def stream_events(nats_url: str) -> list[Event]:
             return []
         if total == 0:
             return []
-        config = ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, inactive_threshold=30)
+        config = ConsumerConfig(
+            ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, inactive_threshold=30
+        )
         reader = await js.pull_subscribe(ALL_EVENTS, stream=STREAM, config=config)
         events: list[Event] = []
         try:
