@@ -46,7 +46,12 @@ def canonical_tracking_id(value: str) -> str | None:
     return value if _CANONICAL_UUID.fullmatch(value) else parse_tracking_id(value)
 
 
-_FIELDS = tuple(Event.model_fields.items())  # in declaration order, which the JSON follows
+# Field names in declaration order (which the JSON follows), with their plain defaults or,
+# for fields built by a factory, the factory.
+_FIELDS = tuple(
+    (name, info if info.default_factory is not None else None, info.default)
+    for name, info in Event.model_fields.items()
+)
 
 
 def trusted_event(**values: Any) -> Event:
@@ -57,8 +62,10 @@ def trusted_event(**values: Any) -> Event:
     result equals ``Event(**values)`` (a test holds it to that).
     """
     fields = {
-        name: values[name] if name in values else info.get_default(call_default_factory=True)
-        for name, info in _FIELDS
+        name: values[name]
+        if name in values
+        else (factory.get_default(call_default_factory=True) if factory else default)
+        for name, factory, default in _FIELDS
     }
     event = Event.__new__(Event)
     object.__setattr__(event, "__dict__", fields)
