@@ -158,6 +158,28 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int
+    cpu_us: float = 0.0  # server CPU time (all its processes) per request
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its descendants (the workers), from /proc."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += tree_cpu_seconds(int(child))
+    except (OSError, ValueError, IndexError):
+        pass
+    return total
+
+
+def measured(pid: int, port: int, kind: str, duration: int, work: Path) -> Result:
+    before = tree_cpu_seconds(pid)
+    result = load(port, kind, duration, work)
+    result.cpu_us = (tree_cpu_seconds(pid) - before) / max(result.requests, 1) * 1e6
+    return result
 
 
 def paths(kind: str, port: int) -> list[str]:
@@ -285,20 +307,24 @@ def median(results: list[Result]) -> Result:
         middle.p50_ms,
         middle.p99_ms,
         sum(r.errors for r in results),
+        sorted(r.cpu_us for r in results)[len(results) // 2],
     )
 
 
 def compare(kind: str, workers: int, nats_url: str, work: Path) -> str:
     """Bare and tracker served side by side and loaded in alternation, ROUNDS times each."""
     bare_port, tracker_port = free_port(), free_port()
-    with bare_process(bare_port, workers), tracker_process(tracker_port, nats_url, workers):
+    with (
+        bare_process(bare_port, workers) as bare_server,
+        tracker_process(tracker_port, nats_url, workers) as ours_server,
+    ):
         before = asyncio.run(stream_count(nats_url))
         answered = load(tracker_port, kind, WARMUP, work).requests
         load(bare_port, kind, WARMUP, work)
         bare_runs, our_runs = [], []
         for _ in range(ROUNDS):
-            bare_runs.append(load(bare_port, kind, DURATION, work))
-            our_runs.append(load(tracker_port, kind, DURATION, work))
+            bare_runs.append(measured(bare_server.pid, bare_port, kind, DURATION, work))
+            our_runs.append(measured(ours_server.pid, tracker_port, kind, DURATION, work))
         answered += sum(r.requests for r in our_runs)
         stored = wait_stored(nats_url, before + answered) - before
     bare, ours = median(bare_runs), median(our_runs)
@@ -307,7 +333,7 @@ def compare(kind: str, workers: int, nats_url: str, work: Path) -> str:
     return (
         f"| {kind} | {workers} | {bare.rps:,.0f} | {bare.p50_ms:.2f} / {bare.p99_ms:.2f} "
         f"| {ours.rps:,.0f} | {ours.p50_ms:.2f} / {ours.p99_ms:.2f} | {ratio:.2f} "
-        f"| {stored:,} / {answered:,} | {ours.errors + bare.errors} | {verdict} |"
+        f"| {bare.cpu_us:.0f} / {ours.cpu_us:.0f} | {stored:,} / {answered:,} | {ours.errors + bare.errors} | {verdict} |"
     )
 
 
@@ -335,9 +361,9 @@ def main() -> None:
     print()
     print(
         "| endpoint | workers | bare req/s | bare p50 / p99 ms | tracker req/s | tracker p50 / p99 ms "
-        "| ratio | events stored / requests | errors | goal (≥0.7, p99<20ms) |"
+        "| ratio | CPU µs/request bare / tracker | events stored / requests | errors | goal (≥0.7, p99<20ms) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(row)
 

@@ -267,27 +267,31 @@ class EventPublisher:
         self._refused = []
         self._all_acked = asyncio.get_running_loop().create_future()
         unsent: list[Event] = []
-        for index, event in enumerate(batch):
-            self._sequence += 1
-            reply = f"{self._reply_prefix}{self._sequence}"
-            self._inflight[reply] = event
-            try:
-                await nc.publish(
-                    event.subject, event.to_json(), reply=reply, headers={"Nats-Msg-Id": event.event_id}
-                )
-            except Exception as exc:
-                log.warning("publishing buffered events failed (%s); retrying", exc)
-                self._inflight.pop(reply, None)
-                unsent = batch[index:]
-                break
-            if index % 64 == 63:
-                await asyncio.sleep(0)  # let the requests that share this loop be served meanwhile
-        if self._inflight:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_acked, self._timeout)
-        failed = [*self._refused, *self._inflight.values(), *unsent]
-        self._inflight.clear()
-        self._buffer.extendleft(reversed(failed))
+        try:
+            for index, event in enumerate(batch):
+                self._sequence += 1
+                reply = f"{self._reply_prefix}{self._sequence}"
+                self._inflight[reply] = event
+                try:
+                    await nc.publish(
+                        event.subject, event.to_json(), reply=reply, headers={"Nats-Msg-Id": event.event_id}
+                    )
+                except Exception as exc:
+                    log.warning("publishing buffered events failed (%s); retrying", exc)
+                    self._inflight.pop(reply, None)
+                    unsent = batch[index:]
+                    break
+                if index % 64 == 63:
+                    await asyncio.sleep(0)  # let the requests that share this loop be served meanwhile
+            if self._inflight:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._all_acked, self._timeout)
+        finally:
+            # Everything not acknowledged goes back to the front of the buffer, also when
+            # this flush is cancelled at shutdown, so nothing leaves memory unstored.
+            failed = [*self._refused, *self._inflight.values(), *unsent]
+            self._inflight.clear()
+            self._buffer.extendleft(reversed(failed))
         return not failed
 
     async def _flush_forever(self) -> None:
@@ -309,7 +313,12 @@ class EventPublisher:
                 # Let a few more events join the batch: one batch per busy loop iteration would
                 # spend more on bookkeeping than on publishing.
                 await asyncio.sleep(_FLUSH_LINGER_SECONDS)
-            if await self._flush_once():
+            try:
+                flushed = await self._flush_once()
+            except Exception as exc:  # the flusher must outlive any NATS trouble
+                log.warning("flushing buffered events failed (%s); retrying", exc)
+                flushed = False
+            if flushed:
                 backoff = 0.1
             else:
                 await asyncio.sleep(backoff)
@@ -324,6 +333,8 @@ class EventPublisher:
         try:
             await asyncio.wait_for(asyncio.shield(self._task), drain_timeout)
         except TimeoutError:
-            log.error("shutting down with %d unpublished events", len(self._buffer))
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task  # its batch in flight returns to the buffer, to be counted
+            log.error("shutting down with %d unpublished events", len(self._buffer))
         self._task = None

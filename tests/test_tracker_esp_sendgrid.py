@@ -11,6 +11,7 @@ import pytest
 from tests.esp_payloads.harness import (
     TRACKING_ID,
     load,
+    now_ts,
     post,
     running_tracker,
     sendgrid_headers,
@@ -160,11 +161,11 @@ async def test_signature_is_checked_over_timestamp_and_raw_body(tmp_path: Path) 
         with pytest.raises(WebhookError) as refused:
             await sendgrid.verify(webhook_request(tampered, sendgrid_headers(body)), context)
         assert refused.value.status == 401
+    # Signed for one second, presented as the next: the timestamp is part of what is signed.
+    signed_at = now_ts() - 10
     shifted = {
-        **sendgrid_headers(body),
-        "X-Twilio-Email-Event-Webhook-Timestamp": str(
-            int(headers["X-Twilio-Email-Event-Webhook-Timestamp"]) + 1
-        ),
+        **sendgrid_headers(body, timestamp=signed_at),
+        "X-Twilio-Email-Event-Webhook-Timestamp": str(signed_at + 1),
     }
     with pytest.raises(WebhookError) as refused:
         await sendgrid.verify(webhook_request(body, shifted), context)
