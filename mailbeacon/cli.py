@@ -49,14 +49,6 @@ async def _build_proxy(settings: Settings, nc: NATS) -> Component:
     return _WithPublisher(ProxyService(settings, publisher, store), publisher, store)
 
 
-async def _build_tracker(settings: Settings, nc: NATS) -> Component:
-    from tracker.service import TrackerService
-
-    await provision(nc.jetstream(), settings)
-    publisher = EventPublisher(nc.jetstream())
-    return _WithPublisher(TrackerService(settings, publisher), publisher, None)
-
-
 async def _build_aggregator(settings: Settings, nc: NATS) -> Component:
     from aggregator.service import AggregatorService
 
@@ -138,7 +130,11 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("up", help="run the whole system in one process on embedded defaults")
     for name in ("proxy", "tracker", "aggregator", "operator"):
-        commands.add_parser(name, help=f"run the {name} component")
+        component = commands.add_parser(name, help=f"run the {name} component")
+        if name == "tracker":
+            component.add_argument(
+                "--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT)"
+            )
     commands.add_parser("migrate", help="bring the SQL schema up to date")
     campaign = commands.add_parser("campaign", help="manage campaigns").add_subparsers(
         dest="action", required=True
@@ -168,7 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     elif command == "proxy":
         asyncio.run(run_component(settings, _build_proxy, "proxy"))
     elif command == "tracker":
-        asyncio.run(run_component(settings, _build_tracker, "tracker"))
+        # The tracker connects to NATS in the background: it serves pixels and clicks
+        # even when NATS is unreachable at start.
+        from tracker.service import run_tracker
+
+        run_tracker(settings, max(1, args.workers))
     elif command == "aggregator":
         asyncio.run(run_component(settings, _build_aggregator, "aggregator"))
     elif command == "operator":

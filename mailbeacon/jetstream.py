@@ -8,12 +8,15 @@ already match, so replicas can start in any order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections import deque
-from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -131,6 +134,16 @@ async def provision(js: JetStreamContext, settings: Settings) -> KeyValue:
     return await ensure_campaign_bucket(js, settings)
 
 
+# Buffered events are published in batches of up to _FLUSH_BATCH, waiting a few milliseconds
+# for a batch to fill: buffered events are not latency-critical, the requests behind them are.
+_FLUSH_BATCH = 512
+_FLUSH_LINGER_SECONDS = 0.01
+
+
+class PublisherNotConnected(ConnectionError):
+    """Raised by :meth:`EventPublisher.publish` while there is no live NATS connection."""
+
+
 class EventPublisher:
     """Publishes events to JetStream with ``Nats-Msg-Id`` so a republish is deduplicated.
 
@@ -138,9 +151,17 @@ class EventPublisher:
     :meth:`publish_later` never waits: the event joins a bounded in-memory buffer that a
     background task flushes, retrying until NATS is back. Republishing after an ambiguous
     failure is safe because both JetStream and the aggregator drop repeated event ids.
+
+    The publisher may be created before NATS is reachable (``js=None``) and given its
+    JetStream context later with :meth:`attach`, so a component can serve while NATS is
+    down. While the connection is down, :meth:`publish` fails at once instead of waiting
+    for a timeout, and the flusher waits for the reconnect instead of piling messages
+    into the client's reconnect buffer.
     """
 
-    def __init__(self, js: JetStreamContext, *, buffer_limit: int = 100_000, timeout: float = 5.0) -> None:
+    def __init__(
+        self, js: JetStreamContext | None, *, buffer_limit: int = 100_000, timeout: float = 5.0
+    ) -> None:
         self._js = js
         self._timeout = timeout
         self._buffer: deque[Event] = deque()
@@ -150,12 +171,36 @@ class EventPublisher:
         self._closing = False
         self.dropped = 0
         self.published = 0
+        self._drop_logged_at = -60.0
+        # Pipelined flushing: acknowledgements of buffered events arrive on one wildcard inbox.
+        self._acks: Subscription | None = None
+        self._acks_nc: NATS | None = None
+        self._reply_prefix = ""
+        self._sequence = 0
+        self._inflight: dict[str, Event] = {}
+        self._refused: list[Event] = []
+        self._all_acked: asyncio.Future[None] | None = None
 
     @property
     def buffered(self) -> int:
         return len(self._buffer)
 
+    @property
+    def connected(self) -> bool:
+        """True when a JetStream context is attached and its connection is up."""
+        if self._js is None:
+            return False
+        nc = getattr(self._js, "_nc", None)  # nats-py keeps the client there; no public accessor
+        return bool(getattr(nc, "is_connected", True))
+
+    def attach(self, js: JetStreamContext) -> None:
+        """Give a publisher created without NATS its JetStream context; buffered events then flow."""
+        self._js = js
+        self._wakeup.set()
+
     async def publish(self, event: Event) -> None:
+        if self._js is None or not self.connected:
+            raise PublisherNotConnected("NATS is not connected")
         await self._js.publish(
             event.subject,
             event.to_json(),
@@ -168,7 +213,12 @@ class EventPublisher:
         """Queue the event; False when the buffer was full and the event was dropped."""
         if len(self._buffer) >= self._buffer_limit:
             self.dropped += 1
-            log.error("event buffer full (%d): dropped a %s event", self._buffer_limit, event.type)
+            now = time.monotonic()
+            if now - self._drop_logged_at >= 10.0:  # one line per 10 s, not one per request
+                self._drop_logged_at = now
+                log.error(
+                    "event buffer full (%d): %d events dropped so far", self._buffer_limit, self.dropped
+                )
             return False
         self._buffer.append(event)
         self._wakeup.set()
@@ -186,15 +236,62 @@ class EventPublisher:
                 log.warning("publishing %s event failed (%s); buffering it", event.type, exc)
         self.publish_later(event)
 
-    async def _flush_once(self, batch_size: int = 256) -> bool:
+    async def _on_ack(self, msg: Msg) -> None:
+        event = self._inflight.pop(msg.subject, None)
+        if event is None:
+            return  # a late answer for a batch already given up on (and requeued)
+        # JetStream answers {"stream":..,"seq":..[,"duplicate":true]} or {"error":..}; a 503
+        # status means no stream listens on the subject (yet).
+        if (msg.headers and msg.headers.get("Status") == "503") or b'"error"' in msg.data:
+            self._refused.append(event)
+        else:
+            self.published += 1
+        if not self._inflight and self._all_acked is not None and not self._all_acked.done():
+            self._all_acked.set_result(None)
+
+    async def _flush_once(self, batch_size: int = _FLUSH_BATCH) -> bool:
+        """Publish a batch pipelined and wait (bounded) for every acknowledgement.
+
+        Each event goes out with its own reply subject under one inbox that a single
+        subscription reads, so a buffered event costs one publish and one callback instead
+        of a request with its own future and timer: the flusher keeps up with a busy tracker.
+        Whatever is not acknowledged in time is put back and republished (deduplicated).
+        """
+        assert self._js is not None
+        nc: NATS = self._js._nc  # nats-py keeps the client there; no public accessor
+        if self._acks_nc is not nc:
+            self._reply_prefix = nc.new_inbox() + "."
+            self._acks = await nc.subscribe(self._reply_prefix + "*", cb=self._on_ack)
+            self._acks_nc = nc
         batch = [self._buffer.popleft() for _ in range(min(batch_size, len(self._buffer)))]
-        results: list[Any] = await asyncio.gather(
-            *(self.publish(event) for event in batch), return_exceptions=True
-        )
-        failed = [
-            event for event, result in zip(batch, results, strict=True) if isinstance(result, Exception)
-        ]
-        self._buffer.extendleft(reversed(failed))
+        self._refused = []
+        self._all_acked = asyncio.get_running_loop().create_future()
+        unsent: list[Event] = []
+        try:
+            for index, event in enumerate(batch):
+                self._sequence += 1
+                reply = f"{self._reply_prefix}{self._sequence}"
+                self._inflight[reply] = event
+                try:
+                    await nc.publish(
+                        event.subject, event.to_json(), reply=reply, headers={"Nats-Msg-Id": event.event_id}
+                    )
+                except Exception as exc:
+                    log.warning("publishing buffered events failed (%s); retrying", exc)
+                    self._inflight.pop(reply, None)
+                    unsent = batch[index:]
+                    break
+                if index % 64 == 63:
+                    await asyncio.sleep(0)  # let the requests that share this loop be served meanwhile
+            if self._inflight:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._all_acked, self._timeout)
+        finally:
+            # Everything not acknowledged goes back to the front of the buffer, also when
+            # this flush is cancelled at shutdown, so nothing leaves memory unstored.
+            failed = [*self._refused, *self._inflight.values(), *unsent]
+            self._inflight.clear()
+            self._buffer.extendleft(reversed(failed))
         return not failed
 
     async def _flush_forever(self) -> None:
@@ -206,7 +303,22 @@ class EventPublisher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if await self._flush_once():
+            if not self.connected:
+                # Wait for the reconnect (or attach) rather than time out message by message.
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), 0.1)
+                continue
+            if len(self._buffer) < _FLUSH_BATCH and not self._closing:
+                # Let a few more events join the batch: one batch per busy loop iteration would
+                # spend more on bookkeeping than on publishing.
+                await asyncio.sleep(_FLUSH_LINGER_SECONDS)
+            try:
+                flushed = await self._flush_once()
+            except Exception as exc:  # the flusher must outlive any NATS trouble
+                log.warning("flushing buffered events failed (%s); retrying", exc)
+                flushed = False
+            if flushed:
                 backoff = 0.1
             else:
                 await asyncio.sleep(backoff)
@@ -221,6 +333,8 @@ class EventPublisher:
         try:
             await asyncio.wait_for(asyncio.shield(self._task), drain_timeout)
         except TimeoutError:
-            log.error("shutting down with %d unpublished events", len(self._buffer))
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task  # its batch in flight returns to the buffer, to be counted
+            log.error("shutting down with %d unpublished events", len(self._buffer))
         self._task = None

@@ -106,6 +106,31 @@ class Settings(BaseSettings):
     sns_cert_dir: Path | None = None
     postmark_basic_auth: SecretStr | None = None
     webhook_token: SecretStr | None = None
+    webhook_max_age_seconds: float = Field(
+        default=600.0, gt=0, description="Oldest signed SendGrid/Mailgun webhook accepted (replay window)"
+    )
+    sns_max_age_seconds: float = Field(
+        default=3600.0, gt=0, description="Oldest SNS message accepted (SNS retries keep the original time)"
+    )
+    sns_confirm_subscriptions: bool = Field(
+        default=True, description="Confirm SNS subscriptions to the topics in SES_TOPIC_ARNS automatically"
+    )
+
+    event_buffer_limit: int = Field(
+        default=100_000, ge=1, description="Pixel/click events kept in memory while NATS is unreachable"
+    )
+    shutdown_drain_seconds: float = Field(
+        default=20.0, ge=0, description="How long a stopping tracker keeps publishing its buffered events"
+    )
+    click_burst_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        le=30,
+        description="Clicks on different links of one message this close are a scanner",
+    )
+    machine_ip_ranges: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Extra CIDRs whose opens and clicks are automated (mail gateways)"
+    )
 
     log_level: str = "INFO"
 
@@ -144,13 +169,14 @@ class Settings(BaseSettings):
         "smtp_relay_networks",
         "smtp_auth_networks",
         "operator_namespaces",
+        "machine_ip_ranges",
         mode="before",
     )
     @classmethod
     def _lists(cls, value: object) -> object:
         return _split_list(value)
 
-    @field_validator("trusted_proxies", "smtp_relay_networks", "smtp_auth_networks")
+    @field_validator("trusted_proxies", "smtp_relay_networks", "smtp_auth_networks", "machine_ip_ranges")
     @classmethod
     def _networks(cls, value: list[str]) -> list[str]:
         for cidr in value:

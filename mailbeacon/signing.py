@@ -28,7 +28,8 @@ class NoSigningKey(RuntimeError):
 
 
 def _mac(key: bytes, tracking_id: str, url: str) -> str:
-    digest = hmac.new(key, f"{tracking_id}\n{url}".encode(), hashlib.sha256).digest()
+    # hmac.digest is the one-shot C implementation: same MAC, a fraction of hmac.new's cost.
+    digest = hmac.digest(key, f"{tracking_id}\n{url}".encode(), hashlib.sha256)
     return base64.urlsafe_b64encode(digest[:_SIGNATURE_BYTES]).rstrip(b"=").decode()
 
 

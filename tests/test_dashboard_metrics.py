@@ -35,8 +35,8 @@ def exported() -> dict[str, set[str]]:
     series: dict[str, set[str]] = {}
     collectors = {id(c): c for module in COMPONENT_METRICS for c in vars(module).values()}
     for collector in collectors.values():
-        if not isinstance(collector, Counter | Gauge | Histogram | Summary):
-            continue
+        if not isinstance(collector, Counter | Gauge | Histogram | Summary) or collector._labelvalues:
+            continue  # label children (cached .labels(...)) belong to their registered parent
         assert collector in REGISTRY._collector_to_names, collector  # registered process-wide
         name, labels = collector._name, set(collector._labelnames) | SCRAPE_LABELS
         if isinstance(collector, Counter):

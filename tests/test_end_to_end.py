@@ -24,6 +24,8 @@ from tests.support import SmtpSink, eventually, make_settings, metric_value
 
 CAMPAIGN = "default/spring-sale"
 LINKS = ["https://shop.example.com/spring?utm_source=mail&id=1", "https://blog.example.com/post"]
+# Recipients open mail in a browser or mail client; a library's own user agent counts as a machine.
+BROWSER = {"User-Agent": "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"}
 
 
 def html_message(recipients: list[str]) -> EmailMessage:
@@ -81,7 +83,7 @@ async def running(tmp_path: Path, nats_url: str, sink: SmtpSink, database_url: s
     )
     system = AllInOne(settings)
     addresses = await system.start()
-    async with aiohttp.ClientSession() as http:
+    async with aiohttp.ClientSession(headers=BROWSER) as http:
         try:
             yield Running(system, addresses, http)
         finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from typing import Any
 
 
 def anonymize_ip(address: str) -> str:
@@ -30,6 +31,8 @@ def client_ip(
     """
     if peer is None:
         return None
+    if not forwarded_for or not trusted_proxies:
+        return peer  # nothing to believe beyond the socket's own peer
     chain = [peer]
     if forwarded_for:
         chain = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()] + [peer]
@@ -41,3 +44,24 @@ def client_ip(
         if not any(ip in network for network in trusted_proxies):
             return str(ip)
     return chain[0]
+
+
+# Provider payload keys that hold a client or server address (SendGrid "ip", SES
+# "ipAddress"/"sourceIp", Postmark "Geo.IP", Mailgun "ip").
+_IP_KEYS = frozenset({"ip", "ipaddress", "ip_address", "sourceip", "client_ip", "clientip", "remote_ip"})
+
+
+def scrub_ips(value: Any) -> Any:
+    """A copy of a provider payload with every address under an IP-like key anonymized."""
+    if isinstance(value, dict):
+        return {
+            key: (
+                anonymize_ip(item) or item
+                if isinstance(item, str) and str(key).lower() in _IP_KEYS
+                else scrub_ips(item)
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [scrub_ips(item) for item in value]
+    return value

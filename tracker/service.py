@@ -1,37 +1,212 @@
-"""Wiring: the tracker app served on TRACKER_LISTEN."""
+"""Wiring: the tracker app served on TRACKER_LISTEN, alone or in N worker processes.
+
+``mailbeacon tracker`` starts serving before NATS answers: pixel and click events wait
+in the publisher's buffer while a background task connects (retrying forever),
+provisions the stream and attaches the publisher. On SIGTERM it stops accepting
+requests, releases held clicks, and drains the buffer for SHUTDOWN_DRAIN_SECONDS.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gc
 import logging
+import multiprocessing
+import os
+import signal
+import time
+from multiprocessing.process import BaseProcess
 
 from aiohttp import web
+from nats.aio.client import Client as NATS
 
-from mailbeacon.jetstream import EventPublisher
-from mailbeacon.settings import Settings
+from mailbeacon.jetstream import EventPublisher, connect, provision
+from mailbeacon.runner import wait_for_signal
+from mailbeacon.settings import Settings, parse_listen
 from mailbeacon.signing import NoSigningKey
 from mailbeacon.web import bound_port, serve
 from tracker import metrics
-from tracker.app import create_app
+from tracker.app import HOLD_KEY, create_app
+from tracker.esp.sns import HttpGet, https_get
 
 log = logging.getLogger(__name__)
 
+PROVISION_CHECK_SECONDS = 10.0
+
 
 class TrackerService:
-    def __init__(self, settings: Settings, publisher: EventPublisher) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        publisher: EventPublisher,
+        *,
+        reuse_port: bool = False,
+        sns_http_get: HttpGet = https_get,
+    ) -> None:
         if not settings.secret_keys:
             raise NoSigningKey("MAILBEACON_SECRET_KEYS is not set: the tracker cannot verify click links")
         self.settings = settings
         self.publisher = publisher
+        self.reuse_port = reuse_port
+        self._sns_http_get = sns_http_get
+        self._app: web.Application | None = None
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
     async def start(self) -> None:
-        metrics.watch_publisher(self.publisher)
-        self._runner = await serve(create_app(self.settings, self.publisher), self.settings.tracker_listen)
+        self._app = create_app(self.settings, self.publisher, sns_http_get=self._sns_http_get)
+        hold = self._app[HOLD_KEY]
+        metrics.watch_publisher(self.publisher, lambda: hold.pending)
+        self._runner = await serve(self._app, self.settings.tracker_listen, reuse_port=self.reuse_port)
         self.port = bound_port(self._runner)
         log.info("tracker listening on port %s", self.port)
 
+    @property
+    def held(self) -> int:
+        """Click events still sitting out the scanner-burst window."""
+        return self._app[HOLD_KEY].pending if self._app is not None else 0
+
     async def stop(self) -> None:
+        """Stop accepting requests (in-flight ones finish), then hand held clicks to the publisher."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._app is not None:
+            self._app[HOLD_KEY].flush()
+            self._app = None
+
+
+class NatsLink:
+    """Connects in the background and attaches the publisher once JetStream is provisioned."""
+
+    def __init__(self, settings: Settings, publisher: EventPublisher) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.nc: NATS | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="tracker-nats-link")
+
+    async def _run(self) -> None:
+        url = self.settings.nats_url or ""
+        delay = 0.5
+        while True:
+            try:
+                # connect() retries unreachable servers forever; provisioning may still fail.
+                self.nc = self.nc or await connect(url, "mailbeacon-tracker")
+                await provision(self.nc.jetstream(), self.settings)
+            except Exception as exc:
+                log.warning("NATS not ready (%s); pixel and click events are buffered meanwhile", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self.publisher.attach(self.nc.jetstream())
+            log.info("connected to NATS at %s", url)
+            break
+        while True:
+            # A NATS that came back with an empty store (no persistent volume) has no stream:
+            # events would pile up in the buffer. Provisioning again is idempotent and cheap.
+            await asyncio.sleep(PROVISION_CHECK_SECONDS)
+            if self.publisher.buffered and self.publisher.connected:
+                try:
+                    await provision(self.nc.jetstream(), self.settings)
+                except Exception as exc:
+                    log.warning("re-provisioning JetStream failed: %s", exc)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.close()
+
+
+class StandaloneTracker:
+    """One tracker process: serves at once, connects to NATS in the background, drains on stop."""
+
+    def __init__(
+        self, settings: Settings, *, reuse_port: bool = False, sns_http_get: HttpGet = https_get
+    ) -> None:
+        self.settings = settings
+        self.publisher = EventPublisher(None, buffer_limit=settings.event_buffer_limit)
+        self.service = TrackerService(
+            settings, self.publisher, reuse_port=reuse_port, sns_http_get=sns_http_get
+        )
+        self.link = NatsLink(settings, self.publisher)
+
+    async def start(self) -> None:
+        await self.service.start()
+        self.link.start()
+
+    async def stop(self) -> None:
+        await self.service.stop()
+        await self.publisher.close(drain_timeout=self.settings.shutdown_drain_seconds)
+        await self.link.close()
+
+
+async def serve_standalone(settings: Settings, *, reuse_port: bool = False) -> None:
+    tracker = StandaloneTracker(settings, reuse_port=reuse_port)
+    await tracker.start()
+    # Everything alive now lives as long as the process: keep it out of the collector's
+    # scans, and collect less often (every request allocates a few short-lived objects).
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+    try:
+        await wait_for_signal()
+    finally:
+        await tracker.stop()
+
+
+def _worker(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve_standalone(settings, reuse_port=True))
+
+
+def run_tracker(settings: Settings, workers: int = 1) -> None:
+    """``mailbeacon tracker [--workers N]``: N processes share the port through SO_REUSEPORT.
+
+    The parent only supervises: it restarts a worker that died and forwards SIGTERM/SIGINT.
+    """
+    if not settings.nats_url:
+        raise SystemExit("mailbeacon tracker: MAILBEACON_NATS_URL is required (or use `mailbeacon up`)")
+    if workers <= 1:
+        asyncio.run(serve_standalone(settings))
+        return
+    if parse_listen(settings.tracker_listen)[1] == 0:
+        raise SystemExit("mailbeacon tracker --workers needs a fixed port in MAILBEACON_TRACKER_LISTEN")
+    context = multiprocessing.get_context("spawn")
+    stopping = False
+
+    def start_worker(index: int) -> BaseProcess:
+        process = context.Process(target=_worker, args=(settings,), name=f"tracker-{index}")
+        process.start()
+        return process
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in processes:
+            if process.is_alive() and process.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signum)
+
+    processes = [start_worker(index) for index in range(workers)]
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    while not stopping:
+        for index, process in enumerate(processes):
+            if not process.is_alive() and not stopping:
+                log.error("tracker worker %s exited with %s; restarting it", process.name, process.exitcode)
+                processes[index] = start_worker(index)
+        time.sleep(0.5)
+    for process in processes:
+        process.join(settings.shutdown_drain_seconds + 10)
+        if process.is_alive():
+            process.kill()

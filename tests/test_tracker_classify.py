@@ -1,0 +1,205 @@
+"""Human or machine: the classifier's rules, the burst window, and real requests against a tracker."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from mailbeacon.events import Event, EventType, new_event_id
+from mailbeacon.signing import HONEYPOT_URL, click_url, honeypot_url, pixel_url
+from tests.esp_payloads.harness import BROWSER_UA, running_tracker, stream_events
+from tests.support import SECRET, eventually
+from tracker.bursts import BurstWindow
+from tracker.classify import RequestShape, classify
+
+TID = "5f0c6a56-2f7e-4b64-9a55-0d3c1c2f1e11"
+SAFARI = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1"
+GMAIL_PROXY = "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"
+
+
+@pytest.mark.parametrize(
+    ("kind", "shape", "expected"),
+    [
+        ("open", RequestShape("GET", BROWSER_UA, "198.51.100.7"), None),
+        ("click", RequestShape("GET", SAFARI, "198.51.100.7"), None),
+        ("click", RequestShape("HEAD", BROWSER_UA, "198.51.100.7"), "head_request"),
+        (
+            "click",
+            RequestShape("GET", BROWSER_UA, "198.51.100.7", {"Sec-Purpose": "prefetch;prerender"}),
+            "prefetch",
+        ),
+        ("open", RequestShape("GET", BROWSER_UA, "198.51.100.7", {"X-Moz": "prefetch"}), "prefetch"),
+        ("open", RequestShape("GET", "Mozilla/5.0", "17.58.63.2"), "apple_privacy_proxy"),
+        (
+            "open",
+            RequestShape("GET", "Mozilla/5.0", "104.28.40.1"),
+            "apple_privacy_proxy",
+        ),  # Private Relay egress
+        ("open", RequestShape("GET", SAFARI, "17.58.63.2"), "apple_privacy_proxy"),
+        ("click", RequestShape("GET", SAFARI, "17.58.63.2"), None),  # a person at Apple clicking is a person
+        ("open", RequestShape("GET", GMAIL_PROXY, "66.249.84.1"), "image_proxy"),
+        (
+            "click",
+            RequestShape("GET", "Mozilla/5.0 (compatible; Barracuda Sentinel)", "203.0.113.9"),
+            "security_scanner",
+        ),
+        ("click", RequestShape("GET", "python-requests/2.31.0", "203.0.113.9"), "security_scanner"),
+        (
+            "click",
+            RequestShape("GET", "Slackbot-LinkExpanding 1.0 (+https://api.slack.com/robots)", "3.1.1.1"),
+            "link_preview",
+        ),
+        ("click", RequestShape("GET", None, "203.0.113.9"), "no_user_agent"),
+    ],
+)
+def test_request_shapes(kind: str, shape: RequestShape, expected: str | None) -> None:
+    verdict = classify(kind, shape)  # type: ignore[arg-type]
+    assert verdict.machine_kind == expected
+    assert verdict.machine is (expected is not None)
+    assert bool(verdict.evidence) is (expected is not None)
+
+
+def test_operator_ranges_mark_a_mail_gateway() -> None:
+    import ipaddress
+
+    gateway = [ipaddress.ip_network("192.0.2.0/24")]
+    assert (
+        classify("click", RequestShape("GET", BROWSER_UA, "192.0.2.50"), gateway).machine_kind
+        == "security_scanner"
+    )
+    assert classify("click", RequestShape("GET", BROWSER_UA, "192.0.3.50"), gateway).machine is False
+
+
+def _click(url: str) -> Event:
+    return Event(event_id=new_event_id(), type=EventType.CLICKED, tracking_id=TID, url=url, source="click")
+
+
+def test_burst_window_groups_links_of_one_message() -> None:
+    window = BurstWindow(window=1.0)
+    window.add(_click("https://a.example/"), now=10.0)
+    window.add(_click("https://b.example/"), now=10.3)
+    window.add(_click("https://c.example/"), now=10.6)
+    assert window.due(now=11.5) == []  # still within a second of the last click
+    released = window.due(now=11.7)
+    assert [e.machine_kind for e in released] == ["burst"] * 3
+    assert "3 different links" in released[0].metadata["machine_evidence"]
+
+
+def test_a_person_clicking_twice_is_not_a_burst() -> None:
+    window = BurstWindow(window=1.0)
+    window.add(_click("https://a.example/"), now=0.0)
+    window.add(_click("https://a.example/"), now=0.4)  # double click on the same link
+    released = window.due(now=5.0)
+    released += window.add(_click("https://b.example/"), now=6.0)  # came back later for another link
+    released += window.due(now=7.5)
+    assert [e.machine for e in released] == [False, False, False]
+    assert window.pending == 0
+
+
+def test_honeypot_marks_the_whole_group_and_drain_releases_everything() -> None:
+    window = BurstWindow(window=1.0)
+    window.add(_click("https://a.example/"), now=0.0)
+    window.add(_click(HONEYPOT_URL), now=0.1)
+    assert [e.machine_kind for e in window.drain()] == ["honeypot", "honeypot"]
+
+
+async def test_real_request_shapes_against_the_tracker(tmp_path: Path, nats_url: str) -> None:
+    """HEAD, an Apple proxy address, a scanner burst and the honeypot are machine; a browser click is human."""
+    apple, scanner, person, crawler, checker = (
+        "4a4cf3d1-2a0e-4c36-b2a8-8e5d3d8d0a01",
+        "4a4cf3d1-2a0e-4c36-b2a8-8e5d3d8d0a02",
+        "4a4cf3d1-2a0e-4c36-b2a8-8e5d3d8d0a03",
+        "4a4cf3d1-2a0e-4c36-b2a8-8e5d3d8d0a04",
+        "4a4cf3d1-2a0e-4c36-b2a8-8e5d3d8d0a05",
+    )
+    keys = [SECRET.encode()]
+    links = ["https://shop.example.com/a", "https://shop.example.com/b", "https://shop.example.com/c"]
+    # The tracker sits behind an ingress on 127.0.0.1 that reports the real client address.
+    async with running_tracker(tmp_path, nats_url, trusted_proxies="127.0.0.1/32") as tracker:
+        site = tracker.settings.site_url
+        async with aiohttp.ClientSession(headers={"User-Agent": BROWSER_UA}) as browser:
+            async with browser.get(
+                click_url(site, keys, person, links[0]), allow_redirects=False
+            ) as response:
+                assert (response.status, response.headers["Location"]) == (302, links[0])
+            async with browser.get(pixel_url(site, person)) as response:
+                assert response.status == 200
+            # A link checker asking for headers only (on another copy: two different links of
+            # one message within a second would be a burst).
+            async with browser.head(
+                click_url(site, keys, checker, links[1]), allow_redirects=False
+            ) as response:
+                assert response.status == 302
+        async with (
+            aiohttp.ClientSession(
+                headers={"User-Agent": "Mozilla/5.0", "X-Forwarded-For": "17.58.63.2"}
+            ) as mail_privacy,
+            mail_privacy.get(pixel_url(site, apple)) as response,
+        ):
+            assert response.headers["Content-Type"] == "image/gif"
+        async with aiohttp.ClientSession(
+            headers={"User-Agent": SAFARI, "X-Forwarded-For": "203.0.113.40"}
+        ) as gateway:
+            # A gateway that looks like Safari but follows every link of the message at once.
+            urls = [click_url(site, keys, scanner, link) for link in links]
+            assert await asyncio.gather(*(_status(gateway, url) for url in urls)) == [302, 302, 302]
+            # Another one finds the link hidden from people: answered, never redirected.
+            async with gateway.get(honeypot_url(site, keys, crawler), allow_redirects=False) as response:
+                assert (response.status, "Location" in response.headers) == (200, False)
+
+        async def all_stored() -> list[Event]:
+            events = await stream_events(nats_url)
+            assert len(events) == 8
+            return events
+
+        events = await eventually(all_stored, within=10)
+    verdicts = sorted(
+        (e.tracking_id or "", e.type.value, e.url or "", e.machine_kind or "human") for e in events
+    )
+    assert verdicts == sorted(
+        [
+            (person, "clicked", links[0], "human"),
+            (person, "opened", "", "human"),
+            (checker, "clicked", links[1], "head_request"),
+            (apple, "opened", "", "apple_privacy_proxy"),
+            *((scanner, "clicked", link, "burst") for link in links),
+            (crawler, "clicked", HONEYPOT_URL, "honeypot"),
+        ]
+    )
+    assert all(e.machine and e.metadata["machine_evidence"] for e in events if e.machine_kind)
+    assert not any(e.machine for e in events if not e.machine_kind)
+    apple_open = next(e for e in events if e.tracking_id == apple)
+    assert apple_open.ip == "17.58.63.2"  # the forwarded client, not the ingress
+
+
+async def _status(http: aiohttp.ClientSession, url: str) -> int:
+    async with http.get(url, allow_redirects=False) as response:
+        return response.status
+
+
+def test_trusted_event_equals_a_validated_one() -> None:
+    from datetime import UTC, datetime
+
+    from tracker.engagement import trusted_event
+
+    values = {
+        "event_id": "a" * 32,
+        "type": EventType.CLICKED,
+        "tracking_id": TID,
+        "occurred_at": datetime(2026, 11, 27, 10, 0, tzinfo=UTC),
+        "ip": "198.51.100.7",
+        "user_agent": BROWSER_UA,
+        "machine": True,
+        "machine_kind": "burst",
+        "url": "https://shop.example.com/",
+        "source": "click",
+        "metadata": {"machine_evidence": "x"},
+    }
+    fast, validated = trusted_event(**values), Event(**values)
+    assert fast == validated
+    assert fast.to_json() == validated.to_json()
+    assert Event.from_json(fast.to_json()) == validated
+    assert fast.model_copy(update={"machine": False}).machine is False

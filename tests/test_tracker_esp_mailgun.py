@@ -1,0 +1,143 @@
+"""Mailgun webhooks: documented events normalized, HMAC signature, freshness and token replay."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.esp_payloads.harness import (
+    TRACKING_ID,
+    load,
+    mailgun_body,
+    now_ts,
+    post,
+    running_tracker,
+    stream_events,
+    verify_context,
+    webhook_request,
+)
+from tracker.esp import mailgun
+from tracker.esp.base import ParseContext, WebhookError
+
+DOCUMENTED = load("mailgun_events.json")
+
+
+def parse_one(name: str) -> tuple[object, ...] | None:
+    result = mailgun.parse(webhook_request(mailgun_body(DOCUMENTED[name])), ParseContext())
+    if not result.events:
+        return None
+    (e,) = result.events
+    return (e.type.value, e.recipient, e.tracking_id, e.bounce_kind, e.reason, e.machine_kind)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("delivered", ("delivered", "ann@example.com", TRACKING_ID, None, "250 OK", None)),
+        (
+            "failed_permanent",
+            (
+                "bounced",
+                "ben@example.com",
+                None,
+                "hard",
+                "550 5.1.1 The email account that you tried to reach does not exist.",
+                None,
+            ),
+        ),
+        (
+            "failed_temporary",
+            (
+                "deferred",
+                "cy@example.com",
+                "7c0c54a4-53a4-4b67-8d8f-35c6b1b5d9a2",
+                None,
+                "452 4.2.2 Mailbox full",
+                None,
+            ),
+        ),
+        (
+            "failed_suppressed",
+            (
+                "failed",
+                "old@example.com",
+                None,
+                None,
+                "605 Not delivering to previously bounced address",
+                None,
+            ),
+        ),
+        ("opened", ("opened", "ann@example.com", TRACKING_ID, None, None, None)),
+        ("clicked", ("clicked", "ann@example.com", TRACKING_ID, None, None, "security_scanner")),
+        ("complained", ("complained", "ann@example.com", TRACKING_ID, None, None, None)),
+        ("unsubscribed", ("unsubscribed", "eve@example.com", None, None, None, None)),
+        ("accepted", None),
+    ],
+)
+def test_documented_events_are_normalized(name: str, expected: tuple[object, ...] | None) -> None:
+    assert parse_one(name) == expected
+
+
+def test_event_id_is_stable_across_retries_and_keeps_the_payload() -> None:
+    first = mailgun.parse(webhook_request(mailgun_body(DOCUMENTED["clicked"])), ParseContext()).events[0]
+    retry = mailgun.parse(webhook_request(mailgun_body(DOCUMENTED["clicked"])), ParseContext()).events[0]
+    assert first.event_id == retry.event_id == "webhook:mailgun:Ase7i2zsRYeDXztHGENqRB:1764237606.0"
+    assert first.url == "https://shop.example.com/spring"
+    assert first.metadata["payload"]["client-info"]["client-type"] == "robot"
+    assert first.metadata["message_id"] == "20261127100000.1.ABCDEF@mg.example.com"
+
+
+def test_bot_flag_of_mailgun_marks_apple_proxy_opens() -> None:
+    opened = {
+        **DOCUMENTED["opened"],
+        "client-info": {"client-type": "browser", "bot": "apple", "user-agent": "Mozilla/5.0"},
+    }
+    (event,) = mailgun.parse(webhook_request(mailgun_body(opened)), ParseContext()).events
+    assert (event.machine, event.machine_kind) == (True, "apple_privacy_proxy")
+
+
+@pytest.mark.parametrize("body", [b"[]", b"nope", json.dumps({"signature": {}}).encode()])
+def test_malformed_bodies_are_400(body: bytes) -> None:
+    with pytest.raises(WebhookError) as refused:
+        mailgun.parse(webhook_request(body), ParseContext())
+    assert refused.value.status == 400
+
+
+async def test_signature_freshness_and_token_replay(tmp_path: Path) -> None:
+    context = verify_context(tmp_path)
+    body = mailgun_body(DOCUMENTED["delivered"], token="t" * 50)
+    authentic = await mailgun.verify(webhook_request(body), context)
+    context.replays.commit(authentic.replay_key or "")
+    with pytest.raises(WebhookError) as replayed:
+        await mailgun.verify(webhook_request(body), context)
+    assert replayed.value.status == 403
+    with pytest.raises(WebhookError) as wrong_key:
+        await mailgun.verify(webhook_request(mailgun_body(DOCUMENTED["delivered"], key="key-other")), context)
+    assert wrong_key.value.status == 401
+    with pytest.raises(WebhookError) as stale:
+        await mailgun.verify(
+            webhook_request(mailgun_body(DOCUMENTED["delivered"], timestamp=now_ts() - 3600)), context
+        )
+    assert stale.value.status == 403
+
+
+async def test_over_http_stores_events_and_acknowledges_what_it_cannot_use(
+    tmp_path: Path, nats_url: str
+) -> None:
+    async with running_tracker(tmp_path, nats_url) as tracker, aiohttp.ClientSession() as http:
+        url = f"{tracker.url}/webhooks/mailgun"
+        for name in ("delivered", "failed_permanent", "accepted"):
+            status, answer = await post(
+                http, url, mailgun_body(DOCUMENTED[name]), {"Content-Type": "application/json"}
+            )
+            assert status == 200, answer
+        assert answer == {
+            "status": "success",
+            "message": "event 'accepted' ignored",
+            "stored": 0,
+            "ignored": 1,
+        }
+    assert [e.type.value for e in await stream_events(nats_url)] == ["delivered", "bounced"]

@@ -1,0 +1,152 @@
+"""Webhook endpoints: the generic JSON ones and ``POST /webhooks/{provider}``.
+
+A webhook is answered 2xx only after JetStream acknowledged every event it carried;
+otherwise 503, so the provider retries and nothing is lost. Signatures are checked
+before the body is interpreted; an authentic request we cannot use is still
+acknowledged so the provider stops retrying it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from mailbeacon.events import Event, utcnow
+from mailbeacon.jetstream import EventPublisher
+from mailbeacon.settings import Settings
+from mailbeacon.web import json_error
+from tracker import metrics
+from tracker.esp import ADAPTERS, Adapter
+from tracker.esp.base import ParseContext, ReplayGuard, VerifyContext, WebhookRequest
+from tracker.esp.sns import Certificates, HttpGet, https_get
+from tracker.generic_webhooks import WebhookError, parse_generic
+from tracker.privacy import anonymize_ip, scrub_ips
+
+log = logging.getLogger(__name__)
+
+
+class StoreUnavailable(Exception):
+    pass
+
+
+class Webhooks:
+    def __init__(
+        self, settings: Settings, publisher: EventPublisher, sns_http_get: HttpGet = https_get
+    ) -> None:
+        self.settings = settings
+        self.publisher = publisher
+        self.replays = ReplayGuard(max(settings.webhook_max_age_seconds, settings.sns_max_age_seconds) + 300)
+        self.certificates = Certificates(settings.sns_cert_dir, sns_http_get)
+        machine = [ipaddress.ip_network(cidr, strict=False) for cidr in settings.machine_ip_ranges]
+        self.parse_context = ParseContext(machine_networks=machine)
+
+    def _private(self, event: Event) -> Event:
+        """Anonymize addresses before anything leaves the tracker, the raw payload included."""
+        if not self.settings.anonymize_ip:
+            return event
+        return event.model_copy(
+            update={
+                "ip": anonymize_ip(event.ip) or None if event.ip else None,
+                "metadata": scrub_ips(event.metadata),
+            }
+        )
+
+    async def _store(self, events: list[Event]) -> None:
+        results: list[Any] = await asyncio.gather(
+            *(self.publisher.publish(event) for event in events), return_exceptions=True
+        )
+        failures = [result for result in results if isinstance(result, BaseException)]
+        if failures:
+            log.warning(
+                "%d of %d webhook events not stored (%s); asking to retry",
+                len(failures),
+                len(events),
+                failures[0],
+            )
+            raise StoreUnavailable
+
+    async def _body(self, request: web.Request) -> bytes:
+        if request.content_length is not None and request.content_length > self.settings.max_webhook_bytes:
+            raise WebhookError(f"body larger than {self.settings.max_webhook_bytes} bytes", 413)
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise WebhookError(f"body larger than {self.settings.max_webhook_bytes} bytes", 413) from exc
+
+    def _token_ok(self, request: web.Request) -> bool:
+        token = self.settings.webhook_token
+        if token is None:
+            return True
+        auth = request.headers.get("Authorization", "")
+        offered = (
+            auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("X-Webhook-Token", "")
+        )
+        return hmac.compare_digest(offered.encode(), token.get_secret_value().encode())
+
+    async def generic(self, request: web.Request) -> web.Response:
+        kind = request.match_info["kind"]
+        if not self._token_ok(request):
+            return json_error(401, "missing or wrong webhook token")
+        try:
+            body = await self._body(request)
+            event, answer = parse_generic(kind, body, utcnow())
+            await self._store([event])
+        except WebhookError as exc:
+            return json_error(exc.status, exc.reason)
+        except StoreUnavailable:
+            return json_error(503, "event store unavailable, retry later")
+        metrics.REQUESTS.labels(f"webhook_generic_{kind}").inc()
+        return web.json_response({"status": "success", "message": answer})
+
+    async def provider(self, request: web.Request) -> web.Response:
+        name = request.match_info["provider"]
+        adapter = ADAPTERS.get(name)
+        if adapter is None:
+            return json_error(404, f"unknown provider {name[:40]!r}", providers=sorted(ADAPTERS))
+        response = await self._provider(name, adapter, request)
+        metrics.WEBHOOKS.labels(name, metrics.outcome_of(response.status)).inc()
+        return response
+
+    async def _provider(self, name: str, adapter: Adapter, request: web.Request) -> web.Response:
+        replay_key: str | None = None
+        stored = False
+        try:
+            hook = WebhookRequest(
+                headers=request.headers, body=await self._body(request), received_at=utcnow()
+            )
+            context = VerifyContext(self.settings, hook.received_at, self.replays, self.certificates.load)
+            replay_key = (await adapter.verify(hook, context)).replay_key
+            result = adapter.parse(hook, self.parse_context)
+            if result.confirm_url is not None:
+                if not self.settings.sns_confirm_subscriptions:
+                    raise WebhookError(
+                        "subscription confirmation is switched off; confirm it in the SNS console", 403
+                    )
+                await self.certificates.confirm_subscription(result.confirm_url)
+                log.info("confirmed an SNS subscription")
+            events = [self._private(event) for event in result.events]
+            await self._store(events)
+            stored = True
+        except WebhookError as exc:
+            if exc.status in (401, 403):
+                log.warning("%s webhook refused: %s", name, exc.reason)
+            response = json_error(exc.status, exc.reason)
+            if exc.status == 401 and name == "postmark":
+                response.headers["WWW-Authenticate"] = 'Basic realm="mailbeacon webhooks"'
+            return response
+        except StoreUnavailable:
+            return json_error(503, "event store unavailable, retry later")
+        finally:
+            # Only an acknowledged request counts as seen; the provider's retry of a failed one is welcome.
+            if replay_key:
+                (self.replays.commit if stored else self.replays.release)(replay_key)
+        for event in events:
+            metrics.WEBHOOK_EVENTS.labels(name, event.type.value).inc()
+        return web.json_response(
+            {"status": "success", "message": result.note, "stored": len(events), "ignored": result.ignored}
+        )
