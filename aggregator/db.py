@@ -10,9 +10,6 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlmodel import SQLModel
-
-from aggregator import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 
 def async_url(url: str) -> str:
@@ -53,10 +50,6 @@ class Database:
     def insert(self) -> Any:
         """The dialect's INSERT, which knows ON CONFLICT."""
         return postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-
-    async def create_schema(self) -> None:
-        async with self.engine.begin() as conn:
-            await conn.run_sync(SQLModel.metadata.create_all)
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -13,6 +13,7 @@ from aggregator.api import DB_KEY, add_api_routes
 from aggregator.consumer import EventConsumer
 from aggregator.db import Database, open_database, sqlite_url
 from aggregator.ingest import CAMPAIGNS
+from aggregator.migrate import ensure_schema
 from aggregator.outbox_pages import add_outbox_routes
 from aggregator.pages import add_page_routes, layout
 from mailbeacon.campaign_store import CampaignStore
@@ -68,7 +69,7 @@ class AggregatorService:
             )
 
     async def start(self) -> None:
-        await self.db.create_schema()
+        await ensure_schema(self.db, self.settings.migrate_on_start)
         if self.campaigns is not None:
             await self.campaigns.start()
         await self.consumer.start()
