@@ -41,13 +41,29 @@ def _lag_seconds(msg: Msg) -> float | None:
     return max(0.0, (datetime.now(UTC) - stored.astimezone(UTC)).total_seconds())
 
 
+def decode(msg: Msg) -> Event | Exception:
+    """The event in a message, or why it is not one (decided once, on arrival)."""
+    try:
+        return Event.from_json(msg.data)
+    except (ValidationError, ValueError) as exc:
+        return exc
+
+
 class EventConsumer:
-    def __init__(self, js: JetStreamContext, db: Database, batch_size: int = 500) -> None:
+    """Takes batches from the pull feed and stores them, ``pipeline`` batches at a time.
+
+    While one batch's transaction runs in the database, the next one is already being
+    prepared; exactness never depends on the order in which batches commit.
+    """
+
+    def __init__(self, js: JetStreamContext, db: Database, batch_size: int = 2000, pipeline: int = 2) -> None:
         # The pull feed publishes raw pull requests, so it needs the connection under js.
         nc: NATS = js._nc
         self.nc = nc
         self.db = db
-        self.feed = PullFeed(nc, STREAM, CONSUMER, batch_size)
+        self.feed: PullFeed[Event | Exception] = PullFeed(nc, STREAM, CONSUMER, batch_size, decode)
+        self.pipeline = pipeline
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.db_ok = True
@@ -65,29 +81,35 @@ class EventConsumer:
         last_adopt = 0.0
         while not self._stopping:
             try:
-                messages = await self.feed.take(wait=0.5)
-                if messages:
-                    await self._process(messages)
+                while len(self._in_flight) >= self.pipeline:
+                    await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+                taken = await self.feed.take(wait=0.5)
+                if taken:
+                    task = asyncio.create_task(self._process(taken), name="aggregator-batch")
+                    self._in_flight.add(task)
+                    task.add_done_callback(self._in_flight.discard)
             except Exception:
                 log.exception("consumer loop failed; continuing")
                 await asyncio.sleep(1.0)
             if time.monotonic() - last_adopt > ADOPT_EVERY_SECONDS:
                 last_adopt = time.monotonic()
                 await self._adopt()
+        if self._in_flight:
+            await asyncio.wait(self._in_flight)
 
-    async def _process(self, messages: list[Msg]) -> None:
+    async def _process(self, taken: list[tuple[Msg, Event | Exception]]) -> None:
         events: list[Event] = []
         valid: list[Msg] = []
-        for msg in messages:
-            try:
-                events.append(Event.from_json(msg.data))
+        for msg, decoded in taken:
+            if isinstance(decoded, Event):
+                events.append(decoded)
                 valid.append(msg)
-            except (ValidationError, ValueError) as exc:
-                # A malformed message would be redelivered forever; log it and drop it.
-                metrics.INVALID.inc()
-                log.error("dropping malformed event on %s: %s", msg.subject, exc)
-                with contextlib.suppress(Exception):
-                    await msg.term()
+                continue
+            # A malformed message would be redelivered forever; log it and drop it.
+            metrics.INVALID.inc()
+            log.error("dropping malformed event on %s: %s", msg.subject, decoded)
+            with contextlib.suppress(Exception):
+                await msg.term()
         if not events:
             return
         started = time.perf_counter()
@@ -109,7 +131,7 @@ class EventConsumer:
                 await msg.ack()
         self.processed += len(events)
         metrics.record_batch(result, len(events))
-        last = messages[-1]
+        last = valid[-1]
         with contextlib.suppress(Exception):
             metrics.LAG.set(last.metadata.num_pending)
         lag = _lag_seconds(last)
@@ -128,6 +150,6 @@ class EventConsumer:
         self._stopping = True
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(self._task, timeout=10)
+                await asyncio.wait_for(self._task, timeout=15)
             self._task = None
         await self.feed.stop()

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntFlag
-from typing import Any
+from typing import Any, NamedTuple
 
 from mailbeacon.events import EventType
 from mailbeacon.signing import HONEYPOT_URL
@@ -72,8 +72,7 @@ def counts_as_link(url: str | None) -> bool:
     return bool(url) and url != HONEYPOT_URL
 
 
-@dataclass(frozen=True)
-class Applied:
+class Applied(NamedTuple):
     """An event being applied to its (resolved) message in this transaction."""
 
     type: EventType

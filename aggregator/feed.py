@@ -19,7 +19,9 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -28,6 +30,7 @@ from nats.aio.subscription import Subscription
 log = logging.getLogger(__name__)
 
 _STATUS = "Status"
+T = TypeVar("T")
 
 
 @dataclass
@@ -36,16 +39,31 @@ class _Request:
     deadline: float
 
 
-class PullFeed:
+class PullFeed(Generic[T]):
+    """Delivered messages, each with ``decode(msg)`` computed on arrival.
+
+    Decoding on arrival (in the subscription's callback) overlaps it with the caller's
+    database round trips instead of adding it to them.
+    """
+
     def __init__(
-        self, nc: NATS, stream: str, consumer: str, batch: int, *, expires: float = 5.0, depth: int = 2
+        self,
+        nc: NATS,
+        stream: str,
+        consumer: str,
+        batch: int,
+        decode: Callable[[Msg], T],
+        *,
+        expires: float = 5.0,
+        depth: int = 3,
     ) -> None:
         self._nc = nc
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self.batch = batch
         self._expires = expires
         self._target = batch * depth
-        self._buffer: list[Msg] = []
+        self._decode = decode
+        self._buffer: list[tuple[Msg, T]] = []
         self._requests: dict[str, _Request] = {}
         self._counter = 0
         self._inbox = ""
@@ -90,7 +108,7 @@ class PullFeed:
             if pending.remaining <= 0:
                 del self._requests[name]
             break
-        self._buffer.append(msg)
+        self._buffer.append((msg, self._decode(msg)))
         self._arrived.set()
 
     async def _top_up(self) -> None:
@@ -108,7 +126,7 @@ class PullFeed:
         self._requests[name] = _Request(wanted, now + self._expires + 1.0)
         await self._nc.publish(self._next_subject, body, reply=f"{self._inbox}.{name}")
 
-    async def take(self, wait: float) -> list[Msg]:
+    async def take(self, wait: float) -> list[tuple[Msg, T]]:
         """Up to one batch of messages; an empty list when none arrived within ``wait`` seconds."""
         await self._top_up()
         if not self._buffer:

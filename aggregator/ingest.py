@@ -31,9 +31,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
-
-from sqlalchemy import func, select
+from typing import Any, NamedTuple
 
 from aggregator.bulk import Bulk, Column, as_utc
 from aggregator.db import Database
@@ -103,10 +101,20 @@ class BatchResult:
     by_type: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     tracking_id: str
     campaign: str
+
+
+class _Parked(NamedTuple):
+    id: int
+    type: str
+    tracking_id: str | None
+    recipient: str | None
+    occurred_at: Any
+    machine: Any
+    bounce_kind: str | None
+    url: str | None
 
 
 def _bounce_kind(event: Event) -> str | None:
@@ -125,7 +133,7 @@ class _Transaction:
         self.counters: dict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.plan = Plan()
         self.unique_link_clicks: list[tuple[str, str]] = []
-        self.locked: set[str] = set()
+        self.targets: dict[str, Target] = {}  # messages resolved (and on PostgreSQL locked) so far
 
     # -- messages ---------------------------------------------------------------------------
 
@@ -178,32 +186,37 @@ class _Transaction:
         return {tid: firsts[tid].event_id for tid in made}
 
     async def resolve(
-        self, tracking_ids: Iterable[str], recipients: Iterable[str]
+        self, tracking_ids: Iterable[str], recipients: Iterable[str], *, wait: bool = True
     ) -> tuple[dict[str, Target], dict[str, Target]]:
-        """Known messages by tracking id, and each address's most recent message."""
-        by_id: dict[str, Target] = {}
-        by_address: dict[str, Target] = {}
-        ids = sorted(set(tracking_ids) - self.locked)
-        if ids:
-            # The messages this batch will update are locked here, in tracking-id order.
-            where, params = self.sql.one_of("tracking_id", ids)
-            for tid, campaign in await self.sql.run(
-                f"SELECT tracking_id, campaign FROM messages WHERE {where} ORDER BY tracking_id"
-                + self.sql.lock_clause(),
-                params,
-            ):
-                by_id[tid] = Target(tid, campaign)
-                self.locked.add(tid)
+        """Messages by tracking id, and each address's most recent message, locked for this batch.
+
+        On PostgreSQL every message the batch will update is locked here, in one statement
+        in tracking-id order, so concurrent batches never deadlock on each other. With
+        ``wait=False`` (adoption) messages another transaction holds are left out instead.
+        """
+        latest: dict[str, str] = {}
         addresses = sorted(set(recipients))
         if addresses:
             where, params = self.sql.one_of("recipient", addresses)
-            for address, tid, campaign in await self.sql.run(
-                "SELECT recipient, tracking_id, campaign FROM (SELECT recipient, tracking_id, campaign, "
-                "row_number() OVER (PARTITION BY recipient ORDER BY sent_at DESC, tracking_id DESC) AS pick "
+            rows = await self.sql.run(
+                "SELECT recipient, tracking_id FROM (SELECT recipient, tracking_id, row_number() OVER "
+                "(PARTITION BY recipient ORDER BY sent_at DESC, tracking_id DESC) AS pick "
                 f"FROM messages WHERE {where}) AS latest WHERE pick = 1",
                 params,
+            )
+            latest = {address: tid for address, tid in rows}
+        ids = set(tracking_ids)
+        fresh = sorted((ids | set(latest.values())) - self.targets.keys())
+        if fresh:
+            where, params = self.sql.one_of("tracking_id", fresh)
+            for tid, campaign in await self.sql.run(
+                f"SELECT tracking_id, campaign FROM messages WHERE {where} ORDER BY tracking_id"
+                + self.sql.lock_clause(skip_locked=not wait),
+                params,
             ):
-                by_address[address] = Target(tid, campaign)
+                self.targets[tid] = Target(tid, campaign)
+        by_id = {tid: self.targets[tid] for tid in ids if tid in self.targets}
+        by_address = {a: self.targets[tid] for a, tid in latest.items() if tid in self.targets}
         return by_id, by_address
 
     # -- events -----------------------------------------------------------------------------
@@ -215,10 +228,10 @@ class _Transaction:
         names = [name for name, _ in _EVENT_COLUMNS]
         if not self.sql.postgres:
             return await self._insert_events_sqlite(names, rows)
-        v = self.sql.source(_EVENT_COLUMNS, rows)
+        v = await self.sql.staged("events_batch", _EVENT_COLUMNS, rows)
         picks = ", ".join(self.sql.json_value(v[n]) if n == "metadata" else v[n] for n in names)
         inserted = await self.sql.run(
-            f"INSERT INTO events ({', '.join(names)}) SELECT {picks} FROM {v.sql} "
+            f"INSERT INTO events ({', '.join(names)}) SELECT {picks} FROM {v.sql} ORDER BY {v['event_id']} "
             "ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
             v.params,
         )
@@ -234,7 +247,7 @@ class _Transaction:
         await self.sql.executemany(
             f"INSERT INTO events ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
             "ON CONFLICT (event_id) DO NOTHING",
-            [self.sql.sqlite_row(_EVENT_COLUMNS, row) for row in rows],
+            self.sql.sqlite_rows(_EVENT_COLUMNS, rows),
         )
         inserted = await self.sql.run(
             "SELECT event_id FROM events WHERE id > :before", {"before": before[0][0]}
@@ -242,28 +255,38 @@ class _Transaction:
         return {row[0] for row in inserted}
 
     async def claim_parked(
-        self, where: str, params: dict[str, Any], limit: int | None = None
+        self, branches: list[tuple[str, str, dict[str, Any]]], limit: int | None = None
     ) -> list[Applied]:
-        """Apply parked events matching ``where`` whose message is known by now.
+        """Apply parked events matching any of ``branches`` whose message is known by now.
+
+        A branch is ``(table, condition, parameters)``: ``table`` is ``events`` or
+        :attr:`Bulk.parked_events` when the condition is best served by the parked index.
 
         Rows another transaction is claiming are skipped (PostgreSQL ``SKIP LOCKED``), and
         the claim itself is conditional on ``applied`` still being false.
         """
         sql = self.sql
-        rows = await sql.run(
-            "SELECT id, type, tracking_id, recipient, occurred_at, machine, bounce_kind, url FROM events "
-            f"WHERE applied = {sql.false} AND type NOT IN ('sent', 'failed') AND ({where}) ORDER BY id"
-            + (f" LIMIT {int(limit)}" if limit else "")
-            + sql.lock_clause(skip_locked=True),
-            params,
-        )
+        rows: list[Any] = []
+        for table, where, params in branches:
+            # Each branch on its own (an OR would not use the right index on SQLite).
+            rows += await sql.run(
+                "SELECT id, type, tracking_id, recipient, occurred_at, machine, bounce_kind, url "
+                f"FROM {table} WHERE applied = {sql.false} AND type NOT IN ('sent', 'failed') "
+                f"AND {where}"
+                + (f" LIMIT {int(limit)}" if limit else "")
+                + sql.lock_clause(skip_locked=True),
+                params,
+            )
         if not rows:
             return []
+        parked = [_Parked(*row) for row in rows]
         by_id, by_address = await self.resolve(
-            (r.tracking_id for r in rows if r.tracking_id), (r.recipient for r in rows if not r.tracking_id)
+            (r.tracking_id for r in parked if r.tracking_id),
+            (r.recipient for r in parked if not r.tracking_id and r.recipient),
+            wait=False,
         )
-        chosen: list[tuple[Any, Target]] = []
-        for r in rows:
+        chosen: list[tuple[_Parked, Target]] = []
+        for r in parked:
             target = by_id.get(r.tracking_id) if r.tracking_id else by_address.get(r.recipient or "")
             if target is not None:
                 chosen.append((r, target))
@@ -304,13 +327,6 @@ class _Transaction:
         for key, n in p.by_type.items():
             self.result.by_type[key] += n
         self.result.applied += len(applied)
-        sql = self.sql
-        unlocked = sorted(set(p.campaign_of) - self.locked)
-        if unlocked and sql.postgres:  # messages of adopted events, created or resolved late
-            where, params = sql.one_of("tracking_id", unlocked)
-            await sql.run(
-                f"SELECT tracking_id FROM messages WHERE {where} ORDER BY tracking_id FOR UPDATE", params
-            )
         if p.campaign_of:
             count_transitions(p, await self._update_messages(p))
         await self._message_links(p)
@@ -325,7 +341,8 @@ class _Transaction:
         ``newly_seen`` is computed from the row as it was before this statement, so the
         returned masks say exactly which columns were empty until now.
         """
-        v = self.sql.source(
+        v = await self.sql.staged(
+            "message_changes",
             [
                 ("tracking_id", "text"),
                 *((c, "ts") for c in FIRST_SEEN),
@@ -391,7 +408,7 @@ class _Transaction:
                 [("key", "text"), ("namespace", "text"), ("name", "text"), ("at", "ts")],
                 [(key, *key.split("/", 1), self.now) for key in sorted(self.new_campaigns)],
             )
-            await sql.execute(
+            await sql.run(
                 f"INSERT INTO campaigns (key, namespace, name, first_seen_at) SELECT {v['key']}, "
                 f"{v['namespace']}, {v['name']}, {v['at']} FROM {v.sql} WHERE true ON CONFLICT DO NOTHING",
                 v.params,
@@ -419,7 +436,7 @@ class _Transaction:
         columns: list[Column] = [("campaign", "text"), *((n, "int") for n in COUNTER_COLUMNS), ("at", "ts")]
         v = self.sql.source(columns, rows)
         sums = ", ".join(f"{n} = campaign_stats.{n} + excluded.{n}" for n in COUNTER_COLUMNS)
-        await self.sql.execute(
+        await self.sql.run(
             f"INSERT INTO campaign_stats (campaign, {', '.join(COUNTER_COLUMNS)}, updated_at) "
             f"SELECT {v['campaign']}, {', '.join(v[n] for n in COUNTER_COLUMNS)}, {v['at']} FROM {v.sql} "
             f"WHERE true ON CONFLICT (campaign) DO UPDATE SET {sums}, updated_at = excluded.updated_at",
@@ -439,7 +456,7 @@ class _Transaction:
             [("campaign", "text"), ("url_hash", "text"), ("url", "text"), ("total", "int"), ("uniq", "int")],
             [(c, h, p.link_urls[h], t, u) for (c, h), (t, u) in sorted(totals.items())],
         )
-        await self.sql.execute(
+        await self.sql.run(
             "INSERT INTO link_stats (campaign, url_hash, url, total_clicks, unique_clicks) "
             f"SELECT {v['campaign']}, {v['url_hash']}, {v['url']}, {v['total']}, {v['uniq']} FROM {v.sql} "
             "WHERE true ON CONFLICT (campaign, url_hash) DO UPDATE SET "
@@ -455,7 +472,7 @@ class _Transaction:
             [("campaign", "text"), ("hour", "ts"), ("opens", "int"), ("human", "int")],
             [(c, h, o, m) for (c, h), (o, m) in sorted(self.plan.buckets.items())],
         )
-        await self.sql.execute(
+        await self.sql.run(
             "INSERT INTO open_buckets (campaign, hour, opens, human_opens) "
             f"SELECT {v['campaign']}, {v['hour']}, {v['opens']}, {v['human']} FROM {v.sql} WHERE true "
             "ON CONFLICT (campaign, hour) DO UPDATE SET opens = open_buckets.opens + excluded.opens, "
@@ -480,7 +497,7 @@ async def apply_batch(db: Database, events: Iterable[Event]) -> BatchResult:
     """Store and apply one batch in one transaction (see the module docstring)."""
     batch, repeats = _unique(events)
     async with db.engine.begin() as conn:
-        tx = _Transaction(Bulk(conn, db.dialect))
+        tx = _Transaction(await Bulk.of(conn, db.dialect))
         tx.result.duplicates += repeats
         created = await tx.create_messages(batch)
         others = [e for e in batch if e.type not in _MESSAGE_TYPES]
@@ -541,14 +558,13 @@ async def apply_batch(db: Database, events: Iterable[Event]) -> BatchResult:
         )
         effects = [a for event_id, a in applied.items() if event_id in new]
         if created:
-            where_id, params = tx.sql.one_of("tracking_id", sorted(created))
+            where, params = tx.sql.one_of("tracking_id", sorted(created))
+            branches = [("events", where, params)]
             addresses = sorted({r for _, r in tx.new_recipients})
-            where = where_id
             if addresses:
-                where_address, more = tx.sql.one_of("recipient", addresses)
-                where = f"{where_id} OR (tracking_id IS NULL AND {where_address})"
-                params |= more
-            effects += await tx.claim_parked(where, params)
+                where, params = tx.sql.one_of("recipient", addresses)
+                branches.append((tx.sql.parked_events, f"{where} AND tracking_id IS NULL", params))
+            effects += await tx.claim_parked(branches)
         await tx.apply(effects)
         await tx.flush()
     return tx.result
@@ -557,11 +573,17 @@ async def apply_batch(db: Database, events: Iterable[Event]) -> BatchResult:
 async def adopt_parked(db: Database, limit: int = 2000) -> BatchResult:
     """Apply parked events whose message has meanwhile been stored (by any replica)."""
     async with db.engine.begin() as conn:
-        tx = _Transaction(Bulk(conn, db.dialect))
+        tx = _Transaction(await Bulk.of(conn, db.dialect))
         effects = await tx.claim_parked(
-            "EXISTS (SELECT 1 FROM messages m WHERE m.tracking_id = events.tracking_id) OR "
-            "(events.tracking_id IS NULL AND EXISTS (SELECT 1 FROM messages m WHERE m.recipient = events.recipient))",
-            {},
+            [
+                (
+                    tx.sql.parked_events,
+                    "(EXISTS (SELECT 1 FROM messages m WHERE m.tracking_id = events.tracking_id) OR "
+                    "(events.tracking_id IS NULL "
+                    "AND EXISTS (SELECT 1 FROM messages m WHERE m.recipient = events.recipient)))",
+                    {},
+                )
+            ],
             limit=limit,
         )
         if effects:
@@ -572,15 +594,10 @@ async def adopt_parked(db: Database, limit: int = 2000) -> BatchResult:
 
 async def count_parked(db: Database) -> int:
     """Events waiting for their message (not the ones that can never be applied)."""
-    e = EVENTS.c
     async with db.read_engine.connect() as conn:
-        value = await conn.scalar(
-            select(func.count())
-            .select_from(EVENTS)
-            .where(
-                e.applied.is_(False),
-                e.type.not_in([t.value for t in _MESSAGE_TYPES]),
-                (e.tracking_id.is_not(None)) | (e.recipient.is_not(None)),
-            )
+        sql = await Bulk.of(conn, db.dialect)
+        rows = await sql.run(
+            f"SELECT count(*) FROM {sql.parked_events} WHERE applied = {sql.false} "
+            "AND type NOT IN ('sent', 'failed') AND (tracking_id IS NOT NULL OR recipient IS NOT NULL)"
         )
-    return int(value or 0)
+    return int(rows[0][0])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -163,11 +164,8 @@ async def publish(nats_url: str, events: list[dict[str, Any]]) -> tuple[float, i
 
 async def reset_consumer(nats_url: str) -> None:
     nc = await connect(nats_url, "bench-admin")
-    js = nc.jetstream()
-    try:
-        await js.delete_consumer(STREAM, CONSUMER)
-    except Exception:
-        pass
+    with contextlib.suppress(Exception):  # absent on the first run
+        await nc.jetstream().delete_consumer(STREAM, CONSUMER)
     await nc.close()
 
 
