@@ -15,6 +15,7 @@ from aggregator.db import Database
 from aggregator.effects import url_hash
 from aggregator.ingest import BUCKETS, CAMPAIGNS, EVENTS, LINKS, PRUNED, STATS
 from aggregator.models import COUNTER_COLUMNS
+from aggregator.queries import event_json
 from mailbeacon.events import EventType, utcnow
 from mailbeacon.signing import HONEYPOT_URL
 
@@ -54,32 +55,7 @@ def opens_series(buckets: list[tuple[datetime, int, int]], hourly: bool) -> list
 
 
 def _iso(moment: datetime | None) -> str | None:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if moment else None
-
-
-def describe_event(row: Mapping[str, Any]) -> str:
-    kind = row["type"]
-    if kind == EventType.CLICKED.value:
-        return str(row["url"] or "")
-    if kind == EventType.BOUNCED.value:
-        return f"{row['bounce_kind'] or ''} {row['reason'] or ''}".strip()
-    if kind in (EventType.OPENED.value,) and row["machine"]:
-        return f"machine: {row['machine_kind'] or 'automated'}"
-    return str(row["reason"] or "")
-
-
-def event_summary(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "event_id": row["event_id"],
-        "type": row["type"],
-        "occurred_at": _iso(row["occurred_at"]),
-        "tracking_id": row["tracking_id"],
-        "recipient": row["recipient"],
-        "detail": describe_event(row),
-        "machine": bool(row["machine"]),
-        "machine_kind": row["machine_kind"],
-        "source": row["source"],
-    }
+    return as_utc(moment).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if moment else None
 
 
 async def campaign_exists(db: Database, campaign: str) -> bool:
@@ -104,7 +80,7 @@ async def _read(conn: AsyncConnection, campaign: str, hourly: bool) -> dict[str,
     )
     recent = await conn.execute(
         select(EVENTS)
-        .where(and_(EVENTS.c.campaign == campaign, EVENTS.c.applied.is_(True)))
+        .where(EVENTS.c.campaign == campaign, EVENTS.c.applied.is_(True))
         .order_by(EVENTS.c.occurred_at.desc(), EVENTS.c.id.desc())
         .limit(RECENT_EVENTS)
     )
@@ -113,7 +89,7 @@ async def _read(conn: AsyncConnection, campaign: str, hourly: bool) -> dict[str,
         **with_rates(counters),
         "top_links": [{"url": u, "total_clicks": t, "unique_clicks": q} for u, t, q in links.all()],
         "opens_over_time": opens_series([(h, o, m) for h, o, m in buckets.all()], hourly),
-        "recent_events": [event_summary(dict(r)) for r in recent.mappings().all()],
+        "recent_events": [event_json(dict(r)) for r in recent.mappings().all()],
         "updated_at": _iso(counters.get("updated_at")),
     }
 
