@@ -43,7 +43,7 @@ def generate(messages: int, seed: int) -> list[dict[str, Any]]:
         tid, recipient = str(uuid.UUID(int=rng.getrandbits(128), version=4)), f"user{i}@crash.example"
         at = start + timedelta(minutes=rng.randrange(600))
 
-        def event(kind: str, minutes: float, **fields: Any) -> None:
+        def event(kind: str, minutes: float, at: datetime = at, **fields: Any) -> None:
             moment = (at + timedelta(minutes=minutes)).isoformat()
             events.append({"event_id": uuid.uuid4().hex, "type": kind, "occurred_at": moment, **fields})
 
