@@ -10,7 +10,7 @@ from aiohttp import web
 
 from aggregator import queries, statistics
 from aggregator.api import DB_KEY, campaign_from
-from aggregator.pages import layout, not_found, timeline
+from aggregator.pages import layout, not_found, timeline, when
 from mailbeacon.events import EventType
 
 
@@ -44,7 +44,7 @@ def _rows(events: list[dict[str, Any]], with_campaign: bool) -> str:
         )
         campaign = f'<td class="hide-narrow">{escape(e["campaign"] or "")}</td>' if with_campaign else ""
         rows.append(
-            f'<tr class="event"><td class="num">{escape(e["occurred_at"] or "")}</td>'
+            f'<tr class="event"><td class="num">{escape(when(e["occurred_at"]))}</td>'
             f'<td><span class="badge t-{escape(e["type"])}">{escape(e["type"])}</span>{waiting}</td>{campaign}'
             f'<td>{who}</td><td class="url hide-narrow">{escape(e["detail"])}</td></tr>'
         )

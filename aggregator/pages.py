@@ -202,10 +202,15 @@ def opens_chart(points: list[dict[str, Any]], hourly: bool) -> str:
     )
 
 
+def when(iso: str | None) -> str:
+    """``2026-03-02T09:30:00.000000Z`` as ``2026-03-02 09:30:00`` (all times on pages are UTC)."""
+    return (iso or "")[:19].replace("T", " ")
+
+
 def timeline(events: list[dict[str, Any]]) -> str:
     items = "".join(
         f'<li class="t-{escape(e["type"])}"><span class="what">{escape(e["type"])}</span> '
-        f'<span class="when">{escape(e["occurred_at"] or "")}</span><br>'
+        f'<span class="when">{escape(when(e["occurred_at"]))} UTC</span><br>'
         + (
             f'<a href="/messages/{escape(e["tracking_id"])}/">{escape(e["recipient"] or e["tracking_id"])}</a> '
             if e["tracking_id"]

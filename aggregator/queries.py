@@ -152,7 +152,8 @@ def event_json(row: Mapping[str, Any]) -> dict[str, Any]:
         "received_at": _iso(row["received_at"]),
         "campaign": row["campaign"],
         "tracking_id": row["tracking_id"],
-        "recipient": row["recipient"],
+        # Pixel loads and clicks do not name the recipient; their message does.
+        "recipient": row["recipient"] or row.get("message_recipient"),
         "url": row["url"],
         "bounce_kind": row["bounce_kind"],
         "reason": row["reason"],
@@ -166,6 +167,13 @@ def event_json(row: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def with_message_recipient(query: Any) -> Any:
+    """``query`` over events, plus the recipient of each event's message."""
+    return query.add_columns(MESSAGES.c.recipient.label("message_recipient")).select_from(
+        EVENTS.outerjoin(MESSAGES, MESSAGES.c.tracking_id == EVENTS.c.tracking_id)
+    )
+
+
 async def list_events(
     db: Database, flt: EventFilter, limit: int, cursor: str | None
 ) -> tuple[list[dict[str, Any]], str | None]:
@@ -175,7 +183,12 @@ async def list_events(
     if cursor:
         at, row_id = decode_cursor(cursor)
         conditions.append(or_(e.occurred_at < at, and_(e.occurred_at == at, e.id < row_id)))
-    query = select(EVENTS).where(*conditions).order_by(e.occurred_at.desc(), e.id.desc()).limit(limit + 1)
+    query = (
+        with_message_recipient(select(EVENTS))
+        .where(*conditions)
+        .order_by(e.occurred_at.desc(), e.id.desc())
+        .limit(limit + 1)
+    )
     async with db.read_engine.connect() as conn:
         rows = (await conn.execute(query)).mappings().all()
     page = [dict(r) for r in rows[:limit]]

@@ -15,7 +15,7 @@ from aggregator.db import Database
 from aggregator.effects import url_hash
 from aggregator.ingest import BUCKETS, CAMPAIGNS, EVENTS, LINKS, PRUNED, STATS
 from aggregator.models import COUNTER_COLUMNS
-from aggregator.queries import event_json
+from aggregator.queries import event_json, with_message_recipient
 from mailbeacon.events import EventType, utcnow
 from mailbeacon.signing import HONEYPOT_URL
 
@@ -79,7 +79,7 @@ async def _read(conn: AsyncConnection, campaign: str, hourly: bool) -> dict[str,
         select(BUCKETS.c.hour, BUCKETS.c.opens, BUCKETS.c.human_opens).where(BUCKETS.c.campaign == campaign)
     )
     recent = await conn.execute(
-        select(EVENTS)
+        with_message_recipient(select(EVENTS))
         .where(EVENTS.c.campaign == campaign, EVENTS.c.applied.is_(True))
         .order_by(EVENTS.c.occurred_at.desc(), EVENTS.c.id.desc())
         .limit(RECENT_EVENTS)
