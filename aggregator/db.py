@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,7 +12,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 
 def async_url(url: str) -> str:
@@ -45,6 +48,19 @@ class Database:
     engine: AsyncEngine
     read_engine: AsyncEngine
     dialect: str
+    # SQLite has one writer at a time; transactions of this process queue here instead of in
+    # SQLite's busy handler, which sleeps and retries (other processes still wait there).
+    write_lock: asyncio.Lock | None = None
+
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction (committed on success, rolled back on error)."""
+        if self.write_lock is None:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        async with self.write_lock, self.engine.begin() as conn:
+            yield conn
 
     @property
     def insert(self) -> Any:
@@ -75,6 +91,6 @@ def open_database(url: str) -> Database:
         def _begin_immediate(conn: Any) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
-        return Database(writer, reader, "sqlite")
+        return Database(writer, reader, "sqlite", asyncio.Lock())
     engine = create_async_engine(driver_url, pool_size=10, max_overflow=10, pool_pre_ping=True)
     return Database(engine, engine, "postgresql")

@@ -4,23 +4,25 @@ One batch is one transaction of a fixed number of statements, whatever its size:
 
 1. ``sent``/``failed`` events create their messages (``INSERT ... ON CONFLICT DO NOTHING
    RETURNING``: only the transaction that really created a message counts it).
-2. Other events are resolved to a message: by tracking id, or for an address-only webhook
-   to the most recent message sent to that address.
+2. The other events are resolved to their message: by tracking id, or for an
+   address-only webhook the most recent message sent to that address. On PostgreSQL
+   these messages are locked here, in one statement, in tracking-id order.
 3. All events are inserted (``ON CONFLICT (event_id) DO NOTHING RETURNING``): only the
-   ones returned are new; a redelivered or duplicated event changes nothing. Events
+   ones returned are new, so a redelivered or duplicated event changes nothing. Events
    whose message is unknown are stored *parked* (``applied = false``).
 4. Parked events waiting for a message created in step 1 are claimed
-   (``UPDATE ... WHERE applied = false RETURNING``).
-5. Effects: first-seen times are conditional updates (``SET x = t WHERE x IS NULL
-   RETURNING``) whose returned rows are the unique-count transitions; counters, link
-   counts and open buckets are summed per batch and written as atomic upserts
-   (``col = col + delta``) in a fixed order.
+   (``SELECT ... FOR UPDATE SKIP LOCKED``, then ``UPDATE ... WHERE applied = false``).
+5. One conditional UPDATE fills the messages' first-seen columns where still empty (or
+   earlier, for out-of-order events) and returns, per message, which ones it filled
+   (:class:`aggregator.effects.Seen`): those are the unique-count transitions.
+6. Counters, per-link counts and open buckets are summed per batch and written as atomic
+   upserts (``col = col + delta``), each in sorted key order.
 
 Every "does this count?" decision is made by the database inside the writing statement,
 never by reading first and writing later, so aggregator replicas sharing the database
-stay exact. On PostgreSQL the touched messages are locked in tracking-id order before
-the updates (and every other lock is taken in sorted order), so replicas never deadlock
-on each other; on SQLite ``BEGIN IMMEDIATE`` serializes writers anyway.
+stay exact. Locks are taken in one global order (new messages, touched messages, event
+ids, then summed rows, each sorted) and adoption never waits for a lock, so replicas do
+not deadlock; on SQLite ``BEGIN IMMEDIATE`` serializes writers anyway.
 
 An event parked by one replica while another was creating its message is settled by
 :func:`adopt_parked`, which every replica runs every few seconds.
@@ -496,7 +498,7 @@ def _unique(events: Iterable[Event]) -> tuple[list[Event], int]:
 async def apply_batch(db: Database, events: Iterable[Event]) -> BatchResult:
     """Store and apply one batch in one transaction (see the module docstring)."""
     batch, repeats = _unique(events)
-    async with db.engine.begin() as conn:
+    async with db.writing() as conn:
         tx = _Transaction(await Bulk.of(conn, db.dialect))
         tx.result.duplicates += repeats
         created = await tx.create_messages(batch)
@@ -572,7 +574,7 @@ async def apply_batch(db: Database, events: Iterable[Event]) -> BatchResult:
 
 async def adopt_parked(db: Database, limit: int = 2000) -> BatchResult:
     """Apply parked events whose message has meanwhile been stored (by any replica)."""
-    async with db.engine.begin() as conn:
+    async with db.writing() as conn:
         tx = _Transaction(await Bulk.of(conn, db.dialect))
         effects = await tx.claim_parked(
             [

@@ -52,17 +52,31 @@ def _upgrade(connection: Any, target: str) -> tuple[str | None, str | None]:
     config = _config(connection)
     if before is None and inspect(connection).has_table("campaign_stats"):
         command.stamp(config, BASELINE)  # made by create_all before migrations existed
+        before = BASELINE
     command.upgrade(config, target)
     return before, _current(connection)
 
 
 async def migrate(db: Database, target: str = "head") -> tuple[str | None, str | None]:
     """Upgrade to ``target``; returns the revisions before and after."""
-    async with db.engine.begin() as conn:
+    async with db.writing() as conn:
         if db.dialect == "postgresql":
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK})
         before, after = await conn.run_sync(_upgrade, target)
     return before, after
+
+
+def _downgrade(connection: Any, target: str) -> str | None:
+    command.downgrade(_config(connection), target)
+    return _current(connection)
+
+
+async def downgrade(db: Database, target: str) -> str | None:
+    """Step the schema back to ``target`` (``base`` drops everything); for rollbacks of a release."""
+    async with db.writing() as conn:
+        if db.dialect == "postgresql":
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK})
+        return await conn.run_sync(_downgrade, target)
 
 
 async def current_revision(db: Database) -> str | None:

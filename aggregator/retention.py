@@ -25,7 +25,7 @@ PRUNE_CHUNK = 5000
 
 async def _prune_chunk(db: Database, cutoff: datetime, limit: int) -> tuple[int, int]:
     """Prune up to ``limit`` events; returns (events removed, of which counted before)."""
-    async with db.engine.begin() as conn:
+    async with db.writing() as conn:
         sql = await Bulk.of(conn, db.dialect)
         moment = cutoff if sql.postgres else sqlite_time(cutoff)
         removed = await sql.run(

@@ -71,7 +71,7 @@ class AggregatorService:
         if spec is None:
             return  # a deleted Campaign keeps its statistics
         insert = self.db.insert
-        async with self.db.engine.begin() as conn:
+        async with self.db.writing() as conn:
             await conn.execute(
                 insert(CAMPAIGNS)
                 .values(key=str(key), namespace=key.namespace, name=key.name, first_seen_at=utcnow())
@@ -86,6 +86,14 @@ class AggregatorService:
         self._tasks = [asyncio.create_task(self._publish_statistics(), name="aggregator-statistics-metrics")]
         if self.settings.event_retention_days is not None:
             keep = timedelta(days=self.settings.event_retention_days)
+            if self.settings.event_retention_days <= self.settings.stream_max_age_days:
+                # A replay of the stream could bring back events whose ids were pruned.
+                log.warning(
+                    "EVENT_RETENTION_DAYS (%s) should exceed STREAM_MAX_AGE_DAYS (%s): events replayed from "
+                    "the stream after their pruning would count again",
+                    self.settings.event_retention_days,
+                    self.settings.stream_max_age_days,
+                )
             self._tasks.append(asyncio.create_task(self._retention(keep), name="aggregator-retention"))
         app = create_app(self.db, self.settings.outbox_dir)
         add_health_routes(app, ready=lambda: self.consumer.healthy)

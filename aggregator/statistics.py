@@ -193,7 +193,7 @@ async def refresh(db: Database, campaign: str) -> dict[str, Any]:
     so no increment lands between the recount and the write (SQLite's write lock does the
     same for the whole database).
     """
-    async with db.engine.begin() as conn:
+    async with db.writing() as conn:
         now = utcnow()
         insert = db.insert
         await conn.execute(

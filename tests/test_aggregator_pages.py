@@ -68,7 +68,11 @@ def seed_events() -> tuple[list[Event], list[str]]:
     events += [ev("opened", 0, 60 * k + 30) for k in range(3)]
     events += [ev("opened", 1, 5, machine=True, machine_kind="apple_privacy_proxy")]
     events += [ev("opened", 2, 60 * 26 + k) for k in range(2)]  # the next day
-    events += [ev("clicked", 0, 40, url=LINK_A), ev("clicked", 0, 41, url=LINK_A), ev("clicked", 2, 70, url=LINK_B)]
+    events += [
+        ev("clicked", 0, 40, url=LINK_A),
+        ev("clicked", 0, 41, url=LINK_A),
+        ev("clicked", 2, 70, url=LINK_B),
+    ]
     events += [ev("clicked", 1, 6, url=HONEYPOT_URL, machine=True, machine_kind="honeypot")]
     events += [ev("unsubscribed", 4, 90)]
     # Enough deferrals to need a second page of events.
@@ -133,7 +137,9 @@ async def metrics_on(page: Any) -> dict[str, str]:
     return values
 
 
-async def test_statistics_page_numbers_and_refresh(site: tuple[str, Database, list[str]], browser: Any) -> None:
+async def test_statistics_page_numbers_and_refresh(
+    site: tuple[str, Database, list[str]], browser: Any
+) -> None:
     base, db, ids = site
     page = await browser.new_page(viewport={"width": 1280, "height": 900})
     await page.goto(f"{base}/campaigns/")
