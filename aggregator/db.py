@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,10 +12,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlmodel import SQLModel
-
-from aggregator import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 
 def async_url(url: str) -> str:
@@ -37,6 +37,11 @@ def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    # Index pages stay in memory across transactions: ingest touches random pages of the
+    # event-id and tracking-id indexes, which the default 2 MiB cache keeps re-reading.
+    cursor.execute("PRAGMA cache_size=-65536")
+    cursor.execute("PRAGMA mmap_size=268435456")
+    cursor.execute("PRAGMA temp_store=MEMORY")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
@@ -48,15 +53,24 @@ class Database:
     engine: AsyncEngine
     read_engine: AsyncEngine
     dialect: str
+    # SQLite has one writer at a time; transactions of this process queue here instead of in
+    # SQLite's busy handler, which sleeps and retries (other processes still wait there).
+    write_lock: asyncio.Lock | None = None
+
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[AsyncConnection]:
+        """A write transaction (committed on success, rolled back on error)."""
+        if self.write_lock is None:
+            async with self.engine.begin() as conn:
+                yield conn
+            return
+        async with self.write_lock, self.engine.begin() as conn:
+            yield conn
 
     @property
     def insert(self) -> Any:
         """The dialect's INSERT, which knows ON CONFLICT."""
         return postgresql.insert if self.dialect == "postgresql" else sqlite.insert
-
-    async def create_schema(self) -> None:
-        async with self.engine.begin() as conn:
-            await conn.run_sync(SQLModel.metadata.create_all)
 
     async def dispose(self) -> None:
         await self.engine.dispose()
@@ -82,6 +96,6 @@ def open_database(url: str) -> Database:
         def _begin_immediate(conn: Any) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
-        return Database(writer, reader, "sqlite")
+        return Database(writer, reader, "sqlite", asyncio.Lock())
     engine = create_async_engine(driver_url, pool_size=10, max_overflow=10, pool_pre_ping=True)
     return Database(engine, engine, "postgresql")

@@ -1,30 +1,54 @@
-"""Applying events to stored state, exactly once.
+"""Applying batches of events to stored state, exactly once, with set-based statements.
 
-A batch is one transaction. An event counts only if its ``event_id`` row is new
-(``INSERT ... ON CONFLICT DO NOTHING``); each "first time" (first open, first bounce...)
-is a conditional ``UPDATE ... WHERE x IS NULL`` whose row count says whether this
-transaction made it. Counters move by atomic upserts (``col = col + delta``), so
-several aggregator replicas on one database never lose or double an increment.
+One batch is one transaction of a fixed number of statements, whatever its size:
 
-An event whose message is not known yet (an open before its ``sent``, an address-only
-webhook for an unknown recipient) is stored *parked* (``applied = false``) and applied
-when the message appears, or by :func:`adopt_parked` which each replica runs now and
-then to settle events parked by one replica while another was creating the message.
+1. ``sent``/``failed`` events create their messages (``INSERT ... ON CONFLICT DO NOTHING
+   RETURNING``: only the transaction that really created a message counts it).
+2. The other events are resolved to their message: by tracking id, or for an
+   address-only webhook the most recent message sent to that address. On PostgreSQL
+   these messages are locked here, in one statement, in tracking-id order.
+3. All events are inserted (``ON CONFLICT (event_id) DO NOTHING RETURNING``): only the
+   ones returned are new, so a redelivered or duplicated event changes nothing. Events
+   whose message is unknown are stored *parked* (``applied = false``).
+4. Parked events waiting for a message created in step 1 are claimed
+   (``SELECT ... FOR UPDATE SKIP LOCKED``, then ``UPDATE ... WHERE applied = false``).
+5. One conditional UPDATE fills the messages' first-seen columns where still empty (or
+   earlier, for out-of-order events) and returns, per message, which ones it filled
+   (:class:`aggregator.effects.Seen`): those are the unique-count transitions.
+6. Counters, per-link counts and open buckets are summed per batch and written as atomic
+   upserts (``col = col + delta``), each in sorted key order.
+
+Every "does this count?" decision is made by the database inside the writing statement,
+never by reading first and writing later, so aggregator replicas sharing the database
+stay exact. Locks are taken in one global order (new messages, touched messages, event
+ids, then summed rows, each sorted) and adoption never waits for a lock, so replicas do
+not deadlock; on SQLite ``BEGIN IMMEDIATE`` serializes writers anyway.
+
+An event parked by one replica while another was creating its message is settled by
+:func:`adopt_parked`, which every replica runs every few seconds.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import and_, exists, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
-
+from aggregator.bulk import Bulk, Column, as_utc
 from aggregator.db import Database
+from aggregator.effects import (
+    CHANGE_COLUMNS,
+    FIRST_SEEN,
+    Applied,
+    Plan,
+    Seen,
+    count_transitions,
+    message_changes,
+    plan,
+)
 from aggregator.models import (
+    COUNTER_COLUMNS,
     CampaignRecipient,
     CampaignRow,
     CampaignStats,
@@ -33,6 +57,7 @@ from aggregator.models import (
     MessageLink,
     MessageRow,
     OpenBucket,
+    PrunedEvent,
 )
 from mailbeacon.events import Event, EventType, utcnow
 
@@ -44,22 +69,30 @@ RECIPIENTS = CampaignRecipient.__table__  # type: ignore[attr-defined]
 LINKS = LinkStats.__table__  # type: ignore[attr-defined]
 MESSAGE_LINKS = MessageLink.__table__  # type: ignore[attr-defined]
 BUCKETS = OpenBucket.__table__  # type: ignore[attr-defined]
+PRUNED = PrunedEvent.__table__  # type: ignore[attr-defined]
 
-# First-seen column and counter for the events that count once per message.
-_FIRST_SEEN = {
-    EventType.DELIVERED: ("delivered_at", "delivered_count"),
-    EventType.DEFERRED: ("deferred_at", "deferred_count"),
-    EventType.COMPLAINED: ("complained_at", "complained_count"),
-    EventType.UNSUBSCRIBED: ("unsubscribed_at", "unsubscribed_count"),
-}
+UNKNOWN_CAMPAIGN = "default/unknown"
+_MESSAGE_TYPES = (EventType.SENT, EventType.FAILED)
 
-
-def url_hash(url: str) -> str:
-    return hashlib.sha256(url.encode()).hexdigest()
-
-
-def hour_of(moment: datetime) -> datetime:
-    return moment.replace(minute=0, second=0, microsecond=0)
+_EVENT_COLUMNS: list[Column] = [
+    ("event_id", "text"),
+    ("type", "text"),
+    ("tracking_id", "text"),
+    ("campaign", "text"),
+    ("recipient", "text"),
+    ("occurred_at", "ts"),
+    ("received_at", "ts"),
+    ("ip", "text"),
+    ("user_agent", "text"),
+    ("url", "text"),
+    ("bounce_kind", "text"),
+    ("reason", "text"),
+    ("machine", "bool"),
+    ("machine_kind", "text"),
+    ("source", "text"),
+    ("metadata", "json"),
+    ("applied", "bool"),
+]
 
 
 @dataclass
@@ -70,302 +103,503 @@ class BatchResult:
     by_type: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
 
 
-class _Batch:
-    """The work of one transaction; counter changes are summed and written once at the end."""
+class Target(NamedTuple):
+    tracking_id: str
+    campaign: str
 
-    def __init__(self, conn: AsyncConnection, insert: Any) -> None:
-        self.conn = conn
-        self.insert = insert
-        self.counters: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        self.links: dict[tuple[str, str], list[Any]] = {}
-        self.buckets: dict[tuple[str, datetime], list[int]] = defaultdict(lambda: [0, 0])
-        self.new_campaigns: set[str] = set()
+
+class _Parked(NamedTuple):
+    id: int
+    type: str
+    tracking_id: str | None
+    recipient: str | None
+    occurred_at: Any
+    machine: Any
+    bounce_kind: str | None
+    url: str | None
+
+
+def _bounce_kind(event: Event) -> str | None:
+    return (event.bounce_kind or "hard") if event.type is EventType.BOUNCED else None
+
+
+class _Transaction:
+    """The statements of one ingest transaction, in the order the module docstring gives."""
+
+    def __init__(self, bulk: Bulk) -> None:
+        self.sql = bulk
+        self.now = utcnow()
         self.result = BatchResult()
+        self.new_campaigns: set[str] = set()
+        self.new_recipients: set[tuple[str, str]] = set()
+        self.counters: dict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
+        self.plan = Plan()
+        self.unique_link_clicks: list[tuple[str, str]] = []
+        self.targets: dict[str, Target] = {}  # messages resolved (and on PostgreSQL locked) so far
 
-    async def _changed(self, statement: Any) -> bool:
-        return bool((await self.conn.execute(statement)).rowcount)
+    # -- messages ---------------------------------------------------------------------------
 
-    async def _first(self, tracking_id: str, column: str, moment: datetime, **also: Any) -> bool:
-        col = MESSAGES.c[column]
-        statement = (
-            update(MESSAGES)
-            .where(and_(MESSAGES.c.tracking_id == tracking_id, col.is_(None)))
-            .values({column: moment, **also})
-        )
-        return await self._changed(statement)
-
-    async def ingest(self, event: Event) -> None:
-        row = {
-            "event_id": event.event_id,
-            "type": event.type.value,
-            "tracking_id": event.tracking_id,
-            "campaign": event.campaign,
-            "recipient": event.recipient,
-            "occurred_at": event.occurred_at,
-            "received_at": utcnow(),
-            "ip": event.ip,
-            "user_agent": event.user_agent,
-            "url": event.url,
-            "bounce_kind": (event.bounce_kind or "hard") if event.type is EventType.BOUNCED else None,
-            "reason": event.reason,
-            "machine": event.machine,
-            "machine_kind": event.machine_kind,
-            "source": event.source,
-            "metadata": event.metadata or None,
-            "applied": False,
-        }
-        inserted = await self.conn.execute(
-            self.insert(EVENTS).values(row).on_conflict_do_nothing(index_elements=["event_id"])
-        )
-        if not inserted.rowcount:
-            self.result.duplicates += 1
-            return
-        if event.type in (EventType.SENT, EventType.FAILED):
-            if event.tracking_id is None:
-                return  # kept for the record; a copy without an id cannot be counted
-            await self._record_message(event)
-            return
-        if not await self._apply_to_message(event.event_id, event):
-            self.result.parked += 1
-
-    async def _record_message(self, event: Event) -> None:
-        campaign = event.campaign or "default/unknown"
-        sent = event.type is EventType.SENT
-        created = await self._changed(
-            self.insert(MESSAGES)
-            .values(
-                tracking_id=event.tracking_id,
-                campaign=campaign,
-                recipient=event.recipient or "",
-                message_id=str(event.metadata.get("message_id") or "")[:998] or None,
-                status=event.type.value,
-                sent_at=event.occurred_at,
-            )
-            .on_conflict_do_nothing(index_elements=["tracking_id"])
-        )
-        await self.conn.execute(
-            update(EVENTS).where(EVENTS.c.event_id == event.event_id).values(applied=True, campaign=campaign)
-        )
-        if not created:
-            return
-        self.new_campaigns.add(campaign)
-        self.counters[campaign]["sent_count" if sent else "failed_count"] += 1
-        self.result.by_type[(campaign, event.type.value)] += 1
-        self.result.applied += 1
-        if event.recipient and await self._changed(
-            self.insert(RECIPIENTS)
-            .values(campaign=campaign, recipient=event.recipient)
-            .on_conflict_do_nothing(index_elements=["campaign", "recipient"])
-        ):
-            self.counters[campaign]["total_recipients"] += 1
-        await self.adopt_for(event.tracking_id, event.recipient)
-
-    async def adopt_for(self, tracking_id: str | None, recipient: str | None) -> None:
-        """Apply parked events that were waiting for this message (by id, or by address)."""
-        conditions = [EVENTS.c.tracking_id == tracking_id]
-        if recipient:
-            conditions.append(and_(EVENTS.c.tracking_id.is_(None), EVENTS.c.recipient == recipient))
-        parked = await self.conn.execute(
-            select(EVENTS).where(and_(EVENTS.c.applied.is_(False), or_(*conditions))).order_by(EVENTS.c.id)
-        )
-        for parked_row in parked.mappings().all():
-            event = _event_from_row(parked_row)
-            await self._apply_to_message(parked_row["event_id"], event)
-
-    async def _resolve(self, event: Event) -> tuple[str, str] | None:
-        if event.tracking_id is not None:
-            found = await self.conn.execute(
-                select(MESSAGES.c.tracking_id, MESSAGES.c.campaign).where(
-                    MESSAGES.c.tracking_id == event.tracking_id
+    async def create_messages(self, events: Sequence[Event]) -> dict[str, str]:
+        """Messages of ``sent``/``failed`` events; returns the ones created here -> the creating event."""
+        firsts: dict[str, Event] = {}
+        for e in events:
+            if e.type in _MESSAGE_TYPES and e.tracking_id is not None:
+                firsts.setdefault(e.tracking_id, e)
+        if not firsts:
+            return {}
+        v = self.sql.source(
+            [
+                ("tracking_id", "text"),
+                ("campaign", "text"),
+                ("recipient", "text"),
+                ("message_id", "text"),
+                ("status", "text"),
+                ("sent_at", "ts"),
+            ],
+            [
+                (
+                    tid,
+                    e.campaign or UNKNOWN_CAMPAIGN,
+                    e.recipient or "",
+                    str(e.metadata.get("message_id") or "")[:998] or None,
+                    e.type.value,
+                    e.occurred_at,
                 )
-            )
-        elif event.recipient:
-            found = await self.conn.execute(
-                select(MESSAGES.c.tracking_id, MESSAGES.c.campaign)
-                .where(MESSAGES.c.recipient == event.recipient)
-                .order_by(MESSAGES.c.sent_at.desc())
-                .limit(1)
-            )
-        else:
-            return None
-        row = found.first()
-        return (row[0], row[1]) if row else None
-
-    async def _apply_to_message(self, event_id: str, event: Event) -> bool:
-        """Apply a stored, not yet applied event; False when its message is still unknown."""
-        target = await self._resolve(event)
-        if target is None:
-            return False
-        tracking_id, campaign = target
-        claimed = await self._changed(
-            update(EVENTS)
-            .where(and_(EVENTS.c.event_id == event_id, EVENTS.c.applied.is_(False)))
-            .values(applied=True, tracking_id=tracking_id, campaign=campaign)
+                for tid, e in sorted(firsts.items())
+            ],
         )
-        if not claimed:  # another transaction applied it first
-            return True
-        counters = self.counters[campaign]
-        self.result.applied += 1
-        self.result.by_type[(campaign, event.type.value)] += 1
-        moment = event.occurred_at
-        if event.type in _FIRST_SEEN:
-            column, counter = _FIRST_SEEN[event.type]
-            if await self._first(tracking_id, column, moment):
-                counters[counter] += 1
-        elif event.type is EventType.BOUNCED:
-            kind = event.bounce_kind or "hard"
-            if await self._first(tracking_id, "bounced_at", moment, bounce_kind=kind):
-                counters["bounced_count"] += 1
-                counters[f"{kind}_bounced_count"] += 1
-            elif kind == "hard" and await self._changed(
-                update(MESSAGES)
-                .where(and_(MESSAGES.c.tracking_id == tracking_id, MESSAGES.c.bounce_kind == "soft"))
-                .values(bounce_kind="hard")
+        created = await self.sql.run(
+            "INSERT INTO messages (tracking_id, campaign, recipient, message_id, status, sent_at, "
+            f"open_count, click_count) SELECT {v['tracking_id']}, {v['campaign']}, {v['recipient']}, "
+            f"{v['message_id']}, {v['status']}, {v['sent_at']}, 0, 0 FROM {v.sql} WHERE true "
+            "ON CONFLICT (tracking_id) DO NOTHING RETURNING tracking_id",
+            v.params,
+        )
+        made = {row[0] for row in created}
+        for tid in made:
+            e = firsts[tid]
+            campaign = e.campaign or UNKNOWN_CAMPAIGN
+            self.new_campaigns.add(campaign)
+            self.counters[campaign]["sent_count" if e.type is EventType.SENT else "failed_count"] += 1
+            self.result.by_type[(campaign, e.type.value)] += 1
+            self.result.applied += 1
+            if e.recipient:
+                self.new_recipients.add((campaign, e.recipient))
+        return {tid: firsts[tid].event_id for tid in made}
+
+    async def resolve(
+        self, tracking_ids: Iterable[str], recipients: Iterable[str], *, wait: bool = True
+    ) -> tuple[dict[str, Target], dict[str, Target]]:
+        """Messages by tracking id, and each address's most recent message, locked for this batch.
+
+        On PostgreSQL every message the batch will update is locked here, in one statement
+        in tracking-id order, so concurrent batches never deadlock on each other. With
+        ``wait=False`` (adoption) messages another transaction holds are left out instead.
+        """
+        latest: dict[str, str] = {}
+        addresses = sorted(set(recipients))
+        if addresses:
+            where, params = self.sql.one_of("recipient", addresses)
+            rows = await self.sql.run(
+                "SELECT recipient, tracking_id FROM (SELECT recipient, tracking_id, row_number() OVER "
+                "(PARTITION BY recipient ORDER BY sent_at DESC, tracking_id DESC) AS pick "
+                f"FROM messages WHERE {where}) AS latest WHERE pick = 1",
+                params,
+            )
+            latest = {address: tid for address, tid in rows}
+        ids = set(tracking_ids)
+        fresh = sorted((ids | set(latest.values())) - self.targets.keys())
+        if fresh:
+            where, params = self.sql.one_of("tracking_id", fresh)
+            for tid, campaign in await self.sql.run(
+                f"SELECT tracking_id, campaign FROM messages WHERE {where} ORDER BY tracking_id"
+                + self.sql.lock_clause(skip_locked=not wait),
+                params,
             ):
-                # A later hard bounce settles a message that had only bounced softly.
-                counters["soft_bounced_count"] -= 1
-                counters["hard_bounced_count"] += 1
-        elif event.type is EventType.OPENED:
-            await self._engagement(tracking_id, counters, event, "open", "opened", moment)
-            bucket = self.buckets[(campaign, hour_of(moment))]
-            bucket[0] += 1
-            bucket[1] += 0 if event.machine else 1
-        elif event.type is EventType.CLICKED:
-            await self._engagement(tracking_id, counters, event, "click", "clicked", moment)
-            if event.url:
-                digest = url_hash(event.url)
-                link = self.links.setdefault((campaign, digest), [event.url, 0, 0])
-                link[1] += 1
-                if await self._changed(
-                    self.insert(MESSAGE_LINKS)
-                    .values(tracking_id=tracking_id, url_hash=digest)
-                    .on_conflict_do_nothing(index_elements=["tracking_id", "url_hash"])
-                ):
-                    link[2] += 1
-        return True
+                self.targets[tid] = Target(tid, campaign)
+        by_id = {tid: self.targets[tid] for tid in ids if tid in self.targets}
+        by_address = {a: self.targets[tid] for a, tid in latest.items() if tid in self.targets}
+        return by_id, by_address
 
-    async def _engagement(
-        self, tracking_id: str, counters: dict[str, int], event: Event, noun: str, verb: str, moment: datetime
-    ) -> None:
-        counters[f"total_{noun}s"] += 1
-        await self.conn.execute(
-            update(MESSAGES)
-            .where(MESSAGES.c.tracking_id == tracking_id)
-            .values({f"{noun}_count": MESSAGES.c[f"{noun}_count"] + 1})
+    # -- events -----------------------------------------------------------------------------
+
+    async def insert_events(self, rows: list[tuple[Any, ...]]) -> set[str]:
+        """Store events; returns the ids that were new (the others were stored before)."""
+        if not rows:
+            return set()
+        names = [name for name, _ in _EVENT_COLUMNS]
+        if not self.sql.postgres:
+            return await self._insert_events_sqlite(names, rows)
+        v = await self.sql.staged("events_batch", _EVENT_COLUMNS, rows)
+        picks = ", ".join(self.sql.json_value(v[n]) if n == "metadata" else v[n] for n in names)
+        inserted = await self.sql.run(
+            f"INSERT INTO events ({', '.join(names)}) SELECT {picks} FROM {v.sql} ORDER BY {v['event_id']} "
+            "ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+            v.params,
         )
-        if await self._first(tracking_id, f"first_{verb}_at", moment):
-            counters[f"unique_{noun}s"] += 1
-        if not event.machine:
-            counters[f"human_total_{noun}s"] += 1
-            if await self._first(tracking_id, f"first_human_{verb}_at", moment):
-                counters[f"human_unique_{noun}s"] += 1
+        return {row[0] for row in inserted}
+
+    async def _insert_events_sqlite(self, names: list[str], rows: list[tuple[Any, ...]]) -> set[str]:
+        """SQLite's fastest path: ``executemany``, then the rows past the previous highest id.
+
+        This transaction holds SQLite's write lock (BEGIN IMMEDIATE), so the ids above the
+        highest one seen at the start are exactly the events this statement inserted.
+        """
+        before = await self.sql.run("SELECT coalesce(max(id), 0) FROM events")
+        await self.sql.executemany(
+            f"INSERT INTO events ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+            "ON CONFLICT (event_id) DO NOTHING",
+            self.sql.sqlite_rows(_EVENT_COLUMNS, rows),
+        )
+        inserted = await self.sql.run(
+            "SELECT event_id FROM events WHERE id > :before", {"before": before[0][0]}
+        )
+        return {row[0] for row in inserted}
+
+    async def claim_parked(
+        self, branches: list[tuple[str, str, dict[str, Any]]], limit: int | None = None
+    ) -> list[Applied]:
+        """Apply parked events matching any of ``branches`` whose message is known by now.
+
+        A branch is ``(table, condition, parameters)``: ``table`` is ``events`` or
+        :attr:`Bulk.parked_events` when the condition is best served by the parked index.
+
+        Rows another transaction is claiming are skipped (PostgreSQL ``SKIP LOCKED``), and
+        the claim itself is conditional on ``applied`` still being false.
+        """
+        sql = self.sql
+        rows: list[Any] = []
+        for table, where, params in branches:
+            # Each branch on its own (an OR would not use the right index on SQLite).
+            rows += await sql.run(
+                "SELECT id, type, tracking_id, recipient, occurred_at, machine, bounce_kind, url "
+                f"FROM {table} WHERE applied = {sql.false} AND type NOT IN ('sent', 'failed') "
+                f"AND {where}"
+                + (f" LIMIT {int(limit)}" if limit else "")
+                + sql.lock_clause(skip_locked=True),
+                params,
+            )
+        if not rows:
+            return []
+        parked = [_Parked(*row) for row in rows]
+        by_id, by_address = await self.resolve(
+            (r.tracking_id for r in parked if r.tracking_id),
+            (r.recipient for r in parked if not r.tracking_id and r.recipient),
+            wait=False,
+        )
+        chosen: list[tuple[_Parked, Target]] = []
+        for r in parked:
+            target = by_id.get(r.tracking_id) if r.tracking_id else by_address.get(r.recipient or "")
+            if target is not None:
+                chosen.append((r, target))
+        if not chosen:
+            return []
+        v = sql.source(
+            [("id", "int"), ("tracking_id", "text"), ("campaign", "text")],
+            [(r.id, t.tracking_id, t.campaign) for r, t in chosen],
+        )
+        claimed = {
+            row[0]
+            for row in await sql.run(
+                f"UPDATE events SET applied = {sql.true}, tracking_id = {v['tracking_id']}, "
+                f"campaign = {v['campaign']} FROM {v.sql} "
+                f"WHERE events.id = {v['id']} AND events.applied = {sql.false} RETURNING events.id",
+                v.params,
+            )
+        }
+        return [
+            Applied(
+                type=EventType(r.type),
+                tracking_id=t.tracking_id,
+                campaign=t.campaign,
+                occurred_at=as_utc(r.occurred_at),
+                machine=bool(r.machine),
+                bounce_kind=r.bounce_kind,
+                url=r.url,
+            )
+            for r, t in chosen
+            if r.id in claimed
+        ]
+
+    # -- effects ----------------------------------------------------------------------------
+
+    async def apply(self, applied: list[Applied]) -> None:
+        """Write what the applied events do to their messages and collect the counter deltas."""
+        p = self.plan = plan(applied)
+        for key, n in p.by_type.items():
+            self.result.by_type[key] += n
+        self.result.applied += len(applied)
+        if p.campaign_of:
+            count_transitions(p, await self._update_messages(p))
+        await self._message_links(p)
+        for campaign, deltas in p.counters.items():
+            for name, n in deltas.items():
+                self.counters[campaign][name] += n
+
+    async def _update_messages(self, p: Plan) -> list[tuple[str, int]]:
+        """One conditional UPDATE for every touched message.
+
+        First-seen columns keep the earliest time (out-of-order events move them back);
+        ``newly_seen`` is computed from the row as it was before this statement, so the
+        returned masks say exactly which columns were empty until now.
+        """
+        v = await self.sql.staged(
+            "message_changes",
+            [
+                ("tracking_id", "text"),
+                *((c, "ts") for c in FIRST_SEEN),
+                ("bounced_at", "ts"),
+                ("bounce_kind", "text"),
+                ("opens", "int"),
+                ("clicks", "int"),
+            ],
+            message_changes(p),
+        )
+        assert len(CHANGE_COLUMNS) == len(FIRST_SEEN) + 4
+        m = "messages."  # the row before the update; the source has the same column names
+        earliest = [
+            f"{c} = CASE WHEN {v[c]} IS NOT NULL AND ({m}{c} IS NULL OR {m}{c} > {v[c]}) THEN {v[c]} "
+            f"ELSE {m}{c} END"
+            for c in (*FIRST_SEEN, "bounced_at")
+        ]
+        bits = [
+            f"CASE WHEN {m}{c} IS NULL AND {v[c]} IS NOT NULL THEN {int(bit)} ELSE 0 END"
+            for c, (bit, _) in FIRST_SEEN.items()
+        ]
+        bits.append(
+            f"CASE WHEN {m}bounced_at IS NULL AND {v['bounced_at']} IS NOT NULL THEN {int(Seen.BOUNCED)} ELSE 0 END"
+        )
+        kind = v["bounce_kind"]
+        bits.append(
+            f"CASE WHEN {kind} = 'hard' AND ({m}bounce_kind IS NULL OR {m}bounce_kind <> 'hard') "
+            f"THEN {int(Seen.HARD_BOUNCE)} ELSE 0 END"
+        )
+        rows = await self.sql.run(
+            f"UPDATE messages SET {', '.join(earliest)}, "
+            f"bounce_kind = CASE WHEN {kind} = 'hard' OR {m}bounce_kind IS NULL "
+            f"THEN coalesce({kind}, {m}bounce_kind) ELSE {m}bounce_kind END, "
+            f"open_count = {m}open_count + {v['opens']}, click_count = {m}click_count + {v['clicks']}, "
+            f"newly_seen = {' + '.join(bits)} "
+            f"FROM {v.sql} WHERE messages.tracking_id = {v['tracking_id']} "
+            "RETURNING messages.tracking_id, messages.newly_seen",
+            v.params,
+        )
+        return [(tid, int(mask)) for tid, mask in rows if mask]
+
+    async def _message_links(self, p: Plan) -> None:
+        """Per-link unique clicks: a (message, link) pair counts the first time it is stored."""
+        if not p.message_links:
+            return
+        v = self.sql.source([("tracking_id", "text"), ("url_hash", "text")], sorted(p.message_links))
+        self.unique_link_clicks = [
+            (p.campaign_of[tid], digest)
+            for tid, digest in await self.sql.run(
+                f"INSERT INTO message_links (tracking_id, url_hash) SELECT {v['tracking_id']}, {v['url_hash']} "
+                f"FROM {v.sql} WHERE true ON CONFLICT DO NOTHING RETURNING tracking_id, url_hash",
+                v.params,
+            )
+        ]
+
+    # -- summed writes ----------------------------------------------------------------------
 
     async def flush(self) -> None:
-        """Write the summed counter changes, campaign rows first and in a fixed order (no deadlocks)."""
-        now = utcnow()
-        for campaign in sorted(self.new_campaigns):
-            namespace, _, name = campaign.partition("/")
-            await self.conn.execute(
-                self.insert(CAMPAIGNS)
-                .values(key=campaign, namespace=namespace, name=name, first_seen_at=now)
-                .on_conflict_do_nothing(index_elements=["key"])
+        """Campaign rows, recipients, then counters, links and buckets, each in sorted order."""
+        sql = self.sql
+        if self.new_campaigns:
+            v = sql.source(
+                [("key", "text"), ("namespace", "text"), ("name", "text"), ("at", "ts")],
+                [(key, *key.split("/", 1), self.now) for key in sorted(self.new_campaigns)],
             )
-        for campaign in sorted(self.counters):
-            deltas = {col: n for col, n in self.counters[campaign].items() if n}
-            statement = self.insert(STATS).values(campaign=campaign, updated_at=now, **deltas)
-            await self.conn.execute(
-                statement.on_conflict_do_update(
-                    index_elements=["campaign"],
-                    set_={
-                        "updated_at": now,
-                        **{col: STATS.c[col] + statement.excluded[col] for col in deltas},
-                    },
+            await sql.run(
+                f"INSERT INTO campaigns (key, namespace, name, first_seen_at) SELECT {v['key']}, "
+                f"{v['namespace']}, {v['name']}, {v['at']} FROM {v.sql} WHERE true ON CONFLICT DO NOTHING",
+                v.params,
+            )
+        if self.new_recipients:
+            v = sql.source([("campaign", "text"), ("recipient", "text")], sorted(self.new_recipients))
+            for (campaign,) in await sql.run(
+                f"INSERT INTO campaign_recipients (campaign, recipient) SELECT {v['campaign']}, "
+                f"{v['recipient']} FROM {v.sql} WHERE true ON CONFLICT DO NOTHING RETURNING campaign",
+                v.params,
+            ):
+                self.counters[campaign]["total_recipients"] += 1
+        await self._upsert_counters()
+        await self._upsert_links()
+        await self._upsert_buckets()
+
+    async def _upsert_counters(self) -> None:
+        rows = [
+            (campaign, *(deltas.get(name, 0) for name in COUNTER_COLUMNS), self.now)
+            for campaign, deltas in sorted(self.counters.items())
+            if any(deltas.values())
+        ]
+        if not rows:
+            return
+        columns: list[Column] = [("campaign", "text"), *((n, "int") for n in COUNTER_COLUMNS), ("at", "ts")]
+        v = self.sql.source(columns, rows)
+        sums = ", ".join(f"{n} = campaign_stats.{n} + excluded.{n}" for n in COUNTER_COLUMNS)
+        await self.sql.run(
+            f"INSERT INTO campaign_stats (campaign, {', '.join(COUNTER_COLUMNS)}, updated_at) "
+            f"SELECT {v['campaign']}, {', '.join(v[n] for n in COUNTER_COLUMNS)}, {v['at']} FROM {v.sql} "
+            f"WHERE true ON CONFLICT (campaign) DO UPDATE SET {sums}, updated_at = excluded.updated_at",
+            v.params,
+        )
+
+    async def _upsert_links(self) -> None:
+        p = self.plan
+        totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
+        for key, n in p.link_clicks.items():
+            totals[key][0] += n
+        for key in self.unique_link_clicks:
+            totals[key][1] += 1
+        if not totals:
+            return
+        v = self.sql.source(
+            [("campaign", "text"), ("url_hash", "text"), ("url", "text"), ("total", "int"), ("uniq", "int")],
+            [(c, h, p.link_urls[h], t, u) for (c, h), (t, u) in sorted(totals.items())],
+        )
+        await self.sql.run(
+            "INSERT INTO link_stats (campaign, url_hash, url, total_clicks, unique_clicks) "
+            f"SELECT {v['campaign']}, {v['url_hash']}, {v['url']}, {v['total']}, {v['uniq']} FROM {v.sql} "
+            "WHERE true ON CONFLICT (campaign, url_hash) DO UPDATE SET "
+            "total_clicks = link_stats.total_clicks + excluded.total_clicks, "
+            "unique_clicks = link_stats.unique_clicks + excluded.unique_clicks",
+            v.params,
+        )
+
+    async def _upsert_buckets(self) -> None:
+        if not self.plan.buckets:
+            return
+        v = self.sql.source(
+            [("campaign", "text"), ("hour", "ts"), ("opens", "int"), ("human", "int")],
+            [(c, h, o, m) for (c, h), (o, m) in sorted(self.plan.buckets.items())],
+        )
+        await self.sql.run(
+            "INSERT INTO open_buckets (campaign, hour, opens, human_opens) "
+            f"SELECT {v['campaign']}, {v['hour']}, {v['opens']}, {v['human']} FROM {v.sql} WHERE true "
+            "ON CONFLICT (campaign, hour) DO UPDATE SET opens = open_buckets.opens + excluded.opens, "
+            "human_opens = open_buckets.human_opens + excluded.human_opens",
+            v.params,
+        )
+
+
+def _unique(events: Iterable[Event]) -> tuple[list[Event], int]:
+    """The first of each event id in the batch, and how many repeats were dropped."""
+    seen: dict[str, Event] = {}
+    repeats = 0
+    for e in events:
+        if e.event_id in seen:
+            repeats += 1
+        else:
+            seen[e.event_id] = e
+    return list(seen.values()), repeats
+
+
+async def apply_batch(db: Database, events: Iterable[Event]) -> BatchResult:
+    """Store and apply one batch in one transaction (see the module docstring)."""
+    batch, repeats = _unique(events)
+    async with db.writing() as conn:
+        tx = _Transaction(await Bulk.of(conn, db.dialect))
+        tx.result.duplicates += repeats
+        created = await tx.create_messages(batch)
+        others = [e for e in batch if e.type not in _MESSAGE_TYPES]
+        by_id, by_address = await tx.resolve(
+            (e.tracking_id for e in others if e.tracking_id),
+            (e.recipient for e in others if e.tracking_id is None and e.recipient),
+        )
+        rows: list[tuple[Any, ...]] = []
+        applied: dict[str, Applied] = {}
+        creators = set(created.values())
+        for e in sorted(batch, key=lambda e: e.event_id):
+            campaign, tracking_id, is_applied = e.campaign, e.tracking_id, False
+            if e.type in _MESSAGE_TYPES:
+                # Only the event that created its message counts; a second sent/failed for the
+                # same copy is kept for the record.
+                if e.event_id in creators:
+                    campaign, is_applied = campaign or UNKNOWN_CAMPAIGN, True
+            else:
+                target = by_id.get(tracking_id) if tracking_id else by_address.get(e.recipient or "")
+                if target is not None:
+                    campaign, tracking_id, is_applied = target.campaign, target.tracking_id, True
+                    applied[e.event_id] = Applied(
+                        type=e.type,
+                        tracking_id=target.tracking_id,
+                        campaign=target.campaign,
+                        occurred_at=e.occurred_at,
+                        machine=e.machine,
+                        bounce_kind=_bounce_kind(e),
+                        url=e.url,
+                    )
+            rows.append(
+                (
+                    e.event_id,
+                    e.type.value,
+                    tracking_id,
+                    campaign,
+                    e.recipient,
+                    e.occurred_at,
+                    tx.now,
+                    e.ip,
+                    e.user_agent,
+                    e.url,
+                    _bounce_kind(e),
+                    e.reason,
+                    e.machine,
+                    e.machine_kind,
+                    e.source,
+                    e.metadata or None,
+                    is_applied,
                 )
             )
-        for (campaign, digest), (url, total, unique) in sorted(self.links.items()):
-            statement = self.insert(LINKS).values(
-                campaign=campaign, url_hash=digest, url=url, total_clicks=total, unique_clicks=unique
-            )
-            await self.conn.execute(
-                statement.on_conflict_do_update(
-                    index_elements=["campaign", "url_hash"],
-                    set_={
-                        "total_clicks": LINKS.c.total_clicks + total,
-                        "unique_clicks": LINKS.c.unique_clicks + unique,
-                    },
+        new = await tx.insert_events(rows)
+        tx.result.duplicates += len(batch) - len(new)
+        tx.result.parked += sum(
+            1
+            for e in others
+            if e.event_id in new and e.event_id not in applied and (e.tracking_id or e.recipient)
+        )
+        effects = [a for event_id, a in applied.items() if event_id in new]
+        if created:
+            where, params = tx.sql.one_of("tracking_id", sorted(created))
+            branches = [("events", where, params)]
+            addresses = sorted({r for _, r in tx.new_recipients})
+            if addresses:
+                where, params = tx.sql.one_of("recipient", addresses)
+                branches.append((tx.sql.parked_events, f"{where} AND tracking_id IS NULL", params))
+            effects += await tx.claim_parked(branches)
+        await tx.apply(effects)
+        await tx.flush()
+    return tx.result
+
+
+async def adopt_parked(db: Database, limit: int = 2000) -> BatchResult:
+    """Apply parked events whose message has meanwhile been stored (by any replica)."""
+    async with db.writing() as conn:
+        tx = _Transaction(await Bulk.of(conn, db.dialect))
+        effects = await tx.claim_parked(
+            [
+                (
+                    tx.sql.parked_events,
+                    "(EXISTS (SELECT 1 FROM messages m WHERE m.tracking_id = events.tracking_id) OR "
+                    "(events.tracking_id IS NULL "
+                    "AND EXISTS (SELECT 1 FROM messages m WHERE m.recipient = events.recipient)))",
+                    {},
                 )
-            )
-        for (campaign, hour), (opens, human) in sorted(self.buckets.items()):
-            statement = self.insert(BUCKETS).values(
-                campaign=campaign, hour=hour, opens=opens, human_opens=human
-            )
-            await self.conn.execute(
-                statement.on_conflict_do_update(
-                    index_elements=["campaign", "hour"],
-                    set_={"opens": BUCKETS.c.opens + opens, "human_opens": BUCKETS.c.human_opens + human},
-                )
-            )
-
-
-def _event_from_row(row: Any) -> Event:
-    return Event(
-        event_id=row["event_id"],
-        type=row["type"],
-        tracking_id=row["tracking_id"],
-        campaign=row["campaign"],
-        recipient=row["recipient"],
-        occurred_at=row["occurred_at"],
-        ip=row["ip"],
-        user_agent=row["user_agent"],
-        url=row["url"],
-        bounce_kind=row["bounce_kind"],
-        reason=row["reason"],
-        machine=bool(row["machine"]),
-        machine_kind=row["machine_kind"],
-        source=row["source"],
-        metadata=row["metadata"] or {},
-    )
-
-
-async def apply_batch(db: Database, events: list[Event]) -> BatchResult:
-    async with db.engine.begin() as conn:
-        batch = _Batch(conn, db.insert)
-        for event in events:
-            await batch.ingest(event)
-        await batch.flush()
-    return batch.result
+            ],
+            limit=limit,
+        )
+        if effects:
+            await tx.apply(effects)
+            await tx.flush()
+    return tx.result
 
 
 async def count_parked(db: Database) -> int:
-    from sqlalchemy import func
-
+    """Events waiting for their message (not the ones that can never be applied)."""
     async with db.read_engine.connect() as conn:
-        value = await conn.scalar(select(func.count()).select_from(EVENTS).where(EVENTS.c.applied.is_(False)))
-    return int(value or 0)
-
-
-async def adopt_parked(db: Database, limit: int = 1000) -> BatchResult:
-    """Apply parked events whose message has meanwhile been stored (by any replica)."""
-    async with db.engine.begin() as conn:
-        batch = _Batch(conn, db.insert)
-        # Only parked events whose message now exists: orphans never crowd out the rest.
-        known_id = exists().where(MESSAGES.c.tracking_id == EVENTS.c.tracking_id)
-        known_address = and_(
-            EVENTS.c.tracking_id.is_(None), exists().where(MESSAGES.c.recipient == EVENTS.c.recipient)
+        sql = await Bulk.of(conn, db.dialect)
+        rows = await sql.run(
+            f"SELECT count(*) FROM {sql.parked_events} WHERE applied = {sql.false} "
+            "AND type NOT IN ('sent', 'failed') AND (tracking_id IS NOT NULL OR recipient IS NOT NULL)"
         )
-        parked = await conn.execute(
-            select(EVENTS)
-            .where(
-                and_(
-                    EVENTS.c.applied.is_(False),
-                    EVENTS.c.type.not_in([EventType.SENT.value, EventType.FAILED.value]),
-                    or_(known_id, known_address),
-                )
-            )
-            .order_by(EVENTS.c.id)
-            .limit(limit)
-        )
-        for row in parked.mappings().all():
-            await batch._apply_to_message(row["event_id"], _event_from_row(row))
-        await batch.flush()
-    return batch.result
+    return int(rows[0][0])

@@ -1,16 +1,37 @@
-"""Prometheus metrics of the aggregator. Labels carry campaigns and event types only,
-never recipients, URLs or tracking ids (unbounded cardinality and personal data)."""
+"""Prometheus metrics of the aggregator.
+
+Labels carry campaigns (``namespace/name``), event types and fixed names only, never
+recipients, URLs or tracking ids (unbounded cardinality and personal data).
+
+Two kinds of series:
+
+- process counters (``mailbeacon_events_total``, batch latency, duplicates...): what this
+  replica did; sum them across replicas.
+- campaign gauges (``mailbeacon_campaign_*``): the exact statistics from the database,
+  read every few seconds; every replica reports the same value, so aggregate them with
+  ``max by (campaign)``.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from aggregator.ingest import BatchResult
 
 EVENTS = Counter("mailbeacon_events_total", "Events applied to campaign statistics", ["campaign", "type"])
+RECEIVED = Counter("mailbeacon_aggregator_events_received_total", "Events taken from the stream")
 DUPLICATES = Counter("mailbeacon_aggregator_duplicate_events_total", "Repeated events ignored")
+PARKED_TOTAL = Counter(
+    "mailbeacon_aggregator_events_parked_total", "Events stored to wait for a message not seen yet"
+)
 INVALID = Counter("mailbeacon_aggregator_invalid_events_total", "Malformed events dropped")
 BATCH_FAILURES = Counter("mailbeacon_aggregator_batch_failures_total", "Batches rolled back and redelivered")
+PRUNED = Counter("mailbeacon_aggregator_pruned_events_total", "Stored events removed by retention")
 BATCH_SECONDS = Histogram(
     "mailbeacon_aggregator_batch_seconds",
     "Time to store one batch of events",
@@ -19,10 +40,80 @@ BATCH_SECONDS = Histogram(
 LAG = Gauge(
     "mailbeacon_aggregator_ingest_lag_events", "Events in the stream not yet delivered to the aggregator"
 )
+LAG_SECONDS = Gauge(
+    "mailbeacon_aggregator_ingest_lag_seconds", "Age of the newest stored event when its batch committed"
+)
 PARKED = Gauge("mailbeacon_aggregator_parked_events", "Stored events waiting for their message")
 
 
-def record_batch(result: BatchResult) -> None:
+def record_batch(result: BatchResult, received: int) -> None:
+    RECEIVED.inc(received)
     DUPLICATES.inc(result.duplicates)
+    PARKED_TOTAL.inc(result.parked)
     for (campaign, event_type), count in result.by_type.items():
         EVENTS.labels(campaign, event_type).inc(count)
+
+
+_MESSAGE_STATES = {
+    "sent": "sent_count",
+    "failed": "failed_count",
+    "delivered": "delivered_count",
+    "deferred": "deferred_count",
+    "bounced": "bounced_count",
+    "hard_bounced": "hard_bounced_count",
+    "soft_bounced": "soft_bounced_count",
+    "complained": "complained_count",
+    "unsubscribed": "unsubscribed_count",
+}
+_SINGLE = {
+    "recipients": ("total_recipients", "Distinct recipients with a sent or failed message"),
+    "unique_opens": ("unique_opens", "Messages opened at least once"),
+    "human_unique_opens": ("human_unique_opens", "Messages opened at least once by a person"),
+    "opens": ("total_opens", "Open events"),
+    "unique_clicks": ("unique_clicks", "Messages clicked at least once"),
+    "human_unique_clicks": ("human_unique_clicks", "Messages clicked at least once by a person"),
+    "clicks": ("total_clicks", "Click events"),
+}
+_RATES = ("delivery", "open", "click", "human_open", "human_click", "bounce", "complaint")
+
+
+class CampaignStatistics(Collector):
+    """Campaign gauges from the last snapshot of the database's statistics."""
+
+    def __init__(self) -> None:
+        self._snapshot: list[Mapping[str, Any]] = []
+
+    def update(self, campaigns: Iterable[Mapping[str, Any]]) -> None:
+        self._snapshot = list(campaigns)
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._snapshot
+        messages = GaugeMetricFamily(
+            "mailbeacon_campaign_messages",
+            "Messages per campaign by what happened to them",
+            labels=["campaign", "state"],
+        )
+        rates = GaugeMetricFamily(
+            "mailbeacon_campaign_rate_percent",
+            "Campaign rates as DESIGN.md defines them",
+            labels=["campaign", "rate"],
+        )
+        singles = {
+            name: GaugeMetricFamily(f"mailbeacon_campaign_{name}", help_text, labels=["campaign"])
+            for name, (_, help_text) in _SINGLE.items()
+        }
+        for stats in snapshot:
+            campaign = str(stats["campaign"])
+            for state, field in _MESSAGE_STATES.items():
+                messages.add_metric([campaign, state], float(stats.get(field, 0)))
+            for rate in _RATES:
+                rates.add_metric([campaign, rate], float(stats.get(f"{rate}_rate", 0.0)))
+            for name, (field, _) in _SINGLE.items():
+                singles[name].add_metric([campaign], float(stats.get(field, 0)))
+        yield messages
+        yield rates
+        yield from singles.values()
+
+
+CAMPAIGNS = CampaignStatistics()
+REGISTRY.register(CAMPAIGNS)

@@ -1,7 +1,10 @@
-"""SQL tables (sqlmodel). The same schema on SQLite and PostgreSQL.
+"""SQL tables (sqlmodel). The same schema on SQLite and PostgreSQL, created by the Alembic
+migrations in ``aggregator/migrations`` (never by ``create_all``).
 
 ``events`` is the record of everything that happened; the other tables are state
 maintained from it on ingest so that reading statistics never scans events.
+``pruned_events`` keeps what retention removed from ``events`` in counted form, so a
+recount (``refresh``) still gives the same numbers after old events are gone.
 """
 
 from __future__ import annotations
@@ -84,14 +87,20 @@ class MessageRow(SQLModel, table=True):
     unsubscribed_at: datetime | None = _ts()
     open_count: int = 0
     click_count: int = 0
+    # Bit mask of the first-seen columns the latest ingest statement filled (see
+    # aggregator.effects.Seen): SET expressions see the row before the update, so RETURNING
+    # this column tells ingest exactly which unique counts it moved, in one atomic statement.
+    newly_seen: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
 
 class EventRow(SQLModel, table=True):
     __tablename__ = "events"
     __table_args__ = (
         Index("ix_events_message_type", "tracking_id", "type"),
-        Index("ix_events_campaign_time", "campaign", "occurred_at"),
-        Index("ix_events_type_time", "type", "occurred_at"),
+        # The time indexes end with ``id``: keyset pagination orders by (occurred_at, id).
+        Index("ix_events_campaign_time", "campaign", "occurred_at", "id"),
+        Index("ix_events_type_time", "type", "occurred_at", "id"),
+        Index("ix_events_time", "occurred_at", "id"),
         # Parked events (waiting for their message) are few; a partial index finds them fast.
         Index(
             "ix_events_parked",
@@ -164,6 +173,25 @@ class OpenBucket(SQLModel, table=True):
     human_opens: int = 0
 
 
+class PrunedEvent(SQLModel, table=True):
+    """Events removed by retention, counted per message, type, hour and the details that
+    statistics group by. A recount reads these rows weighted by ``n`` alongside ``events``."""
+
+    __tablename__ = "pruned_events"
+    __table_args__ = (Index("ix_pruned_events_campaign", "campaign"),)
+
+    tracking_id: str = Field(primary_key=True, max_length=_ID)
+    type: str = Field(primary_key=True, max_length=16)
+    hour: datetime = Field(sa_column=Column(DateTime(timezone=True), primary_key=True))
+    machine: bool = Field(primary_key=True)
+    bounce_kind: str = Field(primary_key=True, max_length=4)  # "" when not a bounce
+    url_hash: str = Field(primary_key=True, max_length=64)  # "" when not a click
+    campaign: str = Field(max_length=320)
+    recipient: str | None = Field(default=None, max_length=320)
+    url: str | None = Field(default=None, sa_column=Column(Text))
+    n: int = 0
+
+
 __all__ = [
     "COUNTER_COLUMNS",
     "CampaignRecipient",
@@ -174,5 +202,6 @@ __all__ = [
     "MessageLink",
     "MessageRow",
     "OpenBucket",
+    "PrunedEvent",
     "String",
 ]

@@ -42,6 +42,12 @@ def _html_of(message: Message) -> str | None:
     return str(content)
 
 
+def _tracking_link(tracking_id: str) -> str:
+    if not tracking_id:
+        return "untracked"
+    return f'<a href="/messages/{escape(tracking_id)}/">{escape(tracking_id)}</a>'
+
+
 async def outbox_list(request: web.Request) -> web.Response:
     directory = request.app[OUTBOX_KEY]
     files = sorted(directory.glob("*.eml"), key=lambda p: p.stat().st_mtime, reverse=True)[:MAX_LISTED]
@@ -50,7 +56,7 @@ async def outbox_list(request: web.Request) -> web.Response:
         "".join(
             f'<tr><td><a href="/outbox/{escape(p.name)}">{escape(str(m.get("Subject", "(no subject)")))}</a></td>'
             f"<td>{escape(str(m.get('Delivered-To', '')))}</td><td>{escape(str(m.get('From', '')))}</td>"
-            f'<td class="muted">{escape(str(m.get("X-Mailbeacon-Tracking-ID", "untracked")))}</td></tr>'
+            f"<td class=muted>{_tracking_link(str(m.get('X-Mailbeacon-Tracking-ID', '')))}</td></tr>"
             for p, m in headers
         )
         or '<tr><td colspan="4" class="muted">Nothing relayed yet.</td></tr>'

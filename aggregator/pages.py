@@ -1,4 +1,9 @@
-"""Server-rendered HTML pages: campaign list and a campaign's statistics. No JavaScript needed."""
+"""Server-rendered HTML pages: campaign list and a campaign's statistics.
+
+Every page works without JavaScript (the chart is inline SVG, forms are plain GET/POST)
+and reflows to one column on a phone. Numbers carry ``data-metric`` attributes so tests
+and scripts can read them without scraping the layout.
+"""
 
 from __future__ import annotations
 
@@ -13,105 +18,211 @@ from aggregator.api import DB_KEY, campaign_from
 STYLE = """
 :root{--fg:#1d2430;--muted:#5d6b7e;--line:#e3e8ef;--bg:#f6f8fb;--card:#fff;--accent:#2f6fde}
 *{box-sizing:border-box}body{margin:0;font:15px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;
-color:var(--fg);background:var(--bg)}header{background:#14213d;color:#fff;padding:.8rem 1rem}
-header a{color:#fff;text-decoration:none;margin-right:1rem}main{max-width:72rem;margin:0 auto;padding:1rem}
-h1{font-size:1.4rem;margin:.5rem 0 1rem}h2{font-size:1.1rem;margin:1.5rem 0 .5rem}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(10rem,1fr));gap:.75rem}
+color:var(--fg);background:var(--bg)}header{background:#14213d;color:#fff;padding:.7rem 1rem;display:flex;
+flex-wrap:wrap;gap:.3rem 1rem;align-items:center}header a{color:#fff;text-decoration:none}
+main{max-width:72rem;margin:0 auto;padding:1rem}a{color:var(--accent)}
+h1{font-size:1.4rem;margin:.3rem 0 .8rem;word-break:break-word}h2{font-size:1.1rem;margin:1.6rem 0 .5rem}
+.bar-row{display:flex;flex-wrap:wrap;gap:.5rem;align-items:center;margin-bottom:1rem}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(9.5rem,1fr));gap:.75rem}
 .card{background:var(--card);border:1px solid var(--line);border-radius:.5rem;padding:.75rem}
-.card .label{color:var(--muted);font-size:.8rem;text-transform:uppercase;letter-spacing:.03em}
-.card .value{font-size:1.6rem;font-weight:600}.card .rate{color:var(--muted)}
+.card .label{color:var(--muted);font-size:.78rem;text-transform:uppercase;letter-spacing:.03em}
+.card .value{font-size:1.6rem;font-weight:600}.card .rate{color:var(--muted);font-size:.9rem}
 table{width:100%;border-collapse:collapse;background:var(--card);border:1px solid var(--line)}
 th,td{text-align:left;padding:.45rem .6rem;border-bottom:1px solid var(--line);vertical-align:top}
-td.num,th.num{text-align:right}.wrap{overflow-x:auto}td.url{word-break:break-all}
-.bar{background:var(--accent);height:.8rem;border-radius:.2rem}
+td.num,th.num{text-align:right;white-space:nowrap}.wrap{overflow-x:auto}td.url{word-break:break-all}
+.share{background:var(--accent);opacity:.25;height:.5rem;border-radius:.2rem;margin-top:.2rem}
+.chart{background:var(--card);border:1px solid var(--line);border-radius:.5rem;padding:.5rem}
+.chart svg{width:100%;height:auto;display:block}.chart .total{fill:#9db8ee}.chart .human{fill:var(--accent)}
+.legend{font-size:.85rem;color:var(--muted)}.legend i{display:inline-block;width:.8rem;height:.8rem;
+border-radius:.15rem;margin:0 .3rem 0 .8rem;vertical-align:-.1rem}
+.timeline{list-style:none;margin:0;padding:0;background:var(--card);border:1px solid var(--line);border-radius:.5rem}
+.timeline li{padding:.5rem .75rem .5rem 1.6rem;border-bottom:1px solid var(--line);position:relative}
+.timeline li:before{content:"";position:absolute;left:.6rem;top:.85rem;width:.55rem;height:.55rem;
+border-radius:50%;background:currentColor}.timeline .when{color:var(--muted);font-size:.85rem}
+.timeline .what{font-weight:600}.timeline .detail{word-break:break-all;color:var(--fg)}
 .t-sent{color:#2f6fde}.t-delivered{color:#1a8f4c}.t-opened{color:#7a4cc2}.t-clicked{color:#c2410c}
 .t-bounced,.t-failed{color:#c81e1e}.t-complained{color:#9f1239}.t-unsubscribed,.t-deferred{color:#8a6d00}
-button{background:var(--accent);color:#fff;border:0;border-radius:.4rem;padding:.5rem .9rem;font-size:1rem}
-.muted{color:var(--muted)}
+.badge{display:inline-block;border:1px solid currentColor;border-radius:1rem;padding:0 .5rem;font-size:.8rem}
+button,.button{background:var(--accent);color:#fff;border:0;border-radius:.4rem;padding:.5rem .9rem;
+font-size:1rem;text-decoration:none;cursor:pointer;display:inline-block}.button.plain{background:#e8eef9;color:var(--accent)}
+.notice{background:#e7f6ec;border:1px solid #b7e1c4;border-radius:.4rem;padding:.5rem .75rem;margin-bottom:1rem}
+.muted{color:var(--muted)}form.filters{display:flex;flex-wrap:wrap;gap:.5rem 1rem;align-items:flex-end;
+background:var(--card);border:1px solid var(--line);border-radius:.5rem;padding:.75rem;margin-bottom:1rem}
+form.filters fieldset{border:0;padding:0;margin:0;display:flex;flex-wrap:wrap;gap:.2rem .8rem}
+form.filters label{font-size:.9rem}input[type=date]{font:inherit;padding:.3rem}
+@media (max-width:40rem){main{padding:.6rem}.hide-narrow{display:none}.card .value{font-size:1.35rem}}
 """
 
 
-def layout(title: str, body: str) -> web.Response:
+def layout(title: str, body: str, status: int = 200) -> web.Response:
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
 <title>{escape(title)} · mailbeacon</title><style>{STYLE}</style></head>
 <body><header><a href="/campaigns/"><strong>mailbeacon</strong></a><a href="/campaigns/">Campaigns</a>
-<a href="/outbox/">Outbox</a></header><main>{body}</main></body></html>"""
-    return web.Response(text=page, content_type="text/html")
+<a href="/events/">All events</a><a href="/outbox/">Outbox</a></header><main>{body}</main></body></html>"""
+    return web.Response(text=page, content_type="text/html", status=status)
 
 
-def card(label: str, value: int, rate: float | None = None, rate_label: str = "") -> str:
-    rate_html = f'<div class="rate">{rate:.2f}% {escape(rate_label)}</div>' if rate is not None else ""
-    return f'<div class="card"><div class="label">{escape(label)}</div><div class="value">{value}</div>{rate_html}</div>'
+def not_found(what: str) -> web.Response:
+    return layout("Not found", f"<h1>Not found</h1><p>{escape(what)}</p>", status=404)
+
+
+def card(label: str, metric: str, value: int, rate: float | None = None, rate_label: str = "") -> str:
+    rate_html = (
+        f'<div class="rate"><span data-metric="{metric}_rate">{rate:.2f}%</span> {escape(rate_label)}</div>'
+        if rate is not None
+        else ""
+    )
+    return (
+        f'<div class="card"><div class="label">{escape(label)}</div>'
+        f'<div class="value" data-metric="{metric}">{value:,}</div>{rate_html}</div>'
+    )
+
+
+def _share(part: int, whole: int) -> float:
+    return round(part * 100.0 / whole, 2) if whole else 0.0
 
 
 async def campaign_list(request: web.Request) -> web.Response:
     campaigns = await statistics.list_campaigns(request.app[DB_KEY])
     rows = "".join(
         f'<tr><td><a href="/campaigns/{escape(c["campaign"])}/statistics/">{escape(c["campaign"])}</a></td>'
-        f'<td class="num">{c["sent_count"]}</td><td class="num">{c["delivered_count"]}</td>'
+        f'<td class="num">{c["sent_count"]:,}</td><td class="num hide-narrow">{c["delivered_count"]:,}</td>'
         f'<td class="num">{c["open_rate"]:.2f}%</td><td class="num">{c["click_rate"]:.2f}%</td>'
-        f'<td class="num">{c["bounce_rate"]:.2f}%</td></tr>'
+        f'<td class="num hide-narrow">{c["bounce_rate"]:.2f}%</td></tr>'
         for c in campaigns
     )
     if not rows:
         rows = '<tr><td colspan="6" class="muted">No campaigns yet. Send mail through the proxy.</td></tr>'
     body = (
         "<h1>Campaigns</h1><div class=wrap><table><thead><tr><th>Campaign</th><th class=num>Sent</th>"
-        "<th class=num>Delivered</th><th class=num>Open rate</th><th class=num>Click rate</th>"
-        f"<th class=num>Bounce rate</th></tr></thead><tbody>{rows}</tbody></table></div>"
+        "<th class='num hide-narrow'>Delivered</th><th class=num>Open rate</th><th class=num>Click rate</th>"
+        f"<th class='num hide-narrow'>Bounce rate</th></tr></thead><tbody>{rows}</tbody></table></div>"
     )
     return layout("Campaigns", body)
 
 
-def _statistics_body(s: dict[str, Any]) -> str:
-    cards = "".join(
+def key_metrics(s: dict[str, Any]) -> str:
+    """The DESIGN.md key metrics, each with its rate."""
+    return "".join(
         [
-            card("Recipients", s["total_recipients"]),
-            card("Sent", s["sent_count"]),
-            card("Delivered", s["delivered_count"], s["delivery_rate"], "of sent"),
-            card("Unique opens", s["unique_opens"], s["open_rate"], "of delivered"),
-            card("Human opens", s["human_unique_opens"], s["human_open_rate"], "of delivered"),
-            card("Unique clicks", s["unique_clicks"], s["click_rate"], "of delivered"),
-            card("Human clicks", s["human_unique_clicks"], s["human_click_rate"], "of delivered"),
-            card("Bounced", s["bounced_count"], s["bounce_rate"], "of sent"),
-            card("Complaints", s["complained_count"], s["complaint_rate"], "of delivered"),
-            card("Unsubscribed", s["unsubscribed_count"]),
-            card("Failed", s["failed_count"]),
+            card("Sent", "sent_count", s["sent_count"], None),
+            card("Delivered", "delivered_count", s["delivered_count"], s["delivery_rate"], "delivery rate"),
+            card("Opened", "unique_opens", s["unique_opens"], s["open_rate"], "open rate"),
+            card("Clicked", "unique_clicks", s["unique_clicks"], s["click_rate"], "click rate"),
+            card("Bounced", "bounced_count", s["bounced_count"], s["bounce_rate"], "bounce rate"),
+            card(
+                "Complaints", "complained_count", s["complained_count"], s["complaint_rate"], "complaint rate"
+            ),
+            card(
+                "Unsubscribed",
+                "unsubscribed_count",
+                s["unsubscribed_count"],
+                _share(s["unsubscribed_count"], s["delivered_count"]),
+                "of delivered",
+            ),
+            card("Recipients", "total_recipients", s["total_recipients"]),
+            card(
+                "Failed",
+                "failed_count",
+                s["failed_count"],
+                _share(s["failed_count"], s["sent_count"] + s["failed_count"]),
+                "of attempted",
+            ),
         ]
     )
-    links = (
-        "".join(
-            f'<tr><td class="url">{escape(link["url"])}</td><td class="num">{link["total_clicks"]}</td>'
-            f'<td class="num">{link["unique_clicks"]}</td></tr>'
-            for link in s["top_links"]
+
+
+def human_vs_total(s: dict[str, Any]) -> str:
+    def row(noun: str, key: str) -> str:
+        return (
+            f"<tr><th>{noun}</th>"
+            f'<td class="num" data-metric="unique_{key}">{s[f"unique_{key}"]:,}</td>'
+            f'<td class="num" data-metric="human_unique_{key}">{s[f"human_unique_{key}"]:,}</td>'
+            f'<td class="num hide-narrow" data-metric="total_{key}">{s[f"total_{key}"]:,}</td>'
+            f'<td class="num hide-narrow" data-metric="human_total_{key}">{s[f"human_total_{key}"]:,}</td>'
+            f'<td class="num">{s[f"{key[:-1]}_rate"]:.2f}% / {s[f"human_{key[:-1]}_rate"]:.2f}%</td></tr>'
         )
-        or '<tr><td colspan="3" class="muted">No clicks yet.</td></tr>'
+
+    return (
+        "<div class=wrap><table><thead><tr><th></th><th class=num>Messages (all)</th>"
+        "<th class=num>Messages (people)</th><th class='num hide-narrow'>Events (all)</th>"
+        "<th class='num hide-narrow'>Events (people)</th><th class=num>Rate all / people</th></tr></thead>"
+        f"<tbody>{row('Opens', 'opens')}{row('Clicks', 'clicks')}</tbody></table></div>"
+        "<p class=muted>People leaves out opens and clicks classified as automated "
+        "(privacy proxies, link scanners, the hidden honeypot link).</p>"
     )
-    peak = max((point["opens"] for point in s["opens_over_time"]), default=0) or 1
-    chart = (
-        "".join(
-            f'<tr><td>{escape(point["date"])}</td><td style="width:70%"><div class="bar" '
-            f'style="width:{100 * point["opens"] / peak:.1f}%"></div></td><td class="num">{point["opens"]}</td></tr>'
-            for point in s["opens_over_time"]
-        )
-        or '<tr><td colspan="3" class="muted">No opens yet.</td></tr>'
+
+
+def top_links(s: dict[str, Any]) -> str:
+    links = s["top_links"]
+    peak = max((link["total_clicks"] for link in links), default=0) or 1
+    rows = "".join(
+        f'<tr><td class="url">{escape(link["url"])}<div class="share" style="width:{100 * link["total_clicks"] / peak:.1f}%"></div></td>'
+        f'<td class="num">{link["total_clicks"]:,}</td><td class="num">{link["unique_clicks"]:,}</td></tr>'
+        for link in links
     )
-    events = (
-        "".join(
-            f'<tr><td>{escape(e["occurred_at"] or "")}</td><td class="t-{escape(e["type"])}">{escape(e["type"])}'
-            f'</td><td>{escape(e["recipient"] or "")}</td><td class="url">{escape(e["detail"])}</td></tr>'
-            for e in s["recent_events"]
+    rows = rows or '<tr><td colspan="3" class="muted">No clicks yet.</td></tr>'
+    return (
+        "<div class=wrap><table id=top-links><thead><tr><th>Link</th><th class=num>Clicks</th>"
+        f"<th class=num>Messages</th></tr></thead><tbody>{rows}</tbody></table></div>"
+    )
+
+
+def opens_chart(points: list[dict[str, Any]], hourly: bool) -> str:
+    """Opens per day (or hour) as an SVG bar chart: all opens, and those by people."""
+    if not points:
+        return '<p class="muted">No opens yet.</p>'
+    key = "hour" if hourly else "date"
+    width, height, pad = 640, 180, 24
+    peak = max(p["opens"] for p in points) or 1
+    step = (width - 2 * pad) / len(points)
+    bar = max(1.0, step * 0.8)
+    shapes = []
+    for i, p in enumerate(points):
+        x = pad + i * step + (step - bar) / 2
+        h_all = (height - 2 * pad) * p["opens"] / peak
+        h_people = (height - 2 * pad) * p["human_opens"] / peak
+        label = f"{p[key]}: {p['opens']} opens, {p['human_opens']} by people"
+        shapes.append(
+            f"<g><title>{escape(label)}</title>"
+            f'<rect class="total" x="{x:.1f}" y="{height - pad - h_all:.1f}" width="{bar:.1f}" height="{h_all:.1f}"/>'
+            f'<rect class="human" x="{x:.1f}" y="{height - pad - h_people:.1f}" width="{bar:.1f}" height="{h_people:.1f}"/></g>'
         )
-        or '<tr><td colspan="4" class="muted">No events yet.</td></tr>'
+    first, last = points[0][key], points[-1][key]
+    axis = (
+        f'<text x="{pad}" y="{height - 6}" font-size="11" fill="#5d6b7e">{escape(first)}</text>'
+        f'<text x="{width - pad}" y="{height - 6}" font-size="11" fill="#5d6b7e" text-anchor="end">{escape(last)}</text>'
+        f'<text x="{pad}" y="14" font-size="11" fill="#5d6b7e">{peak:,}</text>'
     )
     return (
-        f'<div class="cards">{cards}</div>'
-        f"<h2>Top links</h2><div class=wrap><table><thead><tr><th>Link</th><th class=num>Clicks</th>"
-        f"<th class=num>Unique</th></tr></thead><tbody>{links}</tbody></table></div>"
-        f"<h2>Opens over time</h2><div class=wrap><table><tbody>{chart}</tbody></table></div>"
-        f"<h2>Recent events</h2><div class=wrap><table><thead><tr><th>Time (UTC)</th><th>Event</th>"
-        f"<th>Recipient</th><th>Detail</th></tr></thead><tbody>{events}</tbody></table></div>"
+        f'<div class="chart"><svg viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="Opens per {key}">{"".join(shapes)}{axis}</svg>'
+        '<div class="legend"><i style="background:#9db8ee"></i>all opens<i style="background:#2f6fde"></i>by people</div></div>'
+    )
+
+
+def when(iso: str | None) -> str:
+    """``2026-03-02T09:30:00.000000Z`` as ``2026-03-02 09:30:00`` (all times on pages are UTC)."""
+    return (iso or "")[:19].replace("T", " ")
+
+
+def timeline(events: list[dict[str, Any]]) -> str:
+    items = "".join(
+        f'<li class="t-{escape(e["type"])}"><span class="what">{escape(e["type"])}</span> '
+        f'<span class="when">{escape(when(e["occurred_at"]))} UTC</span><br>'
+        + (
+            f'<a href="/messages/{escape(e["tracking_id"])}/">{escape(e["recipient"] or e["tracking_id"])}</a> '
+            if e["tracking_id"]
+            else escape(e["recipient"] or "")
+        )
+        + f'<span class="detail muted">{escape(e["detail"])}</span></li>'
+        for e in events
+    )
+    return (
+        f'<ul class="timeline" id="recent-events">{items}</ul>'
+        if items
+        else '<p class="muted">No events yet.</p>'
     )
 
 
@@ -119,12 +230,31 @@ async def campaign_page(request: web.Request) -> web.Response:
     db = request.app[DB_KEY]
     campaign = campaign_from(request)
     if not await statistics.campaign_exists(db, campaign):
-        raise web.HTTPNotFound(text=f"no campaign {campaign}")
-    stats = await statistics.read_statistics(db, campaign)
+        return not_found(f"There is no campaign {campaign}.")
+    hourly = request.query.get("hourly") == "true"
+    s = await statistics.read_statistics(db, campaign, hourly=hourly)
+    base = f"/campaigns/{escape(campaign)}"
+    notice = (
+        f'<div class="notice" role="status">Statistics recomputed from the stored events at {escape(s["updated_at"] or "")}.</div>'
+        if request.query.get("refreshed")
+        else ""
+    )
+    toggle = (
+        f'<a href="{base}/statistics/">per day</a>'
+        if hourly
+        else f'<a href="{base}/statistics/?hourly=true">per hour</a>'
+    )
     body = (
-        f"<h1>{escape(campaign)}</h1>"
-        f'<form method="post" action="/campaigns/{escape(campaign)}/refresh/">'
-        '<button type="submit">Refresh statistics</button></form><p></p>' + _statistics_body(stats)
+        f"<h1>{escape(campaign)}</h1>{notice}<div class=bar-row>"
+        f'<form method="post" action="{base}/refresh/"><button type="submit">Refresh statistics</button></form>'
+        f'<a class="button plain" href="{base}/events/">Events</a>'
+        f'<a class="button plain" href="/api/campaigns/{escape(campaign)}/export.csv">Export CSV</a>'
+        f'<span class="muted">updated {escape(s["updated_at"] or "never")}</span></div>'
+        f'<div class="cards">{key_metrics(s)}</div>'
+        f"<h2>People and machines</h2>{human_vs_total(s)}"
+        f"<h2>Top links</h2>{top_links(s)}"
+        f"<h2>Opens over time <small class=muted>({toggle})</small></h2>{opens_chart(s['opens_over_time'], hourly)}"
+        f"<h2>Recent events</h2>{timeline(s['recent_events'])}"
     )
     return layout(campaign, body)
 
@@ -133,12 +263,14 @@ async def refresh_form(request: web.Request) -> web.Response:
     db = request.app[DB_KEY]
     campaign = campaign_from(request)
     if not await statistics.campaign_exists(db, campaign):
-        raise web.HTTPNotFound(text=f"no campaign {campaign}")
+        return not_found(f"There is no campaign {campaign}.")
     await statistics.refresh(db, campaign)
-    raise web.HTTPSeeOther(f"/campaigns/{campaign}/statistics/")
+    raise web.HTTPSeeOther(f"/campaigns/{campaign}/statistics/?refreshed=1")
 
 
 def add_page_routes(app: web.Application) -> None:
+    from aggregator.event_pages import add_event_page_routes
+
     async def home(_: web.Request) -> web.Response:
         raise web.HTTPFound("/campaigns/")
 
@@ -146,3 +278,4 @@ def add_page_routes(app: web.Application) -> None:
     app.router.add_get("/campaigns/", campaign_list)
     app.router.add_get("/campaigns/{ns}/{name}/statistics/", campaign_page)
     app.router.add_post("/campaigns/{ns}/{name}/refresh/", refresh_form)
+    add_event_page_routes(app)

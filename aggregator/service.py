@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from datetime import timedelta
 from pathlib import Path
 
 from aiohttp import web
 from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
+from aggregator import metrics
 from aggregator.api import DB_KEY, add_api_routes
 from aggregator.consumer import EventConsumer
 from aggregator.db import Database, open_database, sqlite_url
 from aggregator.ingest import CAMPAIGNS
+from aggregator.migrate import ensure_schema
 from aggregator.outbox_pages import add_outbox_routes
 from aggregator.pages import add_page_routes, layout
+from aggregator.retention import prune
+from aggregator.statistics import list_campaigns
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, CampaignSpec
 from mailbeacon.events import utcnow
@@ -22,6 +29,9 @@ from mailbeacon.settings import Settings
 from mailbeacon.web import add_health_routes, bound_port, json_errors, serve
 
 log = logging.getLogger(__name__)
+
+STATISTICS_METRICS_SECONDS = 10.0
+RETENTION_EVERY_SECONDS = 3600.0
 
 
 def database_url(settings: Settings) -> str:
@@ -54,13 +64,14 @@ class AggregatorService:
         self.consumer = EventConsumer(js, self.db, settings.ingest_batch_size)
         self.campaigns = CampaignStore(kv, on_change=self._campaign_changed) if kv is not None else None
         self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.port: int | None = None
 
     async def _campaign_changed(self, key: CampaignKey, spec: CampaignSpec | None) -> None:
         if spec is None:
             return  # a deleted Campaign keeps its statistics
         insert = self.db.insert
-        async with self.db.engine.begin() as conn:
+        async with self.db.writing() as conn:
             await conn.execute(
                 insert(CAMPAIGNS)
                 .values(key=str(key), namespace=key.namespace, name=key.name, first_seen_at=utcnow())
@@ -68,17 +79,52 @@ class AggregatorService:
             )
 
     async def start(self) -> None:
-        await self.db.create_schema()
+        await ensure_schema(self.db, self.settings.migrate_on_start)
         if self.campaigns is not None:
             await self.campaigns.start()
         await self.consumer.start()
+        self._tasks = [asyncio.create_task(self._publish_statistics(), name="aggregator-statistics-metrics")]
+        if self.settings.event_retention_days is not None:
+            keep = timedelta(days=self.settings.event_retention_days)
+            if self.settings.event_retention_days <= self.settings.stream_max_age_days:
+                # A replay of the stream could bring back events whose ids were pruned.
+                log.warning(
+                    "EVENT_RETENTION_DAYS (%s) should exceed STREAM_MAX_AGE_DAYS (%s): events replayed from "
+                    "the stream after their pruning would count again",
+                    self.settings.event_retention_days,
+                    self.settings.stream_max_age_days,
+                )
+            self._tasks.append(asyncio.create_task(self._retention(keep), name="aggregator-retention"))
         app = create_app(self.db, self.settings.outbox_dir)
         add_health_routes(app, ready=lambda: self.consumer.healthy)
         self._runner = await serve(app, self.settings.aggregator_listen)
         self.port = bound_port(self._runner)
         log.info("aggregator listening on port %s", self.port)
 
+    async def _publish_statistics(self) -> None:
+        """Campaign gauges for Prometheus, read from the database every few seconds."""
+        while True:
+            try:
+                metrics.CAMPAIGNS.update(await list_campaigns(self.db))
+            except Exception as exc:
+                log.warning("reading statistics for the metrics failed: %s", exc)
+            await asyncio.sleep(STATISTICS_METRICS_SECONDS)
+
+    async def _retention(self, keep: timedelta) -> None:
+        while True:
+            try:
+                metrics.PRUNED.inc(await prune(self.db, keep))
+            except Exception as exc:
+                log.warning("pruning old events failed: %s", exc)
+            await asyncio.sleep(RETENTION_EVERY_SECONDS)
+
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

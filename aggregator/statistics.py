@@ -7,13 +7,17 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, case, delete, distinct, func, select
+from sqlalchemy import and_, case, delete, distinct, func, literal, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from aggregator.bulk import as_utc
 from aggregator.db import Database
-from aggregator.ingest import BUCKETS, CAMPAIGNS, EVENTS, LINKS, STATS, hour_of, url_hash
+from aggregator.effects import url_hash
+from aggregator.ingest import BUCKETS, CAMPAIGNS, EVENTS, LINKS, PRUNED, STATS
 from aggregator.models import COUNTER_COLUMNS
+from aggregator.queries import event_json, with_message_recipient
 from mailbeacon.events import EventType, utcnow
+from mailbeacon.signing import HONEYPOT_URL
 
 TOP_LINKS = 10
 RECENT_EVENTS = 20
@@ -51,32 +55,7 @@ def opens_series(buckets: list[tuple[datetime, int, int]], hourly: bool) -> list
 
 
 def _iso(moment: datetime | None) -> str | None:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if moment else None
-
-
-def describe_event(row: Mapping[str, Any]) -> str:
-    kind = row["type"]
-    if kind == EventType.CLICKED.value:
-        return str(row["url"] or "")
-    if kind == EventType.BOUNCED.value:
-        return f"{row['bounce_kind'] or ''} {row['reason'] or ''}".strip()
-    if kind in (EventType.OPENED.value,) and row["machine"]:
-        return f"machine: {row['machine_kind'] or 'automated'}"
-    return str(row["reason"] or "")
-
-
-def event_summary(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {
-        "event_id": row["event_id"],
-        "type": row["type"],
-        "occurred_at": _iso(row["occurred_at"]),
-        "tracking_id": row["tracking_id"],
-        "recipient": row["recipient"],
-        "detail": describe_event(row),
-        "machine": bool(row["machine"]),
-        "machine_kind": row["machine_kind"],
-        "source": row["source"],
-    }
+    return as_utc(moment).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if moment else None
 
 
 async def campaign_exists(db: Database, campaign: str) -> bool:
@@ -100,8 +79,8 @@ async def _read(conn: AsyncConnection, campaign: str, hourly: bool) -> dict[str,
         select(BUCKETS.c.hour, BUCKETS.c.opens, BUCKETS.c.human_opens).where(BUCKETS.c.campaign == campaign)
     )
     recent = await conn.execute(
-        select(EVENTS)
-        .where(and_(EVENTS.c.campaign == campaign, EVENTS.c.applied.is_(True)))
+        with_message_recipient(select(EVENTS))
+        .where(EVENTS.c.campaign == campaign, EVENTS.c.applied.is_(True))
         .order_by(EVENTS.c.occurred_at.desc(), EVENTS.c.id.desc())
         .limit(RECENT_EVENTS)
     )
@@ -110,7 +89,7 @@ async def _read(conn: AsyncConnection, campaign: str, hourly: bool) -> dict[str,
         **with_rates(counters),
         "top_links": [{"url": u, "total_clicks": t, "unique_clicks": q} for u, t, q in links.all()],
         "opens_over_time": opens_series([(h, o, m) for h, o, m in buckets.all()], hourly),
-        "recent_events": [event_summary(dict(r)) for r in recent.mappings().all()],
+        "recent_events": [event_json(dict(r)) for r in recent.mappings().all()],
         "updated_at": _iso(counters.get("updated_at")),
     }
 
@@ -120,54 +99,106 @@ async def read_statistics(db: Database, campaign: str, hourly: bool = False) -> 
         return await _read(conn, campaign, hourly)
 
 
+def _facts(campaign: str) -> Any:
+    """The campaign's applied events, one row each, plus pruned events weighted by their count."""
+    e, p = EVENTS.c, PRUNED.c
+    live = select(
+        e.type,
+        e.tracking_id,
+        e.recipient,
+        e.machine,
+        e.bounce_kind,
+        e.url,
+        e.occurred_at.label("at"),
+        literal(1).label("n"),
+    ).where(e.campaign == campaign, e.applied.is_(True))
+    pruned = select(p.type, p.tracking_id, p.recipient, p.machine, p.bounce_kind, p.url, p.hour, p.n).where(
+        p.campaign == campaign
+    )
+    return union_all(live, pruned).subquery("facts")
+
+
 async def recount(conn: AsyncConnection, campaign: str) -> dict[str, int]:
     """Every counter recomputed from the stored events of the campaign (the definition, literally)."""
-    e = EVENTS.c
-    applied = and_(e.campaign == campaign, e.applied.is_(True))
+    f = _facts(campaign).c
 
-    def distinct_messages(kind: EventType, *extra: Any) -> Any:
-        return func.count(distinct(case((and_(e.type == kind.value, *extra), e.tracking_id))))
+    def messages_with(kind: EventType, *extra: Any) -> Any:
+        return func.count(distinct(case((and_(f.type == kind.value, *extra), f.tracking_id))))
 
-    def count(kind: EventType, *extra: Any) -> Any:
-        return func.count(case((and_(e.type == kind.value, *extra), 1)))
+    def events_of(kind: EventType, *extra: Any) -> Any:
+        return func.coalesce(func.sum(case((and_(f.type == kind.value, *extra), f.n), else_=0)), 0)
 
-    human = e.machine.is_(False)
+    human = f.machine.is_(False)
+    has_recipient = and_(f.type.in_(["sent", "failed"]), f.recipient.is_not(None), f.recipient != "")
     query = select(
-        distinct_messages(EventType.SENT).label("sent_count"),
-        distinct_messages(EventType.FAILED).label("failed_count"),
-        func.count(distinct(case((e.type.in_(["sent", "failed"]), e.recipient)))).label("total_recipients"),
-        distinct_messages(EventType.DELIVERED).label("delivered_count"),
-        distinct_messages(EventType.DEFERRED).label("deferred_count"),
-        distinct_messages(EventType.BOUNCED).label("bounced_count"),
-        distinct_messages(EventType.BOUNCED, e.bounce_kind == "hard").label("hard_bounced_count"),
-        distinct_messages(EventType.COMPLAINED).label("complained_count"),
-        distinct_messages(EventType.UNSUBSCRIBED).label("unsubscribed_count"),
-        distinct_messages(EventType.OPENED).label("unique_opens"),
-        count(EventType.OPENED).label("total_opens"),
-        distinct_messages(EventType.OPENED, human).label("human_unique_opens"),
-        count(EventType.OPENED, human).label("human_total_opens"),
-        distinct_messages(EventType.CLICKED).label("unique_clicks"),
-        count(EventType.CLICKED).label("total_clicks"),
-        distinct_messages(EventType.CLICKED, human).label("human_unique_clicks"),
-        count(EventType.CLICKED, human).label("human_total_clicks"),
-    ).where(applied)
+        messages_with(EventType.SENT).label("sent_count"),
+        messages_with(EventType.FAILED).label("failed_count"),
+        func.count(distinct(case((has_recipient, f.recipient)))).label("total_recipients"),
+        messages_with(EventType.DELIVERED).label("delivered_count"),
+        messages_with(EventType.DEFERRED).label("deferred_count"),
+        messages_with(EventType.BOUNCED).label("bounced_count"),
+        messages_with(EventType.BOUNCED, f.bounce_kind == "hard").label("hard_bounced_count"),
+        messages_with(EventType.COMPLAINED).label("complained_count"),
+        messages_with(EventType.UNSUBSCRIBED).label("unsubscribed_count"),
+        messages_with(EventType.OPENED).label("unique_opens"),
+        events_of(EventType.OPENED).label("total_opens"),
+        messages_with(EventType.OPENED, human).label("human_unique_opens"),
+        events_of(EventType.OPENED, human).label("human_total_opens"),
+        messages_with(EventType.CLICKED).label("unique_clicks"),
+        events_of(EventType.CLICKED).label("total_clicks"),
+        messages_with(EventType.CLICKED, human).label("human_unique_clicks"),
+        events_of(EventType.CLICKED, human).label("human_total_clicks"),
+    )
     counters = {k: int(v or 0) for k, v in (await conn.execute(query)).mappings().one().items()}
     counters["soft_bounced_count"] = counters["bounced_count"] - counters["hard_bounced_count"]
     return counters
+
+
+async def recount_links(conn: AsyncConnection, campaign: str) -> list[tuple[str, int, int]]:
+    """``(url, total clicks, unique clicks)`` per link; the honeypot is no link."""
+    f = _facts(campaign).c
+    rows = await conn.execute(
+        select(f.url, func.sum(f.n), func.count(distinct(f.tracking_id)))
+        .where(f.type == EventType.CLICKED.value, f.url.is_not(None), f.url != HONEYPOT_URL)
+        .group_by(f.url)
+    )
+    return [(url, int(total), int(unique)) for url, total, unique in rows.all()]
+
+
+def _hour(dialect: str, column: Any) -> Any:
+    if dialect == "postgresql":
+        return func.date_trunc("hour", column)
+    return func.strftime("%Y-%m-%d %H:00:00", column)
+
+
+async def recount_buckets(conn: AsyncConnection, dialect: str, campaign: str) -> dict[datetime, list[int]]:
+    """Opens and human opens per UTC hour."""
+    f = _facts(campaign).c
+    hour = _hour(dialect, f.at).label("hour")
+    rows = await conn.execute(
+        select(hour, func.sum(f.n), func.sum(case((f.machine.is_(False), f.n), else_=0)))
+        .where(f.type == EventType.OPENED.value)
+        .group_by(hour)
+    )
+    buckets: dict[datetime, list[int]] = {}
+    for moment, opens, human in rows.all():
+        buckets[as_utc(moment)] = [int(opens), int(human or 0)]
+    return buckets
 
 
 async def refresh(db: Database, campaign: str) -> dict[str, Any]:
     """Recompute the campaign's counters, links and open buckets from stored events and store them.
 
     The statistics row is locked first: ingest transactions touching this campaign wait,
-    so no increment lands between the recount and the write.
+    so no increment lands between the recount and the write (SQLite's write lock does the
+    same for the whole database).
     """
-    async with db.engine.begin() as conn:
+    async with db.writing() as conn:
         now = utcnow()
         insert = db.insert
         await conn.execute(
             insert(STATS)
-            .values(campaign=campaign, updated_at=now)
+            .values(campaign=campaign, updated_at=now, **dict.fromkeys(COUNTER_COLUMNS, 0))
             .on_conflict_do_nothing(index_elements=["campaign"])
         )
         lock = select(STATS.c.campaign).where(STATS.c.campaign == campaign)
@@ -176,36 +207,30 @@ async def refresh(db: Database, campaign: str) -> dict[str, Any]:
         await conn.execute(
             STATS.update().where(STATS.c.campaign == campaign).values(updated_at=now, **counters)
         )
-        e = EVENTS.c
-        clicks = await conn.execute(
-            select(e.url, func.count(), func.count(distinct(e.tracking_id)))
-            .where(and_(e.campaign == campaign, e.applied.is_(True), e.type == "clicked", e.url.is_not(None)))
-            .group_by(e.url)
-        )
+        links = await recount_links(conn, campaign)
         await conn.execute(delete(LINKS).where(LINKS.c.campaign == campaign))
-        link_rows = [
-            {"campaign": campaign, "url_hash": url_hash(u), "url": u, "total_clicks": t, "unique_clicks": q}
-            for u, t, q in clicks.all()
-        ]
-        if link_rows:
-            await conn.execute(LINKS.insert(), link_rows)
-        opens = await conn.execute(
-            select(e.occurred_at, e.machine).where(
-                and_(e.campaign == campaign, e.applied.is_(True), e.type == "opened")
+        if links:
+            await conn.execute(
+                LINKS.insert(),
+                [
+                    {
+                        "campaign": campaign,
+                        "url_hash": url_hash(u),
+                        "url": u,
+                        "total_clicks": t,
+                        "unique_clicks": q,
+                    }
+                    for u, t, q in links
+                ],
             )
-        )
-        buckets: dict[datetime, list[int]] = defaultdict(lambda: [0, 0])
-        for occurred_at, machine in opens.all():
-            bucket = buckets[hour_of(occurred_at)]
-            bucket[0] += 1
-            bucket[1] += 0 if machine else 1
+        buckets = await recount_buckets(conn, db.dialect, campaign)
         await conn.execute(delete(BUCKETS).where(BUCKETS.c.campaign == campaign))
         if buckets:
             await conn.execute(
                 BUCKETS.insert(),
                 [
                     {"campaign": campaign, "hour": h, "opens": o, "human_opens": m}
-                    for h, (o, m) in buckets.items()
+                    for h, (o, m) in sorted(buckets.items())
                 ],
             )
     return await read_statistics(db, campaign)

@@ -177,15 +177,18 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(run(settings))
     elif command == "migrate":
         from aggregator.db import open_database
+        from aggregator.migrate import migrate
         from aggregator.service import database_url
 
-        async def migrate() -> None:
+        async def run_migrations() -> tuple[str | None, str | None]:
             db = open_database(database_url(settings))
-            await db.create_schema()
-            await db.dispose()
+            try:
+                return await migrate(db)
+            finally:
+                await db.dispose()
 
-        asyncio.run(migrate())
-        print("schema is up to date")
+        before, after = asyncio.run(run_migrations())
+        print(f"schema is up to date (revision {after}, was {before or 'empty'})")
     elif command == "campaign":
         text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
         asyncio.run(_apply(settings, text))

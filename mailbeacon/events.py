@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -11,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SUBJECT_PREFIX = "mailbeacon.events"
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class EventType(StrEnum):
@@ -84,8 +86,8 @@ class Event(BaseModel):
     @field_validator("tracking_id")
     @classmethod
     def _tracking_id(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
+        if value is None or _CANONICAL_UUID.fullmatch(value):
+            return value  # already canonical: the common case, checked without building a UUID
         return str(uuid.UUID(value))  # canonical lower-case form, rejects garbage
 
     @field_validator("recipient")

@@ -90,7 +90,11 @@ class AllInOne:
             # Started from this (the main) thread: the child's parent-death signal follows it.
             nats_url = self.nats.start()
             nats_url_file(settings).write_text(nats_url)
-        updates: dict[str, object] = {"nats_url": nats_url, "auto_create_campaigns": True}
+        updates: dict[str, object] = {
+            "nats_url": nats_url,
+            "auto_create_campaigns": True,
+            "migrate_on_start": True,
+        }
         if settings.upstream_smtp is None:
             self.outbox = Outbox(settings.data_dir / "outbox")
             await self.outbox.start()

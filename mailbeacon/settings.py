@@ -97,7 +97,13 @@ class Settings(BaseSettings):
     stream_duplicate_window_seconds: float = Field(default=600.0, gt=0)
     stream_replicas: int = Field(default=1, ge=1, le=5)
 
-    ingest_batch_size: int = Field(default=500, ge=1, le=10000)
+    ingest_batch_size: int = Field(default=2000, ge=1, le=10000)
+    migrate_on_start: bool = Field(
+        default=False, description="The aggregator brings the SQL schema up to date when it starts"
+    )
+    event_retention_days: float | None = Field(
+        default=None, gt=0, description="Stored events older than this are pruned; statistics stay"
+    )
     max_message_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
 
     sendgrid_public_key: SecretStr | None = None

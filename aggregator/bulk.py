@@ -1,0 +1,214 @@
+"""Set-based SQL on both databases: a batch of literal rows as one relation.
+
+Ingest works on whole batches: "insert these 2,000 events", "fill the first open of
+these 800 messages where it is still empty". Each such statement reads its rows from a
+relation, so the statement text never depends on the batch size (prepared once, cached)
+and no per-row round trips happen:
+
+- PostgreSQL: large row sets are staged with ``COPY`` (binary) into a temporary table;
+  small ones are bound as ``unnest(CAST(:a AS text[]), ...)``, one array per column.
+- SQLite: ``json_each(:rows)`` over one JSON document of row arrays, or ``executemany``.
+
+Statements run on the driver connection (asyncpg / aiosqlite) inside the transaction
+SQLAlchemy opened: at tens of thousands of events a second, per-statement and per-row
+overhead of the ORM layer is the bottleneck. They use SQL both dialects understand
+(``ON CONFLICT``, ``RETURNING``, ``UPDATE ... FROM``; SQLite 3.35 or newer).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any, Literal
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+Kind = Literal["text", "ts", "bool", "int", "json"]
+Column = tuple[str, Kind]
+
+_PG_TYPE: dict[Kind, str] = {
+    "text": "text",
+    "ts": "timestamptz",
+    "bool": "boolean",
+    "int": "bigint",
+    "json": "text",
+}
+
+
+def sqlite_time(moment: datetime) -> str:
+    """How SQLAlchemy stores a (UTC) datetime in SQLite, so stored strings compare and sort."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment.isoformat(sep=" ", timespec="microseconds")  # several times faster than strftime
+
+
+def as_utc(moment: datetime | str) -> datetime:
+    """A stored time as an aware UTC datetime.
+
+    SQLite hands back naive datetimes (always UTC here), or the stored text when a plain
+    SQL statement read it; PostgreSQL hands back aware datetimes.
+    """
+    if isinstance(moment, str):
+        moment = datetime.fromisoformat(moment)
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+_SQLITE_CONVERT: dict[Kind, Callable[[Any], Any]] = {"ts": sqlite_time, "json": _json_text}
+_PG_CONVERT: dict[Kind, Callable[[Any], Any]] = {"json": _json_text}
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+@lru_cache(maxsize=512)
+def _numbered(sql: str) -> tuple[str, tuple[str, ...]]:
+    """``:name`` placeholders as asyncpg's ``$1``, and the names in order."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return _NAMED.sub(number, sql), tuple(names)
+
+
+def _converted(
+    columns: Sequence[Column], rows: Iterable[Sequence[Any]], table: dict[Kind, Callable[[Any], Any]]
+) -> list[tuple[Any, ...]]:
+    converting = [(i, c) for i, (_, kind) in enumerate(columns) if (c := table.get(kind))]
+    if not converting:
+        return [tuple(row) for row in rows]
+    out = []
+    for row in rows:
+        values = list(row)
+        for i, convert in converting:
+            if values[i] is not None:
+                values[i] = convert(values[i])
+        out.append(tuple(values))
+    return out
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Literal rows as a ``FROM`` item: ``sql`` goes after FROM, ``v[column]`` names a column."""
+
+    sql: str
+    params: dict[str, Any]
+    alias: str = "v"
+
+    def __getitem__(self, column: str) -> str:
+        return f"{self.alias}.{column}"
+
+
+class Bulk:
+    """Builds and runs set-based statements on one connection, inside its open transaction."""
+
+    def __init__(self, driver: Any, dialect: str) -> None:
+        self.driver = driver  # asyncpg.Connection or aiosqlite.Connection
+        self.postgres = dialect == "postgresql"
+        self._staged: set[str] = set()
+
+    @classmethod
+    async def of(cls, conn: AsyncConnection, dialect: str) -> Bulk:
+        """Statements on ``conn``'s driver connection, inside ``conn``'s transaction."""
+        if conn.in_transaction() and dialect == "postgresql":
+            # SQLAlchemy's asyncpg adapter opens the server-side transaction lazily, on its
+            # first statement; without this, driver statements would each commit on their own.
+            # (On SQLite the BEGIN IMMEDIATE listener has already opened it.)
+            await conn.exec_driver_sql("SELECT 1")
+        raw = await conn.get_raw_connection()
+        return cls(raw.driver_connection, dialect)
+
+    @property
+    def true(self) -> str:
+        # SQLite stores booleans as 0/1; its partial-index predicates are written that way too.
+        return "true" if self.postgres else "1"
+
+    @property
+    def false(self) -> str:
+        return "false" if self.postgres else "0"
+
+    @property
+    def parked_events(self) -> str:
+        """``events`` read through the partial index of parked rows.
+
+        SQLite's planner (without statistics) would otherwise walk the whole table in id
+        order or the tracking-id index; PostgreSQL picks the partial index by itself.
+        """
+        return "events" if self.postgres else "events INDEXED BY ix_events_parked"
+
+    def source(self, columns: Sequence[Column], rows: Sequence[Sequence[Any]]) -> Rows:
+        """The rows as a relation ``v`` with the given column names and kinds."""
+        names = ", ".join(name for name, _ in columns)
+        if self.postgres:
+            params: dict[str, Any] = {}
+            arrays = []
+            converted = _converted(columns, rows, _PG_CONVERT)
+            for i, (_, kind) in enumerate(columns):
+                params[f"v_{i}"] = [row[i] for row in converted]
+                arrays.append(f"CAST(:v_{i} AS {_PG_TYPE[kind]}[])")
+            return Rows(f"unnest({', '.join(arrays)}) AS v({names})", params)
+        document = json.dumps(_converted(columns, rows, _SQLITE_CONVERT), separators=(",", ":"))
+        picks = ", ".join(f"json_extract(value, '$[{i}]') AS {name}" for i, (name, _) in enumerate(columns))
+        return Rows(f"(SELECT {picks} FROM json_each(:v)) AS v", {"v": document})
+
+    async def staged(self, table: str, columns: Sequence[Column], rows: Sequence[Sequence[Any]]) -> Rows:
+        """Like :meth:`source`, for thousands of rows: PostgreSQL copies them into a temporary
+        table (binary ``COPY``, emptied at commit); SQLite reads them from JSON."""
+        if not self.postgres:
+            return self.source(columns, rows)
+        if table not in self._staged:
+            definition = ", ".join(f"{name} {_PG_TYPE[kind]}" for name, kind in columns)
+            await self.driver.execute(
+                f"CREATE TEMP TABLE IF NOT EXISTS {table} ({definition}) ON COMMIT DELETE ROWS"
+            )
+            self._staged.add(table)
+        await self.driver.copy_records_to_table(
+            table, records=_converted(columns, rows, _PG_CONVERT), columns=[name for name, _ in columns]
+        )
+        return Rows(f"{table} AS v", {})
+
+    def one_of(self, expression: str, values: Iterable[str]) -> tuple[str, dict[str, Any]]:
+        """``expression IN (values)`` as one parameter, for any number of text values."""
+        listed = list(values)
+        if self.postgres:
+            return f"{expression} = ANY(CAST(:ids AS text[]))", {"ids": listed}
+        return f"{expression} IN (SELECT value FROM json_each(:ids))", {"ids": json.dumps(listed)}
+
+    def json_value(self, expression: str) -> str:
+        """A source column holding JSON text, as the ``metadata`` JSON column wants it."""
+        return f"CAST({expression} AS json)" if self.postgres else expression
+
+    def lock_clause(self, skip_locked: bool = False) -> str:
+        """Row locks on PostgreSQL; SQLite's ``BEGIN IMMEDIATE`` already serializes writers."""
+        if not self.postgres:
+            return ""
+        return " FOR UPDATE SKIP LOCKED" if skip_locked else " FOR UPDATE"
+
+    def sqlite_rows(self, columns: Sequence[Column], rows: Iterable[Sequence[Any]]) -> list[tuple[Any, ...]]:
+        """Rows as SQLite's driver takes them for ``executemany`` (times and JSON as text)."""
+        return _converted(columns, rows, _SQLITE_CONVERT)
+
+    async def executemany(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """SQLite's bulk path: ``executemany`` with positional (``?``) parameters."""
+        await self.driver.executemany(sql, rows)
+
+    async def run(self, sql: str, params: dict[str, Any] | None = None) -> list[Sequence[Any]]:
+        """The rows the statement returned (RETURNING or SELECT), as tuples."""
+        params = params or {}
+        if self.postgres:
+            text, names = _numbered(sql)
+            return list(await self.driver.fetch(text, *(params[n] for n in names)))
+        cursor = await self.driver.execute(sql, params)
+        try:
+            return list(await cursor.fetchall())
+        finally:
+            await cursor.close()

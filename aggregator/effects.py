@@ -1,0 +1,191 @@
+"""What a set of events does to messages and counters: pure functions, no database.
+
+Ingest resolves each new event to its message, then asks :func:`plan` what to write:
+the earliest time per message for every first-seen column (its empty-to-set transition
+decides the unique counters), per-message open and click counts, and the deltas that
+never depend on stored state (total opens and clicks, links, open buckets).
+
+The database answers which first-seen columns were still empty: one conditional UPDATE
+per batch fills them and returns a :class:`Seen` bit mask per message, computed in the
+same statement from the row as it was before; :func:`count_transitions` turns those
+masks into unique-counter deltas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import IntFlag
+from typing import Any, NamedTuple
+
+from mailbeacon.events import EventType
+from mailbeacon.signing import HONEYPOT_URL
+
+
+class Seen(IntFlag):
+    """The first-seen columns an UPDATE filled (bits of ``messages.newly_seen``)."""
+
+    DELIVERED = 1
+    DEFERRED = 2
+    BOUNCED = 4
+    HARD_BOUNCE = 8  # the message's bounce became hard (first bounce hard, or soft then hard)
+    COMPLAINED = 16
+    UNSUBSCRIBED = 32
+    OPENED = 64
+    HUMAN_OPENED = 128
+    CLICKED = 256
+    HUMAN_CLICKED = 512
+
+
+# First-seen column of ``messages`` -> its bit and the counter that counts messages having it.
+FIRST_SEEN: dict[str, tuple[Seen, str]] = {
+    "delivered_at": (Seen.DELIVERED, "delivered_count"),
+    "deferred_at": (Seen.DEFERRED, "deferred_count"),
+    "complained_at": (Seen.COMPLAINED, "complained_count"),
+    "unsubscribed_at": (Seen.UNSUBSCRIBED, "unsubscribed_count"),
+    "first_opened_at": (Seen.OPENED, "unique_opens"),
+    "first_human_opened_at": (Seen.HUMAN_OPENED, "human_unique_opens"),
+    "first_clicked_at": (Seen.CLICKED, "unique_clicks"),
+    "first_human_clicked_at": (Seen.HUMAN_CLICKED, "human_unique_clicks"),
+}
+_ONCE_PER_MESSAGE = {
+    EventType.DELIVERED: "delivered_at",
+    EventType.DEFERRED: "deferred_at",
+    EventType.COMPLAINED: "complained_at",
+    EventType.UNSUBSCRIBED: "unsubscribed_at",
+}
+
+
+def url_hash(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()
+
+
+def hour_of(moment: datetime) -> datetime:
+    return moment.replace(minute=0, second=0, microsecond=0)
+
+
+def counts_as_link(url: str | None) -> bool:
+    """Clicks on the honeypot count as (machine) clicks but the pseudo-URL is not a link."""
+    return bool(url) and url != HONEYPOT_URL
+
+
+class Applied(NamedTuple):
+    """An event being applied to its (resolved) message in this transaction."""
+
+    type: EventType
+    tracking_id: str
+    campaign: str
+    occurred_at: datetime
+    machine: bool = False
+    bounce_kind: str | None = None
+    url: str | None = None
+
+
+def _counter_map() -> defaultdict[str, int]:
+    return defaultdict(int)
+
+
+@dataclass
+class Plan:
+    campaign_of: dict[str, str] = field(default_factory=dict)
+    first_seen: dict[str, dict[str, datetime]] = field(default_factory=lambda: defaultdict(dict))
+    # tracking id -> (earliest bounce, "hard" when any bounce of the batch was hard)
+    bounces: dict[str, tuple[datetime, str]] = field(default_factory=dict)
+    engagement: dict[str, list[int]] = field(default_factory=dict)  # tracking id -> [opens, clicks]
+    counters: dict[str, defaultdict[str, int]] = field(default_factory=lambda: defaultdict(_counter_map))
+    link_urls: dict[str, str] = field(default_factory=dict)  # url hash -> url
+    message_links: set[tuple[str, str]] = field(default_factory=set)  # (tracking id, url hash)
+    link_clicks: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    # (campaign, hour) -> [opens, human opens]
+    buckets: dict[tuple[str, datetime], list[int]] = field(
+        default_factory=lambda: defaultdict(lambda: [0, 0])
+    )
+    by_type: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+
+    def _first(self, column: str, tracking_id: str, moment: datetime) -> None:
+        seen = self.first_seen[column]
+        if tracking_id not in seen or moment < seen[tracking_id]:
+            seen[tracking_id] = moment
+
+
+def plan(events: Iterable[Applied]) -> Plan:
+    p = Plan()
+    for e in events:
+        tid, moment = e.tracking_id, e.occurred_at
+        p.campaign_of[tid] = e.campaign
+        p.by_type[(e.campaign, e.type.value)] += 1
+        counters = p.counters[e.campaign]
+        if e.type in _ONCE_PER_MESSAGE:
+            p._first(_ONCE_PER_MESSAGE[e.type], tid, moment)
+        elif e.type is EventType.BOUNCED:
+            kind = e.bounce_kind or "hard"
+            earlier = p.bounces.get(tid)
+            if earlier is None:
+                p.bounces[tid] = (moment, kind)
+            else:
+                p.bounces[tid] = (min(earlier[0], moment), "hard" if "hard" in (kind, earlier[1]) else "soft")
+        elif e.type is EventType.OPENED:
+            counters["total_opens"] += 1
+            p.engagement.setdefault(tid, [0, 0])[0] += 1
+            p._first("first_opened_at", tid, moment)
+            bucket = p.buckets[(e.campaign, hour_of(moment))]
+            bucket[0] += 1
+            if not e.machine:
+                counters["human_total_opens"] += 1
+                p._first("first_human_opened_at", tid, moment)
+                bucket[1] += 1
+        elif e.type is EventType.CLICKED:
+            counters["total_clicks"] += 1
+            p.engagement.setdefault(tid, [0, 0])[1] += 1
+            p._first("first_clicked_at", tid, moment)
+            if not e.machine:
+                counters["human_total_clicks"] += 1
+                p._first("first_human_clicked_at", tid, moment)
+            if e.url is not None and counts_as_link(e.url):
+                digest = url_hash(e.url)
+                p.link_urls[digest] = e.url
+                p.message_links.add((tid, digest))
+                p.link_clicks[(e.campaign, digest)] += 1
+    return p
+
+
+MessageChange = tuple[Any, ...]
+CHANGE_COLUMNS: tuple[str, ...] = (*FIRST_SEEN, "bounced_at", "bounce_kind", "opens", "clicks")
+
+
+def message_changes(p: Plan) -> list[MessageChange]:
+    """One row per touched message, sorted: ``tracking_id`` then the values of CHANGE_COLUMNS."""
+    rows = []
+    for tid in sorted(p.campaign_of):
+        bounce = p.bounces.get(tid)
+        opens, clicks = p.engagement.get(tid, (0, 0))
+        rows.append(
+            (
+                tid,
+                *(p.first_seen[column].get(tid) for column in FIRST_SEEN),
+                bounce[0] if bounce else None,
+                bounce[1] if bounce else None,
+                opens,
+                clicks,
+            )
+        )
+    return rows
+
+
+def count_transitions(p: Plan, newly_seen: Iterable[tuple[str, int]]) -> None:
+    """Counter deltas from the ``(tracking_id, newly_seen)`` pairs the UPDATE returned."""
+    for tid, mask in newly_seen:
+        seen = Seen(mask)
+        counters = p.counters[p.campaign_of[tid]]
+        for bit, counter in FIRST_SEEN.values():
+            if bit in seen:
+                counters[counter] += 1
+        if Seen.BOUNCED in seen:
+            counters["bounced_count"] += 1
+            counters["hard_bounced_count" if Seen.HARD_BOUNCE in seen else "soft_bounced_count"] += 1
+        elif Seen.HARD_BOUNCE in seen:  # bounced softly before, hard now
+            counters["soft_bounced_count"] -= 1
+            counters["hard_bounced_count"] += 1

@@ -1,0 +1,143 @@
+"""HTML pages over stored events: a campaign's events, all events, one message's timeline."""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from aggregator import queries, statistics
+from aggregator.api import DB_KEY, campaign_from
+from aggregator.pages import layout, not_found, timeline, when
+from mailbeacon.events import EventType
+
+
+def _filters_form(action: str, flt: queries.EventFilter, query: Any) -> str:
+    chosen = set(flt.types)
+    boxes = "".join(
+        f'<label class="t-{t.value}"><input type="checkbox" name="type" value="{t.value}"'
+        f"{' checked' if t.value in chosen else ''}> {t.value}</label>"
+        for t in EventType
+    )
+    return (
+        f'<form class="filters" method="get" action="{escape(action)}"><fieldset><legend class=muted>Types</legend>{boxes}</fieldset>'
+        f'<label>From <input type="date" name="since" value="{escape(query.get("since", ""))}"></label>'
+        f'<label>To <input type="date" name="until" value="{escape(query.get("until", ""))}"></label>'
+        f'<button type="submit">Filter</button><a href="{escape(action)}">Clear</a></form>'
+    )
+
+
+def _rows(events: list[dict[str, Any]], with_campaign: bool) -> str:
+    rows = []
+    for e in events:
+        who = (
+            f'<a href="/messages/{escape(e["tracking_id"])}/">{escape(e["recipient"] or e["tracking_id"])}</a>'
+            if e["tracking_id"]
+            else escape(e["recipient"] or "")
+        )
+        waiting = (
+            ""
+            if e["applied"]
+            else ' <span class="badge muted" title="its message is not known yet">waiting</span>'
+        )
+        campaign = f'<td class="hide-narrow">{escape(e["campaign"] or "")}</td>' if with_campaign else ""
+        rows.append(
+            f'<tr class="event"><td class="num">{escape(when(e["occurred_at"]))}</td>'
+            f'<td><span class="badge t-{escape(e["type"])}">{escape(e["type"])}</span>{waiting}</td>{campaign}'
+            f'<td>{who}</td><td class="url hide-narrow">{escape(e["detail"])}</td></tr>'
+        )
+    return "".join(rows)
+
+
+async def _events_page(request: web.Request, campaign: str | None, action: str, title: str) -> web.Response:
+    db = request.app[DB_KEY]
+    try:
+        flt = queries.parse_filter(request.query, campaign)
+        events, following = await queries.list_events(
+            db, flt, queries.DEFAULT_LIMIT, request.query.get("cursor")
+        )
+    except queries.BadQuery as exc:
+        return layout(
+            title,
+            f"<h1>{escape(title)}</h1><p>{escape(str(exc))}</p><p><a href='{escape(action)}'>Show all</a></p>",
+            400,
+        )
+    kept = [(k, v) for k, v in request.query.items() if k in ("type", "since", "until")]
+    more = (
+        f'<p><a class="button plain" id="older" href="{escape(action)}?{escape(urlencode([*kept, ("cursor", following)]))}">Older events</a></p>'
+        if following
+        else ""
+    )
+    csv = (
+        f' <a class="button plain" href="/api/campaigns/{escape(campaign)}/export.csv?{escape(urlencode(kept))}">Download CSV</a>'
+        if campaign
+        else ""
+    )
+    back = f'<a href="/campaigns/{escape(campaign)}/statistics/">Statistics</a>' if campaign else ""
+    head = "<th class='hide-narrow'>Campaign</th>" if campaign is None else ""
+    table = (
+        "<div class=wrap><table id=events><thead><tr><th class=num>Time (UTC)</th><th>Event</th>"
+        f"{head}<th>Recipient</th><th class='hide-narrow'>Detail</th></tr></thead>"
+        f"<tbody>{_rows(events, campaign is None)}</tbody></table></div>"
+        if events
+        else '<p class="muted" id="no-events">No events match.</p>'
+    )
+    body = (
+        f'<h1>{escape(title)}</h1><div class="bar-row">{back}{csv}</div>'
+        f"{_filters_form(action, flt, request.query)}{table}{more}"
+    )
+    return layout(title, body)
+
+
+async def campaign_events_page(request: web.Request) -> web.Response:
+    campaign = campaign_from(request)
+    if not await statistics.campaign_exists(request.app[DB_KEY], campaign):
+        return not_found(f"There is no campaign {campaign}.")
+    return await _events_page(request, campaign, f"/campaigns/{campaign}/events/", f"Events of {campaign}")
+
+
+async def all_events_page(request: web.Request) -> web.Response:
+    return await _events_page(request, None, "/events/", "All events")
+
+
+async def message_page(request: web.Request) -> web.Response:
+    try:
+        m = await queries.message_timeline(request.app[DB_KEY], request.match_info["tracking_id"])
+    except queries.BadQuery as exc:
+        return layout("Message", f"<h1>Message</h1><p>{escape(str(exc))}</p>", 400)
+    if m is None:
+        return not_found("No message has this tracking id.")
+    facts = [
+        ("Recipient", m["recipient"] or "(not known yet)"),
+        ("Campaign", m["campaign"] or ""),
+        ("Status", m["status"] or "waiting for its sent event"),
+        ("Message-ID", m["message_id"] or ""),
+        ("Sent", m["sent_at"]),
+        ("Delivered", m["delivered_at"]),
+        ("First opened", m["first_opened_at"]),
+        ("First clicked", m["first_clicked_at"]),
+        ("Bounced", f"{m['bounced_at']} ({m['bounce_kind']})" if m["bounced_at"] else None),
+        ("Complained", m["complained_at"]),
+        ("Unsubscribed", m["unsubscribed_at"]),
+        ("Opens / clicks", f"{m['open_count']} / {m['click_count']}"),
+    ]
+    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in facts if v)
+    campaign = m["campaign"]
+    link = (
+        f'<p><a href="/campaigns/{escape(campaign)}/statistics/">{escape(campaign)}</a></p>'
+        if campaign
+        else ""
+    )
+    body = (
+        f"<h1>Message {escape(m['tracking_id'])}</h1>{link}<div class=wrap><table>{rows}</table></div>"
+        f"<h2>Timeline</h2>{timeline(m['events'])}"
+    )
+    return layout("Message", body)
+
+
+def add_event_page_routes(app: web.Application) -> None:
+    app.router.add_get("/campaigns/{ns}/{name}/events/", campaign_events_page)
+    app.router.add_get("/events/", all_events_page)
+    app.router.add_get("/messages/{tracking_id}/", message_page)

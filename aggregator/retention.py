@@ -1,0 +1,84 @@
+"""Retention: events older than a configured age are pruned while the statistics stay.
+
+Pruning moves events out of ``events`` into ``pruned_events`` in counted form, in the
+same transaction: per message, type, hour, human or machine, bounce kind and link, how
+many there were. That is everything a recount groups by, so ``refresh`` gives the same
+numbers before and after. Parked events that never found their message are dropped
+(they never counted). Message state (first-seen times, per-link uniques) is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from datetime import datetime, timedelta
+
+from aggregator.bulk import Bulk, as_utc, sqlite_time
+from aggregator.db import Database
+from aggregator.effects import hour_of, url_hash
+from mailbeacon.events import utcnow
+
+log = logging.getLogger(__name__)
+
+PRUNE_CHUNK = 5000
+
+
+async def _prune_chunk(db: Database, cutoff: datetime, limit: int) -> tuple[int, int]:
+    """Prune up to ``limit`` events; returns (events removed, of which counted before)."""
+    async with db.writing() as conn:
+        sql = await Bulk.of(conn, db.dialect)
+        moment = cutoff if sql.postgres else sqlite_time(cutoff)
+        removed = await sql.run(
+            "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE occurred_at < :cutoff "
+            f"ORDER BY occurred_at LIMIT {int(limit)}{sql.lock_clause(skip_locked=True)}) "
+            "RETURNING type, tracking_id, campaign, recipient, occurred_at, machine, bounce_kind, url, applied",
+            {"cutoff": moment},
+        )
+        counts: dict[tuple[str, str, datetime, bool, str, str], list[object]] = {}
+        tally: dict[tuple[str, str, datetime, bool, str, str], int] = defaultdict(int)
+        for kind, tid, campaign, recipient, occurred_at, machine, bounce_kind, url, applied in removed:
+            if not applied:
+                continue
+            digest = url_hash(url) if url else ""
+            key = (tid, kind, hour_of(as_utc(occurred_at)), bool(machine), bounce_kind or "", digest)
+            counts.setdefault(key, [campaign, recipient, url])
+            tally[key] += 1
+        if counts:
+            v = sql.source(
+                [
+                    ("tracking_id", "text"),
+                    ("type", "text"),
+                    ("hour", "ts"),
+                    ("machine", "bool"),
+                    ("bounce_kind", "text"),
+                    ("url_hash", "text"),
+                    ("campaign", "text"),
+                    ("recipient", "text"),
+                    ("url", "text"),
+                    ("n", "int"),
+                ],
+                [(*key, *counts[key], tally[key]) for key in sorted(counts)],
+            )
+            await sql.run(
+                "INSERT INTO pruned_events (tracking_id, type, hour, machine, bounce_kind, url_hash, campaign, "
+                f"recipient, url, n) SELECT {v['tracking_id']}, {v['type']}, {v['hour']}, {v['machine']}, "
+                f"{v['bounce_kind']}, {v['url_hash']}, {v['campaign']}, {v['recipient']}, {v['url']}, {v['n']} "
+                f"FROM {v.sql} WHERE true ON CONFLICT (tracking_id, type, hour, machine, bounce_kind, url_hash) "
+                "DO UPDATE SET n = pruned_events.n + excluded.n",
+                v.params,
+            )
+    return len(removed), sum(tally.values())
+
+
+async def prune(db: Database, older_than: timedelta, now: datetime | None = None) -> int:
+    """Remove events that occurred more than ``older_than`` ago; returns how many."""
+    cutoff = (now or utcnow()) - older_than
+    total = 0
+    while True:
+        removed, _ = await _prune_chunk(db, cutoff, PRUNE_CHUNK)
+        total += removed
+        if removed < PRUNE_CHUNK:
+            break
+    if total:
+        log.info("pruned %d events older than %s", total, cutoff.isoformat())
+    return total

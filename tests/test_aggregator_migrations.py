@@ -1,0 +1,145 @@
+"""Alembic migrations: the same schema on SQLite and PostgreSQL, the one the models describe;
+databases made by the first slice's ``create_all`` upgrade with their data; ``mailbeacon
+migrate`` and concurrent start-ups are safe; an aggregator refuses an unmigrated database."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect, text
+from sqlmodel import SQLModel
+
+from aggregator import statistics
+from aggregator.db import open_database
+from aggregator.migrate import (
+    SchemaOutOfDate,
+    current_revision,
+    downgrade,
+    ensure_schema,
+    head_revision,
+    migrate,
+)
+
+
+def _differences(connection: Any) -> list[Any]:
+    context = MigrationContext.configure(connection, opts={"compare_type": True})
+    return list(compare_metadata(context, SQLModel.metadata))
+
+
+async def test_migrations_build_the_models_schema(database_url: str) -> None:
+    db = open_database(database_url)
+    try:
+        before, after = await migrate(db)
+        assert (before, after) == (None, head_revision())
+        assert await migrate(db) == (head_revision(), head_revision())  # nothing left to do
+        async with db.engine.connect() as conn:
+            assert await conn.run_sync(_differences) == []
+            indexes = await conn.run_sync(lambda c: {i["name"] for i in inspect(c).get_indexes("events")})
+        assert {
+            "ix_events_message_type",
+            "ix_events_campaign_time",
+            "ix_events_type_time",
+            "ix_events_parked",
+        } <= indexes
+    finally:
+        await db.dispose()
+
+
+async def test_down_and_up_again(database_url: str) -> None:
+    db = open_database(database_url)
+    try:
+        await migrate(db)
+        assert await downgrade(db, "0001") == "0001"
+        async with db.engine.connect() as conn:
+            tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+        assert "pruned_events" not in tables and "events" in tables
+        assert await downgrade(db, "base") is None
+        await migrate(db)
+        assert await current_revision(db) == head_revision()
+    finally:
+        await db.dispose()
+
+
+async def test_first_slice_database_upgrades_with_its_data(database_url: str, tmp_path: Path) -> None:
+    """A database that ``create_all`` made (no alembic_version) is stamped and upgraded."""
+    db = open_database(database_url)
+    tid = str(uuid.uuid4())
+    at: Any = (
+        datetime(2026, 1, 1, 10, tzinfo=UTC) if db.dialect == "postgresql" else "2026-01-01 10:00:00.000000"
+    )
+    try:
+        await migrate(db, "0001")
+        async with db.engine.begin() as conn:
+            await conn.execute(text("DROP TABLE alembic_version"))
+            await conn.execute(
+                text(
+                    "INSERT INTO messages (tracking_id, campaign, recipient, status, sent_at, open_count, click_count) "
+                    "VALUES (:tid, 'old/campaign', 'ann@example.com', 'sent', :at, 1, 0)"
+                ),
+                {"tid": tid, "at": at},
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO events (event_id, type, tracking_id, campaign, recipient, occurred_at, received_at, "
+                    "machine, source, applied) VALUES (:e, 'sent', :tid, 'old/campaign', 'ann@example.com', "
+                    ":at, :at, false, 'proxy', true), (:o, 'opened', :tid, 'old/campaign', NULL, :at, :at, false, "
+                    "'pixel', true)"
+                ),
+                {"e": "old-sent", "o": "old-open", "tid": tid, "at": at},
+            )
+    finally:
+        await db.dispose()
+
+    env = {**os.environ, "MAILBEACON_DATABASE_URL": database_url, "MAILBEACON_DATA_DIR": str(tmp_path)}
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "mailbeacon.cli", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"revision {head_revision()}, was 0001" in done.stdout
+
+    db = open_database(database_url)
+    try:
+        async with db.engine.connect() as conn:
+            row = (await conn.execute(text("SELECT newly_seen, open_count FROM messages"))).one()
+        assert tuple(row) == (0, 1)  # the new column got its default, the old data is there
+        stats = await statistics.refresh(db, "old/campaign")
+        assert (stats["sent_count"], stats["total_opens"], stats["unique_opens"]) == (1, 1, 1)
+    finally:
+        await db.dispose()
+
+
+async def test_replicas_starting_together_migrate_once(new_database: Any) -> None:
+    url = new_database()
+    dbs = [open_database(url) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(ensure_schema(db, migrate_on_start=True) for db in dbs))
+        assert results == [None, None, None]
+        assert await current_revision(dbs[0]) == head_revision()
+    finally:
+        for db in dbs:
+            await db.dispose()
+
+
+async def test_aggregator_refuses_an_unmigrated_database(database_url: str) -> None:
+    db = open_database(database_url)
+    try:
+        with pytest.raises(SchemaOutOfDate, match="mailbeacon migrate"):
+            await ensure_schema(db, migrate_on_start=False)
+        await migrate(db)
+        await ensure_schema(db, migrate_on_start=False)
+    finally:
+        await db.dispose()

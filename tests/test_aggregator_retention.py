@@ -1,0 +1,94 @@
+"""Retention: old events are pruned while the statistics stay, for reads and for refresh."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import func, select
+
+from aggregator import statistics
+from aggregator.db import open_database
+from aggregator.ingest import EVENTS, PRUNED, apply_batch
+from aggregator.migrate import migrate
+from aggregator.retention import prune
+from mailbeacon.events import Event, EventType
+from mailbeacon.signing import HONEYPOT_URL
+
+NOW = datetime(2026, 9, 1, 12, tzinfo=UTC)
+VOLATILE = {"updated_at", "recent_events"}
+
+
+def life(campaign: str, tid: str, recipient: str, start: datetime) -> list[Event]:
+    def ev(kind: EventType, hours: float, **fields: object) -> Event:
+        return Event(
+            event_id=uuid.uuid4().hex,
+            type=kind,
+            tracking_id=tid,
+            occurred_at=start + timedelta(hours=hours),
+            **fields,
+        )
+
+    return [
+        ev(EventType.SENT, 0, campaign=campaign, recipient=recipient),
+        ev(EventType.DELIVERED, 0.1),
+        ev(EventType.OPENED, 1),
+        ev(EventType.OPENED, 2, machine=True, machine_kind="apple_privacy_proxy"),
+        ev(EventType.CLICKED, 3, url="https://shop.example/a"),
+        ev(EventType.CLICKED, 3.5, url="https://shop.example/a"),
+        ev(EventType.CLICKED, 4, url=HONEYPOT_URL, machine=True, machine_kind="honeypot"),
+        ev(EventType.BOUNCED, 5, bounce_kind="soft"),
+    ]
+
+
+async def test_pruning_keeps_statistics_and_refresh(database_url: str) -> None:
+    db = open_database(database_url)
+    await migrate(db)
+    campaign = f"keep/c{uuid.uuid4().hex[:8]}"
+    try:
+        old = NOW - timedelta(days=100)
+        tids = [str(uuid.uuid4()) for _ in range(4)]
+        events = []
+        for i, tid in enumerate(tids):
+            events += life(campaign, tid, f"r{i}@example.com", old if i < 3 else NOW - timedelta(days=1))
+        # A later open of an old message, and a hard bounce that turns its soft bounce hard.
+        events.append(
+            Event(event_id="late-open", type=EventType.OPENED, tracking_id=tids[0], occurred_at=NOW)
+        )
+        events.append(
+            Event(
+                event_id="late-hard",
+                type=EventType.BOUNCED,
+                tracking_id=tids[1],
+                bounce_kind="hard",
+                occurred_at=NOW,
+            )
+        )
+        # A parked event that never found its message: pruned without a trace.
+        events.append(
+            Event(event_id="orphan", type=EventType.OPENED, tracking_id=str(uuid.uuid4()), occurred_at=old)
+        )
+        await apply_batch(db, events)
+        before = await statistics.refresh(db, campaign)
+
+        removed = await prune(db, timedelta(days=30), now=NOW)
+        assert removed == 3 * 8 + 1
+        async with db.read_engine.connect() as conn:
+            left = await conn.scalar(
+                select(func.count()).select_from(EVENTS).where(EVENTS.c.campaign == campaign)
+            )
+            archived = await conn.scalar(select(func.sum(PRUNED.c.n)).where(PRUNED.c.campaign == campaign))
+        assert left == 8 + 2 and archived == 3 * 8
+
+        kept = await statistics.read_statistics(db, campaign)
+        refreshed = await statistics.refresh(db, campaign)
+        strip = lambda s: {k: v for k, v in s.items() if k not in VOLATILE}  # noqa: E731
+        assert strip(kept) == strip(before)
+        assert strip(refreshed) == strip(before)  # a recount still includes what was pruned
+        assert refreshed["top_links"] == [
+            {"url": "https://shop.example/a", "total_clicks": 8, "unique_clicks": 4}
+        ]
+        assert (refreshed["hard_bounced_count"], refreshed["soft_bounced_count"]) == (1, 3)
+        assert await prune(db, timedelta(days=30), now=NOW) == 0  # nothing older left
+    finally:
+        await db.dispose()
