@@ -20,7 +20,7 @@ from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, InvalidCampaign, parse_manifests
 from mailbeacon.jetstream import EventPublisher, connect, provision
 from mailbeacon.runner import AllInOne, Component, nats_url_file, run_component, wait_for_signal
-from mailbeacon.settings import Settings, parse_listen
+from mailbeacon.settings import Settings
 
 
 class _WithPublisher:
@@ -107,15 +107,42 @@ async def _apply(settings: Settings, text: str) -> None:
 
 
 def _aggregator_get(settings: Settings, path: str, method: str = "GET") -> Any:
-    host, port = parse_listen(settings.aggregator_listen)
-    request = urllib.request.Request(f"http://{host}:{port}{path}", method=method)
+    base = settings.aggregator_base_url()
+    request = urllib.request.Request(f"{base}{path}", method=method)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)
     except urllib.error.HTTPError as exc:
         raise SystemExit(f"error: {exc.code} {exc.read().decode(errors='replace')}") from exc
     except urllib.error.URLError as exc:
-        raise SystemExit(f"error: aggregator not reachable at {host}:{port} ({exc.reason})") from exc
+        raise SystemExit(f"error: aggregator not reachable at {base} ({exc.reason})") from exc
+
+
+def _print_events(settings: Settings, args: argparse.Namespace) -> None:
+    """Stored events, newest first, one line each (or the API's JSON with --json)."""
+    query = {
+        name: value
+        for name, value in (("type", args.type), ("since", args.since), ("until", args.until))
+        if value
+    }
+    path = f"/api/campaigns/{args.campaign}/events" if args.campaign else "/api/events"
+    remaining = args.limit
+    cursor: str | None = None
+    while remaining > 0:
+        page_query = {**query, "limit": str(min(remaining, 500)), **({"cursor": cursor} if cursor else {})}
+        page = _aggregator_get(settings, f"{path}?{urllib.parse.urlencode(page_query)}")
+        for event in page["events"]:
+            if args.json:
+                print(json.dumps(event))
+            else:
+                print(
+                    f"{event['occurred_at']}  {event['type']:<12} {event['campaign'] or '-':<28} "
+                    f"{event['recipient'] or '-':<28} {event['detail'] or ''}"
+                )
+        remaining -= len(page["events"])
+        cursor = page.get("next_cursor")
+        if not cursor or not page["events"]:
+            break
 
 
 def _campaign_arg(value: str) -> CampaignKey:
@@ -146,6 +173,13 @@ def _parser() -> argparse.ArgumentParser:
     refresh = commands.add_parser("refresh", help="recompute a campaign's statistics from stored events")
     refresh.add_argument("campaign", type=_campaign_arg, help="NAMESPACE/NAME")
     commands.add_parser("campaigns", help="list campaigns with headline numbers")
+    events = commands.add_parser("events", help="stored events, newest first")
+    events.add_argument("campaign", nargs="?", type=_campaign_arg, help="NAMESPACE/NAME (default: all)")
+    events.add_argument("--type", help="only this event type (sent, delivered, opened, ...)")
+    events.add_argument("--since", help="RFC 3339 time or date, inclusive")
+    events.add_argument("--until", help="RFC 3339 time (exclusive) or date (that day included)")
+    events.add_argument("--limit", type=int, default=50, help="at most this many events (default 50)")
+    events.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
 
 
@@ -201,6 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     elif command == "campaigns":
         print(json.dumps(_aggregator_get(settings, "/api/campaigns"), indent=2))
+    elif command == "events":
+        _print_events(settings, args)
 
 
 if __name__ == "__main__":

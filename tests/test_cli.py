@@ -108,6 +108,16 @@ def test_up_prints_addresses_relays_mail_and_stops_cleanly(
             break
         time.sleep(0.1)
     assert sent == 1
+    listed = subprocess.run(
+        [*MAILBEACON, "events", "default/welcome", "--type", "sent"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert len(lines) == 1 and " sent " in lines[0] and "ann@example.com" in lines[0]
     with urllib.request.urlopen(addresses["outbox"], timeout=5) as response:
         assert "Welcome to mailbeacon" in response.read().decode()
 
