@@ -98,16 +98,19 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
         log.info("created stream %s", STREAM)
         return
     have = info.config
-    if (
-        have.subjects != wanted.subjects
-        or have.max_age != wanted.max_age
-        or have.duplicate_window != wanted.duplicate_window
-    ):
+    # Retention is changed only by a process that was told it (STREAM_MAX_AGE_DAYS,
+    # STREAM_DUPLICATE_WINDOW_SECONDS): a proxy sidecar in an app's pod, configured by the
+    # app's team, must not reset what the release's tracker and aggregator set, nor the two
+    # flip it back and forth on every restart.
+    told = settings.model_fields_set
+    max_age = wanted.max_age if "stream_max_age_days" in told else have.max_age
+    window = wanted.duplicate_window if "stream_duplicate_window_seconds" in told else have.duplicate_window
+    if have.subjects != wanted.subjects or have.max_age != max_age or have.duplicate_window != window:
         # Storage and replicas cannot be changed in place; retention settings can.
         update = StreamConfig.from_response(have.as_dict())
         update.subjects = wanted.subjects
-        update.max_age = wanted.max_age
-        update.duplicate_window = wanted.duplicate_window
+        update.max_age = max_age
+        update.duplicate_window = window
         await js.update_stream(config=update)
         log.info("updated stream %s", STREAM)
 
