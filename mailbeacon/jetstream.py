@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 import nats
 from nats.aio.client import Client as NATS
@@ -30,7 +31,7 @@ from nats.js.api import (
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from mailbeacon.events import SUBJECT_PREFIX, Event
+from mailbeacon.events import SUBJECT_PREFIX, Event, EventType, subject_for
 from mailbeacon.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,63 @@ async def provision(js: JetStreamContext, settings: Settings) -> KeyValue:
 # for a batch to fill: buffered events are not latency-critical, the requests behind them are.
 _FLUSH_BATCH = 512
 _FLUSH_LINGER_SECONDS = 0.01
+_FLUSH_CHUNK = 64  # events written per event-loop turn
+
+
+# Event's JSON serializer called directly: the bytes of Event.to_json() without pydantic's
+# round trip through str, for every buffered event.
+_event_json = Event.__pydantic_serializer__.to_json
+_SUBJECTS = {event_type: subject_for(event_type).encode() for event_type in EventType}
+_HEADER_VALUE_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+
+
+def hpub_command(subject: bytes, reply: bytes, event_id: str, payload: bytes) -> bytes:
+    """The HPUB protocol line nats-py's ``publish(subject, payload, reply, {"Nats-Msg-Id": ...})``
+    sends, built in one step (a test holds the two to the same bytes)."""
+    value = event_id.strip()
+    if "\r" in value or "\n" in value:
+        value = value.translate(_HEADER_VALUE_NEWLINES)
+    header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % value.encode()
+    size = len(header)
+    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (subject, reply, size, size + len(payload), header, payload)
+
+
+async def _send(nc: NATS, commands: list[bytes]) -> None:
+    """Hand protocol commands to nats-py's outgoing buffer and wake its writer, once per chunk.
+
+    What ``publish()`` does per message (validation, header building, a flush per call),
+    done once for a chunk of commands built by :func:`hpub_command`. Like ``publish()`` it
+    refuses while the connection is closed or, while reconnecting, when the reconnect
+    buffer would overflow.
+    """
+    if nc.is_closed:
+        raise ConnectionError("NATS connection closed")
+    data = b"".join(commands)
+    if not nc.is_connected and nc._pending_data_size + len(data) > nc._max_pending_size:
+        raise ConnectionError("NATS reconnect buffer full")
+    await nc._send_command(data)
+    await nc._flush_pending()
+
+
+class _AckSink:
+    """Takes the acknowledgements of pipelined publishes straight from nats-py's reader.
+
+    Given to ``subscribe()`` as the subscription's ``future``, it receives each message on
+    the reply inbox through ``set_result`` as soon as nats-py has parsed it: no queue and no
+    task switch per acknowledgement, as a callback subscription would cost.
+    """
+
+    def __init__(self, on_ack: Callable[[Msg], None]) -> None:
+        self._on_ack = on_ack
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, msg: Msg) -> None:
+        self._on_ack(msg)
 
 
 class PublisherNotConnected(ConnectionError):
@@ -206,7 +264,7 @@ class EventPublisher:
             raise PublisherNotConnected("NATS is not connected")
         await self._js.publish(
             event.subject,
-            event.to_json(),
+            _event_json(event),
             timeout=self._timeout,
             headers={"Nats-Msg-Id": event.event_id},
         )
@@ -239,7 +297,7 @@ class EventPublisher:
                 log.warning("publishing %s event failed (%s); buffering it", event.type, exc)
         self.publish_later(event)
 
-    async def _on_ack(self, msg: Msg) -> None:
+    def _on_ack(self, msg: Msg) -> None:
         event = self._inflight.pop(msg.subject, None)
         if event is None:
             return  # a late answer for a batch already given up on (and requeued)
@@ -256,36 +314,48 @@ class EventPublisher:
         """Publish a batch pipelined and wait (bounded) for every acknowledgement.
 
         Each event goes out with its own reply subject under one inbox that a single
-        subscription reads, so a buffered event costs one publish and one callback instead
-        of a request with its own future and timer: the flusher keeps up with a busy tracker.
-        Whatever is not acknowledged in time is put back and republished (deduplicated).
+        subscription reads, so a buffered event costs one protocol command and one
+        acknowledgement instead of a request with its own future and timer: the flusher
+        keeps up with a busy tracker. Whatever is not acknowledged in time is put back and
+        republished (deduplicated).
         """
         assert self._js is not None
         nc: NATS = self._js._nc  # nats-py keeps the client there; no public accessor
         if self._acks_nc is not nc:
             self._reply_prefix = nc.new_inbox() + "."
-            self._acks = await nc.subscribe(self._reply_prefix + "*", cb=self._on_ack)
+            self._acks = await nc.subscribe(self._reply_prefix + "*", future=_AckSink(self._on_ack))  # type: ignore[arg-type]
             self._acks_nc = nc
         batch = [self._buffer.popleft() for _ in range(min(batch_size, len(self._buffer)))]
         self._refused = []
         self._all_acked = asyncio.get_running_loop().create_future()
         unsent: list[Event] = []
         try:
-            for index, event in enumerate(batch):
-                self._sequence += 1
-                reply = f"{self._reply_prefix}{self._sequence}"
-                self._inflight[reply] = event
-                try:
-                    await nc.publish(
-                        event.subject, event.to_json(), reply=reply, headers={"Nats-Msg-Id": event.event_id}
+            for start in range(0, len(batch), _FLUSH_CHUNK):
+                chunk = batch[start : start + _FLUSH_CHUNK]
+                commands, replies = [], []
+                for event in chunk:
+                    try:
+                        payload = _event_json(event)
+                    except ValueError as exc:  # text JSON cannot carry: it would never be stored
+                        self.dropped += 1
+                        log.error("dropping event %s that cannot be encoded: %s", event.event_id, exc)
+                        continue
+                    self._sequence += 1
+                    reply = f"{self._reply_prefix}{self._sequence}"
+                    self._inflight[reply] = event
+                    replies.append(reply)
+                    commands.append(
+                        hpub_command(_SUBJECTS[event.type], reply.encode(), event.event_id, payload)
                     )
+                try:
+                    await _send(nc, commands)
                 except Exception as exc:
                     log.warning("publishing buffered events failed (%s); retrying", exc)
-                    self._inflight.pop(reply, None)
-                    unsent = batch[index:]
+                    for reply in replies:
+                        self._inflight.pop(reply, None)
+                    unsent = batch[start:]
                     break
-                if index % 64 == 63:
-                    await asyncio.sleep(0)  # let the requests that share this loop be served meanwhile
+                await asyncio.sleep(0)  # let the requests that share this loop be served meanwhile
             if self._inflight:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._all_acked, self._timeout)

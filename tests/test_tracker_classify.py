@@ -8,7 +8,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mailbeacon.events import Event, EventType, new_event_id
+from mailbeacon.events import Event
 from mailbeacon.signing import HONEYPOT_URL, click_url, honeypot_url, pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, running_tracker, stream_events
 from tests.support import SECRET, eventually
@@ -16,6 +16,7 @@ from tracker.bursts import BurstWindow
 from tracker.classify import RequestShape, classify
 
 TID = "5f0c6a56-2f7e-4b64-9a55-0d3c1c2f1e11"
+OTHER_TID = "5f0c6a56-2f7e-4b64-9a55-0d3c1c2f1e12"
 SAFARI = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_1 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Version/17.1 Mobile/15E148 Safari/604.1"
 GMAIL_PROXY = "Mozilla/5.0 (Windows NT 5.1; rv:11.0) Gecko Firefox/11.0 (via ggpht.com GoogleImageProxy)"
 
@@ -73,37 +74,38 @@ def test_operator_ranges_mark_a_mail_gateway() -> None:
     assert classify("click", RequestShape("GET", BROWSER_UA, "192.0.3.50"), gateway).machine is False
 
 
-def _click(url: str) -> Event:
-    return Event(event_id=new_event_id(), type=EventType.CLICKED, tracking_id=TID, url=url, source="click")
-
-
 def test_burst_window_groups_links_of_one_message() -> None:
-    window = BurstWindow(window=1.0)
-    window.add(_click("https://a.example/"), now=10.0)
-    window.add(_click("https://b.example/"), now=10.3)
-    window.add(_click("https://c.example/"), now=10.6)
+    window: BurstWindow[str] = BurstWindow(window=1.0)
+    window.add(TID, "https://a.example/", "first", now=10.0)
+    window.add(TID, "https://b.example/", "second", now=10.3)
+    window.add(TID, "https://c.example/", "third", now=10.6)
     assert window.due(now=11.5) == []  # still within a second of the last click
-    released = window.due(now=11.7)
-    assert [e.machine_kind for e in released] == ["burst"] * 3
-    assert "3 different links" in released[0].metadata["machine_evidence"]
+    [(clicks, verdict)] = window.due(now=11.7)
+    assert clicks == ["first", "second", "third"]
+    assert verdict is not None and verdict.machine_kind == "burst"
+    assert "3 different links" in (verdict.evidence or "")
 
 
 def test_a_person_clicking_twice_is_not_a_burst() -> None:
-    window = BurstWindow(window=1.0)
-    window.add(_click("https://a.example/"), now=0.0)
-    window.add(_click("https://a.example/"), now=0.4)  # double click on the same link
+    window: BurstWindow[str] = BurstWindow(window=1.0)
+    window.add(TID, "https://a.example/", "click", now=0.0)
+    window.add(TID, "https://a.example/", "double click", now=0.4)  # on the same link
     released = window.due(now=5.0)
-    released += window.add(_click("https://b.example/"), now=6.0)  # came back later for another link
+    released += window.add(TID, "https://b.example/", "later", now=6.0)  # came back for another link
     released += window.due(now=7.5)
-    assert [e.machine for e in released] == [False, False, False]
+    assert released == [(["click", "double click"], None), (["later"], None)]
     assert window.pending == 0
 
 
 def test_honeypot_marks_the_whole_group_and_drain_releases_everything() -> None:
-    window = BurstWindow(window=1.0)
-    window.add(_click("https://a.example/"), now=0.0)
-    window.add(_click(HONEYPOT_URL), now=0.1)
-    assert [e.machine_kind for e in window.drain()] == ["honeypot", "honeypot"]
+    window: BurstWindow[str] = BurstWindow(window=1.0)
+    window.add(TID, "https://a.example/", "link", now=0.0)
+    window.add(TID, HONEYPOT_URL, "honeypot", now=0.1)
+    window.add(OTHER_TID, "https://a.example/", "elsewhere", now=0.2)
+    [(clicks, verdict), (other, none)] = window.drain()
+    assert (clicks, verdict and verdict.machine_kind) == (["link", "honeypot"], "honeypot")
+    assert (other, none) == (["elsewhere"], None)
+    assert window.pending == 0
 
 
 async def test_real_request_shapes_against_the_tracker(tmp_path: Path, nats_url: str) -> None:
@@ -178,28 +180,3 @@ async def test_real_request_shapes_against_the_tracker(tmp_path: Path, nats_url:
 async def _status(http: aiohttp.ClientSession, url: str) -> int:
     async with http.get(url, allow_redirects=False) as response:
         return response.status
-
-
-def test_trusted_event_equals_a_validated_one() -> None:
-    from datetime import UTC, datetime
-
-    from tracker.engagement import trusted_event
-
-    values = {
-        "event_id": "a" * 32,
-        "type": EventType.CLICKED,
-        "tracking_id": TID,
-        "occurred_at": datetime(2026, 11, 27, 10, 0, tzinfo=UTC),
-        "ip": "198.51.100.7",
-        "user_agent": BROWSER_UA,
-        "machine": True,
-        "machine_kind": "burst",
-        "url": "https://shop.example.com/",
-        "source": "click",
-        "metadata": {"machine_evidence": "x"},
-    }
-    fast, validated = trusted_event(**values), Event(**values)
-    assert fast == validated
-    assert fast.to_json() == validated.to_json()
-    assert Event.from_json(fast.to_json()) == validated
-    assert fast.model_copy(update={"machine": False}).machine is False

@@ -3,15 +3,23 @@
 Pixel and click answer at once and hand their event to the publisher's buffer, so a
 recipient never waits on NATS; webhooks answer 2xx only after JetStream stored the
 event, so a provider retries whatever we could not keep.
+
+The app runs no middleware: aiohttp would wrap every pixel and click in two more
+coroutines for it. Each route is timed and guarded by one wrapper instead (failures
+answered as :func:`mailbeacon.web.json_errors` answers them), and a last catch-all route
+answers paths and methods nobody serves with a JSON 404 or 405.
 """
 
 from __future__ import annotations
+
+import logging
+from typing import Any
 
 from aiohttp import web
 
 from mailbeacon.jetstream import EventPublisher
 from mailbeacon.settings import Settings
-from mailbeacon.web import add_health_routes, json_errors
+from mailbeacon.web import Handler, add_health_routes, json_error
 from tracker.bursts import ClickHold
 from tracker.engagement import NO_STORE, PIXEL_GIF, Engagement
 from tracker.esp.sns import HttpGet, https_get
@@ -21,28 +29,65 @@ from tracker.webhooks import Webhooks
 
 __all__ = ["HOLD_KEY", "NO_STORE", "PIXEL_GIF", "PUBLISHER_KEY", "SETTINGS_KEY", "create_app"]
 
+log = logging.getLogger(__name__)
+
 SETTINGS_KEY = web.AppKey("settings", Settings)
 PUBLISHER_KEY = web.AppKey("publisher", EventPublisher)
-HOLD_KEY = web.AppKey("click_hold", ClickHold)
+HOLD_KEY: web.AppKey[ClickHold[Any]] = web.AppKey("click_hold", ClickHold)
+
+
+def failure_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """What ``json_errors`` makes of a handler's failure: HTTP errors as JSON, anything else
+    a logged 503 (a provider retries it; a 500 with a traceback would leak internals)."""
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise exc
+        return json_error(exc.status, exc.reason)
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return json_error(503, "temporarily unavailable, retry later")
+
+
+def guarded(handler: Handler) -> Handler:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return failure_answer(request, exc)
+
+    return answer
+
+
+async def nothing_here(request: web.Request) -> web.StreamResponse:
+    """The last route: a JSON 405 (with Allow) where the path is served, else a JSON 404."""
+    allowed: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource is not request.match_info.route.resource:
+            allowed |= (await resource.resolve(request))[1]
+    if allowed:
+        response = json_error(405, "Method Not Allowed")
+        response.headers["Allow"] = ",".join(sorted(allowed))
+        return response
+    return json_error(404, "Not Found")
 
 
 def create_app(
     settings: Settings, publisher: EventPublisher, *, sns_http_get: HttpGet = https_get
 ) -> web.Application:
     """``sns_http_get`` is the one outbound HTTP call (SNS certificates, subscription confirmation)."""
-    app = web.Application(middlewares=[json_errors], client_max_size=settings.max_webhook_bytes)
-    hold = ClickHold(publisher.publish_later, window=settings.click_burst_seconds)
+    app = web.Application(client_max_size=settings.max_webhook_bytes)
     app[SETTINGS_KEY] = settings
     app[PUBLISHER_KEY] = publisher
-    app[HOLD_KEY] = hold
-    engagement = Engagement(settings, publisher, hold)
+    engagement = Engagement(settings, publisher)
+    app[HOLD_KEY] = engagement.hold
     webhooks = Webhooks(settings, publisher, sns_http_get)
     document = openapi_document(settings.site_url)
 
     async def openapi(_: web.Request) -> web.Response:
         return web.json_response(document)
 
-    timed = REQUEST_LATENCY.timed
+    def timed(route: str, handler: Handler) -> Handler:
+        return REQUEST_LATENCY.timed(route, handler, on_error=failure_answer)
+
     pixel, click = timed("pixel", engagement.pixel), timed("click", engagement.click)
     unsubscribe_page = timed("unsubscribe_page", engagement.unsubscribe_page)
     unsubscribe, generic = timed("unsubscribe", engagement.unsubscribe), timed("webhook", webhooks.generic)
@@ -53,6 +98,11 @@ def create_app(
         app.router.add_post(f"/track/unsubscribe/{{tracking_id}}{suffix}", unsubscribe)
         app.router.add_post(f"/track/{{kind:bounce|delivery|complaint}}{suffix}", generic)
     app.router.add_post("/webhooks/{provider}", timed("webhook", webhooks.provider))
-    app.router.add_get("/openapi.json", openapi)
-    add_health_routes(app)
+    app.router.add_get("/openapi.json", guarded(openapi))
+    # The shared health and metrics routes, guarded like the others.
+    health = web.Application()
+    add_health_routes(health)
+    for route in health.router.routes():
+        app.router.add_route(route.method, route.resource.canonical, guarded(route.handler))  # type: ignore[union-attr]
+    app.router.add_route("*", "/{path:.*}", nothing_here)
     return app

@@ -7,7 +7,9 @@ on a different link of the same message (or on the hidden honeypot link) within 
 window marks the whole group. The redirect itself never waits; only the event does.
 
 :class:`BurstWindow` is the pure bookkeeping (time is passed in); :class:`ClickHold`
-drives it from the event loop and hands released events to the publisher.
+drives it from the event loop and hands what it releases, with the group's verdict, to a
+callback that publishes the events. What is held per click is up to the caller: a busy
+tracker holds a second's worth of clicks, so it keeps a small tuple rather than an event.
 """
 
 from __future__ import annotations
@@ -16,110 +18,115 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
-from mailbeacon.events import Event
 from mailbeacon.signing import HONEYPOT_URL
 from tracker import classify
 
+Held = TypeVar("Held")
+# The items of one group, and the verdict on the group: None when it was no burst.
+Released = tuple[list[Held], classify.Verdict | None]
 
-@dataclass
-class _Group:
-    first_at: float
-    last_at: float
-    events: list[Event] = field(default_factory=list)
-    urls: set[str] = field(default_factory=set)
+_HONEYPOT_GROUP = classify.Verdict("honeypot", "clicked together with the hidden honeypot link")
 
 
-def _mark(event: Event, verdict: classify.Verdict) -> Event:
-    if event.machine:
-        return event  # the request's own evidence (HEAD, scanner agent, honeypot) is more specific
-    metadata = {**event.metadata, "machine_evidence": verdict.evidence}
-    return event.model_copy(
-        update={"machine": True, "machine_kind": verdict.machine_kind, "metadata": metadata}
-    )
+class _Group(Generic[Held]):
+    """The clicks on one message's links so far (slotted: thousands are held at once)."""
+
+    __slots__ = ("first_at", "items", "last_at", "urls")
+
+    def __init__(self, now: float) -> None:
+        self.first_at = self.last_at = now
+        self.items: list[Held] = []
+        self.urls: set[str] = set()
 
 
-class BurstWindow:
-    """Groups the clicks of one message that follow each other within ``window`` seconds."""
+class BurstWindow(Generic[Held]):
+    """Groups the clicks of one message (``key``) that follow each other within ``window`` seconds."""
 
     def __init__(self, window: float = 1.0, max_hold: float = 10.0, max_pending: int = 100_000) -> None:
         self.window = window
         self.max_hold = max_hold
         self.max_pending = max_pending
-        self._groups: OrderedDict[str, _Group] = OrderedDict()  # least recently clicked first
+        self._groups: OrderedDict[str, _Group[Held]] = OrderedDict()  # least recently clicked first
         self.pending = 0
 
-    def add(self, event: Event, now: float) -> list[Event]:
-        """Hold ``event``; returns events that had to be released at once (limits reached)."""
-        released: list[Event] = []
-        key = event.tracking_id or event.event_id
+    def add(self, key: str, url: str, item: Held, now: float) -> list[Released[Held]]:
+        """Hold ``item``, a click on ``url``; returns groups that had to be released at once (limits reached)."""
+        released: list[Released[Held]] = []
         group = self._groups.get(key)
         if group is not None and (now - group.last_at > self.window or now - group.first_at > self.max_hold):
-            released += self._release(key)
+            released.append(self._release(key))
             group = None
         if group is None:
-            group = self._groups[key] = _Group(first_at=now, last_at=now)
+            group = self._groups[key] = _Group(now)
+        else:
+            self._groups.move_to_end(key)
         group.last_at = now
-        group.events.append(event)
-        group.urls.add(event.url or "")
-        self._groups.move_to_end(key)
+        group.items.append(item)
+        group.urls.add(url)
         self.pending += 1
         while self.pending > self.max_pending and self._groups:
-            released += self._release(next(iter(self._groups)))
+            released.append(self._release(next(iter(self._groups))))
         return released
 
-    def due(self, now: float) -> list[Event]:
-        """Events whose group saw no further click within the window, classified."""
-        released: list[Event] = []
-        while self._groups:
-            key, group = next(iter(self._groups.items()))
-            if now - group.last_at < self.window and now - group.first_at < self.max_hold:
+    def due(self, now: float) -> list[Released[Held]]:
+        """Groups that saw no further click within the window, with their verdicts."""
+        released: list[Released[Held]] = []
+        groups = self._groups
+        window, max_hold = self.window, self.max_hold
+        while groups:
+            key = next(iter(groups))
+            group = groups[key]
+            if now - group.last_at < window and now - group.first_at < max_hold:
                 break
-            released += self._release(key)
+            released.append(self._release(key))
         return released
 
-    def drain(self) -> list[Event]:
-        released: list[Event] = []
-        while self._groups:
-            released += self._release(next(iter(self._groups)))
-        return released
+    def drain(self) -> list[Released[Held]]:
+        return [self._release(key) for key in list(self._groups)]
 
-    def _release(self, key: str) -> list[Event]:
+    def _release(self, key: str) -> Released[Held]:
         group = self._groups.pop(key)
-        self.pending -= len(group.events)
-        if HONEYPOT_URL in group.urls:
-            verdict = classify.Verdict("honeypot", "clicked together with the hidden honeypot link")
-        elif len(group.urls) >= 2:
-            verdict = classify.burst(len(group.urls), group.last_at - group.first_at)
-        else:
-            return group.events
-        return [_mark(event, verdict) for event in group.events]
+        self.pending -= len(group.items)
+        urls = group.urls
+        if len(urls) < 2:
+            return group.items, None  # one link, however often: a person (or a double click)
+        if HONEYPOT_URL in urls:
+            return group.items, _HONEYPOT_GROUP
+        return group.items, classify.burst(len(urls), group.last_at - group.first_at)
 
 
-class ClickHold:
-    """Holds click events for the burst window, then passes them to ``sink``."""
+class ClickHold(Generic[Held]):
+    """Holds clicks for the burst window, then passes each to ``release`` with its group's verdict."""
 
     def __init__(
         self,
-        sink: Callable[[Event], object],
+        release: Callable[[Held, classify.Verdict | None], object],
         window: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._sink = sink
+        self._release = release
         self._clock = clock
-        self.bursts = BurstWindow(window)
+        self.bursts: BurstWindow[Held] = BurstWindow(window)
         self._timer: asyncio.TimerHandle | None = None
 
     @property
     def pending(self) -> int:
         return self.bursts.pending
 
-    def add(self, event: Event) -> None:
-        for released in self.bursts.add(event, self._clock()):
-            self._sink(released)
+    def add(self, key: str, url: str, item: Held) -> None:
+        released = self.bursts.add(key, url, item, self._clock())
+        if released:
+            self._hand_over(released)
         if self._timer is None:
             self._schedule()
+
+    def _hand_over(self, released: list[Released[Held]]) -> None:
+        release = self._release
+        for items, verdict in released:
+            for item in items:
+                release(item, verdict)
 
     def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
@@ -127,8 +134,7 @@ class ClickHold:
 
     def _tick(self) -> None:
         self._timer = None
-        for event in self.bursts.due(self._clock()):
-            self._sink(event)
+        self._hand_over(self.bursts.due(self._clock()))
         if self.bursts.pending:
             self._schedule()
 
@@ -137,5 +143,4 @@ class ClickHold:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for event in self.bursts.drain():
-            self._sink(event)
+        self._hand_over(self.bursts.drain())

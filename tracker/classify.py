@@ -181,36 +181,71 @@ def classify(kind: Engagement, request: RequestShape, machine_networks: Sequence
     ``machine_networks`` are operator-configured ranges (a mail gateway's egress) whose
     requests are always automated.
     """
-    method = request.method.upper()
-    if method == "HEAD":
-        return Verdict("head_request", "HEAD request: the body was never wanted")
-    prefetch = _prefetch(request.headers)
+    return judge(kind, request.method, request.user_agent, request.ip, request.headers, machine_networks)
+
+
+def judge(
+    kind: Engagement,
+    method: str,
+    user_agent: str | None,
+    ip: str | None,
+    headers: Mapping[str, str],
+    machine_networks: Sequence[Network] = (),
+) -> Verdict:
+    """:func:`classify` over the request's parts, without building a :class:`RequestShape`.
+
+    The tracker calls this on every pixel load and click.
+    """
+    if method != "GET" and method.upper() == "HEAD":
+        return _HEAD
+    prefetch = _prefetch(headers)
     if prefetch:
         return Verdict("prefetch", prefetch)
-    raw_agent = (request.user_agent or "").strip()
-    agent = raw_agent.lower()
-    apple_address = _apple(request.ip)
+    raw_agent = user_agent.strip() if user_agent else ""
+    apple_address = _apple(ip)
     if raw_agent == APPLE_PROXY_USER_AGENT:
-        where = "from Apple's network" if apple_address else "Apple proxy user agent"
-        return Verdict("apple_privacy_proxy", f"bare 'Mozilla/5.0' user agent, {where}")
+        return _APPLE_AGENT_FROM_APPLE if apple_address else _APPLE_AGENT
     if kind == "open" and apple_address:
         # Mail Privacy Protection preloads every image from Apple's range; a person reading
         # mail on Apple's own network is rare enough not to count as an open.
-        return Verdict("apple_privacy_proxy", f"image fetched from Apple's network {request.ip}")
+        return Verdict("apple_privacy_proxy", f"image fetched from Apple's network {ip}")
+    proxy, otherwise = _agent_verdicts(raw_agent)
+    if proxy is not None:
+        return proxy
+    if machine_networks and _in(ip, machine_networks):
+        return Verdict("security_scanner", f"address {ip} is in MACHINE_IP_RANGES")
+    return otherwise
+
+
+_HEAD = Verdict("head_request", "HEAD request: the body was never wanted")
+_APPLE_AGENT_FROM_APPLE = Verdict(
+    "apple_privacy_proxy", "bare 'Mozilla/5.0' user agent, from Apple's network"
+)
+_APPLE_AGENT = Verdict("apple_privacy_proxy", "bare 'Mozilla/5.0' user agent, Apple proxy user agent")
+
+
+@functools.lru_cache(maxsize=4096)
+def _agent_verdicts(raw_agent: str) -> tuple[Verdict | None, Verdict]:
+    """What the user agent alone says: an image proxy (checked before the operator's ranges),
+    else the verdict when the address is not in them.
+
+    Mail comes back from the same few browsers, proxies and gateways all day, so the
+    pattern searches run once per distinct agent instead of on every request.
+    """
+    agent = raw_agent.lower()
     proxy = _IMAGE_PROXY.search(agent)
     if proxy:
-        return Verdict("image_proxy", f"{_IMAGE_PROXY_NAMES[proxy.group()]} image proxy ({proxy.group()})")
-    if _in(request.ip, machine_networks):
-        return Verdict("security_scanner", f"address {request.ip} is in MACHINE_IP_RANGES")
+        name = proxy.group()
+        return Verdict("image_proxy", f"{_IMAGE_PROXY_NAMES[name]} image proxy ({name})"), HUMAN
     if not agent:
-        return Verdict("no_user_agent", "no User-Agent header")
+        return None, Verdict("no_user_agent", "no User-Agent header")
     preview = _LINK_PREVIEW.search(agent)
     if preview:
-        return Verdict("link_preview", f"user agent contains {preview.group()!r}")
+        return None, Verdict("link_preview", f"user agent contains {preview.group()!r}")
     scanner = _SCANNER.search(agent)
     if scanner:
-        return Verdict("security_scanner", f"user agent contains {scanner.group()!r}")
-    return HUMAN
+        return None, Verdict("security_scanner", f"user agent contains {scanner.group()!r}")
+    return None, HUMAN
 
 
 def honeypot() -> Verdict:

@@ -8,9 +8,10 @@ the destination or the confirmation even while NATS is unreachable.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import re
-from typing import Any
+from datetime import datetime
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -46,108 +47,177 @@ def canonical_tracking_id(value: str) -> str | None:
     return value if _CANONICAL_UUID.fullmatch(value) else parse_tracking_id(value)
 
 
-# Field names in declaration order (which the JSON follows), with their plain defaults or,
-# for fields built by a factory, the factory.
-_FIELDS = tuple(
-    (name, info if info.default_factory is not None else None, info.default)
-    for name, info in Event.model_fields.items()
-)
+class EventIds:
+    """Unique event ids without a system call per event: a random prefix and a counter.
 
-
-def trusted_event(**values: Any) -> Event:
-    """An Event from values already in canonical form, without pydantic's validation.
-
-    This runs on every pixel load and click; the tracker produced every value itself
-    (canonical tracking id, UTC time), so validating them again only costs time. The
-    result equals ``Event(**values)`` (a test holds it to that).
+    32 hex digits like ``new_event_id()``: 80 random bits drawn once per process (again in
+    a forked child) followed by a 48-bit counter, so two processes never share a prefix in
+    practice and one process never repeats an id.
     """
-    fields = {
-        name: values[name]
-        if name in values
-        else (factory.get_default(call_default_factory=True) if factory else default)
-        for name, factory, default in _FIELDS
-    }
-    event = Event.__new__(Event)
-    object.__setattr__(event, "__dict__", fields)
-    object.__setattr__(event, "__pydantic_fields_set__", set(values))
-    object.__setattr__(event, "__pydantic_extra__", None)
-    object.__setattr__(event, "__pydantic_private__", None)
+
+    def __init__(self) -> None:
+        self.restart()
+        os.register_at_fork(after_in_child=self.restart)
+
+    def restart(self) -> None:
+        self._prefix = os.urandom(10).hex()
+        self._counter = itertools.count()
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{next(self._counter):012x}"
+
+
+new_engagement_id = EventIds()
+_new_event = Event.__new__
+_set = object.__setattr__
+# Every event built here has all its fields set. One set serves them all: pydantic copies
+# it before changing it (model_copy), and a set per held click would double its memory.
+_ALL_FIELDS_SET = set(Event.model_fields)
+
+
+def engagement_event(
+    event_type: EventType,
+    tracking_id: str,
+    ip: str | None,
+    user_agent: str | None,
+    verdict: classify.Verdict,
+    source: str,
+    url: str | None = None,
+    occurred_at: datetime | None = None,
+) -> Event:
+    """An open or click Event built without pydantic's validation.
+
+    This runs on every pixel load and click, and the tracker produced every value itself
+    (a canonical tracking id, the UTC time, text made :func:`encodable`), so validating them
+    again would only cost time. The result equals the validated ``Event`` of the same values
+    and serializes to the same JSON (tests hold it to that).
+    """
+    machine_kind, evidence = verdict.machine_kind, verdict.evidence
+    if evidence is not None and not evidence.isascii():
+        evidence = encodable(evidence)  # a prefetch header's value may be quoted in it
+    event = _new_event(Event)
+    # Every field, in declaration order.
+    _set(
+        event,
+        "__dict__",
+        {
+            "event_id": new_engagement_id(),
+            "type": event_type,
+            "tracking_id": tracking_id,
+            "campaign": None,
+            "recipient": None,
+            "occurred_at": occurred_at or utcnow(),
+            "ip": ip,
+            "user_agent": user_agent,
+            "url": url,
+            "bounce_kind": None,
+            "reason": None,
+            "machine": machine_kind is not None,
+            "machine_kind": machine_kind,
+            "source": source,
+            "metadata": {} if machine_kind is None else {"machine_evidence": evidence},
+        },
+    )
+    _set(event, "__pydantic_fields_set__", _ALL_FIELDS_SET)
+    _set(event, "__pydantic_extra__", None)
+    _set(event, "__pydantic_private__", None)
     return event
 
 
+def encodable(text: str) -> str:
+    """Header text as JSON can carry it: bytes that were not UTF-8 become U+FFFD.
+
+    aiohttp keeps such bytes as lone surrogates, which no JSON encoder accepts; one event
+    that cannot be encoded would otherwise never leave the publisher's buffer.
+    """
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+# A click sitting out the burst window: tracking id, destination, time, the address kept,
+# user agent, and the request's own machine verdict (None: a person, so far). A tuple of
+# plain values: a busy tracker holds a second's worth of them.
+HeldClick = tuple[str, str, datetime, str | None, str | None, classify.Verdict | None]
+
+
 class Engagement:
-    def __init__(self, settings: Settings, publisher: EventPublisher, hold: ClickHold) -> None:
+    def __init__(self, settings: Settings, publisher: EventPublisher) -> None:
         self.settings = settings
         self.publisher = publisher
-        self.hold = hold
-        self.keys = settings.signing_keys()
+        self.hold: ClickHold[HeldClick] = ClickHold(self._publish_click, window=settings.click_burst_seconds)
+        self.signatures = signing.ClickVerifier(settings.signing_keys())
         self.trusted = [ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies]
         self.machine_networks = [
             ipaddress.ip_network(cidr, strict=False) for cidr in settings.machine_ip_ranges
         ]
+        self._anonymize = settings.anonymize_ip
 
     def _client(self, request: web.Request) -> tuple[str | None, str | None]:
         """The real client address (for classification) and the one we may keep."""
-        address = client_ip(request.remote, request.headers.get("X-Forwarded-For"), self.trusted)
-        kept = anonymize_ip(address) if address and self.settings.anonymize_ip else address
+        address = request.remote
+        if self.trusted:
+            address = client_ip(address, request.headers.get("X-Forwarded-For"), self.trusted)
+        kept = anonymize_ip(address) if address and self._anonymize else address
         return address, kept or None
 
-    def _event(
-        self,
-        request: web.Request,
-        event_type: EventType,
-        tracking_id: str,
-        verdict: classify.Verdict | None,
-        **fields: Any,
-    ) -> Event:
+    def _classified(
+        self, request: web.Request, event_type: EventType, verdict: classify.Verdict | None
+    ) -> tuple[str | None, str | None, classify.Verdict]:
+        """The address we keep, the user agent, and the verdict on this request (counted)."""
+        headers = request.headers
         address, kept = self._client(request)
-        user_agent = request.headers.get("User-Agent", "")[:500] or None
+        user_agent = headers.get("User-Agent")
+        if user_agent:
+            user_agent = encodable(user_agent[:500])
         if verdict is None:
             kind: classify.Engagement = "open" if event_type is EventType.OPENED else "click"
-            shape = classify.RequestShape(request.method, user_agent, address, request.headers)
-            verdict = classify.classify(kind, shape, self.machine_networks)
-        metadata = fields.pop("metadata", {})
-        if verdict.machine:
-            metadata["machine_evidence"] = verdict.evidence
-        metrics.count_engagement(event_type.value, verdict.machine_kind or "human")
-        return trusted_event(
-            event_id=os.urandom(16).hex(),  # random, like new_event_id(), at a fraction of uuid4's cost
-            type=event_type,
-            tracking_id=tracking_id,
-            occurred_at=utcnow(),
-            ip=kept,
-            user_agent=user_agent,
-            machine=verdict.machine,
-            machine_kind=verdict.machine_kind,
-            metadata=metadata,
-            **fields,
+            verdict = classify.judge(
+                kind, request.method, user_agent, address, headers, self.machine_networks
+            )
+        metrics.count_engagement(event_type, verdict.machine_kind or "human")
+        return kept, user_agent or None, verdict
+
+    def _publish_click(self, held: HeldClick, burst: classify.Verdict | None) -> None:
+        """A click whose burst window is over: published with its final verdict."""
+        tracking_id, url, occurred_at, ip, user_agent, own = held
+        # The request's own evidence (HEAD, scanner agent, honeypot) is more specific than the burst.
+        verdict = own or burst or classify.HUMAN
+        self.publisher.publish_later(
+            engagement_event(
+                EventType.CLICKED, tracking_id, ip, user_agent, verdict, "click", url, occurred_at
+            )
         )
 
     async def pixel(self, request: web.Request) -> web.StreamResponse:
         tracking_id = canonical_tracking_id(request.match_info["tracking_id"])
         if tracking_id is None:
             return json_error(400, "tracking id is not a UUID")
+        ip, user_agent, verdict = self._classified(request, EventType.OPENED, None)
         self.publisher.publish_later(
-            self._event(request, EventType.OPENED, tracking_id, None, source="pixel")
+            engagement_event(EventType.OPENED, tracking_id, ip, user_agent, verdict, "pixel")
         )
         metrics.PIXEL_REQUESTS.inc()
         return web.Response(body=PIXEL_GIF, content_type="image/gif", headers=NO_STORE)
 
     async def click(self, request: web.Request) -> web.StreamResponse:
         tracking_id = canonical_tracking_id(request.match_info["tracking_id"])
-        url = request.query.get("url", "")
-        signature = request.query.get("sig", "")
+        query = request.query
+        url = query.get("url", "")
+        signature = query.get("sig", "")
         if tracking_id is None:
             return pages.invalid_link("The tracking id is malformed.")
         honeypot = url == signing.HONEYPOT_URL
-        if not honeypot and not url.lower().startswith(("http://", "https://")):
+        if not honeypot and not url[:8].lower().startswith(("http://", "https://")):
             return pages.invalid_link("The destination is missing or not a web address.")
-        if not signing.verify_click(self.keys, tracking_id, url, signature):
+        if not self.signatures.verify(tracking_id, url, signature):
             metrics.REQUESTS.labels("click_forged").inc()
             return pages.invalid_link("The link's signature does not match.")
-        verdict = classify.honeypot() if honeypot else None
-        event = self._event(request, EventType.CLICKED, tracking_id, verdict, url=url, source="click")
-        self.hold.add(event)
+        ip, user_agent, verdict = self._classified(
+            request, EventType.CLICKED, classify.honeypot() if honeypot else None
+        )
+        own = verdict if verdict.machine_kind is not None else None
+        self.hold.add(tracking_id, url, (tracking_id, url, utcnow(), ip, user_agent, own))
         if honeypot:
             metrics.REQUESTS.labels("click_honeypot").inc()
             return pages.honeypot()
