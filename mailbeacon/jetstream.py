@@ -13,6 +13,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
 
 import nats
 from nats.aio.client import Client as NATS
@@ -45,15 +46,28 @@ ALL_EVENTS = f"{SUBJECT_PREFIX}.>"
 CONSUMER_ACK_WAIT_SECONDS = 60.0
 
 
+def redact_url(url: str) -> str:
+    """The URL without its password or token, for logs and terminals."""
+    parts = urlsplit(url)
+    if not (parts.username or parts.password):
+        return url
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"***@{netloc}"))
+
+
 async def connect(url: str, name: str) -> NATS:
+    shown = redact_url(url)
+
     async def on_error(exc: Exception) -> None:
         log.warning("nats: %s", exc)
 
     async def on_disconnect() -> None:
-        log.warning("nats: disconnected from %s", url)
+        log.warning("nats: disconnected from %s", shown)
 
     async def on_reconnect() -> None:
-        log.info("nats: reconnected to %s", url)
+        log.info("nats: reconnected to %s", shown)
 
     return await nats.connect(
         servers=[url],
