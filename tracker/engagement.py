@@ -17,7 +17,14 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from mailbeacon import signing
-from mailbeacon.events import Event, EventType, derived_event_id, parse_tracking_id, utcnow
+from mailbeacon.events import (
+    Event,
+    EventType,
+    derived_event_id,
+    parse_tracking_id,
+    storable_text,
+    utcnow,
+)
 from mailbeacon.jetstream import EventPublisher
 from mailbeacon.settings import Settings
 from mailbeacon.web import json_error
@@ -89,12 +96,23 @@ def engagement_event(
 
     This runs on every pixel load and click, and the tracker produced every value itself
     (a canonical tracking id, the UTC time, text made :func:`encodable`), so validating them
-    again would only cost time. The result equals the validated ``Event`` of the same values
-    and serializes to the same JSON (tests hold it to that).
+    again would only cost time. Text a client sent still gets the sanitation validation
+    applies (:func:`mailbeacon.events.storable_text`: no NUL, column-sized), so the result
+    equals the validated ``Event`` of the same values and serializes to the same JSON
+    (tests hold it to that).
     """
     machine_kind, evidence = verdict.machine_kind, verdict.evidence
-    if evidence is not None and not evidence.isascii():
-        evidence = encodable(evidence)  # a prefetch header's value may be quoted in it
+    if evidence is not None:
+        if not evidence.isascii():
+            evidence = encodable(evidence)  # a prefetch header's value may be quoted in it
+        if "\x00" in evidence:
+            evidence = evidence.replace("\x00", "")  # metadata is JSON the store keeps as well
+    if ip is not None:
+        ip = storable_text("ip", ip)
+    if user_agent is not None:
+        user_agent = storable_text("user_agent", user_agent)
+    if url is not None:
+        url = storable_text("url", url)
     event = _new_event(Event)
     # Every field, in declaration order.
     _set(
