@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from mailbeacon.netaddr import normalize_ip
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Engagement = Literal["open", "click"]
 
@@ -129,22 +131,10 @@ class Verdict:
 HUMAN = Verdict()
 
 
-@functools.lru_cache(maxsize=8192)
-def _address(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """Parsed once per distinct address: the same proxies and gateways come back all the time."""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
 def _in(ip: str | None, networks: Sequence[Network]) -> bool:
     if not ip or not networks:
         return False
-    address = _address(ip)
+    address = normalize_ip(ip)
     return address is not None and any(address in network for network in networks)
 
 

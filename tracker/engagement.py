@@ -30,7 +30,7 @@ from mailbeacon.settings import Settings
 from mailbeacon.web import json_error
 from tracker import classify, metrics, pages
 from tracker.bursts import ClickHold
-from tracker.privacy import anonymize_ip, client_ip
+from tracker.privacy import anonymize_ip, anonymize_text, client_ip
 
 # The classic 43-byte 1x1 transparent GIF.
 PIXEL_GIF = (
@@ -46,6 +46,9 @@ REDIRECT_HEADERS = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer
 ONE_CLICK = "One-Click"
 
 
+# C0 controls and DEL: no web address contains them once decoded, and a CR or LF in a
+# Location header would split the response.
+_CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f]")
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
@@ -193,6 +196,10 @@ class Engagement:
             verdict = classify.judge(
                 kind, request.method, user_agent, address, headers, self.machine_networks
             )
+        if self._anonymize and address and verdict.evidence and address in verdict.evidence:
+            # Evidence may quote the address it judged (Apple's network, MACHINE_IP_RANGES):
+            # it leaves the tracker no more complete than the event's own ip.
+            verdict = classify.Verdict(verdict.machine_kind, anonymize_text(verdict.evidence))
         metrics.count_engagement(event_type, verdict.machine_kind or "human")
         return kept, user_agent or None, verdict
 
@@ -228,6 +235,9 @@ class Engagement:
         honeypot = url == signing.HONEYPOT_URL
         if not honeypot and not url[:8].lower().startswith(("http://", "https://")):
             return pages.invalid_link("The destination is missing or not a web address.")
+        if _CONTROL_CHARACTERS.search(url):
+            metrics.REQUESTS.labels("click_invalid").inc()
+            return pages.invalid_link("The destination contains control characters.")
         if not self.signatures.verify(tracking_id, url, signature):
             metrics.REQUESTS.labels("click_forged").inc()
             return pages.invalid_link("The link's signature does not match.")

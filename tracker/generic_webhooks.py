@@ -42,26 +42,41 @@ ENDPOINTS: dict[str, Endpoint] = {
 }
 
 
+_TIMESTAMP_FORMS = "timestamp must be an ISO 8601 time or Unix seconds"
+# Unix seconds above this are taken as milliseconds (1e11 s lies in the year 5138).
+_MILLISECONDS_FROM = 1e11
+
+
 def parse_timestamp(value: Any) -> datetime:
-    """RFC 3339 / ISO 8601 text or Unix seconds (milliseconds are recognised by size)."""
+    """RFC 3339 / ISO 8601 text or Unix seconds (milliseconds are recognised by size), in UTC.
+
+    Whatever a provider sends, the answer is a time or a :class:`WebhookError` (400): digits
+    other than ASCII, NaN and infinities, numbers and offsets beyond the calendar's years
+    1-9999 are refused here rather than failing later as a server error.
+    """
     if isinstance(value, bool):
-        raise WebhookError("timestamp must be an ISO 8601 time or Unix seconds")
-    if isinstance(value, int | float):
-        seconds = float(value) / 1000 if value > 1e11 else float(value)
-        try:
-            return datetime.fromtimestamp(seconds, UTC)
-        except (OverflowError, OSError, ValueError) as exc:
-            raise WebhookError("timestamp is out of range") from exc
-    if isinstance(value, str) and value.strip():
+        raise WebhookError(_TIMESTAMP_FORMS)
+    if isinstance(value, str):
         text = value.strip()
+        if not text:
+            raise WebhookError(_TIMESTAMP_FORMS)
+        if not text.isascii():
+            raise WebhookError(f"timestamp {text[:40]!r} is not an ISO 8601 time")
         if text.replace(".", "", 1).isdigit():
             return parse_timestamp(float(text))
         try:
             parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
-        except ValueError as exc:
+            # Near year 1 or 9999 an offset can carry the time outside the calendar.
+            return parsed.astimezone(UTC) if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        except (ValueError, OverflowError) as exc:
             raise WebhookError(f"timestamp {text[:40]!r} is not an ISO 8601 time") from exc
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    raise WebhookError("timestamp must be an ISO 8601 time or Unix seconds")
+    if isinstance(value, int | float):
+        try:
+            seconds = value / 1000 if value > _MILLISECONDS_FROM else value
+            return datetime.fromtimestamp(seconds, UTC)  # NaN: ValueError, inf: OverflowError
+        except (OverflowError, OSError, ValueError) as exc:
+            raise WebhookError("timestamp is out of range") from exc
+    raise WebhookError(_TIMESTAMP_FORMS)
 
 
 def _text(payload: dict[str, Any], name: str, limit: int = 2000) -> str | None:

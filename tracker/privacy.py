@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 from collections.abc import Sequence
 from typing import Any
+
+from mailbeacon.netaddr import normalize_ip
 
 
 @functools.lru_cache(maxsize=8192)
@@ -15,14 +18,33 @@ def anonymize_ip(address: str) -> str:
     Cached: the same mail proxies and gateways come back all day, and parsing costs more than
     everything else a pixel load does.
     """
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
+    ip = normalize_ip(address)
+    if ip is None:
         return ""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     prefix = 24 if ip.version == 4 else 48
     return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
+
+
+# Addresses quoted in text (a verdict's evidence, a provider's bounce diagnostic): dotted
+# quads, and colon groups with an optional dotted tail. Candidates are checked by parsing,
+# so a time of day such as 10:30:00 stays as it is.
+_ADDRESS_IN_TEXT = re.compile(
+    r"(?<![0-9A-Za-z.:])"
+    r"(?:(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?"
+    r"|(?:\d{1,3}\.){3}\d{1,3})"
+    r"(?![0-9A-Za-z.:])"
+)
+
+
+def _anonymized_match(match: re.Match[str]) -> str:
+    return anonymize_ip(match.group()) or match.group()
+
+
+def anonymize_text(text: str) -> str:
+    """``text`` with every IP address in it anonymized like :func:`anonymize_ip`."""
+    if "." not in text and ":" not in text:
+        return text
+    return _ADDRESS_IN_TEXT.sub(_anonymized_match, text)
 
 
 def client_ip(
@@ -43,9 +65,8 @@ def client_ip(
     if forwarded_for:
         chain = [hop.strip() for hop in forwarded_for.split(",") if hop.strip()] + [peer]
     for hop in reversed(chain):
-        try:
-            ip = ipaddress.ip_address(hop)
-        except ValueError:
+        ip = normalize_ip(hop)
+        if ip is None:
             return hop if hop == peer else None
         if not any(ip in network for network in trusted_proxies):
             return str(ip)
@@ -58,7 +79,8 @@ _IP_KEYS = frozenset({"ip", "ipaddress", "ip_address", "sourceip", "client_ip", 
 
 
 def scrub_ips(value: Any) -> Any:
-    """A copy of a provider payload with every address under an IP-like key anonymized."""
+    """A copy of a provider payload with every address in it anonymized: whole values under
+    an IP-like key, and addresses quoted in any other text."""
     if isinstance(value, dict):
         return {
             key: (
@@ -70,4 +92,6 @@ def scrub_ips(value: Any) -> Any:
         }
     if isinstance(value, list):
         return [scrub_ips(item) for item in value]
+    if isinstance(value, str):
+        return anonymize_text(value)
     return value

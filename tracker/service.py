@@ -21,7 +21,7 @@ from multiprocessing.process import BaseProcess
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
-from mailbeacon.jetstream import EventPublisher, connect, provision
+from mailbeacon.jetstream import EventPublisher, connect, provision, redact_url
 from mailbeacon.runner import wait_for_signal
 from mailbeacon.settings import Settings, parse_listen
 from mailbeacon.signing import NoSigningKey
@@ -103,7 +103,7 @@ class NatsLink:
                 delay = min(delay * 2, 5.0)
                 continue
             self.publisher.attach(self.nc.jetstream())
-            log.info("connected to NATS at %s", url)
+            log.info("connected to NATS at %s", redact_url(url))  # never its password or token
             break
         while True:
             # A NATS that came back with an empty store (no persistent volume) has no stream:

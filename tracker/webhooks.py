@@ -15,6 +15,7 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from mailbeacon.events import Event, utcnow
 from mailbeacon.jetstream import EventPublisher
@@ -25,13 +26,21 @@ from tracker.esp import ADAPTERS, Adapter
 from tracker.esp.base import ParseContext, ReplayGuard, VerifyContext, WebhookRequest
 from tracker.esp.sns import Certificates, HttpGet, https_get
 from tracker.generic_webhooks import WebhookError, parse_generic
-from tracker.privacy import anonymize_ip, scrub_ips
+from tracker.privacy import anonymize_ip, anonymize_text, scrub_ips
 
 log = logging.getLogger(__name__)
 
 
 class StoreUnavailable(Exception):
     pass
+
+
+def invalid_event(exc: ValidationError) -> web.Response:
+    """A payload whose values the event contract refuses: the sender's to fix, so a 400
+    rather than a 5xx that would make the provider retry it for days."""
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"]) or "event"
+    return json_error(400, f"{where}: {first['msg']}"[:300])
 
 
 class Webhooks:
@@ -53,6 +62,9 @@ class Webhooks:
             update={
                 "ip": anonymize_ip(event.ip) or None if event.ip else None,
                 "metadata": scrub_ips(event.metadata),
+                # A bounce diagnostic or a user agent may quote an address too.
+                "reason": anonymize_text(event.reason) if event.reason else event.reason,
+                "user_agent": anonymize_text(event.user_agent) if event.user_agent else event.user_agent,
             }
         )
 
@@ -95,9 +107,11 @@ class Webhooks:
         try:
             body = await self._body(request)
             event, answer = parse_generic(kind, body, utcnow())
-            await self._store([event])
+            await self._store([self._private(event)])
         except WebhookError as exc:
             return json_error(exc.status, exc.reason)
+        except ValidationError as exc:
+            return invalid_event(exc)
         except StoreUnavailable:
             return json_error(503, "event store unavailable, retry later")
         metrics.REQUESTS.labels(f"webhook_generic_{kind}").inc()
@@ -139,6 +153,8 @@ class Webhooks:
             if exc.status == 401 and name == "postmark":
                 response.headers["WWW-Authenticate"] = 'Basic realm="mailbeacon webhooks"'
             return response
+        except ValidationError as exc:
+            return invalid_event(exc)
         except StoreUnavailable:
             return json_error(503, "event store unavailable, retry later")
         finally:

@@ -205,7 +205,7 @@ def timestamp_or(value: Any, fallback: datetime) -> datetime:
         return fallback
     try:
         return parse_timestamp(value)
-    except WebhookError:
+    except WebhookError:  # parse_timestamp turns every unreadable time into one
         return fallback
 
 

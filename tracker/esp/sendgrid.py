@@ -13,7 +13,7 @@ import base64
 import binascii
 import functools
 import hashlib
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -36,6 +36,7 @@ from tracker.esp.base import (
     load_json,
     mapping,
     not_configured,
+    parse_timestamp,
     payload_digest,
     text,
     timestamp_or,
@@ -93,19 +94,20 @@ async def verify(request: WebhookRequest, context: VerifyContext) -> Authentic:
     timestamp = request.headers.get(TIMESTAMP_HEADER, "").strip()
     if not signature or not timestamp:
         raise WebhookError(f"missing {SIGNATURE_HEADER} / {TIMESTAMP_HEADER}", 401)
-    if not timestamp.isdigit():
+    if not (timestamp.isascii() and timestamp.isdigit()):
         raise WebhookError(f"{TIMESTAMP_HEADER} is not Unix seconds", 401)
     if not signature_valid(
         load_public_key(configured.get_secret_value()), timestamp, request.body, signature
     ):
         raise WebhookError("signature does not match", 401)
-    check_freshness(
-        datetime.fromtimestamp(int(timestamp), UTC),
-        context.now,
-        context.settings.webhook_max_age_seconds,
-        "signed timestamp",
-    )
-    replay_key = "sendgrid:" + hashlib.sha256(f"{timestamp}:{signature}".encode()).hexdigest()
+    try:
+        signed_at = parse_timestamp(int(timestamp))
+    except WebhookError as exc:
+        raise WebhookError(f"{TIMESTAMP_HEADER} is out of range", 401) from exc
+    check_freshness(signed_at, context.now, context.settings.webhook_max_age_seconds, "signed timestamp")
+    # What was signed, not the signature: an ECDSA signature is malleable (a second valid
+    # signature can be derived from the first), so keying on it would let a replay through.
+    replay_key = "sendgrid:" + hashlib.sha256(timestamp.encode() + request.body).hexdigest()
     if not context.replays.claim(replay_key):
         raise WebhookError("this signed request was already received (replay)", 403)
     return Authentic(replay_key)
