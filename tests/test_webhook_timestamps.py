@@ -128,3 +128,17 @@ async def test_sendgrid_replay_is_keyed_on_what_was_signed_not_the_signature(tmp
     # A different body signed for the same second is a different request.
     other = body.replace(b"r1", b"r2")
     assert (await sendgrid.verify(webhook_request(other, sendgrid_headers(other, stamp)), context)).replay_key
+
+
+def test_values_the_event_contract_refuses_are_a_400_with_the_field() -> None:
+    """The last line of defence behind the parsers: the contract's refusal is the sender's to fix."""
+    from pydantic import ValidationError
+
+    from mailbeacon.events import Event
+    from tracker.webhooks import invalid_event
+
+    with pytest.raises(ValidationError) as refused:
+        Event(event_id="x", type="bounced", bounce_kind="permanent")
+    response = invalid_event(refused.value)
+    assert response.status == 400
+    assert response.text is not None and json.loads(response.text)["error"].startswith("bounce_kind:")
