@@ -57,6 +57,7 @@ class _Relay:
     message_id: str
     mail_options: list[str]
 
+
 # RFC 5321 4.5.3.1.3: a path is at most 256 octets with its angle brackets.
 MAX_ADDRESS_OCTETS = 254
 
