@@ -192,6 +192,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.log_level.upper() != "DEBUG":
+        # Alembic announces each of its plugins at INFO on every start; the migrations it
+        # runs ("Running upgrade ...") are what an operator wants to see.
+        logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     command = args.command
     if command == "up":
         asyncio.run(_up(settings))

@@ -58,6 +58,14 @@ class _Relay:
     mail_options: list[str]
 
 
+# RFC 5321 4.5.3.1.3: a path is at most 256 octets with its angle brackets.
+MAX_ADDRESS_OCTETS = 254
+
+
+def _too_long(address: str) -> bool:
+    return len(address.encode("utf-8", "surrogateescape")) > MAX_ADDRESS_OCTETS
+
+
 class ProxyHandler:
     def __init__(
         self,
@@ -88,6 +96,9 @@ class ProxyHandler:
         if not self._may_relay(session):
             metrics.REFUSED.labels("relay_denied").inc()
             return "530 5.7.0 Authentication required"
+        if _too_long(address):
+            metrics.REFUSED.labels("path_too_long").inc()
+            return "501 5.1.7 Sender address longer than 254 octets"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -101,6 +112,10 @@ class ProxyHandler:
         if len(envelope.rcpt_tos) >= self.options.max_recipients:
             metrics.REFUSED.labels("too_many_recipients").inc()
             return "452 4.5.3 Too many recipients"
+        if _too_long(address):
+            # Upstream MTAs refuse these too (RFC 5321 4.5.3.1.3); saying so now beats a later bounce.
+            metrics.REFUSED.labels("path_too_long").inc()
+            return "501 5.1.3 Recipient address longer than 254 octets"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"

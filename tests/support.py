@@ -120,6 +120,22 @@ async def eventually(
     raise AssertionError("condition not met in time")
 
 
+async def wait_http_ok(url: str, within: float = 20.0) -> None:
+    """Poll ``url`` until it answers 200 (a process's readiness endpoint coming up)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as http:
+
+        async def ready() -> bool:
+            try:
+                async with http.get(url) as response:
+                    return response.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await eventually(ready, within=within)
+
+
 def metric_value(exposition: str, name: str, **labels: str) -> float:
     """One sample from a Prometheus text exposition (0 when absent)."""
     from prometheus_client.parser import text_string_to_metric_families

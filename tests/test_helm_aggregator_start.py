@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support import eventually, free_port
+from tests.support import free_port, wait_http_ok
 from tests.test_helm_chart import env_of, manifests, render
 
 pytest.importorskip("helm_python")
@@ -55,18 +55,12 @@ async def test_default_chart_aggregator_migrates_a_fresh_database_and_serves(
         stderr=subprocess.STDOUT,
     )
     try:
-        async with aiohttp.ClientSession() as http:
-
-            async def ready() -> bool:
-                try:
-                    async with http.get(f"http://127.0.0.1:{port}/readyz") as response:
-                        return response.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await eventually(ready, within=30)
-            async with http.get(f"http://127.0.0.1:{port}/api/campaigns") as response:
-                assert response.status == 200
+        await wait_http_ok(f"http://127.0.0.1:{port}/readyz", within=30)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{port}/api/campaigns") as response,
+        ):
+            assert response.status == 200
     finally:
         if process.returncode is None:
             process.terminate()

@@ -16,7 +16,7 @@ import yaml
 
 from mailbeacon.campaigns import CampaignKey
 from tests.kube_api import FakeKubernetes
-from tests.support import eventually, free_port
+from tests.support import eventually, free_port, wait_http_ok
 from tests.test_operator_runtime import CRD, Kubectl, campaign_manifest, kv_spec
 
 KEY = CampaignKey("marketing", "newsletter")
@@ -56,24 +56,14 @@ async def test_operator_command_serves_campaigns_until_sigterm(
     }
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-m",
-        "mailbeacon.cli",
-        "operator",
+        *COMMANDS[command],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
     try:
+        await wait_http_ok(f"http://127.0.0.1:{health}/readyz")
         async with aiohttp.ClientSession() as http:
-
-            async def ready() -> bool:
-                try:
-                    async with http.get(f"http://127.0.0.1:{health}/readyz") as response:
-                        return response.status == 200
-                except aiohttp.ClientError:
-                    return False
-
-            await eventually(ready, within=20)
             async with http.get(f"http://127.0.0.1:{health}/metrics") as response:
                 assert "mailbeacon_operator_statistics_errors_total" in await response.text()
             await Kubectl(kube, http).apply(campaign_manifest())

@@ -272,6 +272,27 @@ async def test_too_many_recipients_get_452(tmp_path: Path, nats_url: str, sink: 
     assert sorted(r for m in sink.messages for r in m.recipients) == ["a@example.com", "b@example.com"]
 
 
+async def test_addresses_longer_than_rfc5321_allows_get_501(
+    tmp_path: Path, nats_url: str, sink: SmtpSink
+) -> None:
+    longest = "x" * 64 + "@" + "d" * (254 - 65 - 4) + ".com"
+    assert len(longest) == 254
+    async with proxy_running(tmp_path, nats_url, sink) as proxy:
+
+        def conversation() -> None:
+            with smtplib.SMTP("127.0.0.1", proxy.port, timeout=10) as smtp:
+                smtp.ehlo()
+                assert smtp.mail("n" + longest)[0] == 501
+                smtp.mail("news@shop.example.com")
+                assert smtp.rcpt("y" + longest)[0] == 501
+                assert smtp.rcpt(longest)[0] == 250
+                code, _ = smtp.data(html_message([longest]).as_bytes())
+                assert code == 250
+
+        await asyncio.to_thread(conversation)
+    assert [r for m in sink.messages for r in m.recipients] == [longest]
+
+
 def exchange(port: int, lines: list[bytes]) -> list[bytes]:
     """Send raw command lines, one at a time; the first reply line to each."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:

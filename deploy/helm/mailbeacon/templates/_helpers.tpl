@@ -64,6 +64,31 @@ app.kubernetes.io/part-of: mailbeacon
 {{- if or .Values.secrets.existingSecret .Values.database.url -}}true{{- end -}}
 {{- end -}}
 
+{{/* True (non-empty) when the tracker's Ingress puts the webhooks on the internet and the
+operator has not accepted unauthenticated ones: their credentials are then mandatory. */}}
+{{- define "mailbeacon.webhooksMustAuthenticate" -}}
+{{- if and .Values.tracker.enabled .Values.tracker.ingress.enabled (not .Values.tracker.webhooks.allowUnauthenticated) -}}true{{- end -}}
+{{- end -}}
+
+{{/* True (non-empty) when Postmark's webhook is in use: asked for, its credential given, or
+the shared proxy relays through Postmark. Only then does the Ingress route it. */}}
+{{- define "mailbeacon.postmarkWebhook" -}}
+{{- $v := .Values -}}
+{{- if or $v.tracker.webhooks.postmark.enabled $v.secrets.postmarkBasicAuth (and $v.proxy.enabled (eq $v.proxy.upstreamProvider "postmark")) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Refuse to expose webhooks anyone could forge: called by the Ingress template. */}}
+{{- define "mailbeacon.requireWebhookAuth" -}}
+{{- if include "mailbeacon.webhooksMustAuthenticate" . -}}
+{{- if not (or .Values.secrets.webhookToken .Values.secrets.existingSecret) -}}
+{{- fail "tracker.ingress.enabled puts the generic webhooks (/track/bounce/, /track/delivery/, /track/complaint/) on the internet, where anyone could forge bounces and complaints (and trip the campaigns' auto-pause): set secrets.webhookToken (or a webhook-token key in secrets.existingSecret), or accept the risk with tracker.webhooks.allowUnauthenticated=true" -}}
+{{- end -}}
+{{- if and (include "mailbeacon.postmarkWebhook" .) (not (or .Values.secrets.postmarkBasicAuth .Values.secrets.existingSecret)) -}}
+{{- fail "tracker.ingress.enabled routes Postmark's webhook (/webhooks/postmark) to the internet, where anyone could forge bounces and complaints: set secrets.postmarkBasicAuth (\"user:password\", or a postmark-basic-auth key in secrets.existingSecret), or accept the risk with tracker.webhooks.allowUnauthenticated=true" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* One environment variable from the Secret: (dict "root" $ "name" "X" "key" "k" "optional" true) */}}
 {{- define "mailbeacon.secretEnv" -}}
 - name: {{ .name }}
