@@ -40,7 +40,7 @@ async def test_destinations_with_control_characters_are_400_without_a_redirect(
             async with http.get(link, allow_redirects=False) as response:
                 answers.append((response.status, response.content_type, response.headers.get("Location")))
     assert answers[:-1] == [(400, "text/html", None)] * (len(CONTROLLED) - 1)
-    assert answers[-1] == (302, "application/octet-stream", CONTROLLED[-1])
+    assert (answers[-1][0], answers[-1][2]) == (302, CONTROLLED[-1])
 
 
 @pytest.mark.parametrize("character", ["\x00", "\x1f", "\x7f", "\n"])
