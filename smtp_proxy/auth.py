@@ -17,6 +17,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from mailbeacon.netaddr import normalize_ip
 from smtp_proxy import metrics
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,8 @@ class Networks:
         host = peer[0] if isinstance(peer, tuple) and peer else peer
         if not isinstance(host, str):
             return False
-        try:
-            address = ipaddress.ip_address(host.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.networks)
+        address = normalize_ip(host)
+        return address is not None and any(address in network for network in self.networks)
 
 
 class CredentialsError(ValueError):
