@@ -76,7 +76,9 @@ async def connect(url: str, name: str) -> NATS:
         servers=[url],
         name=name,
         connect_timeout=2,
-        reconnect_time_wait=0.5,
+        # Half a second between attempts: pixel/click buffers drain soon after NATS is back.
+        # nats-py annotates this as int but sleeps on it as given.
+        reconnect_time_wait=0.5,  # type: ignore[arg-type]
         max_reconnect_attempts=-1,
         error_cb=on_error,
         disconnected_cb=on_disconnect,
