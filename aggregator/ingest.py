@@ -31,12 +31,14 @@ An event parked by one replica while another was creating its message is settled
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, NamedTuple
 
-from aggregator.bulk import Bulk, Column, as_utc
+from aggregator.bulk import Bulk, Column, as_utc, sqlite_time
 from aggregator.db import Database
+from aggregator.decode import EventFields
 from aggregator.effects import (
     CHANGE_COLUMNS,
     FIRST_SEEN,
@@ -59,7 +61,16 @@ from aggregator.models import (
     OpenBucket,
     PrunedEvent,
 )
-from mailbeacon.events import Event, EventType, utcnow
+from aggregator.prepare import (
+    APPLIED,
+    BOUNCE_KIND,
+    CAMPAIGN,
+    TRACKING_ID,
+    UNKNOWN_CAMPAIGN,
+    Prepared,
+    prepare,
+)
+from mailbeacon.events import EventType, utcnow
 
 EVENTS = EventRow.__table__  # type: ignore[attr-defined]
 MESSAGES = MessageRow.__table__  # type: ignore[attr-defined]
@@ -71,8 +82,7 @@ MESSAGE_LINKS = MessageLink.__table__  # type: ignore[attr-defined]
 BUCKETS = OpenBucket.__table__  # type: ignore[attr-defined]
 PRUNED = PrunedEvent.__table__  # type: ignore[attr-defined]
 
-UNKNOWN_CAMPAIGN = "default/unknown"
-_MESSAGE_TYPES = (EventType.SENT, EventType.FAILED)
+_SENT, _FAILED = EventType.SENT, EventType.FAILED
 
 _EVENT_COLUMNS: list[Column] = [
     ("event_id", "text"),
@@ -119,16 +129,12 @@ class _Parked(NamedTuple):
     url: str | None
 
 
-def _bounce_kind(event: Event) -> str | None:
-    return (event.bounce_kind or "hard") if event.type is EventType.BOUNCED else None
-
-
 class _Transaction:
     """The statements of one ingest transaction, in the order the module docstring gives."""
 
-    def __init__(self, bulk: Bulk) -> None:
+    def __init__(self, bulk: Bulk, now: datetime | None = None) -> None:
         self.sql = bulk
-        self.now = utcnow()
+        self.now = now or utcnow()
         self.result = BatchResult()
         self.new_campaigns: set[str] = set()
         self.new_recipients: set[tuple[str, str]] = set()
@@ -139,14 +145,10 @@ class _Transaction:
 
     # -- messages ---------------------------------------------------------------------------
 
-    async def create_messages(self, events: Sequence[Event]) -> dict[str, str]:
-        """Messages of ``sent``/``failed`` events; returns the ones created here -> the creating event."""
-        firsts: dict[str, Event] = {}
-        for e in events:
-            if e.type in _MESSAGE_TYPES and e.tracking_id is not None:
-                firsts.setdefault(e.tracking_id, e)
-        if not firsts:
-            return {}
+    async def create_messages(self, batch: Prepared) -> set[str]:
+        """Messages of ``sent``/``failed`` events; returns the tracking ids of those created here."""
+        if not batch.message_rows:
+            return set()
         v = self.sql.source(
             [
                 ("tracking_id", "text"),
@@ -156,17 +158,8 @@ class _Transaction:
                 ("status", "text"),
                 ("sent_at", "ts"),
             ],
-            [
-                (
-                    tid,
-                    e.campaign or UNKNOWN_CAMPAIGN,
-                    e.recipient or "",
-                    str(e.metadata.get("message_id") or "")[:998] or None,
-                    e.type.value,
-                    e.occurred_at,
-                )
-                for tid, e in sorted(firsts.items())
-            ],
+            batch.message_rows,
+            ready=True,
         )
         created = await self.sql.run(
             "INSERT INTO messages (tracking_id, campaign, recipient, message_id, status, sent_at, "
@@ -175,9 +168,9 @@ class _Transaction:
             "ON CONFLICT (tracking_id) DO NOTHING RETURNING tracking_id",
             v.params,
         )
-        made = {row[0] for row in created}
-        for tid in made:
-            e = firsts[tid]
+        made = set()
+        for (tid,) in created:
+            e = batch.creators[tid]
             campaign = e.campaign or UNKNOWN_CAMPAIGN
             self.new_campaigns.add(campaign)
             self.counters[campaign]["sent_count" if e.type is EventType.SENT else "failed_count"] += 1
@@ -185,7 +178,8 @@ class _Transaction:
             self.result.applied += 1
             if e.recipient:
                 self.new_recipients.add((campaign, e.recipient))
-        return {tid: firsts[tid].event_id for tid in made}
+            made.add(tid)
+        return made
 
     async def resolve(
         self, tracking_ids: Iterable[str], recipients: Iterable[str], *, wait: bool = True
@@ -223,14 +217,14 @@ class _Transaction:
 
     # -- events -----------------------------------------------------------------------------
 
-    async def insert_events(self, rows: list[tuple[Any, ...]]) -> set[str]:
-        """Store events; returns the ids that were new (the others were stored before)."""
+    async def insert_events(self, rows: list[list[Any]]) -> set[str]:
+        """Store events (driver-ready rows); returns the ids that were new (the others were stored before)."""
         if not rows:
             return set()
         names = [name for name, _ in _EVENT_COLUMNS]
         if not self.sql.postgres:
             return await self._insert_events_sqlite(names, rows)
-        v = await self.sql.staged("events_batch", _EVENT_COLUMNS, rows)
+        v = await self.sql.staged("events_batch", _EVENT_COLUMNS, rows, ready=True)
         picks = ", ".join(self.sql.json_value(v[n]) if n == "metadata" else v[n] for n in names)
         inserted = await self.sql.run(
             f"INSERT INTO events ({', '.join(names)}) SELECT {picks} FROM {v.sql} ORDER BY {v['event_id']} "
@@ -239,7 +233,7 @@ class _Transaction:
         )
         return {row[0] for row in inserted}
 
-    async def _insert_events_sqlite(self, names: list[str], rows: list[tuple[Any, ...]]) -> set[str]:
+    async def _insert_events_sqlite(self, names: list[str], rows: list[list[Any]]) -> set[str]:
         """SQLite's fastest path: ``executemany``, then the rows past the previous highest id.
 
         This transaction holds SQLite's write lock (BEGIN IMMEDIATE), so the ids above the
@@ -249,7 +243,7 @@ class _Transaction:
         await self.sql.executemany(
             f"INSERT INTO events ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
             "ON CONFLICT (event_id) DO NOTHING",
-            self.sql.sqlite_rows(_EVENT_COLUMNS, rows),
+            rows,
         )
         inserted = await self.sql.run(
             "SELECT event_id FROM events WHERE id > :before", {"before": before[0][0]}
@@ -353,7 +347,8 @@ class _Transaction:
                 ("opens", "int"),
                 ("clicks", "int"),
             ],
-            message_changes(p),
+            message_changes(p, None if self.sql.postgres else sqlite_time),
+            ready=True,
         )
         assert len(CHANGE_COLUMNS) == len(FIRST_SEEN) + 4
         m = "messages."  # the row before the update; the source has the same column names
@@ -483,81 +478,51 @@ class _Transaction:
         )
 
 
-def _unique(events: Iterable[Event]) -> tuple[list[Event], int]:
-    """The first of each event id in the batch, and how many repeats were dropped."""
-    seen: dict[str, Event] = {}
-    repeats = 0
-    for e in events:
-        if e.event_id in seen:
-            repeats += 1
-        else:
-            seen[e.event_id] = e
-    return list(seen.values()), repeats
-
-
-async def apply_batch(db: Database, events: Iterable[Event]) -> BatchResult:
+async def apply_batch(db: Database, events: Iterable[EventFields]) -> BatchResult:
     """Store and apply one batch in one transaction (see the module docstring)."""
-    batch, repeats = _unique(events)
+    return await apply_prepared(db, prepare(list(events), db.dialect == "postgresql"))
+
+
+async def apply_prepared(db: Database, batch: Prepared) -> BatchResult:
+    """Store and apply a batch :func:`aggregator.prepare.prepare` made ready, in one transaction."""
     async with db.writing() as conn:
-        tx = _Transaction(await Bulk.of(conn, db.dialect))
-        tx.result.duplicates += repeats
+        tx = _Transaction(await Bulk.of(conn, db.dialect), batch.received_at)
+        await tx.sql.planning_for_few_rows()
+        tx.result.duplicates += batch.repeats
         created = await tx.create_messages(batch)
-        others = [e for e in batch if e.type not in _MESSAGE_TYPES]
-        by_id, by_address = await tx.resolve(
-            (e.tracking_id for e in others if e.tracking_id),
-            (e.recipient for e in others if e.tracking_id is None and e.recipient),
-        )
-        rows: list[tuple[Any, ...]] = []
+        creators = {batch.creators[tid].event_id for tid in created}
+        by_id, by_address = await tx.resolve(batch.tracking_ids, batch.addresses)
+        rows = batch.rows
         applied: dict[str, Applied] = {}
-        creators = set(created.values())
-        for e in sorted(batch, key=lambda e: e.event_id):
-            campaign, tracking_id, is_applied = e.campaign, e.tracking_id, False
-            if e.type in _MESSAGE_TYPES:
+        waiting: list[str] = []  # events naming a message not stored (yet): parked
+        for e, row in zip(batch.events, rows, strict=True):
+            kind = e.type
+            if kind is _SENT or kind is _FAILED:
                 # Only the event that created its message counts; a second sent/failed for the
                 # same copy is kept for the record.
                 if e.event_id in creators:
-                    campaign, is_applied = campaign or UNKNOWN_CAMPAIGN, True
+                    row[CAMPAIGN] = e.campaign or UNKNOWN_CAMPAIGN
+                    row[APPLIED] = True
+                continue
+            tid = e.tracking_id
+            if tid:
+                target = by_id.get(tid)
+            elif e.recipient:
+                target = by_address.get(e.recipient)
             else:
-                target = by_id.get(tracking_id) if tracking_id else by_address.get(e.recipient or "")
-                if target is not None:
-                    campaign, tracking_id, is_applied = target.campaign, target.tracking_id, True
-                    applied[e.event_id] = Applied(
-                        type=e.type,
-                        tracking_id=target.tracking_id,
-                        campaign=target.campaign,
-                        occurred_at=e.occurred_at,
-                        machine=e.machine,
-                        bounce_kind=_bounce_kind(e),
-                        url=e.url,
-                    )
-            rows.append(
-                (
-                    e.event_id,
-                    e.type.value,
-                    tracking_id,
-                    campaign,
-                    e.recipient,
-                    e.occurred_at,
-                    tx.now,
-                    e.ip,
-                    e.user_agent,
-                    e.url,
-                    _bounce_kind(e),
-                    e.reason,
-                    e.machine,
-                    e.machine_kind,
-                    e.source,
-                    e.metadata or None,
-                    is_applied,
-                )
+                continue  # names no message at all: kept for the record, never applied
+            if target is None:
+                waiting.append(e.event_id)
+                continue
+            row[TRACKING_ID] = target.tracking_id
+            row[CAMPAIGN] = target.campaign
+            row[APPLIED] = True
+            applied[e.event_id] = Applied(
+                kind, target.tracking_id, target.campaign, e.occurred_at, e.machine, row[BOUNCE_KIND], e.url
             )
         new = await tx.insert_events(rows)
-        tx.result.duplicates += len(batch) - len(new)
-        tx.result.parked += sum(
-            1
-            for e in others
-            if e.event_id in new and e.event_id not in applied and (e.tracking_id or e.recipient)
-        )
+        tx.result.duplicates += len(rows) - len(new)
+        tx.result.parked += sum(1 for event_id in waiting if event_id in new)
         effects = [a for event_id, a in applied.items() if event_id in new]
         if created:
             where, params = tx.sql.one_of("tracking_id", sorted(created))
@@ -576,6 +541,7 @@ async def adopt_parked(db: Database, limit: int = 2000) -> BatchResult:
     """Apply parked events whose message has meanwhile been stored (by any replica)."""
     async with db.writing() as conn:
         tx = _Transaction(await Bulk.of(conn, db.dialect))
+        await tx.sql.planning_for_few_rows()
         effects = await tx.claim_parked(
             [
                 (
