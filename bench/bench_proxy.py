@@ -35,6 +35,7 @@ MESSAGES = int(os.environ.get("BENCH_PROXY_MESSAGES", "400"))
 CONCURRENCY = 8
 ROUNDS = 3
 SECRET = "bench-signing-key-0123456789"
+BENCH_CAMPAIGN = "default/bench"  # what the messages' X-Campaign: bench names
 
 
 def build_message(html_bytes: int = 20_000, attachment_bytes: int = 100_000) -> bytes:
@@ -137,6 +138,7 @@ async def serve_role(role: str, port_file: Path, upstream_port: int, nats_url: s
             upstream_pool_size=CONCURRENCY,
             smtp_listen="127.0.0.1:0",
             data_dir=port_file.parent / "proxy-data",
+            default_campaign=BENCH_CAMPAIGN,  # the campaign X-Campaign names (no KV bucket here)
         )
         nc = await connect(nats_url, "bench-proxy")
         await provision(nc.jetstream(), settings)
@@ -242,7 +244,10 @@ def smtp_source(port: int, total: int) -> float | None:
 
 
 def rewrite_timings() -> list[tuple[str, float]]:
-    from smtp_proxy.rewrite import CopyTracking, prepare
+    from mailbeacon.campaigns import TrackingSwitches
+    from smtp_proxy.copies import CopyOptions, MessageCopies
+    from smtp_proxy.mime import Part
+    from smtp_proxy.optout import TrackSwitches
 
     html_only = EmailMessage()
     html_only["Subject"] = "x"
@@ -250,9 +255,8 @@ def rewrite_timings() -> list[tuple[str, float]]:
     html = email.message_from_bytes(raw_full).get_payload()[0].get_payload()[1].get_payload(decode=True)  # type: ignore[index, union-attr]
     html_only.set_content(html.decode(), subtype="html")  # type: ignore[union-attr]
     raw = html_only.as_bytes()
-    tracking = CopyTracking(
-        "https://t.example.com", [SECRET.encode()], "7d0c2f0e-4a5e-4c39-9d7a-2f0e4a5e4c39"
-    )
+    options = CopyOptions("https://t.example.com", [SECRET.encode()])
+    tracking_id = "7d0c2f0e-4a5e-4c39-9d7a-2f0e4a5e4c39"
 
     def median(action: object, rounds: int = 400) -> float:
         samples = []
@@ -262,16 +266,16 @@ def rewrite_timings() -> list[tuple[str, float]]:
             samples.append(time.perf_counter() - started)
         return statistics.median(samples) * 1000
 
-    def full() -> None:
-        prepared = prepare(raw, tracking.site_url)
-        headers, body = prepared.render(tracking)
-        b"".join([headers, prepared.separator, *map(bytes, body)])
+    def prepared() -> MessageCopies:  # as the proxy's handler does, once per message
+        return MessageCopies(raw, Part.parse(raw), options, TrackingSwitches(), TrackSwitches())
 
-    prepared = prepare(raw, tracking.site_url)
+    def full() -> None:
+        b"".join(map(bytes, prepared().content("ann@example.com", tracking_id)))
+
+    copies = prepared()
 
     def per_recipient() -> None:
-        headers, body = prepared.render(tracking)
-        b"".join([headers, prepared.separator, *map(bytes, body)])
+        b"".join(map(bytes, copies.content("ann@example.com", tracking_id)))
 
     return [
         ("baseline: bytes copy of the message", median(lambda: bytearray(raw))),
@@ -305,6 +309,7 @@ async def peak_memory(workdir: Path, sink_port: int, nats_url: str) -> tuple[int
         upstream_smtp=f"smtp://127.0.0.1:{sink_port}",  # type: ignore[arg-type]
         smtp_listen="127.0.0.1:0",
         data_dir=workdir / "mem-data",
+        default_campaign=BENCH_CAMPAIGN,
     )
     nc = await connect(nats_url, "bench-memory")
     await provision(nc.jetstream(), settings)

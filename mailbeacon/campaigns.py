@@ -6,7 +6,6 @@ import fnmatch
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -186,7 +185,3 @@ def match_campaign(
             continue
         return key
     return default
-
-
-def spec_summary(spec: CampaignSpec) -> dict[str, Any]:
-    return spec.model_dump(by_alias=True)

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, InvalidCampaign, parse_manifests
-from mailbeacon.jetstream import EventPublisher, connect, provision
+from mailbeacon.jetstream import EventPublisher, connect, provision, redact_url
 from mailbeacon.runner import AllInOne, Component, nats_url_file, run_component, wait_for_signal
 from mailbeacon.settings import Settings
 
@@ -71,7 +71,7 @@ async def _up(settings: Settings) -> None:
                 if addresses.outbox
                 else ""
             )
-            + f"  NATS                       {addresses.nats}\n\n"
+            + f"  NATS                       {redact_url(addresses.nats)}\n\n"
             "Try it:  python -m mailbeacon.sendtest "
             f"--smtp {addresses.smtp}\n",
             flush=True,

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 SUBJECT_PREFIX = "mailbeacon.events"
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -62,6 +62,25 @@ def derived_event_id(source: str, *parts: str) -> str:
     return f"{source}:{hashlib.sha256(natural.encode()).hexdigest()[:40]}"
 
 
+# Column sizes of the store. A NUL character or an oversized value would make the database
+# refuse the whole batch it arrives in, so the contract never lets one through.
+_TEXT_LIMITS = {
+    "campaign": 320,
+    "ip": 64,
+    "machine_kind": 64,
+    "source": 32,
+    "user_agent": 1000,
+    "url": 8000,
+    "reason": 4000,
+}
+
+
+def _clean(value: str, limit: int) -> str:
+    if "\x00" in value:
+        value = value.replace("\x00", "")
+    return value if len(value) <= limit else value[:limit]
+
+
 class Event(BaseModel):
     """One thing that happened to one recipient copy of a message."""
 
@@ -93,7 +112,13 @@ class Event(BaseModel):
     @field_validator("recipient")
     @classmethod
     def _recipient(cls, value: str | None) -> str | None:
-        return value.strip().lower() if value else None
+        # 320 = the longest address the store keeps; anything longer is not an address anyway.
+        return _clean(value.strip().lower(), 320) if value else None
+
+    @field_validator("campaign", "ip", "machine_kind", "source", "user_agent", "url", "reason")
+    @classmethod
+    def _text(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _clean(value, _TEXT_LIMITS[info.field_name or ""]) if value is not None else None
 
     @field_validator("occurred_at")
     @classmethod

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from urllib.parse import urlsplit, urlunsplit
 
 import nats
 from nats.aio.client import Client as NATS
@@ -44,15 +45,28 @@ ALL_EVENTS = f"{SUBJECT_PREFIX}.>"
 CONSUMER_ACK_WAIT_SECONDS = 60.0
 
 
+def redact_url(url: str) -> str:
+    """The URL without its password or token, for logs and terminals."""
+    parts = urlsplit(url)
+    if not (parts.username or parts.password):
+        return url
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"***@{netloc}"))
+
+
 async def connect(url: str, name: str) -> NATS:
+    shown = redact_url(url)
+
     async def on_error(exc: Exception) -> None:
         log.warning("nats: %s", exc)
 
     async def on_disconnect() -> None:
-        log.warning("nats: disconnected from %s", url)
+        log.warning("nats: disconnected from %s", shown)
 
     async def on_reconnect() -> None:
-        log.info("nats: reconnected to %s", url)
+        log.info("nats: reconnected to %s", shown)
 
     return await nats.connect(
         servers=[url],
@@ -98,16 +112,19 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
         log.info("created stream %s", STREAM)
         return
     have = info.config
-    if (
-        have.subjects != wanted.subjects
-        or have.max_age != wanted.max_age
-        or have.duplicate_window != wanted.duplicate_window
-    ):
+    # Retention is changed only by a process that was told it (STREAM_MAX_AGE_DAYS,
+    # STREAM_DUPLICATE_WINDOW_SECONDS): a proxy sidecar in an app's pod, configured by the
+    # app's team, must not reset what the release's tracker and aggregator set, nor the two
+    # flip it back and forth on every restart.
+    told = settings.model_fields_set
+    max_age = wanted.max_age if "stream_max_age_days" in told else have.max_age
+    window = wanted.duplicate_window if "stream_duplicate_window_seconds" in told else have.duplicate_window
+    if have.subjects != wanted.subjects or have.max_age != max_age or have.duplicate_window != window:
         # Storage and replicas cannot be changed in place; retention settings can.
         update = StreamConfig.from_response(have.as_dict())
         update.subjects = wanted.subjects
-        update.max_age = wanted.max_age
-        update.duplicate_window = wanted.duplicate_window
+        update.max_age = max_age
+        update.duplicate_window = window
         await js.update_stream(config=update)
         log.info("updated stream %s", STREAM)
 

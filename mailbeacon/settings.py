@@ -126,7 +126,10 @@ class Settings(BaseSettings):
         default=100_000, ge=1, description="Pixel/click events kept in memory while NATS is unreachable"
     )
     shutdown_drain_seconds: float = Field(
-        default=20.0, ge=0, description="How long a stopping tracker keeps publishing its buffered events"
+        default=20.0,
+        ge=0,
+        description="How long a stopping tracker keeps publishing its buffered events, "
+        "and a stopping proxy lets its relays in flight finish",
     )
     click_burst_seconds: float = Field(
         default=1.0,

@@ -40,8 +40,8 @@ def sign_click(keys: Sequence[bytes], tracking_id: str, url: str) -> str:
 
 
 def verify_click(keys: Sequence[bytes], tracking_id: str, url: str, signature: str) -> bool:
-    if not keys or not signature:
-        return False
+    if not keys or not signature or not signature.isascii():
+        return False  # a signature is base64url: anything else cannot match
     # Compare against every key in constant time so timing does not reveal which key failed.
     results = [hmac.compare_digest(_mac(key, tracking_id, url), signature) for key in keys]
     return any(results)

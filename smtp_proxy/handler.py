@@ -1,7 +1,10 @@
 """The aiosmtpd handler: relay policy, campaign assignment, per-recipient copies, relay, events, reply.
 
 The reply to the app is decided only after the upstream answered for every copy, so
-the proxy never acknowledges mail the upstream did not take.
+the proxy never acknowledges mail the upstream did not take. Once relaying has begun it
+runs as its own task, apart from the SMTP session: an app that hangs up (or times out
+during the retry window) cannot cut it short, so every copy the upstream accepted is
+still recorded, and a stopping proxy waits for it.
 """
 
 from __future__ import annotations
@@ -12,180 +15,55 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailbeacon.campaign_store import CampaignStore
-from mailbeacon.campaigns import CampaignKey, CampaignSpec, InvalidCampaign, match_campaign
-from mailbeacon.events import Event, EventType
+from mailbeacon.campaigns import CampaignKey
 from mailbeacon.jetstream import EventPublisher
-from smtp_proxy import esp, metrics, mime
+from smtp_proxy import metrics
 from smtp_proxy.auth import Networks
-from smtp_proxy.dkim_sign import DkimSigner, without_signatures
-from smtp_proxy.mime import Buffer, Part
+from smtp_proxy.campaign_choice import CampaignChoice, choose_campaign
+from smtp_proxy.copies import CopyOptions, MessageCopies, untracked_content
+from smtp_proxy.mime import Part
 from smtp_proxy.optout import TRACK_HEADER, RecipientOptOuts, TrackSwitches, switches_from_header
-from smtp_proxy.rewrite import (
-    CONTROL_HEADERS,
-    CONTROL_PREFIXES,
-    TRACKING_HEADER,
-    CopyTracking,
-    PreparedMessage,
-    prepare,
-)
+from smtp_proxy.outcome import decide
 from smtp_proxy.upstream import CopyResult, OutgoingCopy, Upstream
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Outcome:
-    """What the app is told, and the events that record each copy."""
-
-    reply: str
-    events: list[Event]
-    result: str
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:400]
-
-
-def decide(
-    results: Sequence[CopyResult], campaign: str | None, tracking_ids: Sequence[str | None], message_id: str
-) -> Outcome:
-    """Pure reply policy: 250 only if some copy was accepted; all-refused passes the upstream's code on.
-
-    When nothing was accepted, a transient refusal wins over a permanent one so the app
-    retries (the copies that would fail permanently fail again and then bounce). Copies
-    refused while others were accepted (after their bounded retry) are recorded as
-    ``failed``: nothing is silent.
-    """
-    accepted = [r for r in results if r.accepted]
-    events: list[Event] = []
-    for result, tracking_id in zip(results, tracking_ids, strict=True):
-        if tracking_id is None:
-            continue
-        if result.accepted:
-            events.append(
-                Event(
-                    event_id=f"proxy:sent:{tracking_id}",
-                    type=EventType.SENT,
-                    tracking_id=tracking_id,
-                    campaign=campaign,
-                    recipient=result.recipient,
-                    source="proxy",
-                    metadata={"message_id": message_id, "upstream_reply": _one_line(result.reply)},
-                )
-            )
-        elif accepted or not result.transient:
-            events.append(
-                Event(
-                    event_id=f"proxy:failed:{tracking_id}",
-                    type=EventType.FAILED,
-                    tracking_id=tracking_id,
-                    campaign=campaign,
-                    recipient=result.recipient,
-                    reason=_one_line(result.reply),
-                    source="proxy",
-                    metadata={"message_id": message_id, "smtp_code": result.code},
-                )
-            )
-    if len(accepted) == len(results):
-        return Outcome(f"250 2.0.0 OK: {len(results)} copies accepted", events, "accepted")
-    if accepted:
-        return Outcome(
-            f"250 2.0.0 OK: {len(accepted)} of {len(results)} copies accepted, the rest failed",
-            events,
-            "partial",
-        )
-    refused = next((r for r in results if r.transient), results[0])
-    code = refused.code if 400 <= refused.code < 600 else 451
-    return Outcome(f"{code} {_one_line(refused.text)}", events, "deferred" if code < 500 else "rejected")
+_SHUTTING_DOWN = "451 4.3.2 The proxy is shutting down, please try again later"
 
 
 @dataclass(frozen=True)
 class ProxyOptions:
     """The handler's slice of the settings, resolved at start-up."""
 
-    site_url: str
-    keys: Sequence[bytes]
+    copies: CopyOptions
     relay_networks: Networks
     max_recipients: int = 100
-    provider: str = "generic"
-    ses_configuration_set: str | None = None
     default_campaign: CampaignKey | None = None
     auto_create_campaigns: bool = False
-    honeypot: bool = True
 
 
-class _MessageCopies:
-    """Builds each recipient's copy of one message from a single preparation."""
+@dataclass(frozen=True)
+class _Relay:
+    """One message on its way upstream: everything the relay task needs, nothing of the session."""
 
-    def __init__(
-        self,
-        handler: ProxyHandler,
-        raw: bytes,
-        prepared: PreparedMessage | None,
-        spec: CampaignSpec,
-        switches: TrackSwitches,
-    ) -> None:
-        self.handler, self.raw, self.prepared, self.spec, self.switches = (
-            handler,
-            raw,
-            prepared,
-            spec,
-            switches,
-        )
-        self.failed_once = False
+    sender: str
+    copies: list[OutgoingCopy]
+    tracking_ids: list[str | None]
+    campaign: str | None
+    message_id: str
+    mail_options: list[str]
 
-    def _fallback(self, exc: Exception) -> Sequence[Buffer]:
-        if not self.failed_once:  # one count and one log line per message, however many copies
-            self.failed_once = True
-            metrics.REWRITE_FAILURES.inc()
-            log.warning("relaying message unchanged, rewrite failed: %s: %s", type(exc).__name__, exc)
-        return [self.raw]
 
-    def content(self, recipient: str, tracking_id: str) -> Sequence[Buffer]:
-        prepared = self.prepared
-        if prepared is None:
-            return [self.raw]
-        handler, options = self.handler, self.handler.options
-        try:
-            signer = handler.dkim_signer
-            resign = prepared.dkim_signed and signer is not None
-            switches = self.switches
-            if recipient.lower() in handler.optouts:
-                switches = TrackSwitches(False, False)
-            tracking = CopyTracking(
-                site_url=options.site_url,
-                keys=options.keys,
-                tracking_id=tracking_id,
-                track_opens=switches.opens,
-                track_clicks=switches.clicks,
-                unsubscribe_header=self.spec.tracking.unsubscribe_header,
-                honeypot=options.honeypot,
-            )
-            if prepared.dkim_signed and not resign:
-                headers, body = prepared.untouched()  # rewriting would break the signature
-                headers += f"{TRACKING_HEADER}: {tracking_id}".encode() + prepared.eol
-            else:
-                headers, body = prepared.render(tracking)
-            protected = frozenset() if resign else prepared.protected
-            headers = esp.add_correlation(
-                headers,
-                options.provider,
-                tracking_id,
-                prepared.eol,
-                protected=protected,
-                ses_configuration_set=options.ses_configuration_set,
-            )
-            if resign and signer is not None:
-                message = b"".join([without_signatures(headers), prepared.separator, *map(bytes, body)])
-                return [signer.sign(message), message]
-            return [headers, prepared.separator, *body]
-        except Exception as exc:  # deliver the mail even when we cannot track it
-            return self._fallback(exc)
+# RFC 5321 4.5.3.1.3: a path is at most 256 octets with its angle brackets.
+MAX_ADDRESS_OCTETS = 254
+
+
+def _too_long(address: str) -> bool:
+    return len(address.encode("utf-8", "surrogateescape")) > MAX_ADDRESS_OCTETS
 
 
 class ProxyHandler:
@@ -197,14 +75,15 @@ class ProxyHandler:
         campaigns: CampaignStore | None,
         *,
         optouts: RecipientOptOuts | None = None,
-        dkim_signer: DkimSigner | None = None,
     ) -> None:
         self.options = options
         self.upstream = upstream
         self.publisher = publisher
         self.campaigns = campaigns
         self.optouts = optouts or RecipientOptOuts(None)
-        self.dkim_signer = dkim_signer
+        self.closing = False
+        self._relays: set[asyncio.Task[str]] = set()
+        self._unknown_logged: set[str] = set()
 
     # -- relay policy -------------------------------------------------------------------
 
@@ -217,6 +96,9 @@ class ProxyHandler:
         if not self._may_relay(session):
             metrics.REFUSED.labels("relay_denied").inc()
             return "530 5.7.0 Authentication required"
+        if _too_long(address):
+            metrics.REFUSED.labels("path_too_long").inc()
+            return "501 5.1.7 Sender address longer than 254 octets"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
@@ -230,6 +112,10 @@ class ProxyHandler:
         if len(envelope.rcpt_tos) >= self.options.max_recipients:
             metrics.REFUSED.labels("too_many_recipients").inc()
             return "452 4.5.3 Too many recipients"
+        if _too_long(address):
+            # Upstream MTAs refuse these too (RFC 5321 4.5.3.1.3); saying so now beats a later bounce.
+            metrics.REFUSED.labels("path_too_long").inc()
+            return "501 5.1.3 Recipient address longer than 254 octets"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
@@ -242,67 +128,100 @@ class ProxyHandler:
 
     # -- messages -----------------------------------------------------------------------
 
-    async def _campaign_for(self, message: Part, sender: str) -> tuple[CampaignKey | None, CampaignSpec]:
+    async def _campaign_for(self, message: Part, sender: str) -> CampaignChoice:
         specs = self.campaigns.specs if self.campaigns else {}
-        headers: list[tuple[str, Any]] = list(message.parsed.items())
-        try:
-            key = match_campaign(
-                specs, [(n, str(v)) for n, v in headers], sender, self.options.default_campaign
+        headers = [(name, str(value)) for name, value in message.parsed.items()]
+        options = self.options
+        choice = choose_campaign(
+            specs, headers, sender, options.default_campaign, options.auto_create_campaigns
+        )
+        ignored = choice.ignored_header
+        if ignored is not None and ignored not in self._unknown_logged and len(self._unknown_logged) < 1000:
+            self._unknown_logged.add(ignored)  # one line per name, not one per message
+            log.warning(
+                "X-Campaign %r names no known campaign; tracking it %s",
+                ignored[:200],
+                f"under {choice.key}" if choice.key else "not at all",
             )
-        except InvalidCampaign as exc:
-            log.warning("unusable campaign header (%s); relaying untracked", exc)
-            return None, CampaignSpec()
-        if key is None:
-            return None, CampaignSpec()
-        spec = specs.get(key)
-        if spec is None:
-            spec = CampaignSpec()
-            if self.options.auto_create_campaigns and self.campaigns is not None:
-                try:
-                    await self.campaigns.create_if_missing(key, spec)
-                except Exception as exc:  # the KV write is a convenience; never fail mail for it
-                    log.warning("could not record new campaign %s: %s", key, exc)
-        return key, spec
-
-    def _prepare(self, message: Part, spec: CampaignSpec) -> PreparedMessage | None:
-        try:
-            return prepare(message, self.options.site_url, spec.tracking.skip_links)
-        except Exception as exc:
-            metrics.REWRITE_FAILURES.inc()
-            log.warning("relaying message unchanged, cannot parse it: %s: %s", type(exc).__name__, exc)
-            return None
+        if choice.create and choice.key is not None and self.campaigns is not None:
+            try:
+                await self.campaigns.create_if_missing(choice.key, choice.spec)
+            except Exception as exc:  # the KV write is a convenience; never fail mail for it
+                log.warning("could not record new campaign %s: %s", choice.key, exc)
+        return choice
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        if self.closing:
+            return _SHUTTING_DOWN
         raw = envelope.original_content or b""
-        sender = envelope.mail_from or ""
         recipients = list(envelope.rcpt_tos)
         message = Part.parse(raw)
-        key, spec = await self._campaign_for(message, sender)
+        choice = await self._campaign_for(message, envelope.mail_from or "")
+        key, spec = choice.key, choice.spec
         if key is not None and spec.paused:
             metrics.MESSAGES.labels("paused").inc()
             return f"451 4.7.1 campaign {key} is paused, try again later"
         tracking_ids: list[str | None]
         if key is None:
-            metrics.UNTRACKED.labels("no_campaign").inc()
-            untouched = self._untracked_content(raw, message)
+            metrics.UNTRACKED.labels(choice.untracked_why or "no_campaign").inc()
+            untouched = untracked_content(raw, message)
             copies = [OutgoingCopy(rcpt, lambda: untouched) for rcpt in recipients]
             tracking_ids = [None] * len(recipients)
         else:
             switches = switches_from_header(message.parsed.get(TRACK_HEADER))
             switches &= TrackSwitches(spec.tracking.opens, spec.tracking.clicks)
-            prepared = self._prepare(message, spec)
-            self._count_untracked(prepared, switches, recipients)
-            builder = _MessageCopies(self, raw, prepared, spec, switches)
+            builder = MessageCopies(raw, message, self.options.copies, spec.tracking, switches, self.optouts)
+            self._count_untracked(builder, switches, recipients)
             tracking_ids = [str(uuid.uuid4()) for _ in recipients]
             copies = [
                 OutgoingCopy(rcpt, lambda rcpt=rcpt, tid=tid: builder.content(rcpt, tid))  # type: ignore[misc]
                 for rcpt, tid in zip(recipients, tracking_ids, strict=True)
             ]
+        relay = _Relay(
+            sender=envelope.mail_from or "",
+            copies=copies,
+            tracking_ids=tracking_ids,
+            campaign=str(key) if key else None,
+            message_id=str(message.parsed.get("Message-ID", "")).strip(),
+            mail_options=list(envelope.mail_options),
+        )
+        task = asyncio.create_task(self._relay(relay), name="smtp-relay")
+        self._relays.add(task)
+        task.add_done_callback(self._relays.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                log.info("the app hung up during the relay; the relay goes on and records every copy")
+            raise
+
+    async def _relay(self, relay: _Relay) -> str:
+        """Deliver every copy, record each, and give the reply (whether or not anyone still listens)."""
+        answered: dict[int, CopyResult] = {}
         started = time.perf_counter()
-        results = await self.upstream.deliver(sender, copies, envelope.mail_options)
+        try:
+            results = await self.upstream.deliver(
+                relay.sender, relay.copies, relay.mail_options, answered.__setitem__
+            )
+        except asyncio.CancelledError:
+            # Only a shutdown past its grace period gets here: keep what the upstream
+            # already answered (the rest has no reply to record).
+            known = sorted(answered)
+            if known:
+                outcome = decide(
+                    [answered[i] for i in known],
+                    relay.campaign,
+                    [relay.tracking_ids[i] for i in known],
+                    relay.message_id,
+                )
+                for event in outcome.events:
+                    self.publisher.publish_later(event)  # flushed when the publisher closes
+            log.error("relay cut short at shutdown; %d of %d copies answered", len(known), len(relay.copies))
+            raise
+        except Exception as exc:
+            return await self.handle_exception(exc)
         metrics.RELAY_SECONDS.observe(time.perf_counter() - started)
-        message_id = str(message.parsed.get("Message-ID", "")).strip()
-        outcome = decide(results, str(key) if key else None, tracking_ids, message_id)
+        outcome = decide(results, relay.campaign, relay.tracking_ids, relay.message_id)
         for result in results:
             if not result.accepted:
                 metrics.UPSTREAM_ERRORS.labels(f"{result.code // 100}xx").inc()
@@ -312,19 +231,30 @@ class ProxyHandler:
         metrics.MESSAGES.labels(outcome.result).inc()
         return outcome.reply
 
-    def _untracked_content(self, raw: bytes, message: Part) -> Sequence[Buffer]:
-        """Mail of no campaign: as received, less the proxy's own control headers."""
-        if not message.separator:
-            return [raw]
-        headers = mime.remove_headers(message.headers, set(CONTROL_HEADERS), CONTROL_PREFIXES)
-        if len(headers) == len(message.headers):
-            return [raw]
-        return [headers, message.separator, message.body]
+    async def finish(self, grace: float) -> None:
+        """Stop taking messages and let the relays in flight end, within ``grace`` seconds.
+
+        The first half lets them run as usual; then temporary refusals are no longer
+        retried (those copies end as ``failed``); what still runs at the end is cut
+        short, keeping the events of the copies the upstream already answered for.
+        Every event is with the publisher when this returns.
+        """
+        self.closing = True
+        pending = set(self._relays)
+        if pending:
+            log.info("waiting up to %.0f s for %d relays in flight", grace, len(pending))
+            _, pending = await asyncio.wait(pending, timeout=grace / 2)
+        if pending:
+            self.upstream.stop_retrying()
+            _, pending = await asyncio.wait(pending, timeout=grace / 2)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
 
     def _count_untracked(
-        self, prepared: PreparedMessage | None, switches: TrackSwitches, recipients: Sequence[str]
+        self, builder: MessageCopies, switches: TrackSwitches, recipients: Sequence[str]
     ) -> None:
-        if prepared is not None and prepared.dkim_signed and self.dkim_signer is None:
+        if builder.left_untracked_for_dkim:
             metrics.UNTRACKED.labels("dkim_signed").inc()
         elif not (switches.opens or switches.clicks):
             metrics.UNTRACKED.labels("tracking_off").inc()

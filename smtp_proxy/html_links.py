@@ -36,6 +36,35 @@ _NOTRACK_SCHEME = re.compile(r"^(\s*)(?:\+notrack:)?(https?)(?:\+notrack)?(?=://
 _BODY_CLOSE = re.compile(r"</body\s*>", re.IGNORECASE)
 _URL_IN_TEXT = re.compile(r"https?://[^\s<>\"']+", re.IGNORECASE)
 _UNSUBSCRIBE_WORDS = re.compile(r"unsubscribe|opt-?out|optout", re.IGNORECASE)
+_TAB_OR_NEWLINE = re.compile(r"[\t\r\n]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_NUMERIC_REFERENCE = re.compile(r"&#(?:[xX]([0-9a-fA-F]+)|([0-9]+));?")
+
+
+def _control_reference(match: re.Match[str]) -> str:
+    hexadecimal, decimal = match.groups()
+    code = int(hexadecimal, 16) if hexadecimal else int(decimal)
+    return chr(code) if code < 0x20 or code == 0x7F else match.group(0)
+
+
+def unescape_attribute(value: str) -> str:
+    """Character references decoded as a browser decodes them in an attribute.
+
+    ``html.unescape`` drops references to most control characters, where a browser keeps
+    them (``&#1;`` is U+0001 to it): they are decoded here first, so such a link is seen
+    for what it is.
+    """
+    return html.unescape(_NUMERIC_REFERENCE.sub(_control_reference, value))
+
+
+def browser_url(value: str) -> str:
+    """An ``href`` value (entities already decoded) as a browser follows it.
+
+    The URL standard drops every ASCII tab and line break anywhere in a URL and trims
+    the ends, so ``https://shop.example/&#10;sale`` leads to ``https://shop.example/sale``.
+    The signed click URL must carry that destination, not one the redirect cannot use.
+    """
+    return _TAB_OR_NEWLINE.sub("", value).strip()
 
 
 @dataclass(frozen=True)
@@ -50,6 +79,8 @@ class LinkPolicy:
         lowered = url.lower()
         if not (lowered.startswith("http://") or lowered.startswith("https://")):
             return False  # mailto:, tel:, #anchors, merge tags, javascript: ...
+        if _CONTROL.search(url):
+            return False  # no browser would follow it as written: not ours to sign
         if self.is_ours(url) or url in self.unsubscribe_urls:
             return False
         if _UNSUBSCRIBE_WORDS.search(url):
@@ -133,7 +164,7 @@ def scan_html(
             pieces.append(_NOTRACK_SCHEME.sub(r"\1\2", raw_value, count=1))
             literal_start, changed = attrs_start + value_end, True
             continue
-        url = url_of(html.unescape(raw_value)).strip()
+        url = browser_url(url_of(unescape_attribute(raw_value)))
         if not policy.should_track(url):
             continue
         # The slot covers the value with its quotes, so an unquoted value can gain some.

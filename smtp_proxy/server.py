@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP
+from aiosmtpd.smtp import MISSING, SMTP, syntax
 
 from smtp_proxy.auth import Networks
+from smtp_proxy.session_log import auth_exchange
 
 _READ_SIZE = 256 * 1024
 _STUFFED_DOT = re.compile(rb"(?:^|(?<=\r\n))\.")
@@ -36,6 +37,9 @@ class ProxySMTP(SMTP):
         super().__init__(handler, timeout=policy.command_timeout, **kwargs)
         self.policy = policy
         self._auth_tls_default = kwargs.get("auth_require_tls", True)
+        # Cleared between a message's last line and our reply to it.
+        self.not_answering = asyncio.Event()
+        self.not_answering.set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -44,6 +48,11 @@ class ProxySMTP(SMTP):
             self._auth_require_tls = False
         else:
             self._auth_require_tls = self._auth_tls_default
+
+    @syntax("AUTH <mechanism>")
+    async def smtp_AUTH(self, arg: str) -> None:
+        with auth_exchange():  # nothing aiosmtpd logs meanwhile keeps its text
+            await super().smtp_AUTH(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA, receiving into one buffer.
@@ -81,13 +90,17 @@ class ProxySMTP(SMTP):
             self._set_post_data_state()  # type: ignore[no-untyped-call]
             return
         self.envelope.content = self.envelope.original_content = content  # type: ignore[assignment]
+        self.not_answering.clear()
         try:
-            status = await self._call_handler_hook("DATA")
+            try:
+                status = await self._call_handler_hook("DATA")
+            finally:
+                # Even when the hook failed (answered 451 by handle_exception), the
+                # transaction is over: the client may start the next one with MAIL.
+                self._set_post_data_state()  # type: ignore[no-untyped-call]
+            await self.push("250 OK" if status is MISSING else status)
         finally:
-            # Even when the hook failed (answered 451 by handle_exception), the
-            # transaction is over: the client may start the next one with MAIL.
-            self._set_post_data_state()  # type: ignore[no-untyped-call]
-        await self.push("250 OK" if status is MISSING else status)
+            self.not_answering.set()
 
     async def _receive(self) -> tuple[bytearray | None, bool, bool]:
         """Read DATA up to the lone dot, in socket-sized chunks rather than line by line."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 
 from aiohttp import web
 
@@ -13,11 +14,14 @@ from mailbeacon.jetstream import EventPublisher
 from mailbeacon.settings import Settings, parse_listen
 from mailbeacon.web import add_health_routes, serve
 from smtp_proxy.auth import Authenticator, Credentials, Networks
+from smtp_proxy.copies import CopyOptions
 from smtp_proxy.dkim_sign import DkimSigner
 from smtp_proxy.handler import ProxyHandler, ProxyOptions
 from smtp_proxy.optout import RecipientOptOuts
 from smtp_proxy.server import ListenerPolicy, ProxySMTP, server_tls_context
-from smtp_proxy.upstream import Upstream, UpstreamConfig
+from smtp_proxy.session_log import configure_session_log
+from smtp_proxy.upstream import Upstream
+from smtp_proxy.upstream_config import UpstreamConfig
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +39,18 @@ def upstream_config(settings: Settings, url: str) -> UpstreamConfig:
 
 def proxy_options(settings: Settings) -> ProxyOptions:
     return ProxyOptions(
-        site_url=settings.site_url,
-        keys=settings.signing_keys(),
+        copies=CopyOptions(
+            site_url=settings.site_url,
+            keys=settings.signing_keys(),
+            provider=settings.upstream_provider,
+            ses_configuration_set=settings.ses_configuration_set,
+            honeypot=settings.honeypot_links,
+            dkim_signer=dkim_signer(settings),
+        ),
         relay_networks=Networks(settings.smtp_relay_networks),
         max_recipients=settings.smtp_max_recipients,
-        provider=settings.upstream_provider,
-        ses_configuration_set=settings.ses_configuration_set,
         default_campaign=CampaignKey.parse(settings.default_campaign) if settings.default_campaign else None,
         auto_create_campaigns=settings.auto_create_campaigns,
-        honeypot=settings.honeypot_links,
     )
 
 
@@ -68,6 +75,7 @@ class ProxyService:
         if not upstream_url:
             raise ValueError("MAILBEACON_UPSTREAM_SMTP is not set: the proxy needs somewhere to relay to")
         self.settings = settings
+        configure_session_log(settings.log_level)
         self.upstream = Upstream(upstream_config(settings, upstream_url))
         self.handler = ProxyHandler(
             proxy_options(settings),
@@ -75,7 +83,6 @@ class ProxyService:
             publisher,
             campaigns,
             optouts=RecipientOptOuts(settings.tracking_optout_file),
-            dkim_signer=dkim_signer(settings),
         )
         self.credentials = Credentials.load(settings.smtp_auth_file, settings.smtp_auth_users_value())
         self.tls = None
@@ -90,11 +97,12 @@ class ProxyService:
         )
         self._serve_http = serve_http
         self._server: asyncio.Server | None = None
+        self._sessions: weakref.WeakSet[ProxySMTP] = weakref.WeakSet()
         self._http: web.AppRunner | None = None
         self.port: int | None = None
 
     def _smtp(self) -> ProxySMTP:
-        return ProxySMTP(
+        session = ProxySMTP(
             self.handler,
             policy=self.policy,
             hostname="mailbeacon",
@@ -107,6 +115,8 @@ class ProxyService:
             authenticator=Authenticator(self.credentials) if self.credentials else None,
             auth_require_tls=True,
         )
+        self._sessions.add(session)
+        return session
 
     async def start(self) -> None:
         host, port = parse_listen(self.settings.smtp_listen)
@@ -127,11 +137,38 @@ class ProxyService:
         )
 
     async def stop(self) -> None:
+        """Stop listening, let the relays in flight end and hand their events over, then close.
+
+        The caller closes the event publisher only after this returns, so the events of
+        every copy relayed meanwhile are flushed with it.
+        """
         if self._server is not None:
-            self._server.close()
+            self._server.close()  # no new connections
+        await self.handler.finish(self.settings.shutdown_drain_seconds)
+        await self._close_sessions()
+        if self._server is not None:
             await self._server.wait_closed()
             self._server = None
         await self.upstream.close()
         if self._http is not None:
             await self._http.cleanup()
             self._http = None
+
+    async def _close_sessions(self) -> None:
+        """Let the apps whose relay just ended read their reply, then hang up on every session.
+
+        Apps still sending a message, or idle between messages, are disconnected; they
+        retry what was not answered, elsewhere or after the restart.
+        """
+        waits = [
+            asyncio.create_task(session.not_answering.wait())
+            for session in self._sessions
+            if not session.not_answering.is_set()
+        ]
+        if waits:
+            _, late = await asyncio.wait(waits, timeout=2.0)
+            for wait in late:
+                wait.cancel()
+        for session in list(self._sessions):
+            if session.transport is not None:
+                session.transport.close()

@@ -9,63 +9,20 @@ Every outcome is reduced to an SMTP code and text the proxy can pass back to the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import aiosmtplib
 
 from smtp_proxy import metrics
 from smtp_proxy.data_stream import send_data
 from smtp_proxy.mime import Buffer
+from smtp_proxy.upstream_config import UpstreamConfig
 
 log = logging.getLogger(__name__)
-
-
-class InvalidUpstream(ValueError):
-    pass
-
-
-@dataclass(frozen=True)
-class UpstreamConfig:
-    host: str
-    port: int
-    implicit_tls: bool = False
-    starttls: bool = False
-    username: str | None = None
-    password: str | None = None
-    timeout: float = 30.0
-    validate_certs: bool = True
-    ca_file: str | None = None
-    pool_size: int = 8
-    idle_seconds: float = 30.0
-    retry_seconds: float = 30.0
-    retry_first_delay: float = 1.0
-
-    @classmethod
-    def from_url(cls, url: str, timeout: float = 30.0, **options: object) -> UpstreamConfig:
-        """``smtp://[user:password@]host:port[?starttls=true]`` or ``smtps://...`` (implicit TLS)."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
-            raise InvalidUpstream("UPSTREAM_SMTP must look like smtp://host:port or smtps://host:port")
-        query = {key.lower(): values[-1].lower() for key, values in parse_qs(parts.query).items()}
-        implicit = parts.scheme == "smtps"
-        return cls(
-            host=parts.hostname,
-            port=parts.port or (465 if implicit else 25),
-            implicit_tls=implicit,
-            starttls=query.get("starttls") in ("true", "1", "yes"),
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-            timeout=timeout,
-            validate_certs=query.get("verify", "true") not in ("false", "0", "no"),
-            **options,  # type: ignore[arg-type]
-        )
-
-    def __repr__(self) -> str:  # never print the password
-        return f"UpstreamConfig({self.host}:{self.port}, tls={self.implicit_tls}, starttls={self.starttls})"
 
 
 @dataclass(frozen=True)
@@ -131,6 +88,11 @@ class Upstream:
 
     def __post_init__(self) -> None:
         self._slots = asyncio.Semaphore(self.config.pool_size)
+        self._stop_retrying = asyncio.Event()
+
+    def stop_retrying(self) -> None:
+        """Shutting down: copies still refused temporarily are not tried again (they end as failed)."""
+        self._stop_retrying.set()
 
     def _client(self) -> aiosmtplib.SMTP:
         cfg = self.config
@@ -247,25 +209,35 @@ class Upstream:
         return result
 
     async def deliver(
-        self, sender: str, copies: Sequence[OutgoingCopy], mail_options: Sequence[str] = ()
+        self,
+        sender: str,
+        copies: Sequence[OutgoingCopy],
+        mail_options: Sequence[str] = (),
+        on_result: Callable[[int, CopyResult], None] | None = None,
     ) -> list[CopyResult]:
         """Send every copy; one result per copy, in order.
 
         When some copies were accepted, transient refusals of the others are retried
         for up to ``retry_seconds``: the app can no longer be told to retry the message.
+        ``on_result`` hears each copy's result (again after a retry) as soon as it is
+        known, so a relay cut short still knows which copies the upstream took.
         """
         try:
             await asyncio.wait_for(self._slots.acquire(), self.config.timeout)
         except TimeoutError:
             return [CopyResult(c.recipient, 451, "4.4.5 upstream connections busy") for c in copies]
         lease = _Lease()
+        report = on_result or (lambda index, result: None)
         try:
-            results = [await self._attempt(lease, sender, copy, mail_options) for copy in copies]
+            results: list[CopyResult] = []
+            for index, copy in enumerate(copies):
+                results.append(await self._attempt(lease, sender, copy, mail_options))
+                report(index, results[index])
             if any(r.accepted for r in results):
-                await self._retry(lease, sender, copies, mail_options, results)
+                await self._retry(lease, sender, copies, mail_options, results, report)
         except BaseException:
-            # Cancelled (the app went away) or worse, possibly half-way through DATA:
-            # that session must never carry another message.
+            # Cancelled (a shutdown past its grace) or worse, possibly half-way through
+            # DATA: that session must never carry another message.
             self._discard(lease)
             raise
         finally:
@@ -280,6 +252,7 @@ class Upstream:
         copies: Sequence[OutgoingCopy],
         mail_options: Sequence[str],
         results: list[CopyResult],
+        report: Callable[[int, CopyResult], None],
     ) -> None:
         deadline = time.monotonic() + self.config.retry_seconds
         delay = self.config.retry_first_delay
@@ -287,12 +260,16 @@ class Upstream:
             pending = [i for i, result in enumerate(results) if result.transient]
             if not pending or time.monotonic() + delay > deadline:
                 return
-            await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop_retrying.wait(), delay)
+            if self._stop_retrying.is_set():
+                return
             delay *= 2
             lease.down = None  # the upstream may be back: connect again
             for index in pending:
                 metrics.RETRIES.inc()
                 results[index] = await self._attempt(lease, sender, copies[index], mail_options)
+                report(index, results[index])
 
     def _release(self, lease: _Lease) -> None:
         client = lease.client

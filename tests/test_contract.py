@@ -225,3 +225,31 @@ metadata: {name: receipts}
             match([("List-Id", "<digest.example.com>"), ("X-Kind", "daily")]) == default
         )  # every rule must hold
         assert match_campaign(specs, [], "x@example.com", None) is None  # no default: untracked
+
+
+class TestStoreSafety:
+    """What arrives from the outside is made storable by the contract itself."""
+
+    def test_nul_characters_and_oversized_values_never_reach_the_store(self) -> None:
+        event = Event(
+            event_id="generic:1",
+            type=EventType.BOUNCED,
+            recipient="A" * 400 + "@example.com",
+            reason="550\x00 no such user",
+            user_agent="x" * 5000,
+            machine_kind="k" * 100,
+        )
+        assert event.reason == "550 no such user"
+        assert event.recipient is not None and len(event.recipient) == 320
+        assert event.user_agent is not None and len(event.user_agent) == 1000
+        assert event.machine_kind is not None and len(event.machine_kind) == 64
+        assert Event.from_json(event.to_json()) == event
+
+    def test_non_ascii_signature_is_simply_wrong(self) -> None:
+        assert not signing.verify_click([b"k"], TID, "https://example.com/", "\u00b2\u00e9")
+
+    def test_urls_with_credentials_are_redacted_for_logs(self) -> None:
+        from mailbeacon.jetstream import redact_url
+
+        assert redact_url("nats://user:s3cret@nats.example:4222") == "nats://***@nats.example:4222"
+        assert redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"

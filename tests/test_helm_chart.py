@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -252,8 +253,13 @@ def test_pods_are_hardened_probed_and_bounded(which: str, request: pytest.Fixtur
             probe_port = container["readinessProbe"]["httpGet"]["port"]
             assert probe_port in {p["name"] for p in container["ports"]}, name
             assert container["resources"]["requests"] and container["resources"]["limits"]["memory"], name
-            assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}, name
+            # Writable: /tmp alone. Anything else mounted is a Secret, read-only.
+            mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+            assert "/tmp" in mounts and "readOnly" not in mounts["/tmp"], name
+            assert all(m.get("readOnly") is True for path, m in mounts.items() if path != "/tmp"), name
             assert {m["name"] for m in container["volumeMounts"]} <= mounts_needed, name
+        for volume in pod["volumes"]:
+            assert set(volume) & {"emptyDir", "secret"}, (name, volume)  # no hostPath, no PVC
         # Only the operator talks to the Kubernetes API.
         assert pod["automountServiceAccountToken"] is name.endswith("-operator"), name
 
@@ -328,6 +334,129 @@ def test_secrets_come_from_the_existing_secret(production_docs: list[Manifest]) 
             assert value is None or "secretKeyRef" in value  # never a literal secret in a pod spec
 
 
+def literal_env(docs: list[Manifest]) -> Iterator[tuple[str, dict[str, str]]]:
+    for name, _, pod in pod_specs(docs):
+        for container in pod["containers"]:
+            yield name, {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
+@pytest.mark.parametrize("which", ["default", "production"])
+def test_every_rendered_setting_is_accepted_by_the_components(
+    which: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the chart puts in a pod's environment, the component's settings take at start
+    (a list format or a boolean spelled wrong would crash-loop the pod instead)."""
+    docs: list[Manifest] = request.getfixturevalue(f"{which}_docs")
+    for name, env in literal_env(docs):
+        with monkeypatch.context() as patched:
+            for key in [k for k in os.environ if k.startswith("MAILBEACON_")]:
+                patched.delenv(key)
+            for key, value in env.items():
+                patched.setenv(key, value)
+            settings = Settings()
+        assert settings.site_url == "https://track.example.com", name
+
+
+def test_shared_proxy_relays_only_for_its_networks_and_authenticated_clients(
+    production_docs: list[Manifest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proxy = env_of(production_docs, "mb-mailbeacon-proxy")
+    pod = by_kind(production_docs, "Deployment")["mb-mailbeacon-proxy"]["spec"]["template"]["spec"]
+    secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+
+    def mounted(setting: str, volume: str, key: str) -> None:
+        """The file a setting names is the Secret's key, mounted read-only."""
+        path = Path(proxy[setting])
+        assert str(path.parent) == mounts[volume]
+        assert {"key": key, "path": path.name} in secrets[volume]["items"]
+
+    with monkeypatch.context() as patched:
+        for key, value in proxy.items():
+            if isinstance(value, str):
+                patched.setenv(key, value)
+        settings = Settings()
+    # Loopback (probes, a sidecar-style client) and the pods' network relay; others must AUTH.
+    assert settings.smtp_relay_networks == ["127.0.0.0/8", "::1/128", "10.244.0.0/16"]
+    # AUTH only after STARTTLS: no network may send passwords in clear but loopback.
+    assert settings.smtp_auth_networks == ["127.0.0.0/8", "::1/128"]
+    assert secrets["smtp-auth"]["secretName"] == "mailbeacon-smtp-users"
+    mounted("MAILBEACON_SMTP_AUTH_FILE", "smtp-auth", "smtp-users")
+    assert secrets["smtp-tls"]["secretName"] == "mailbeacon-smtp-tls"
+    mounted("MAILBEACON_SMTP_TLS_CERT_FILE", "smtp-tls", "tls.crt")
+    mounted("MAILBEACON_SMTP_TLS_KEY_FILE", "smtp-tls", "tls.key")
+    assert secrets["dkim"]["secretName"] == "mailbeacon-dkim"
+    mounted("MAILBEACON_DKIM_PRIVATE_KEY_FILE", "dkim", "dkim-private-key")
+    assert (settings.dkim_selector, settings.dkim_domain) == ("mb2025", "example.com")
+    # Readable by the container's group only (fsGroup), not by the world.
+    assert all(secret["defaultMode"] == 0o440 for secret in secrets.values())
+
+
+def test_component_settings_reach_their_pods() -> None:
+    values = {
+        "database": {"url": "postgresql://mb:pw@db:5432/mb"},
+        "nats": {"url": "nats://nats:4222", "streamMaxAgeDays": 14},
+        "config": {
+            "machineIpRanges": ["198.51.100.0/24", "2001:db8::/32"],
+            "extraEnv": [{"name": "MAILBEACON_LOG_LEVEL", "value": "WARNING"}],
+        },
+        "tracker": {
+            "eventBufferLimit": 250000,
+            "shutdownDrainSeconds": 45,
+            "extraEnv": [{"name": "MAILBEACON_CLICK_BURST_SECONDS", "value": "2"}],
+        },
+        "aggregator": {"migrateOnStart": False, "eventRetentionDays": 90, "batchSize": 1000},
+        "operator": {"extraEnv": [{"name": "MAILBEACON_LOG_LEVEL", "value": "DEBUG"}]},
+        "proxy": {
+            "enabled": True,
+            "relayNetworks": ["10.0.0.0/8"],
+            "maxMessageBytes": 10485760,
+            "maxRecipients": 500,
+            "upstream": {"poolSize": 20, "timeoutSeconds": 60, "retrySeconds": 120},
+            "sesConfigurationSet": "no-tracking",
+            "upstreamProvider": "ses",
+        },
+        "secrets": {"upstreamSmtp": RELAY},
+    }
+    docs = manifests(render(values))
+    tracker = env_of(docs, "mb-mailbeacon-tracker")
+    assert tracker["MAILBEACON_MACHINE_IP_RANGES"] == "198.51.100.0/24,2001:db8::/32"
+    assert tracker["MAILBEACON_EVENT_BUFFER_LIMIT"] == "250000"
+    assert tracker["MAILBEACON_SHUTDOWN_DRAIN_SECONDS"] == "45"
+    assert tracker["MAILBEACON_CLICK_BURST_SECONDS"] == "2"
+    pod = by_kind(docs, "Deployment")["mb-mailbeacon-tracker"]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 55  # the drain fits in the grace period
+    aggregator = env_of(docs, "mb-mailbeacon-aggregator")
+    assert aggregator["MAILBEACON_MIGRATE_ON_START"] == "false"
+    assert aggregator["MAILBEACON_EVENT_RETENTION_DAYS"] == "90"
+    assert aggregator["MAILBEACON_INGEST_BATCH_SIZE"] == "1000"
+    proxy = env_of(docs, "mb-mailbeacon-proxy")
+    # Every component of the release provisions the stream alike, whichever starts first.
+    for deployment in ("tracker", "aggregator", "operator", "proxy"):
+        stream = env_of(docs, f"mb-mailbeacon-{deployment}")
+        assert (stream["MAILBEACON_STREAM_MAX_AGE_DAYS"], stream["MAILBEACON_STREAM_REPLICAS"]) == ("14", "3")
+    assert proxy["MAILBEACON_MAX_MESSAGE_BYTES"] == "10485760"
+    assert proxy["MAILBEACON_SMTP_MAX_RECIPIENTS"] == "500"
+    assert proxy["MAILBEACON_UPSTREAM_POOL_SIZE"] == "20"
+    assert proxy["MAILBEACON_UPSTREAM_TIMEOUT"] == "60"
+    assert proxy["MAILBEACON_UPSTREAM_RETRY_SECONDS"] == "120"
+    assert proxy["MAILBEACON_SES_CONFIGURATION_SET"] == "no-tracking"
+    assert "MAILBEACON_SMTP_AUTH_FILE" not in proxy and "MAILBEACON_SMTP_TLS_CERT_FILE" not in proxy
+    # The operator's own extraEnv comes last and wins over config.extraEnv.
+    for deployment, level in (("mb-mailbeacon-operator", "DEBUG"), ("mb-mailbeacon-tracker", "WARNING")):
+        pod = by_kind(docs, "Deployment")[deployment]["spec"]["template"]["spec"]
+        levels = [e["value"] for e in pod["containers"][0]["env"] if e["name"] == "MAILBEACON_LOG_LEVEL"]
+        assert levels[-1] == level, deployment
+    for doc in docs:
+        validate(doc)
+
+
+def test_aggregator_migrates_a_fresh_database_by_default(default_docs: list[Manifest]) -> None:
+    """A fresh PostgreSQL has no schema, and an aggregator refuses a schema it does not know."""
+    assert env_of(default_docs, "mb-mailbeacon-aggregator")["MAILBEACON_MIGRATE_ON_START"] == "true"
+    assert "MAILBEACON_EVENT_RETENTION_DAYS" not in env_of(default_docs, "mb-mailbeacon-aggregator")
+
+
 def test_chart_made_secret_holds_given_values_or_a_generated_key() -> None:
     given = manifests(
         render(
@@ -383,6 +512,16 @@ def test_notes_tell_what_to_do_next() -> None:
     assert "WARNING: no database.url" in notes and "kubectl get campaigns -A" in notes
     production = render(PRODUCTION)["mailbeacon/templates/NOTES.txt"]
     assert "WARNING" not in production and "mb-mailbeacon-proxy.mailbeacon.svc:25" in production
+    assert (
+        "loopback, 10.244.0.0/16" in production
+        and "Secret mailbeacon-smtp-users (after STARTTLS)" in production
+    )
+    exposed = yaml.safe_load(yaml.safe_dump(PRODUCTION))
+    exposed["proxy"].update({"auth": {"existingSecret": ""}, "tls": {"secretName": ""}})
+    exposed["proxy"]["service"] = {"type": "LoadBalancer"}
+    notes = render(exposed)["mailbeacon/templates/NOTES.txt"]
+    assert "Clients outside those networks cannot send" in notes
+    assert "WARNING: the proxy's Service is LoadBalancer without STARTTLS" in notes
 
 
 @pytest.mark.parametrize(
@@ -408,6 +547,25 @@ def test_notes_tell_what_to_do_next() -> None:
         ({"metrics": {"prometheusRule": {"warningRatio": 2}}}, "/metrics/prometheusRule/warningRatio"),
         ({"config": {"logLevel": "LOUD"}}, "/config/logLevel"),
         ({"tracker": {"service": {"port": 70000}}}, "/tracker/service/port"),
+        # An open relay is refused outright; so are networks that are not networks.
+        ({"proxy": {"relayNetworks": ["0.0.0.0/0"]}}, "/proxy/relayNetworks/0"),
+        ({"proxy": {"relayNetworks": ["::/0"]}}, "/proxy/relayNetworks/0"),
+        ({"proxy": {"relayNetworks": ["10.0.0.0/33"]}}, "/proxy/relayNetworks/0"),
+        ({"proxy": {"auth": {"clearTextNetworks": ["pods"]}}}, "/proxy/auth/clearTextNetworks/0"),
+        ({"proxy": {"auth": {"existingSecret": "SMTP Users"}}}, "/proxy/auth/existingSecret"),
+        ({"proxy": {"tls": {"required": "yes"}}}, "/proxy/tls/required"),
+        ({"proxy": {"dkim": {"domain": "not a domain"}}}, "/proxy/dkim/domain"),
+        ({"proxy": {"upstream": {"poolSize": 0}}}, "/proxy/upstream/poolSize"),
+        ({"proxy": {"maxRecipients": 0}}, "/proxy/maxRecipients"),
+        ({"proxy": {"extraEnv": [{"name": "MAILBEACON_X"}]}}, "/proxy/extraEnv/0"),
+        ({"config": {"machineIpRanges": ["gateway.example.com"]}}, "/config/machineIpRanges/0"),
+        ({"config": {"trustedProxies": ["10.0.0.0/8 "]}}, "/config/trustedProxies/0"),
+        ({"tracker": {"eventBufferLimit": 0}}, "/tracker/eventBufferLimit"),
+        ({"tracker": {"extraEnv": [{"value": "x"}]}}, "/tracker/extraEnv/0"),
+        ({"aggregator": {"migrateOnStart": "always"}}, "/aggregator/migrateOnStart"),
+        ({"aggregator": {"eventRetentionDays": -1}}, "/aggregator/eventRetentionDays"),
+        ({"metrics": {"prometheusRule": {"complaintRatePercent": 101}}}, "complaintRatePercent"),
+        ({"metrics": {"prometheusRule": {"minVolume": 0}}}, "/metrics/prometheusRule/minVolume"),
     ],
 )
 def test_invalid_values_are_refused_by_the_schema(values: dict[str, Any], complaint: str) -> None:
@@ -416,11 +574,48 @@ def test_invalid_values_are_refused_by_the_schema(values: dict[str, Any], compla
     assert complaint in str(refused.value)
 
 
+RELAY = "smtp://relay.example.com:587?starttls=true"
+
+
 @pytest.mark.parametrize(
     ("values", "complaint"),
     [
         ({"aggregator": {"replicas": 2}}, "needs PostgreSQL"),
         ({"proxy": {"enabled": True}}, "needs an upstream relay"),
+        (
+            {
+                "aggregator": {"eventRetentionDays": 7},
+                "nats": {"url": "nats://nats:4222", "streamMaxAgeDays": 30},
+            },
+            "must be longer than nats.streamMaxAgeDays",
+        ),
+        # The shared proxy: nobody may send (loopback only), AUTH nobody could use, TLS without a cert.
+        ({"proxy": {"enabled": True}, "secrets": {"upstreamSmtp": RELAY}}, "no client could send"),
+        (
+            {
+                "proxy": {"enabled": True, "auth": {"existingSecret": "smtp-users"}},
+                "secrets": {"upstreamSmtp": RELAY},
+            },
+            "AUTH is offered only after STARTTLS",
+        ),
+        (
+            {
+                "proxy": {"enabled": True, "relayNetworks": ["10.0.0.0/8"], "tls": {"required": True}},
+                "secrets": {"upstreamSmtp": RELAY},
+            },
+            "proxy.tls.required needs proxy.tls.secretName",
+        ),
+        (
+            {
+                "proxy": {
+                    "enabled": True,
+                    "relayNetworks": ["10.0.0.0/8"],
+                    "dkim": {"existingSecret": "dkim"},
+                },
+                "secrets": {"upstreamSmtp": RELAY},
+            },
+            "needs proxy.dkim.selector and proxy.dkim.domain",
+        ),
     ],
 )
 def test_contradictory_values_fail_with_a_reason(values: dict[str, Any], complaint: str) -> None:

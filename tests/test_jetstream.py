@@ -39,6 +39,13 @@ async def test_provisioning_is_idempotent_and_follows_settings(nc: NATS, tmp_pat
     assert (await js.key_value(KV_BUCKET)) is not None
     await provision(js, make_settings(tmp_path, stream_max_age_days=7))
     assert (await js.stream_info(STREAM)).config.max_age == pytest.approx(7 * 86400)
+    # A process not told the retention (a proxy sidecar in an app's pod) leaves it alone.
+    await provision(js, make_settings(tmp_path))
+    assert (await js.stream_info(STREAM)).config.max_age == pytest.approx(7 * 86400)
+    await provision(js, make_settings(tmp_path, stream_duplicate_window_seconds=120))
+    info = await js.stream_info(STREAM)
+    assert info.config.duplicate_window == pytest.approx(120)
+    assert info.config.max_age == pytest.approx(7 * 86400)
 
 
 async def test_publishing_deduplicates_by_event_id(nc: NATS, tmp_path: Path) -> None:

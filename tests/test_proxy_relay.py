@@ -6,7 +6,6 @@ import asyncio
 import email
 import json
 import smtplib
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -416,10 +415,10 @@ async def test_large_attachment_streams_through_unchanged(
 async def test_unparsable_and_signed_mail_is_relayed_and_counted(
     tmp_path: Path, nats_url: str, sink: SmtpSink
 ) -> None:
-    headers_only = b"From: a@shop.example.com\r\nTo: ann@example.com\r\nX-Campaign: c\r\nSubject: no body\r\n"
+    headers_only = b"From: a@shop.example.com\r\nTo: ann@example.com\r\nX-Campaign: conversations\r\nSubject: no body\r\n"
     signed = (
         b"DKIM-Signature: v=1; a=rsa-sha256; d=shop.example.com; s=s1; h=from:subject; bh=x; b=y\r\n"
-        b"From: a@shop.example.com\r\nSubject: signed\r\nX-Campaign: c\r\nContent-Type: text/html\r\n\r\n"
+        b"From: a@shop.example.com\r\nSubject: signed\r\nX-Campaign: conversations\r\nContent-Type: text/html\r\n\r\n"
         b'<a href="https://shop.example.com/">x</a>\r\n'
     )
     before = metrics()
@@ -445,39 +444,6 @@ async def test_unparsable_and_signed_mail_is_relayed_and_counted(
     assert delta("mailbeacon_proxy_relay_seconds_count") == 2
     assert delta("mailbeacon_proxy_messages_total", result="accepted") == 2
     assert await count_events(nats_url, "sent") == 2
-
-
-async def test_an_app_that_hangs_up_mid_relay_does_not_poison_the_pool(
-    tmp_path: Path, nats_url: str, flaky: Upstream
-) -> None:
-    flaky.handler.delay = 0.5
-    message = html_message(["ann@example.com"]).as_bytes().replace(b"\n", b"\r\n")
-    async with proxy_running(tmp_path, nats_url, f"smtp://127.0.0.1:{flaky.port}") as proxy:
-
-        def hang_up() -> None:
-            with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as conn:
-                reader = conn.makefile("rb")
-                reader.readline()
-                for command in (
-                    b"HELO x",
-                    b"MAIL FROM:<a@example.com>",
-                    b"RCPT TO:<ann@example.com>",
-                    b"DATA",
-                ):
-                    conn.sendall(command + b"\r\n")
-                    reader.readline()
-                conn.sendall(message + b".\r\n")  # and gone before the answer
-
-        await asyncio.to_thread(hang_up)
-        await asyncio.sleep(0.1)
-        flaky.handler.delay = 0
-        await asyncio.to_thread(send, proxy.port, html_message(["ben@example.com"]), ["ben@example.com"])
-    # The abandoned relay was dropped with its session; the next message is whole and answered.
-    delivered = {rcpts[0]: content for rcpts, content in flaky.handler.messages}
-    assert "ben@example.com" in delivered
-    ben = email.message_from_bytes(delivered["ben@example.com"], policy=default_policy)
-    assert ben["To"] == "ben@example.com" and "/track/click/" in html_of(delivered["ben@example.com"])
-    assert await count_events(nats_url, "sent") == 1
 
 
 async def test_utf8_address_to_an_upstream_without_smtputf8(tmp_path: Path, nats_url: str) -> None:
@@ -512,7 +478,7 @@ async def test_8bitmime_and_smtputf8_senders_are_relayed_as_such(
 ) -> None:
     message = (
         "From: J\u00f6rg <j\u00f6rg@b\u00fccher.example>\r\nTo: ann@example.com\r\nSubject: Gr\u00fc\u00dfe\r\n"
-        "X-Campaign: utf8\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+        "X-Campaign: conversations\r\nContent-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
         '<p>Gr\u00fc\u00dfe</p><a href="https://b\u00fccher.example/\u00e4">\u00e4</a>\r\n'
     ).encode()
     async with proxy_running(tmp_path, nats_url, f"smtp://127.0.0.1:{flaky.port}") as proxy:

@@ -1,10 +1,14 @@
-"""Rewriting as a pure function: property tests over random HTML and random MIME trees, and unit cases."""
+"""Rewriting as a pure function: property tests over random HTML and random MIME trees, and unit cases.
+
+Every copy is made the way the proxy makes it for a recipient (:class:`MessageCopies`,
+with provider correlation and DKIM handling), not by a shortcut of its own.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import email
 import html
+import json
 import re
 from email.message import Message
 from email.mime.application import MIMEApplication
@@ -18,16 +22,30 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailbeacon import signing
-from smtp_proxy import esp
+from mailbeacon.campaigns import TrackingSwitches
+from smtp_proxy.copies import CopyOptions, MessageCopies
 from smtp_proxy.data_stream import smtp_data
 from smtp_proxy.html_links import honeypot_tag, pixel_tag, quote_attr
+from smtp_proxy.leaves import RewriteError
+from smtp_proxy.mime import Part
 from smtp_proxy.optout import NOTHING, TrackSwitches, switches_from_header
-from smtp_proxy.rewrite import CopyTracking, RewriteError, prepare, rewrite_copy
 
 SITE = "https://t.example.test"
 KEYS = [b"property-key"]
 TID = "0b6a3f0e-7c1d-4e2f-9a3b-5c6d7e8f9a0b"
-TRACKING = CopyTracking(SITE, KEYS, TID)
+OPTIONS = CopyOptions(SITE, KEYS)
+
+
+def copies_of(
+    raw: bytes, options: CopyOptions = OPTIONS, campaign: TrackingSwitches | None = None
+) -> MessageCopies:
+    """The message as the proxy's handler prepares it for its recipients."""
+    return MessageCopies(raw, Part.parse(raw), options, campaign or TrackingSwitches(), TrackSwitches())
+
+
+def copy_for(copies: MessageCopies, tracking_id: str = TID, recipient: str = "ann@example.com") -> bytes:
+    return b"".join(bytes(piece) for piece in copies.content(recipient, tracking_id))
+
 
 # -- random HTML -------------------------------------------------------------------------
 
@@ -124,11 +142,12 @@ def decoded_html(content: bytes) -> str:
 @given(documents, st.sampled_from(["8bit", "quoted-printable", "base64"]))
 def test_random_html_round_trips(markup: str, encoding: str) -> None:
     raw = html_message(markup, encoding)
-    result = rewrite_copy(raw, TRACKING)
-    out = decoded_html(result.content)
+    copies = copies_of(raw)
+    out = decoded_html(copy_for(copies))
+    assert copies.prepared is not None and copies.render_error is None
     restored, destinations = strip_tracking(out, TID)
     assert restored == markup  # removing the tracking gives back the input, character for character
-    assert destinations == result.links_tracked  # every trackable link tracked exactly once, in order
+    assert destinations == copies.prepared.links  # every trackable link tracked exactly once, in order
     assert out.count(signing.pixel_url(SITE, TID)) == 1
     assert all(u.lower().startswith("http") and "://" in u for u in destinations)
 
@@ -182,8 +201,9 @@ def test_random_mime_trees(message: Message, crlf: bool) -> None:
     raw = message.as_bytes()
     if crlf:
         raw = raw.replace(b"\n", b"\r\n")
-    result = rewrite_copy(raw, TRACKING)
-    out = email.message_from_bytes(result.content, policy=compat32)
+    copies = copies_of(raw)
+    out = email.message_from_bytes(copy_for(copies), policy=compat32)
+    assert copies.prepare_error is None and copies.render_error is None
     assert out["X-Campaign"] is None and out["X-Mailbeacon-Tracking-ID"] == TID
     source_leaves, out_leaves = leaves(email.message_from_bytes(raw, policy=compat32)), leaves(out)
     inline_html = [
@@ -211,8 +231,15 @@ def test_random_mime_trees(message: Message, crlf: bool) -> None:
     st.sampled_from([b"", b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\n"]),
 )
 def test_arbitrary_bytes_never_crash(junk: bytes, prefix: bytes) -> None:
-    with contextlib.suppress(RewriteError):  # the handler relays such a message unchanged
-        rewrite_copy(prefix + junk, TRACKING)
+    raw = prefix + junk
+    copies = copies_of(raw)
+    copy = copy_for(copies)
+    assert copies.render_error is None
+    if copies.prepared is None:  # refused knowingly, never by surprise: relayed exactly as received
+        assert isinstance(copies.prepare_error, RewriteError), repr(copies.prepare_error)
+        assert copy == raw
+    else:
+        assert TID.encode() in copy
 
 
 # -- unit cases --------------------------------------------------------------------------
@@ -220,12 +247,9 @@ def test_arbitrary_bytes_never_crash(junk: bytes, prefix: bytes) -> None:
 
 def test_prepare_once_render_per_recipient() -> None:
     raw = html_message('<html><body><a href="https://shop.example.com/">x</a></body></html>', "8bit")
-    prepared = prepare(raw, SITE)
+    prepared = copies_of(raw)
     ids = ["11111111-1111-4111-8111-111111111111", "22222222-2222-4222-8222-222222222222"]
-    copies = []
-    for tid in ids:
-        headers, body = prepared.render(CopyTracking(SITE, KEYS, tid))
-        copies.append(headers + prepared.separator + b"".join(bytes(p) for p in body))
+    copies = [copy_for(prepared, tid) for tid in ids]
     for tid, copy in zip(ids, copies, strict=True):
         _, destinations = strip_tracking(decoded_html(copy), tid)
         assert destinations == ["https://shop.example.com/"]
@@ -234,15 +258,16 @@ def test_prepare_once_render_per_recipient() -> None:
 
 def test_long_line_switches_to_quoted_printable() -> None:
     markup = "<p>" + "x" * 950 + '<a href="https://shop.example.com/a">a</a></p>'
-    result = rewrite_copy(html_message(markup, "8bit"), TRACKING)
-    assert b"Content-Transfer-Encoding: quoted-printable" in result.content
-    assert max(len(line) for line in result.content.splitlines()) <= 998
+    copy = copy_for(copies_of(html_message(markup, "8bit")))
+    assert b"Content-Transfer-Encoding: quoted-printable" in copy
+    assert b"Content-Transfer-Encoding: 8bit" not in copy
+    assert max(len(line) for line in copy.splitlines()) <= 998
 
 
 def test_lf_only_message_keeps_its_line_endings() -> None:
     raw = html_message('<a href="https://shop.example.com/">x</a>', "8bit")
     assert b"\r\n" not in raw
-    assert b"\r\n" not in rewrite_copy(raw, TRACKING).content
+    assert b"\r\n" not in copy_for(copies_of(raw))
 
 
 def test_tracking_switches_from_the_header() -> None:
@@ -254,24 +279,29 @@ def test_tracking_switches_from_the_header() -> None:
 
 
 def test_provider_correlation_headers() -> None:
-    headers = b'Subject: x\r\nX-Mailgun-Variables: {"order": 7}\r\n'
-    mailgun = esp.add_correlation(headers, "mailgun", TID, b"\r\n").decode()
+    def relayed(headers: bytes, provider: str, **options: str) -> bytes:
+        raw = headers + b"Content-Type: text/html\r\n\r\n<a href='https://shop.example.com/'>x</a>\r\n"
+        copy = copy_for(copies_of(raw, CopyOptions(SITE, KEYS, provider=provider, **options)))
+        return copy[: copy.index(b"\r\n\r\n") + 2]
+
+    mailgun = relayed(b'Subject: x\r\nX-Mailgun-Variables: {"order": 7}\r\n', "mailgun").decode()
     assert f'X-Mailgun-Variables: {{"order": 7, "tracking_id": "{TID}"}}' in mailgun
     assert "X-Mailgun-Track: no" in mailgun and mailgun.count("X-Mailgun-Variables") == 1
-    postmark = esp.add_correlation(b"Subject: x\r\n", "postmark", TID, b"\r\n").decode()
+    postmark = relayed(b"Subject: x\r\n", "postmark").decode()
     assert f"X-PM-Metadata-tracking_id: {TID}" in postmark and "X-PM-TrackOpens: false" in postmark
     assert "X-PM-TrackLinks: None" in postmark
-    ses = esp.add_correlation(
-        b"X-SES-MESSAGE-TAGS: team=growth\r\n", "ses", TID, b"\r\n", ses_configuration_set="no-tracking"
-    ).decode()
-    assert f"X-SES-MESSAGE-TAGS: team=growth, tracking_id={TID}" in ses
+    ses = relayed(b"X-SES-MESSAGE-TAGS: team=growth\r\n", "ses", ses_configuration_set="no-tracking").decode()
+    assert f"X-SES-MESSAGE-TAGS: team=growth, tracking_id={TID}" in ses and ses.count("X-SES-MESSAGE") == 1
     assert "X-SES-CONFIGURATION-SET: no-tracking" in ses
-    assert esp.add_correlation(b"Subject: x\r\n", "generic", TID, b"\r\n") == b"Subject: x\r\n"
-    long_app_header = (
-        b'X-SMTPAPI: {"to": [' + b", ".join(b'"r%d@example.com"' % i for i in range(100)) + b"]}\r\n"
-    )
-    sendgrid = esp.add_correlation(long_app_header, "sendgrid", TID, b"\r\n")
+    generic = relayed(b"Subject: x\r\n", "generic").decode()
+    assert generic.startswith("Subject: x\r\n") and "X-SMTPAPI" not in generic and "X-PM-" not in generic
+    long_app_header = b'X-SMTPAPI: {"category": [' + b", ".join(b'"c%d"' % i for i in range(200)) + b"]}\r\n"
+    sendgrid = relayed(long_app_header, "sendgrid")
     assert max(len(line) for line in sendgrid.split(b"\r\n")) < 998  # folded as SendGrid asks
+    relayed_message = email.message_from_bytes(sendgrid, policy=compat32)
+    assert len(relayed_message.get_all("X-SMTPAPI") or []) == 1
+    value = re.sub(r"\r?\n[ \t]", " ", str(relayed_message["X-SMTPAPI"]))
+    assert json.loads(value)["unique_args"] == {"tracking_id": TID}
 
 
 def test_smtp_data_stuffs_dots_and_fixes_line_endings() -> None:

@@ -9,7 +9,7 @@ import smtplib
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from email.message import EmailMessage
@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from mailbeacon.campaign_store import CampaignStore
+from mailbeacon.campaigns import CampaignKey, CampaignSpec
 from mailbeacon.events import Event
 from mailbeacon.jetstream import STREAM, EventPublisher, connect, provision
 from mailbeacon.settings import Settings
@@ -44,9 +45,17 @@ class RunningProxy:
 
 @asynccontextmanager
 async def proxy_running(
-    tmp_path: Path, nats_url: str, upstream: SmtpSink | str, **overrides: Any
+    tmp_path: Path,
+    nats_url: str,
+    upstream: SmtpSink | str,
+    campaigns: Sequence[str] = ("default/conversations",),
+    **overrides: Any,
 ) -> AsyncIterator[RunningProxy]:
-    """The proxy as `mailbeacon proxy` runs it: real NATS (events, campaign KV), a real upstream."""
+    """The proxy as `mailbeacon proxy` runs it: real NATS (events, campaign KV), a real upstream.
+
+    ``campaigns`` are defined in the KV bucket first, as the operator would from
+    ``Campaign`` resources (outside `mailbeacon up`, X-Campaign names only existing ones).
+    """
     url = upstream if isinstance(upstream, str) else upstream.url
     values: dict[str, Any] = {"upstream_smtp": url, "upstream_timeout": 5}
     values.update(overrides)
@@ -56,6 +65,8 @@ async def proxy_running(
     store = CampaignStore(await provision(js, settings))
     publisher = EventPublisher(js)
     await store.start()
+    for campaign in campaigns:
+        await store.put(CampaignKey.parse(campaign), CampaignSpec())
     service = ProxyService(settings, publisher, store, serve_http=False)
     await service.start()
     try:
@@ -259,6 +270,27 @@ async def test_too_many_recipients_get_452(tmp_path: Path, nats_url: str, sink: 
 
         await asyncio.to_thread(conversation)
     assert sorted(r for m in sink.messages for r in m.recipients) == ["a@example.com", "b@example.com"]
+
+
+async def test_addresses_longer_than_rfc5321_allows_get_501(
+    tmp_path: Path, nats_url: str, sink: SmtpSink
+) -> None:
+    longest = "x" * 64 + "@" + "d" * (254 - 65 - 4) + ".com"
+    assert len(longest) == 254
+    async with proxy_running(tmp_path, nats_url, sink) as proxy:
+
+        def conversation() -> None:
+            with smtplib.SMTP("127.0.0.1", proxy.port, timeout=10) as smtp:
+                smtp.ehlo()
+                assert smtp.mail("n" + longest)[0] == 501
+                smtp.mail("news@shop.example.com")
+                assert smtp.rcpt("y" + longest)[0] == 501
+                assert smtp.rcpt(longest)[0] == 250
+                code, _ = smtp.data(html_message([longest]).as_bytes())
+                assert code == 250
+
+        await asyncio.to_thread(conversation)
+    assert [r for m in sink.messages for r in m.recipients] == [longest]
 
 
 def exchange(port: int, lines: list[bytes]) -> list[bytes]:

@@ -15,6 +15,7 @@ from mailbeacon.web import add_health_routes, json_errors
 from tracker.bursts import ClickHold
 from tracker.engagement import NO_STORE, PIXEL_GIF, Engagement
 from tracker.esp.sns import HttpGet, https_get
+from tracker.metrics import REQUEST_LATENCY
 from tracker.openapi import openapi_document
 from tracker.webhooks import Webhooks
 
@@ -41,13 +42,17 @@ def create_app(
     async def openapi(_: web.Request) -> web.Response:
         return web.json_response(document)
 
+    timed = REQUEST_LATENCY.timed
+    pixel, click = timed("pixel", engagement.pixel), timed("click", engagement.click)
+    unsubscribe_page = timed("unsubscribe_page", engagement.unsubscribe_page)
+    unsubscribe, generic = timed("unsubscribe", engagement.unsubscribe), timed("webhook", webhooks.generic)
     for suffix in ("/", ""):
-        app.router.add_get(f"/track/pixel/{{tracking_id}}{suffix}", engagement.pixel)  # GET also answers HEAD
-        app.router.add_get(f"/track/click/{{tracking_id}}{suffix}", engagement.click)
-        app.router.add_get(f"/track/unsubscribe/{{tracking_id}}{suffix}", engagement.unsubscribe_page)
-        app.router.add_post(f"/track/unsubscribe/{{tracking_id}}{suffix}", engagement.unsubscribe)
-        app.router.add_post(f"/track/{{kind:bounce|delivery|complaint}}{suffix}", webhooks.generic)
-    app.router.add_post("/webhooks/{provider}", webhooks.provider)
+        app.router.add_get(f"/track/pixel/{{tracking_id}}{suffix}", pixel)  # GET also answers HEAD
+        app.router.add_get(f"/track/click/{{tracking_id}}{suffix}", click)
+        app.router.add_get(f"/track/unsubscribe/{{tracking_id}}{suffix}", unsubscribe_page)
+        app.router.add_post(f"/track/unsubscribe/{{tracking_id}}{suffix}", unsubscribe)
+        app.router.add_post(f"/track/{{kind:bounce|delivery|complaint}}{suffix}", generic)
+    app.router.add_post("/webhooks/{provider}", timed("webhook", webhooks.provider))
     app.router.add_get("/openapi.json", openapi)
     add_health_routes(app)
     return app

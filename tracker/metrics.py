@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from bisect import bisect_left
+from collections.abc import Awaitable, Callable, Iterator
+from time import perf_counter
+from typing import Final
 
-from prometheus_client import Counter, Gauge
+from aiohttp import web
+from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from mailbeacon.jetstream import EventPublisher
 
@@ -61,3 +67,67 @@ def outcome_of(status: int) -> str:
     if status >= 500:
         return "unavailable"
     return "invalid"
+
+
+# Upper bounds of the latency buckets, in seconds: a pixel or redirect is answered in well
+# under a millisecond, a webhook waits for JetStream's acknowledgement.
+LATENCY_BUCKETS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+# The routes measured, by a fixed name (never a tracking id, URL or provider taken from the path).
+ROUTES: Final = ("pixel", "click", "unsubscribe_page", "unsubscribe", "webhook")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class RequestLatency(Collector):
+    """``mailbeacon_tracker_request_seconds{route}``: time the tracker's handlers take to answer.
+
+    The histogram every pixel and click goes through. prometheus_client's Histogram takes a
+    lock and walks the buckets on each observation (about 0.7 µs); the tracker runs on one
+    event loop, so plain counters found by bisection do the same for a fifth of that. The
+    time runs from the handler's start to its answer; queueing before the handler (a
+    saturated loop, the network) shows in the ingress controller's metrics.
+    """
+
+    def __init__(self) -> None:
+        self._counts = {route: [0] * (len(LATENCY_BUCKETS) + 1) for route in ROUTES}
+        self._sums = dict.fromkeys(ROUTES, 0.0)
+
+    def timed(self, route: str, handler: Handler) -> Handler:
+        """``handler`` with each answer's duration counted under ``route``."""
+        counts, sums = self._counts[route], self._sums  # KeyError for a route outside ROUTES
+
+        async def measured(request: web.Request) -> web.StreamResponse:
+            started = perf_counter()
+            try:
+                return await handler(request)
+            finally:
+                elapsed = perf_counter() - started
+                counts[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
+                sums[route] += elapsed
+
+        return measured
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(
+            "mailbeacon_tracker_request_seconds",
+            "Time the tracker takes to answer a request, by route",
+            labels=["route"],
+        )
+        for route in ROUTES:
+            counts, cumulative, buckets = self._counts[route], 0, []
+            for bound, count in zip((*LATENCY_BUCKETS, float("inf")), counts, strict=True):
+                cumulative += count
+                buckets.append((_le(bound), float(cumulative)))
+            family.add_metric([route], buckets, self._sums[route])
+        yield family
+
+
+def _le(bound: float) -> str:
+    """A bucket's ``le`` label as prometheus_client writes it ("0.0001", "1.0", "+Inf")."""
+    return "+Inf" if bound == float("inf") else repr(bound)
+
+
+REQUEST_LATENCY = RequestLatency()
+REGISTRY.register(REQUEST_LATENCY)

@@ -1,9 +1,11 @@
-"""Prometheus metrics of the operator: each campaign's headline statistics as gauges.
+"""Prometheus metrics of the operator: what only the operator knows about a campaign.
 
-The operator already reads every campaign's statistics on its timer; exporting them here
-gives Grafana and the alert rules per-campaign rates and guardrail state (including the
-campaign's own thresholds) without another scrape of the aggregator's database.
-Labels: ``campaign`` is ``namespace/name`` as in ``mailbeacon_events_total``.
+The campaign statistics themselves (``mailbeacon_campaign_messages``, ``_rate_percent``,
+opens, clicks...) are the aggregator's: it reads them from the database, the source of
+truth, every few seconds. The operator exports what it alone holds, each campaign's
+guardrails (thresholds from the Campaign's spec, its verdicts) and its pause, so that
+the alert rules can judge the aggregator's numbers against each campaign's own limits.
+Labels: ``campaign`` is ``namespace/name`` as in the aggregator's series.
 """
 
 from __future__ import annotations
@@ -15,39 +17,19 @@ from prometheus_client import Counter, Gauge
 
 from campaign_operator.guardrails import Judgement
 from campaign_operator.resource import BOUNCE_RATE_HIGH
-from campaign_operator.status import Headline
 from mailbeacon.campaigns import CampaignKey, CampaignSpec
 
-MESSAGE_STATES = {
-    "sent": "sent",
-    "failed": "failed",
-    "delivered": "delivered",
-    "bounced": "bounced",
-    "complained": "complained",
-    "unsubscribed": "unsubscribed",
-    "opened": "unique_opens",
-    "human_opened": "human_unique_opens",
-    "clicked": "unique_clicks",
-    "human_clicked": "human_unique_clicks",
-}
-RATES = {
-    "delivery": "delivery_rate",
-    "open": "open_rate",
-    "click": "click_rate",
-    "bounce": "bounce_rate",
-    "complaint": "complaint_rate",
-}
+GUARDRAILS = ("bounce_rate", "complaint_rate")
 
-MESSAGES = Gauge(
-    "mailbeacon_campaign_messages",
-    "Copies of a campaign's mail with at least one event of the state (opened: unique opens)",
-    ["campaign", "state"],
-)
-RATE = Gauge("mailbeacon_campaign_rate_percent", "A campaign's rates, in percent", ["campaign", "rate"])
 THRESHOLD = Gauge(
     "mailbeacon_campaign_guardrail_threshold_percent",
-    "A campaign's guardrail thresholds",
+    "A campaign's guardrail thresholds from its spec",
     ["campaign", "guardrail"],
+)
+MIN_VOLUME = Gauge(
+    "mailbeacon_campaign_guardrail_min_volume",
+    "Copies a campaign needs (sent for bounces, delivered for complaints) before its rates are judged",
+    ["campaign"],
 )
 RATIO = Gauge(
     "mailbeacon_campaign_guardrail_ratio",
@@ -70,14 +52,11 @@ def guardrail_label(condition_type: str) -> str:
     return "bounce_rate" if condition_type == BOUNCE_RATE_HIGH else "complaint_rate"
 
 
-def export(key: CampaignKey, spec: CampaignSpec, headline: Headline, judgements: list[Judgement]) -> None:
+def export(key: CampaignKey, spec: CampaignSpec, judgements: list[Judgement]) -> None:
     campaign = str(key)
-    for state, attribute in MESSAGE_STATES.items():
-        MESSAGES.labels(campaign, state).set(getattr(headline, attribute))
-    for rate, attribute in RATES.items():
-        RATE.labels(campaign, rate).set(getattr(headline, attribute))
     THRESHOLD.labels(campaign, "bounce_rate").set(spec.guardrails.bounce_rate_percent)
     THRESHOLD.labels(campaign, "complaint_rate").set(spec.guardrails.complaint_rate_percent)
+    MIN_VOLUME.labels(campaign).set(spec.guardrails.min_delivered)
     for judgement in judgements:
         guardrail = guardrail_label(judgement.type)
         RATIO.labels(campaign, guardrail).set(judgement.ratio if math.isfinite(judgement.ratio) else 1e9)
@@ -88,15 +67,10 @@ def export(key: CampaignKey, spec: CampaignSpec, headline: Headline, judgements:
 def forget(key: CampaignKey) -> None:
     """Drop a deleted campaign's series (its statistics stay in the aggregator)."""
     campaign = str(key)
-    for gauge, values in (
-        (MESSAGES, MESSAGE_STATES),
-        (RATE, RATES),
-        (THRESHOLD, ("bounce_rate", "complaint_rate")),
-        (RATIO, ("bounce_rate", "complaint_rate")),
-        (BREACHED, ("bounce_rate", "complaint_rate")),
-    ):
-        for value in values:
+    for gauge in (THRESHOLD, RATIO, BREACHED):
+        for guardrail in GUARDRAILS:
             with contextlib.suppress(KeyError):
-                gauge.remove(campaign, value)
-    with contextlib.suppress(KeyError):
-        PAUSED.remove(campaign)
+                gauge.remove(campaign, guardrail)
+    for single in (MIN_VOLUME, PAUSED):
+        with contextlib.suppress(KeyError):
+            single.remove(campaign)

@@ -210,7 +210,7 @@ class CampaignOperator:
                 patch.status["conditions"] = wanted
             return
         decision = guardrails.decide(campaign, headline, current, now_utc(), generation)
-        metrics.export(key, campaign, headline, decision.judgements)
+        metrics.export(key, campaign, decision.judgements)
         if decision.pause:
             # The bucket first, before anything is patched: the proxies defer the mail at once,
             # and if NATS fails here the condition is not recorded either, so the next tick

@@ -90,7 +90,12 @@ app.kubernetes.io/part-of: mailbeacon
   value: {{ .Values.siteUrl | quote }}
 - name: MAILBEACON_ANONYMIZE_IP
   value: {{ .Values.config.anonymizeIp | quote }}
-{{- with .Values.config.extraEnv }}
+{{- end -}}
+
+{{/* The operator's own environment last, so it wins: config.extraEnv, then the component's
+extraEnv. (dict "root" $ "values" .Values.tracker) */}}
+{{- define "mailbeacon.extraEnv" -}}
+{{- with concat .root.Values.config.extraEnv .values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
@@ -123,6 +128,9 @@ volumes:
   - name: tmp
     emptyDir:
       sizeLimit: 256Mi
+{{- with .extraVolumes }}
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
 
 {{/* Probes on the component's health endpoints: (dict "port" "http") */}}
@@ -163,7 +171,9 @@ upstream-smtp), and optionally name ("mailbeacon-proxy"), upstreamSecretKey
 ("upstream-smtp"), upstreamProvider ("generic"), defaultCampaign, listen
 ("127.0.0.1:2525": only the app in the same pod can relay), httpPort (8025: health and
 metrics), tmpVolume ("mailbeacon-proxy-tmp"), anonymizeIp, logLevel,
-resources, imagePullPolicy, extraEnv. The app sends mail to 127.0.0.1:2525.
+resources, imagePullPolicy, extraEnv (a list of {name, value} or {name, valueFrom}, e.g. the
+MAILBEACON_DKIM_* settings), volumeMounts (extra read-only mounts, e.g. a DKIM key's Secret
+added to the pod's volumes). The app sends mail to 127.0.0.1:2525.
 */}}
 {{- define "mailbeacon.proxySidecar" -}}
 - name: {{ .name | default "mailbeacon-proxy" }}
@@ -239,6 +249,9 @@ resources, imagePullPolicy, extraEnv. The app sends mail to 127.0.0.1:2525.
   volumeMounts:
     - name: {{ .tmpVolume | default "mailbeacon-proxy-tmp" }}
       mountPath: /tmp
+    {{- with .volumeMounts }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
 {{- end -}}
 
 {{/* The volume the sidecar's /tmp lives on; add it to the pod's volumes next to the sidecar. */}}
@@ -246,4 +259,25 @@ resources, imagePullPolicy, extraEnv. The app sends mail to 127.0.0.1:2525.
 - name: {{ .tmpVolume | default "mailbeacon-proxy-tmp" }}
   emptyDir:
     sizeLimit: 64Mi
+{{- end -}}
+
+{{/*
+The PromQL pieces of one reputation guardrail, as YAML (dict "guardrail" "complaint"|"bounce"
+"rule" .Values.metrics.prometheusRule):
+  rate       the campaign's rate in percent, computed from the counts (not the rounded rate)
+  threshold  the campaign's threshold from the operator, else the chart's default
+  volume     the campaign has enough copies (sent for bounces, delivered for complaints)
+*/}}
+{{- define "mailbeacon.guardrailQuery" -}}
+{{- $complaint := eq .guardrail "complaint" -}}
+{{- $count := ternary "complained" "bounced" $complaint -}}
+{{- $base := ternary "delivered" "sent" $complaint -}}
+{{- $default := ternary .rule.complaintRatePercent .rule.bounceRatePercent $complaint -}}
+{{- $messages := "max by (campaign) (mailbeacon_campaign_messages{state=%q})" -}}
+{{- $volume := printf $messages $base -}}
+rate: {{ printf "(100 * %s / %s)" (printf $messages $count) $volume | quote }}
+threshold: {{ printf "(max by (campaign) (mailbeacon_campaign_guardrail_threshold_percent{guardrail=\"%s_rate\"}) or on (campaign) 0 * %s + %v)" .guardrail $volume $default | quote }}
+volume: {{ printf "%s >= (max by (campaign) (mailbeacon_campaign_guardrail_min_volume) or on (campaign) 0 * %s + %v)" $volume $volume .rule.minVolume | quote }}
+critical: {{ ternary "Recipients mark this campaign's mail as spam at or above its threshold (0.3 % is the large mailbox providers' limit for bulk senders): they start filtering the sender. The Campaign's ComplaintRateHigh condition and Events say more; with guardrails.autoPause the operator has paused it." "Too many of this campaign's copies bounce: the list needs cleaning before providers throttle the sender. The Campaign's BounceRateHigh condition and Events say more; with guardrails.autoPause the operator has paused it." $complaint | quote }}
+warning: {{ ternary "The complaint rate approaches the campaign's guardrail; review the list and the content before it trips." "The bounce rate approaches the campaign's guardrail; clean the list before it trips." $complaint | quote }}
 {{- end -}}
