@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Protocol
 
 from pydantic import ValidationError
 
-from mailbeacon.events import Event, EventType, utcnow
+from mailbeacon.events import _TEXT_LIMITS, Event, EventType, utcnow
 
 _TYPES = {t.value: t for t in EventType}
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -31,6 +31,10 @@ _RFC3339 = re.compile(
     re.ASCII,
 )
 _TEXT_FIELDS = ("campaign", "ip", "user_agent", "url", "reason", "machine_kind")
+# The contract cuts text to the store's column sizes; longer values take its path.
+_TEXT_LIMITS_IN_ORDER = tuple(_TEXT_LIMITS[name] for name in _TEXT_FIELDS)
+_SOURCE_LIMIT = _TEXT_LIMITS["source"]
+_RECIPIENT_LIMIT = 320
 _FLAT = (str, int, bool, type(None))
 
 
@@ -119,8 +123,8 @@ def _fast(data: bytes) -> Incoming | None:
     if event_type is None:
         return None
     text = [get(name) for name in _TEXT_FIELDS]
-    for value in text:
-        if value is not None and type(value) is not str:
+    for value, limit in zip(text, _TEXT_LIMITS_IN_ORDER, strict=True):
+        if value is not None and (type(value) is not str or len(value) > limit):
             return None
     tracking_id = get("tracking_id")
     if tracking_id is not None and (
@@ -132,6 +136,8 @@ def _fast(data: bytes) -> Incoming | None:
         if type(recipient) is not str:
             return None
         recipient = recipient.strip().lower() if recipient else None
+        if recipient is not None and len(recipient) > _RECIPIENT_LIMIT:
+            return None
     bounce_kind = get("bounce_kind")
     if bounce_kind is not None and bounce_kind != "hard" and bounce_kind != "soft":
         return None
@@ -139,6 +145,8 @@ def _fast(data: bytes) -> Incoming | None:
     source = get("source", "proxy")
     metadata = get("metadata", {})
     if type(machine) is not bool or type(source) is not str or type(metadata) is not dict:
+        return None
+    if len(source) > _SOURCE_LIMIT:
         return None
     for value in metadata.values():
         if not isinstance(value, _FLAT):  # floats, lists, objects: pydantic's reading decides
