@@ -21,11 +21,12 @@ import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncConnection
+
+from aggregator.times import sqlite_time
 
 Kind = Literal["text", "ts", "bool", "int", "json"]
 Column = tuple[str, Kind]
@@ -39,30 +40,13 @@ _PG_TYPE: dict[Kind, str] = {
 }
 
 
-def sqlite_time(moment: datetime) -> str:
-    """How SQLAlchemy stores a (UTC) datetime in SQLite, so stored strings compare and sort."""
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
-    return moment.isoformat(sep=" ", timespec="microseconds")  # several times faster than strftime
-
-
-def as_utc(moment: datetime | str) -> datetime:
-    """A stored time as an aware UTC datetime.
-
-    SQLite hands back naive datetimes (always UTC here), or the stored text when a plain
-    SQL statement read it; PostgreSQL hands back aware datetimes.
-    """
-    if isinstance(moment, str):
-        moment = datetime.fromisoformat(moment)
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
-
-
-def _json_text(value: Any) -> str:
+def json_text(value: Any) -> str:
+    """JSON as the events table keeps it (compact; anything else as its text)."""
     return json.dumps(value, separators=(",", ":"), default=str)
 
 
-_SQLITE_CONVERT: dict[Kind, Callable[[Any], Any]] = {"ts": sqlite_time, "json": _json_text}
-_PG_CONVERT: dict[Kind, Callable[[Any], Any]] = {"json": _json_text}
+_SQLITE_CONVERT: dict[Kind, Callable[[Any], Any]] = {"ts": sqlite_time, "json": json_text}
+_PG_CONVERT: dict[Kind, Callable[[Any], Any]] = {"json": json_text}
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from aggregator.bulk import Bulk, Column, as_utc, sqlite_time
+from aggregator.bulk import Bulk, Column
 from aggregator.db import Database
 from aggregator.decode import EventFields
 from aggregator.effects import (
@@ -70,6 +70,7 @@ from aggregator.prepare import (
     Prepared,
     prepare,
 )
+from aggregator.times import as_utc, sqlite_time
 from mailbeacon.events import EventType, utcnow
 
 EVENTS = EventRow.__table__  # type: ignore[attr-defined]

@@ -13,15 +13,15 @@ time the write lock is held.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from operator import attrgetter
 from typing import Any
 
-from aggregator.bulk import sqlite_time
+from aggregator.bulk import json_text
 from aggregator.decode import EventFields
+from aggregator.times import sqlite_time
 from mailbeacon.events import EventType, utcnow
 
 UNKNOWN_CAMPAIGN = "default/unknown"
@@ -32,10 +32,6 @@ TRACKING_ID, CAMPAIGN, BOUNCE_KIND, APPLIED = 2, 3, 10, 16
 _SENT, _FAILED, _BOUNCED = EventType.SENT, EventType.FAILED, EventType.BOUNCED
 _VALUE = {t: t.value for t in EventType}  # plain str: drivers bind it without adapting
 _by_event_id = attrgetter("event_id")
-
-
-def json_text(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), default=str)
 
 
 @dataclass

@@ -310,7 +310,7 @@ async def migrated(url: str) -> None:
 
 
 def sqlite_baseline(path: Path, events: list[dict[str, Any]]) -> float:
-    from aggregator.bulk import sqlite_time
+    from aggregator.times import sqlite_time
 
     asyncio.run(migrated(f"sqlite:///{path}"))
     rows = [tuple(sqlite_time(v) if isinstance(v, datetime) else v for v in row) for row in _rows(events)]

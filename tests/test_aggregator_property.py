@@ -326,8 +326,8 @@ async def check_first_seen(db: Database, model: Model, tracking: list[str]) -> N
     """Each message's first-seen times are the earliest of its applied events, whatever the order."""
     from sqlalchemy import select
 
-    from aggregator.bulk import as_utc
     from aggregator.ingest import MESSAGES
+    from aggregator.times import as_utc
 
     columns = {"delivered": "delivered_at", "opened": "first_opened_at", "clicked": "first_clicked_at"}
     async with db.read_engine.connect() as conn:
