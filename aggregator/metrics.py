@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from aggregator.ingest import BatchResult
+from aggregator.tally import BatchResult
 
 EVENTS = Counter("mailbeacon_events_total", "Events applied to campaign statistics", ["campaign", "type"])
 RECEIVED = Counter("mailbeacon_aggregator_events_received_total", "Events taken from the stream")

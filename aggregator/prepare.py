@@ -27,7 +27,7 @@ from mailbeacon.events import EventType, utcnow
 UNKNOWN_CAMPAIGN = "default/unknown"
 
 # Positions in an events row (the column order of ingest's _EVENT_COLUMNS).
-TRACKING_ID, CAMPAIGN, BOUNCE_KIND, APPLIED = 2, 3, 10, 16
+TRACKING_ID, CAMPAIGN, IP, BOUNCE_KIND, APPLIED = 2, 3, 7, 10, 16
 
 _SENT, _FAILED, _BOUNCED = EventType.SENT, EventType.FAILED, EventType.BOUNCED
 _VALUE = {t: t.value for t in EventType}  # plain str: drivers bind it without adapting
@@ -42,7 +42,7 @@ class Prepared:
     creators: dict[str, EventFields]  # tracking id -> the first sent/failed event naming it
     message_rows: list[tuple[Any, ...]]  # the messages those events would create, by tracking id
     tracking_ids: list[str]  # messages named by the other events
-    addresses: list[str]  # recipients named by address-only events
+    addresses: list[tuple[str, datetime]]  # (recipient, occurred_at) of address-only events
     received_at: datetime
 
 
@@ -64,7 +64,7 @@ def prepare(events: Sequence[EventFields], postgres: bool) -> Prepared:
     received: Any = now if postgres else sqlite_time(now)
     rows: list[list[Any]] = []
     tracking_ids: set[str] = set()
-    addresses: set[str] = set()
+    addresses: set[tuple[str, datetime]] = set()
     value = _VALUE
     for e in batch:
         kind = e.type
@@ -72,7 +72,7 @@ def prepare(events: Sequence[EventFields], postgres: bool) -> Prepared:
             if e.tracking_id:
                 tracking_ids.add(e.tracking_id)
             elif e.recipient:
-                addresses.add(e.recipient)
+                addresses.add((e.recipient, e.occurred_at))
         metadata = e.metadata
         rows.append(
             [

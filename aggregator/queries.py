@@ -19,7 +19,7 @@ from multidict import MultiMapping
 from sqlalchemy import and_, or_, select
 
 from aggregator.db import Database
-from aggregator.ingest import EVENTS, MESSAGES
+from aggregator.models import EVENTS, MESSAGES
 from aggregator.times import as_utc, iso_utc, parse_moment
 from mailbeacon.events import EventType, parse_tracking_id
 from mailbeacon.signing import HONEYPOT_URL

@@ -16,8 +16,8 @@ from aggregator import metrics
 from aggregator.api import DB_KEY, add_api_routes
 from aggregator.consumer import EventConsumer
 from aggregator.db import Database, open_database, sqlite_url
-from aggregator.ingest import CAMPAIGNS
 from aggregator.migrate import ensure_schema
+from aggregator.models import CAMPAIGNS
 from aggregator.outbox_pages import add_outbox_routes
 from aggregator.pages import add_page_routes, layout
 from aggregator.retention import prune

@@ -12,8 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aggregator.db import Database
 from aggregator.effects import url_hash
-from aggregator.ingest import BUCKETS, CAMPAIGNS, EVENTS, LINKS, PRUNED, STATS
-from aggregator.models import COUNTER_COLUMNS
+from aggregator.models import BUCKETS, CAMPAIGNS, COUNTER_COLUMNS, EVENTS, LINKS, PRUNED, STATS
 from aggregator.queries import event_json, with_message_recipient
 from aggregator.times import as_utc, iso_utc
 from mailbeacon.events import EventType, utcnow
