@@ -3,7 +3,9 @@
 Messages are acknowledged only after their batch's transaction committed, a whole batch
 in one write. If the database fails, the batch is nak'ed and JetStream redelivers it; the
 unique ``event_id`` makes any replay harmless. A malformed message is terminated (it would
-fail forever) and counted.
+fail forever) and counted. So is an event the database refuses while it works (a
+"poison" event, which would otherwise stall the stream): the batch is halved until that
+one event is isolated, and everything else is stored.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from datetime import UTC, datetime
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from sqlalchemy import text
 
 from aggregator import metrics
 from aggregator.db import Database
@@ -23,11 +26,19 @@ from aggregator.decode import Incoming, InvalidEvent, decode
 from aggregator.feed import ACK, TERM, Delivery, PullFeed, delivery_info, nak
 from aggregator.ingest import adopt_parked, apply_prepared, count_parked
 from aggregator.prepare import prepare
+from aggregator.privacy import NOBODY, Anonymized
 from mailbeacon.jetstream import CONSUMER, STREAM
 
 log = logging.getLogger(__name__)
 
 ADOPT_EVERY_SECONDS = 2.0
+MAX_RETRY_DELAY_SECONDS = 30.0
+
+
+def _why(failure: Exception) -> str:
+    """The driver's reason, without the statement and its thousands of parameters."""
+    reason = getattr(failure, "orig", None) or failure
+    return f"{type(reason).__name__}: {str(reason).splitlines()[0] if str(reason) else ''}"[:500]
 
 
 class EventConsumer:
@@ -40,13 +51,21 @@ class EventConsumer:
     path). Exactness never depends on this: other replicas commit concurrently anyway.
     """
 
-    def __init__(self, js: JetStreamContext, db: Database, batch_size: int = 5000, pipeline: int = 2) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        db: Database,
+        batch_size: int = 5000,
+        pipeline: int = 2,
+        anonymized: Anonymized = NOBODY,
+    ) -> None:
         # The pull feed publishes raw pull requests, so it needs the connection under js.
         nc: NATS = js._nc
         self.nc = nc
         self.db = db
         self.feed = PullFeed(nc, STREAM, CONSUMER, batch_size)
         self.pipeline = pipeline
+        self.anonymized = anonymized  # campaigns with privacy.anonymizeIp (kept current by the service)
         self._in_flight: set[asyncio.Task[None]] = set()
         self._storing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -100,32 +119,85 @@ class EventConsumer:
             await self.feed.settle(malformed, TERM)
         if not events:
             return
+        await self._store(events, valid)
+
+    async def _store(self, events: list[Incoming], replies: list[bytes]) -> None:
+        """Store a batch; if the database refuses it while it answers, find the event it
+        refuses by halving the batch, store the rest, and terminate that one event."""
+        failure = await self._try_store(events, replies)
+        if failure is None:
+            return
+        if not await self._database_answers():
+            await self._retry_later(events, replies, failure)
+            return
+        if len(events) > 1:
+            log.debug("batch of %d events refused (%s); storing it in halves", len(events), _why(failure))
+            middle = len(events) // 2
+            await self._store(events[:middle], replies[:middle])
+            await self._store(events[middle:], replies[middle:])
+            return
+        # One event. Once more, in case the failure was transient (a deadlock, a lost race).
+        failure = await self._try_store(events, replies)
+        if failure is None:
+            return
+        if not await self._database_answers():
+            await self._retry_later(events, replies, failure)
+            return
+        # The database works and refuses this event every time: it would stall the stream.
+        metrics.REJECTED.inc()
+        log.error(
+            "rejecting event %s: the database refuses to store it (%s)", events[0].event_id, _why(failure)
+        )
+        await self.feed.settle(replies, TERM)
+
+    async def _try_store(self, events: list[Incoming], replies: list[bytes]) -> Exception | None:
+        """Store and acknowledge the batch; the exception if its transaction failed (nothing stored)."""
         # Made ready before the transaction, while the previous batch may still hold the database.
         batch = prepare(events, self.db.dialect == "postgresql")
         try:
             async with self._storing:
                 started = time.perf_counter()
-                result = await apply_prepared(self.db, batch)
-        except Exception:
-            self.db_ok = False
+                result = await apply_prepared(self.db, batch, self.anonymized)
+        except Exception as exc:
             metrics.BATCH_FAILURES.inc()
-            log.exception("batch of %d events not stored; they will be redelivered", len(events))
-            await self.feed.settle(valid, nak(1.0))
-            await asyncio.sleep(0.5)
-            return
+            return exc
         self.db_ok = True
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
-        await self.feed.settle(valid, ACK)
+        await self.feed.settle(replies, ACK)
         self.processed += len(events)
         metrics.record_batch(result, len(events))
-        info = delivery_info(valid[-1])
+        info = delivery_info(replies[-1])
         if info is not None:
             metrics.LAG.set(info.pending)
             metrics.LAG_SECONDS.set(max(0.0, (datetime.now(UTC) - info.stored_at).total_seconds()))
+        return None
+
+    async def _database_answers(self) -> bool:
+        try:
+            async with self.db.writing() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    async def _retry_later(self, events: list[Incoming], replies: list[bytes], failure: Exception) -> None:
+        """The database is unavailable: nak, with a delay growing with the deliveries so far.
+
+        No message is ever given up on for this (the consumer has no ``max_deliver``):
+        an outage of any length loses nothing.
+        """
+        self.db_ok = False
+        info = delivery_info(replies[0])
+        delay = min(MAX_RETRY_DELAY_SECONDS, 2.0 ** ((info.delivered if info else 1) - 1))
+        log.error(
+            "batch of %d events not stored (%s); redelivery in %.0f s", len(events), _why(failure), delay
+        )
+        await self.feed.settle(replies, nak(delay))
+        await asyncio.sleep(0.5)
 
     async def _adopt(self) -> None:
         try:
-            result = await adopt_parked(self.db)
+            result = await adopt_parked(self.db, anonymized=self.anonymized)
             metrics.record_batch(result, 0)
             metrics.PARKED.set(await count_parked(self.db))
         except Exception as exc:

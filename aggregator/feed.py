@@ -62,6 +62,7 @@ class DeliveryInfo:
 
     pending: int  # messages in the stream not yet delivered to the consumer
     stored_at: datetime
+    delivered: int  # how often this message has been delivered, this time included
 
 
 def delivery_info(reply: bytes) -> DeliveryInfo | None:
@@ -70,9 +71,12 @@ def delivery_info(reply: bytes) -> DeliveryInfo | None:
     tokens = reply.split(b".")
     if len(tokens) < 9 or tokens[0] != b"$JS" or tokens[1] != b"ACK":
         return None
-    stamp, pending = (tokens[7], tokens[8]) if len(tokens) == 9 else (tokens[9], tokens[10])
+    if len(tokens) == 9:
+        delivered, stamp, pending = tokens[4], tokens[7], tokens[8]
+    else:
+        delivered, stamp, pending = tokens[6], tokens[9], tokens[10]
     try:
-        return DeliveryInfo(int(pending), datetime.fromtimestamp(int(stamp) / 1e9, UTC))
+        return DeliveryInfo(int(pending), datetime.fromtimestamp(int(stamp) / 1e9, UTC), int(delivered))
     except (ValueError, OverflowError):
         return None
 

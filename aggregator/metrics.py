@@ -30,6 +30,10 @@ PARKED_TOTAL = Counter(
     "mailbeacon_aggregator_events_parked_total", "Events stored to wait for a message not seen yet"
 )
 INVALID = Counter("mailbeacon_aggregator_invalid_events_total", "Malformed events dropped")
+REJECTED = Counter(
+    "mailbeacon_aggregator_events_rejected_total",
+    "Valid events the database refused to store every time (terminated so they stop stalling ingest)",
+)
 BATCH_FAILURES = Counter("mailbeacon_aggregator_batch_failures_total", "Batches rolled back and redelivered")
 PRUNED = Counter("mailbeacon_aggregator_pruned_events_total", "Stored events removed by retention")
 BATCH_SECONDS = Histogram(
