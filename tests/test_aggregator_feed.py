@@ -83,7 +83,7 @@ async def test_feed_delivers_every_message_and_acks_them_in_one_go(nc: NATS, lea
         )
         assert await feed.take(wait=0.1) == []  # nothing twice
         info = delivery_info(taken[-1][0])
-        assert info is not None and info.pending == 0
+        assert info is not None and info.pending == 0 and info.delivered == 1
 
         assert await feed.settle([reply for reply, _ in taken], ACK)
 
@@ -106,6 +106,8 @@ async def test_nak_redelivers_and_term_does_not(nc: NATS) -> None:
         await feed.settle([second[0]], TERM)
         again = await take_all(feed, 1)
         assert [payload for _, payload in again] == [first[1]]
+        redelivered = delivery_info(again[0][0])
+        assert redelivered is not None and redelivered.delivered == 2  # the consumer's backoff grows with it
         await feed.settle([again[0][0]], ACK)
         await eventually(lambda: _no_ack_pending(nc))
         assert await feed.take(wait=0.3) == []
