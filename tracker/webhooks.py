@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from mailbeacon.events import Event, utcnow
 from mailbeacon.jetstream import EventPublisher
+from mailbeacon.netaddr import anonymize_ip
 from mailbeacon.settings import Settings
 from mailbeacon.web import json_error
 from tracker import metrics
@@ -26,7 +27,7 @@ from tracker.esp import ADAPTERS, Adapter
 from tracker.esp.base import ParseContext, ReplayGuard, VerifyContext, WebhookRequest
 from tracker.esp.sns import Certificates, HttpGet, https_get
 from tracker.generic_webhooks import WebhookError, parse_generic
-from tracker.privacy import anonymize_ip, anonymize_text, scrub_ips
+from tracker.privacy import anonymize_text, scrub_ips
 
 log = logging.getLogger(__name__)
 
