@@ -182,6 +182,18 @@ async def test_extreme_query_values_get_400_not_503(api: Api, params: dict[str, 
         assert response.status == 400, params
 
 
+async def test_yes_no_parameters_refuse_anything_else(api: Api) -> None:
+    await apply_batch(api.db, day_of_events(api.campaign, str(uuid.uuid4()), "flag@example.com"))
+    path = f"/api/campaigns/{api.campaign}/statistics"
+    status, hourly = await api.get(path, hourly="true", refresh="1")
+    assert status == 200 and "hour" in hourly["opens_over_time"][0]
+    status, daily = await api.get(path, hourly="no")
+    assert status == 200 and "date" in daily["opens_over_time"][0]
+    for name in ("hourly", "refresh"):
+        status, body = await api.get(path, **{name: "maybe"})
+        assert status == 400 and body["error"] == f"{name} must be true or false"
+
+
 async def test_extreme_but_valid_times_are_served(api: Api) -> None:
     await apply_batch(api.db, day_of_events(api.campaign, str(uuid.uuid4()), "ok@example.com"))
     path = f"/api/campaigns/{api.campaign}/events"
