@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import logging
 import sys
 import urllib.error
@@ -72,8 +73,7 @@ async def _up(settings: Settings) -> None:
                 else ""
             )
             + f"  NATS                       {redact_url(addresses.nats)}\n\n"
-            "Try it:  python -m mailbeacon.sendtest "
-            f"--smtp {addresses.smtp}\n",
+            f"Try it:  {_this_python()} -m mailbeacon.sendtest --smtp {addresses.smtp}\n",
             flush=True,
         )
         await wait_for_signal()
@@ -169,6 +169,12 @@ def _manifest_text(filename: str) -> str:
         return Path(filename).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SystemExit(f"error: cannot read {filename}: {getattr(exc, 'strerror', None) or exc}") from exc
+
+
+def _this_python() -> str:
+    """The interpreter running mailbeacon, as short as it can be said from here (.venv/bin/python)."""
+    relative = os.path.relpath(sys.executable)
+    return sys.executable if relative.startswith("..") else relative
 
 
 def _parser() -> argparse.ArgumentParser:
