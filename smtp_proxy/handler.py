@@ -158,8 +158,9 @@ class ProxyHandler:
         if ignored is not None and ignored not in self._unknown_logged and len(self._unknown_logged) < 1000:
             self._unknown_logged.add(ignored)  # one line per name, not one per message
             log.warning(
-                "X-Campaign %r names no known campaign; tracking it %s",
+                "X-Campaign %r %s; tracking it %s",
                 ignored[:200],
+                choice.ignored_because,
                 f"under {choice.key}" if choice.key else "not at all",
             )
         if choice.create and choice.key is not None and self.campaigns is not None:
