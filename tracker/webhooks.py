@@ -102,6 +102,12 @@ class Webhooks:
         return hmac.compare_digest(offered.encode(), token.get_secret_value().encode())
 
     async def generic(self, request: web.Request) -> web.Response:
+        response = await self._generic(request)
+        # Counted like the providers' webhooks, so one alert on refusals covers them all.
+        metrics.WEBHOOKS.labels("generic", metrics.outcome_of(response.status)).inc()
+        return response
+
+    async def _generic(self, request: web.Request) -> web.Response:
         kind = request.match_info["kind"]
         if not self._token_ok(request):
             return json_error(401, "missing or wrong webhook token")
@@ -116,6 +122,7 @@ class Webhooks:
         except StoreUnavailable:
             return json_error(503, "event store unavailable, retry later")
         metrics.REQUESTS.labels(f"webhook_generic_{kind}").inc()
+        metrics.WEBHOOK_EVENTS.labels("generic", event.type.value).inc()
         return web.json_response({"status": "success", "message": answer})
 
     async def provider(self, request: web.Request) -> web.Response:
