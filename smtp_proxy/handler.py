@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -28,6 +29,7 @@ from smtp_proxy.copies import CopyOptions, MessageCopies, untracked_content
 from smtp_proxy.mime import Part
 from smtp_proxy.optout import TRACK_HEADER, RecipientOptOuts, TrackSwitches, switches_from_header
 from smtp_proxy.outcome import decide
+from smtp_proxy.submission import complete_headers
 from smtp_proxy.upstream import CopyResult, OutgoingCopy, Upstream
 
 log = logging.getLogger(__name__)
@@ -173,7 +175,7 @@ class ProxyHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.closing:
             return _SHUTTING_DOWN
-        raw = envelope.original_content or b""
+        raw = complete_headers(envelope.original_content or b"", envelope.mail_from or "", datetime.now(UTC))
         recipients = list(envelope.rcpt_tos)
         message = Part.parse(raw)
         choice = await self._campaign_for(message, envelope.mail_from or "")

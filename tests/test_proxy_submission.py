@@ -1,0 +1,71 @@
+"""Message-ID and Date, added the way a submission server does when an app leaves them out."""
+
+from __future__ import annotations
+
+import asyncio
+import email
+import smtplib
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+from smtp_proxy.submission import complete_headers, message_id_domain
+from tests.support import SmtpSink
+from tests.test_proxy_smtp import proxy_running, read_events
+
+NOW = datetime(2026, 11, 27, 21, 40, tzinfo=UTC)
+
+
+def test_missing_headers_are_added_in_front_with_the_message_line_endings() -> None:
+    bare = b"From: app@shop.example.com\r\nSubject: hi\r\n\r\nbody\r\n"
+    completed = bytes(complete_headers(bare, "app@shop.example.com", NOW))
+    assert completed.endswith(bare)
+    added = completed[: -len(bare)].split(b"\r\n")
+    assert added[0].startswith(b"Message-ID: <") and added[0].endswith(b"@shop.example.com>")
+    assert added[1] == b"Date: Fri, 27 Nov 2026 21:40:00 +0000" and added[2] == b""
+    lf = complete_headers(b"Subject: x\n\nbody\n", "", NOW)
+    assert bytes(lf).count(b"\r") == 0 and b"@mailbeacon.invalid>\n" in bytes(lf)
+
+
+def test_present_headers_and_signed_messages_are_left_as_they_are() -> None:
+    whole = b"Message-ID: <a@b.example>\r\nDATE: Fri, 27 Nov 2026 20:00:00 +0000\r\n\r\nx\r\n"
+    assert complete_headers(whole, "a@b.example", NOW) is whole  # not even copied
+    view = memoryview(b"Date: Fri, 27 Nov 2026 20:00:00 +0000\r\n\r\nx\r\n")
+    assert bytes(complete_headers(view, "", NOW)).startswith(b"Message-ID: <")
+    headers_only = b"From: a@b.example\r\nSubject: no body\r\n"
+    assert complete_headers(headers_only, "a@b.example", NOW) is headers_only
+    signed = b"DKIM-Signature: v=1; h=from:subject:message-id\r\nSubject: x\r\n\r\nx\r\n"
+    assert complete_headers(signed, "a@b.example", NOW) is signed
+    # A header named in the body, or one that merely starts alike, does not count.
+    body_only = b"Subject: x\r\nX-Message-ID-Hint: 1\r\n\r\nMessage-ID: <in@body>\r\n"
+    assert bytes(complete_headers(body_only, "", NOW)).startswith(b"Message-ID: <")
+
+
+def test_the_message_id_domain_comes_from_the_sender_when_it_is_one() -> None:
+    assert message_id_domain("News@Shop.Example.com") == "shop.example.com"
+    for odd in ("", "postmaster", "a@localhost", "a@bad domain.com", "a@-x.com"):
+        assert message_id_domain(odd) == "mailbeacon.invalid", odd
+
+
+async def test_the_sent_event_carries_the_message_id_every_copy_got(
+    tmp_path: Path, nats_url: str, sink: SmtpSink
+) -> None:
+    raw = (
+        b"From: app@shop.example.com\r\nTo: a@example.com\r\nSubject: bare\r\n"
+        b"X-Campaign: conversations\r\nContent-Type: text/html\r\n\r\n<p>hi</p>\r\n"
+    )
+    async with proxy_running(tmp_path, nats_url, sink, default_campaign="default/conversations") as proxy:
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", proxy.port, timeout=10) as smtp:
+                smtp.sendmail("app@shop.example.com", ["a@example.com", "b@example.com"], raw)
+
+        await asyncio.to_thread(send)
+        copies = [email.message_from_bytes(m.content) for m in sink.messages]
+        ids = {copy["Message-ID"] for copy in copies}
+        assert len(copies) == 2 and len(ids) == 1 and next(iter(ids)).endswith("@shop.example.com>")
+        assert all(
+            abs((parsedate_to_datetime(c["Date"]) - datetime.now(UTC)).total_seconds()) < 60 for c in copies
+        )
+        sent = await read_events(nats_url, "sent")
+    assert {event.metadata["message_id"] for event in sent} == ids
