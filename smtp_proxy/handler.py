@@ -29,7 +29,7 @@ from smtp_proxy.copies import CopyOptions, MessageCopies, untracked_content
 from smtp_proxy.mime import Part
 from smtp_proxy.optout import TRACK_HEADER, RecipientOptOuts, TrackSwitches, switches_from_header
 from smtp_proxy.outcome import decide
-from smtp_proxy.submission import complete_headers
+from smtp_proxy.submission import added_message_id, missing_headers
 from smtp_proxy.upstream import CopyResult, OutgoingCopy, Upstream
 
 log = logging.getLogger(__name__)
@@ -175,9 +175,10 @@ class ProxyHandler:
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.closing:
             return _SHUTTING_DOWN
-        raw = complete_headers(envelope.original_content or b"", envelope.mail_from or "", datetime.now(UTC))
+        raw = envelope.original_content or b""
         recipients = list(envelope.rcpt_tos)
         message = Part.parse(raw)
+        added = missing_headers(raw, envelope.mail_from or "", datetime.now(UTC))
         choice = await self._campaign_for(message, envelope.mail_from or "")
         key, spec = choice.key, choice.spec
         if key is not None and spec.paused:
@@ -186,13 +187,15 @@ class ProxyHandler:
         tracking_ids: list[str | None]
         if key is None:
             metrics.UNTRACKED.labels(choice.untracked_why or "no_campaign").inc()
-            untouched = untracked_content(raw, message)
+            untouched = untracked_content(raw, message, added)
             copies = [OutgoingCopy(rcpt, lambda: untouched) for rcpt in recipients]
             tracking_ids = [None] * len(recipients)
         else:
             switches = switches_from_header(message.parsed.get(TRACK_HEADER))
             switches &= TrackSwitches(spec.tracking.opens, spec.tracking.clicks)
-            builder = MessageCopies(raw, message, self.options.copies, spec.tracking, switches, self.optouts)
+            builder = MessageCopies(
+                raw, message, self.options.copies, spec.tracking, switches, self.optouts, added_headers=added
+            )
             self._count_untracked(builder, switches, recipients)
             tracking_ids = [str(uuid.uuid4()) for _ in recipients]
             copies = [
@@ -204,7 +207,7 @@ class ProxyHandler:
             copies=copies,
             tracking_ids=tracking_ids,
             campaign=str(key) if key else None,
-            message_id=str(message.parsed.get("Message-ID", "")).strip(),
+            message_id=added_message_id(added) or str(message.parsed.get("Message-ID", "")).strip(),
             mail_options=list(envelope.mail_options),
         )
         task = asyncio.create_task(self._relay(relay), name="smtp-relay")

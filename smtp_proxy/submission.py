@@ -27,27 +27,32 @@ def message_id_domain(envelope_sender: str) -> str:
     return domain.lower() if "." in domain and _DOMAIN.match(domain) else "mailbeacon.invalid"
 
 
-def complete_headers(raw: Buffer, envelope_sender: str, now: datetime) -> Buffer:
-    """``raw`` with ``Message-ID`` and ``Date`` added in front when it has none.
+def missing_headers(raw: Buffer, envelope_sender: str, now: datetime) -> bytes:
+    """The ``Message-ID`` and ``Date`` lines ``raw`` lacks, to go in front of each copy's headers.
 
-    A DKIM-signed message is left exactly as it is: a signature may cover a header by
-    its absence, and adding one would break it. So is one whose header block never ends
-    (it is relayed unchanged, as unparsable). The common case (both present) costs a
-    scan of the header block and no copy.
+    Returned as a piece of their own rather than a new message: a 25 MB message is not
+    copied for two header lines. Nothing for a DKIM-signed message (a signature may cover
+    a header by its absence, and adding one would break it), nor for one whose header
+    block never ends (it is relayed unchanged, as unparsable).
     """
     end = _HEADER_END.search(raw)
     if end is None:
-        return raw  # no header block ends: not a message we can say anything about
+        return b""
     head = bytes(raw[: end.end()])
     if _DKIM.search(head):
-        return raw
-    has_id, has_date = _MESSAGE_ID.search(head), _DATE.search(head)
-    if has_id and has_date:
-        return raw
+        return b""
     eol = b"\r\n" if b"\r\n" in head else b"\n"
     added = b""
-    if not has_id:
+    if not _MESSAGE_ID.search(head):
         added += b"Message-ID: " + make_msgid(domain=message_id_domain(envelope_sender)).encode() + eol
-    if not has_date:
+    if not _DATE.search(head):
         added += b"Date: " + format_datetime(now).encode() + eol
-    return added + bytes(raw)
+    return added
+
+
+def added_message_id(added: bytes) -> str | None:
+    """The Message-ID among the lines :func:`missing_headers` made, if it made one."""
+    for line in added.splitlines():
+        if line.startswith(b"Message-ID: "):
+            return line[12:].decode()
+    return None
