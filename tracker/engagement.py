@@ -101,7 +101,7 @@ def engagement_event(
     This runs on every pixel load and click, and the tracker produced every value itself
     (a canonical tracking id, the UTC time, text made :func:`encodable`), so validating them
     again would only cost time. Text a client sent still gets the sanitation validation
-    applies (:func:`mailbeacon.events.storable_text`: no NUL, column-sized), so the result
+    applies (:func:`mailbeacon.events.storable_text`: no NUL nor lone surrogate, column-sized), so the result
     equals the validated ``Event`` of the same values and serializes to the same JSON
     (tests hold it to that).
     """

@@ -99,7 +99,11 @@ class Webhooks:
         offered = (
             auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("X-Webhook-Token", "")
         )
-        return hmac.compare_digest(offered.encode(), token.get_secret_value().encode())
+        # aiohttp keeps header bytes that are not UTF-8 as lone surrogates: surrogateescape
+        # gives those bytes back, so a garbled token is simply a wrong one (401), not a crash.
+        return hmac.compare_digest(
+            offered.encode("utf-8", "surrogateescape"), token.get_secret_value().encode()
+        )
 
     async def generic(self, request: web.Request) -> web.Response:
         response = await self._generic(request)
