@@ -48,8 +48,9 @@ def anonymize_ip(text: str) -> str | None:
 _ADDRESS_IN_TEXT = re.compile(
     r"(?<![0-9A-Za-z.:])"
     r"(?:(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?"
-    r"|(?:\d{1,3}\.){3}\d{1,3})"
     r"(?![0-9A-Za-z.:])"
+    # A dotted quad may be followed by a colon: its port (192.0.2.1:25) or a sentence's.
+    r"|(?:\d{1,3}\.){3}\d{1,3}(?![0-9A-Za-z.]))"
 )
 
 

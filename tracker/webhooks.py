@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from mailbeacon.events import Event, utcnow
 from mailbeacon.jetstream import EventPublisher
-from mailbeacon.netaddr import anonymize_ip
+from mailbeacon.netaddr import anonymize_ip, anonymize_text, scrub_ips
 from mailbeacon.settings import Settings
 from mailbeacon.web import json_error
 from tracker import metrics
@@ -27,7 +27,6 @@ from tracker.esp import ADAPTERS, Adapter
 from tracker.esp.base import ParseContext, ReplayGuard, VerifyContext, WebhookRequest
 from tracker.esp.sns import Certificates, HttpGet, https_get
 from tracker.generic_webhooks import WebhookError, parse_generic
-from tracker.privacy import anonymize_text, scrub_ips
 
 log = logging.getLogger(__name__)
 
