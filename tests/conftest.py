@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nats.aio.client import Client as NATS
 
 from mailbeacon.embedded_nats import EmbeddedNats
+from mailbeacon.jetstream import connect, provision
+from mailbeacon.settings import Settings
 from tests.support import SmtpSink
 
 
@@ -73,3 +76,14 @@ def new_database(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[],
 @pytest.fixture
 def database_url(new_database: Callable[[], str]) -> str:
     return new_database()
+
+
+@pytest.fixture
+async def nc(nats_url: str, tmp_path: Path) -> AsyncIterator[NATS]:
+    """A NATS client on the stream, consumer and buckets every component provisions."""
+    client = await connect(nats_url, "test")
+    await provision(client.jetstream(), Settings(nats_url=nats_url, data_dir=str(tmp_path / "data")))
+    try:
+        yield client
+    finally:
+        await client.close()

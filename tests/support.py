@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -118,6 +119,19 @@ async def eventually(
     if last is not None:
         raise last
     raise AssertionError("condition not met in time")
+
+
+async def raw_http(port: int, request: bytes) -> bytes:
+    """Send ``request`` as written (bytes no HTTP client would send) and read the answer."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await reader.read(65536)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
 
 
 async def wait_http_ok(url: str, within: float = 20.0) -> None:

@@ -12,7 +12,7 @@ import asyncio
 import json
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,8 +27,7 @@ from aggregator.migrate import migrate
 from aggregator.statistics import read_statistics
 from aggregator.wire import Server, Unsupported, WireConnection
 from mailbeacon.embedded_nats import EmbeddedNats, nats_server_binary
-from mailbeacon.jetstream import CONSUMER, STREAM, connect, provision
-from mailbeacon.settings import Settings
+from mailbeacon.jetstream import CONSUMER, STREAM, connect
 from tests.support import eventually, free_port, metric_value
 
 
@@ -57,16 +56,6 @@ async def take_all(feed: PullFeed, count: int, within: float = 10.0) -> list[Del
     while len(taken) < count and asyncio.get_running_loop().time() < deadline:
         taken += await feed.take(wait=0.2)
     return taken
-
-
-@pytest.fixture
-async def nc(nats_url: str, tmp_path: Path) -> AsyncIterator[NATS]:
-    client = await connect(nats_url, "test-feed")
-    await provision(client.jetstream(), Settings(nats_url=nats_url, data_dir=str(tmp_path / "data")))
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "nats-py"])

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
 from nats.aio.client import Client as NATS
 from prometheus_client import generate_latest
 from sqlalchemy import func, select, text
@@ -22,8 +19,7 @@ from aggregator.db import Database, open_database
 from aggregator.migrate import migrate
 from aggregator.models import EVENTS
 from aggregator.statistics import read_statistics
-from mailbeacon.jetstream import CONSUMER, STREAM, connect, provision
-from mailbeacon.settings import Settings
+from mailbeacon.jetstream import CONSUMER, STREAM
 from tests.support import eventually, metric_value
 
 
@@ -33,16 +29,6 @@ def rejected() -> float:
 
 def batch_failures() -> float:
     return metric_value(generate_latest().decode(), "mailbeacon_aggregator_batch_failures_total")
-
-
-@pytest.fixture
-async def nc(nats_url: str, tmp_path: Path) -> AsyncIterator[NATS]:
-    client = await connect(nats_url, "test-poison")
-    await provision(client.jetstream(), Settings(nats_url=nats_url, data_dir=str(tmp_path / "data")))
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def publish(nc: NATS, events: list[dict[str, object]]) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import aiohttp
 
 from mailbeacon.signing import click_url, pixel_url, unsubscribe_url
 from tests.esp_payloads.harness import BROWSER_UA, post, running_tracker, sendgrid_headers, stream_events
-from tests.support import SECRET, eventually
+from tests.support import SECRET, eventually, raw_http
 
 TID = "9d1f3c1e-8b0a-4e7e-a3c4-2b6f0e9d7a10"
 OTHER = "9d1f3c1e-8b0a-4e7e-a3c4-2b6f0e9d7a11"
@@ -133,19 +132,12 @@ async def test_unsubscribe_with_a_user_agent_that_is_not_utf8_is_stored(
         port, site = int(tracker.url.rsplit(":", 1)[1]), tracker.settings.site_url
         path = unsubscribe_url(site, TID).removeprefix(site).encode()
         form = b"List-Unsubscribe=One-Click"
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            writer.write(
-                b"POST " + path + b" HTTP/1.1\r\nHost: t\r\nUser-Agent: Mozilla \xff\xfe\r\n"
-                b"Content-Type: application/x-www-form-urlencoded\r\n"
-                b"Content-Length: " + str(len(form)).encode() + b"\r\nConnection: close\r\n\r\n" + form
-            )
-            await writer.drain()
-            answer = await reader.read(65536)
-        finally:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+        answer = await raw_http(
+            port,
+            b"POST " + path + b" HTTP/1.1\r\nHost: t\r\nUser-Agent: Mozilla \xff\xfe\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: " + str(len(form)).encode() + b"\r\nConnection: close\r\n\r\n" + form,
+        )
         assert answer.startswith(b"HTTP/1.1 200") and b"You are unsubscribed" in answer
 
         async def stored() -> list[object]:

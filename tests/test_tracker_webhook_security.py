@@ -7,7 +7,6 @@ refused reaches the stream, and nothing is ever answered with a 500.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -32,7 +31,7 @@ from tests.esp_payloads.harness import (
     sns_notification,
     stream_events,
 )
-from tests.support import eventually, metric_value
+from tests.support import eventually, metric_value, raw_http
 
 Request = tuple[bytes, dict[str, str]]
 PADDING = "x" * (300 * 1024)  # over the 256 KiB limit the harness configures
@@ -289,21 +288,14 @@ async def test_a_token_that_is_not_utf8_is_unauthorized(tmp_path: Path, nats_url
     async with running_tracker(tmp_path, nats_url, webhook_token="s3cret-token") as tracker:
         port = int(tracker.url.rsplit(":", 1)[1])
         for header in (b"X-Webhook-Token: s3cret-\xff\xfe", b"Authorization: Bearer \xffs3cret"):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            try:
-                writer.write(
-                    b"POST /track/bounce/ HTTP/1.1\r\nHost: t\r\n" + header + b"\r\n"
-                    b"Content-Type: application/json\r\nContent-Length: "
-                    + str(len(body)).encode()
-                    + b"\r\nConnection: close\r\n\r\n"
-                    + body
-                )
-                await writer.drain()
-                answer = await reader.read(65536)
-            finally:
-                writer.close()
-                with contextlib.suppress(ConnectionError):
-                    await writer.wait_closed()
+            answer = await raw_http(
+                port,
+                b"POST /track/bounce/ HTTP/1.1\r\nHost: t\r\n" + header + b"\r\n"
+                b"Content-Type: application/json\r\nContent-Length: "
+                + str(len(body)).encode()
+                + b"\r\nConnection: close\r\n\r\n"
+                + body,
+            )
             assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
         async with (
             aiohttp.ClientSession() as http,
