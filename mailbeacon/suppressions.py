@@ -60,6 +60,9 @@ class SuppressionList:
     def __init__(self, kv: KeyValue) -> None:
         self._kv = kv
         self._by_reason: dict[str, set[bytes]] = {reason: set() for reason in REASONS}
+        # Pairs whose key was deleted (a suppression lifted by an operator): the aggregator
+        # does not bring those back from old events, only from new ones.
+        self._lifted: set[bytes] = set()
         self._task: asyncio.Task[None] | None = None
         self._watcher: KeyValue.KeyWatcher | None = None
         self.loaded = asyncio.Event()
@@ -79,6 +82,11 @@ class SuppressionList:
     def __contains__(self, pair: tuple[str, str]) -> bool:
         return self.reason(*pair) is not None
 
+    def has_entry(self, campaign: str, recipient: str) -> bool:
+        """True when the bucket holds the pair, or held it until someone deleted the key."""
+        digest = _digest(campaign, recipient)
+        return digest in self._lifted or any(digest in digests for digests in self._by_reason.values())
+
     def _apply(self, entry: KeyValue.Entry) -> None:
         try:
             digest = bytes.fromhex(entry.key)
@@ -89,7 +97,10 @@ class SuppressionList:
             return
         for digests in self._by_reason.values():
             digests.discard(digest)
-        if entry.operation not in (KV_DEL, KV_PURGE):
+        if entry.operation in (KV_DEL, KV_PURGE):
+            self._lifted.add(digest)
+        else:
+            self._lifted.discard(digest)
             self._by_reason[_reason_of(entry.value)].add(digest)
 
     async def start(self) -> None:
