@@ -271,9 +271,7 @@ async def test_parked_redelivered_and_lost_suppressions_are_recorded(system: Sys
         # a duplicate in SQL, and still puts its suppression.
         kv = await ensure_suppression_bucket(js, system.settings)
         await js.purge_stream("KV_mailbeacon_suppressions")
-        await js.publish(
-            unsubscribe.subject, unsubscribe.to_json(), headers={"Nats-Msg-Id": f"again:{tid}"}
-        )
+        await js.publish(unsubscribe.subject, unsubscribe.to_json(), headers={"Nats-Msg-Id": f"again:{tid}"})
         entry = await eventually(lambda: _entry(kv, suppression_key(str(NEWSLETTER), cy)), within=15)
         assert b"unsubscribed" in entry
 
