@@ -40,8 +40,21 @@ def event_filter(request: web.Request, campaign: str | None) -> queries.EventFil
         raise _bad_request(str(exc)) from exc
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
 def _flag(request: web.Request, name: str) -> bool:
-    return request.query.get(name, "").lower() in ("1", "true", "yes")
+    """A yes/no query parameter; anything else is a 400 rather than a silent "no"."""
+    value = request.query.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise web.HTTPBadRequest(
+        text=json.dumps({"status": "error", "error": f"{name} must be true or false"}),
+        content_type="application/json",
+    )
 
 
 async def _known_campaign(request: web.Request) -> str:

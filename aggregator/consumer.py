@@ -1,9 +1,11 @@
 """The durable JetStream pull consumer feeding :mod:`aggregator.ingest`.
 
-Messages are acknowledged only after their batch's transaction committed. If the
-database fails, the batch is nak'ed and JetStream redelivers it; the unique
-``event_id`` makes any replay harmless. A malformed message is terminated (it would
-fail forever) and counted.
+Messages are acknowledged only after their batch's transaction committed, a whole batch
+in one write. If the database fails, the batch is nak'ed and JetStream redelivers it; the
+unique ``event_id`` makes any replay harmless. A malformed message is terminated (it would
+fail forever) and counted. So is an event the database refuses while it works (a
+"poison" event, which would otherwise stall the stream): the batch is halved until that
+one event is isolated, and everything else is stored.
 """
 
 from __future__ import annotations
@@ -16,66 +18,68 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from pydantic import ValidationError
+from sqlalchemy import text
 
 from aggregator import metrics
 from aggregator.db import Database
-from aggregator.feed import PullFeed
-from aggregator.ingest import adopt_parked, apply_batch, count_parked
-from mailbeacon.events import Event
+from aggregator.decode import Incoming, InvalidEvent, decode
+from aggregator.feed import ACK, TERM, Delivery, PullFeed, delivery_info, nak
+from aggregator.ingest import adopt_parked, apply_prepared, count_parked
+from aggregator.prepare import prepare
+from aggregator.privacy import NOBODY, Anonymized
 from mailbeacon.jetstream import CONSUMER, STREAM
 
 log = logging.getLogger(__name__)
 
 ADOPT_EVERY_SECONDS = 2.0
+MAX_RETRY_DELAY_SECONDS = 30.0
 
 
-def _lag_seconds(msg: Msg) -> float | None:
-    try:
-        stored = msg.metadata.timestamp
-    except Exception:
-        return None
-    if not isinstance(stored, datetime):
-        return None
-    return max(0.0, (datetime.now(UTC) - stored.astimezone(UTC)).total_seconds())
-
-
-def decode(msg: Msg) -> Event | Exception:
-    """The event in a message, or why it is not one (decided once, on arrival)."""
-    try:
-        return Event.from_json(msg.data)
-    except (ValidationError, ValueError) as exc:
-        return exc
+def _why(failure: Exception) -> str:
+    """The driver's reason, without the statement and its thousands of parameters."""
+    reason = getattr(failure, "orig", None) or failure
+    return f"{type(reason).__name__}: {str(reason).splitlines()[0] if str(reason) else ''}"[:500]
 
 
 class EventConsumer:
     """Takes batches from the pull feed and stores them, ``pipeline`` batches at a time.
 
     While one batch's transaction runs in the database, the next one is already being
-    prepared; exactness never depends on the order in which batches commit.
+    decoded and prepared. The transactions themselves run one at a time: a batch then
+    sees the messages the previous one created, instead of parking their events for
+    :func:`adopt_parked` (with two at once, about one event in twenty took that slower
+    path). Exactness never depends on this: other replicas commit concurrently anyway.
     """
 
-    def __init__(self, js: JetStreamContext, db: Database, batch_size: int = 2000, pipeline: int = 2) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        db: Database,
+        batch_size: int = 5000,
+        pipeline: int = 2,
+        anonymized: Anonymized = NOBODY,
+    ) -> None:
         # The pull feed publishes raw pull requests, so it needs the connection under js.
         nc: NATS = js._nc
         self.nc = nc
         self.db = db
-        self.feed: PullFeed[Event | Exception] = PullFeed(nc, STREAM, CONSUMER, batch_size, decode)
+        self.feed = PullFeed(nc, STREAM, CONSUMER, batch_size)
         self.pipeline = pipeline
+        self.anonymized = anonymized  # campaigns with privacy.anonymizeIp (kept current by the service)
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._storing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.db_ok = True
         self.processed = 0
         # Runs after a batch committed and before it is acknowledged (suppressions); when it
         # fails, the batch is redelivered and the hook runs again on the duplicates.
-        self.before_ack: Callable[[Sequence[Event]], Awaitable[None]] | None = None
+        self.before_ack: Callable[[Sequence[Incoming]], Awaitable[None]] | None = None
 
     @property
     def healthy(self) -> bool:
-        return bool(self.nc.is_connected) and self.db_ok
+        return self.feed.connected and self.db_ok
 
     async def start(self) -> None:
         await self.feed.start()
@@ -101,33 +105,66 @@ class EventConsumer:
         if self._in_flight:
             await asyncio.wait(self._in_flight)
 
-    async def _process(self, taken: list[tuple[Msg, Event | Exception]]) -> None:
-        events: list[Event] = []
-        valid: list[Msg] = []
-        for msg, decoded in taken:
-            if isinstance(decoded, Event):
-                events.append(decoded)
-                valid.append(msg)
+    async def _process(self, taken: list[Delivery]) -> None:
+        events: list[Incoming] = []
+        valid: list[bytes] = []
+        malformed: list[bytes] = []
+        for reply, payload in taken:
+            try:
+                events.append(decode(payload))
+            except InvalidEvent as exc:
+                # A malformed message would be redelivered forever; log it and drop it.
+                metrics.INVALID.inc()
+                log.error("dropping malformed event (%s): %s", reply.decode(errors="replace"), exc)
+                malformed.append(reply)
                 continue
-            # A malformed message would be redelivered forever; log it and drop it.
-            metrics.INVALID.inc()
-            log.error("dropping malformed event on %s: %s", msg.subject, decoded)
-            with contextlib.suppress(Exception):
-                await msg.term()
+            valid.append(reply)
+        if malformed:
+            await self.feed.settle(malformed, TERM)
         if not events:
             return
-        started = time.perf_counter()
-        try:
-            result = await apply_batch(self.db, events)
-        except Exception:
-            self.db_ok = False
-            metrics.BATCH_FAILURES.inc()
-            log.exception("batch of %d events not stored; they will be redelivered", len(events))
-            for msg in valid:
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=1.0)
-            await asyncio.sleep(0.5)
+        await self._store(events, valid)
+
+    async def _store(self, events: list[Incoming], replies: list[bytes]) -> None:
+        """Store a batch; if the database refuses it while it answers, find the event it
+        refuses by halving the batch, store the rest, and terminate that one event."""
+        failure = await self._try_store(events, replies)
+        if failure is None:
             return
+        if not await self._database_answers():
+            await self._retry_later(events, replies, failure)
+            return
+        if len(events) > 1:
+            log.debug("batch of %d events refused (%s); storing it in halves", len(events), _why(failure))
+            middle = len(events) // 2
+            await self._store(events[:middle], replies[:middle])
+            await self._store(events[middle:], replies[middle:])
+            return
+        # One event. Once more, in case the failure was transient (a deadlock, a lost race).
+        failure = await self._try_store(events, replies)
+        if failure is None:
+            return
+        if not await self._database_answers():
+            await self._retry_later(events, replies, failure)
+            return
+        # The database works and refuses this event every time: it would stall the stream.
+        metrics.REJECTED.inc()
+        log.error(
+            "rejecting event %s: the database refuses to store it (%s)", events[0].event_id, _why(failure)
+        )
+        await self.feed.settle(replies, TERM)
+
+    async def _try_store(self, events: list[Incoming], replies: list[bytes]) -> Exception | None:
+        """Store and acknowledge the batch; the exception if its transaction failed (nothing stored)."""
+        # Made ready before the transaction, while the previous batch may still hold the database.
+        batch = prepare(events, self.db.dialect == "postgresql")
+        try:
+            async with self._storing:
+                started = time.perf_counter()
+                result = await apply_prepared(self.db, batch, self.anonymized)
+        except Exception as exc:
+            metrics.BATCH_FAILURES.inc()
+            return exc
         self.db_ok = True
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
         if self.before_ack is not None:
@@ -135,25 +172,43 @@ class EventConsumer:
                 await self.before_ack(events)
             except Exception as exc:
                 log.warning("batch stored, but its suppressions not (%s); it will be redelivered", exc)
-                for msg in valid:
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=1.0)
-                return
-        for msg in valid:
-            with contextlib.suppress(Exception):
-                await msg.ack()
+                await self.feed.settle(replies, nak(1.0))
+                return None
+        await self.feed.settle(replies, ACK)
         self.processed += len(events)
         metrics.record_batch(result, len(events))
-        last = valid[-1]
-        with contextlib.suppress(Exception):
-            metrics.LAG.set(last.metadata.num_pending)
-        lag = _lag_seconds(last)
-        if lag is not None:
-            metrics.LAG_SECONDS.set(lag)
+        info = delivery_info(replies[-1])
+        if info is not None:
+            metrics.LAG.set(info.pending)
+            metrics.LAG_SECONDS.set(max(0.0, (datetime.now(UTC) - info.stored_at).total_seconds()))
+        return None
+
+    async def _database_answers(self) -> bool:
+        try:
+            async with self.db.writing() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    async def _retry_later(self, events: list[Incoming], replies: list[bytes], failure: Exception) -> None:
+        """The database is unavailable: nak, with a delay growing with the deliveries so far.
+
+        No message is ever given up on for this (the consumer has no ``max_deliver``):
+        an outage of any length loses nothing.
+        """
+        self.db_ok = False
+        info = delivery_info(replies[0])
+        delay = min(MAX_RETRY_DELAY_SECONDS, 2.0 ** ((info.delivered if info else 1) - 1))
+        log.error(
+            "batch of %d events not stored (%s); redelivery in %.0f s", len(events), _why(failure), delay
+        )
+        await self.feed.settle(replies, nak(delay))
+        await asyncio.sleep(0.5)
 
     async def _adopt(self) -> None:
         try:
-            result = await adopt_parked(self.db)
+            result = await adopt_parked(self.db, anonymized=self.anonymized)
             metrics.record_batch(result, 0)
             metrics.PARKED.set(await count_parked(self.db))
         except Exception as exc:

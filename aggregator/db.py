@@ -41,6 +41,10 @@ def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     # event-id and tracking-id indexes, which the default 2 MiB cache keeps re-reading.
     cursor.execute("PRAGMA cache_size=-65536")
     cursor.execute("PRAGMA mmap_size=268435456")
+    # Checkpoint every 64 MiB of WAL instead of every 4 MiB: ingest dirties thousands of
+    # index pages per batch, and a page changed by many batches between two checkpoints is
+    # copied into the database once (measured: a third less commit time at a million events).
+    cursor.execute("PRAGMA wal_autocheckpoint=16384")
     cursor.execute("PRAGMA temp_store=MEMORY")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()

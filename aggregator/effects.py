@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntFlag
@@ -105,50 +105,71 @@ class Plan:
     )
     by_type: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
 
-    def _first(self, column: str, tracking_id: str, moment: datetime) -> None:
-        seen = self.first_seen[column]
-        if tracking_id not in seen or moment < seen[tracking_id]:
-            seen[tracking_id] = moment
+
+_VALUE = {t: t.value for t in EventType}
+_OPENED, _CLICKED, _BOUNCED = EventType.OPENED, EventType.CLICKED, EventType.BOUNCED
+
+
+def _earliest(seen: dict[str, datetime], tracking_id: str, moment: datetime) -> None:
+    earlier = seen.get(tracking_id)
+    if earlier is None or moment < earlier:
+        seen[tracking_id] = moment
 
 
 def plan(events: Iterable[Applied]) -> Plan:
+    # A hot loop (once per applied event): names are bound locally on purpose.
     p = Plan()
+    campaign_of, by_type, engagement, first_seen = p.campaign_of, p.by_type, p.engagement, p.first_seen
+    opened, human_opened = first_seen["first_opened_at"], first_seen["first_human_opened_at"]
+    clicked, human_clicked = first_seen["first_clicked_at"], first_seen["first_human_clicked_at"]
     for e in events:
-        tid, moment = e.tracking_id, e.occurred_at
-        p.campaign_of[tid] = e.campaign
-        p.by_type[(e.campaign, e.type.value)] += 1
-        counters = p.counters[e.campaign]
-        if e.type in _ONCE_PER_MESSAGE:
-            p._first(_ONCE_PER_MESSAGE[e.type], tid, moment)
-        elif e.type is EventType.BOUNCED:
-            kind = e.bounce_kind or "hard"
-            earlier = p.bounces.get(tid)
-            if earlier is None:
-                p.bounces[tid] = (moment, kind)
-            else:
-                p.bounces[tid] = (min(earlier[0], moment), "hard" if "hard" in (kind, earlier[1]) else "soft")
-        elif e.type is EventType.OPENED:
+        tid, moment, campaign, kind = e.tracking_id, e.occurred_at, e.campaign, e.type
+        campaign_of[tid] = campaign
+        by_type[(campaign, _VALUE[kind])] += 1
+        if kind is _OPENED:
+            counters = p.counters[campaign]
             counters["total_opens"] += 1
-            p.engagement.setdefault(tid, [0, 0])[0] += 1
-            p._first("first_opened_at", tid, moment)
-            bucket = p.buckets[(e.campaign, hour_of(moment))]
+            counts = engagement.get(tid)
+            if counts is None:
+                engagement[tid] = [1, 0]
+            else:
+                counts[0] += 1
+            _earliest(opened, tid, moment)
+            bucket = p.buckets[(campaign, hour_of(moment))]
             bucket[0] += 1
             if not e.machine:
                 counters["human_total_opens"] += 1
-                p._first("first_human_opened_at", tid, moment)
+                _earliest(human_opened, tid, moment)
                 bucket[1] += 1
-        elif e.type is EventType.CLICKED:
+        elif kind is _CLICKED:
+            counters = p.counters[campaign]
             counters["total_clicks"] += 1
-            p.engagement.setdefault(tid, [0, 0])[1] += 1
-            p._first("first_clicked_at", tid, moment)
+            counts = engagement.get(tid)
+            if counts is None:
+                engagement[tid] = [0, 1]
+            else:
+                counts[1] += 1
+            _earliest(clicked, tid, moment)
             if not e.machine:
                 counters["human_total_clicks"] += 1
-                p._first("first_human_clicked_at", tid, moment)
+                _earliest(human_clicked, tid, moment)
             if e.url is not None and counts_as_link(e.url):
                 digest = url_hash(e.url)
                 p.link_urls[digest] = e.url
                 p.message_links.add((tid, digest))
-                p.link_clicks[(e.campaign, digest)] += 1
+                p.link_clicks[(campaign, digest)] += 1
+        elif kind is _BOUNCED:
+            bounce = e.bounce_kind or "hard"
+            earlier = p.bounces.get(tid)
+            if earlier is None:
+                p.bounces[tid] = (moment, bounce)
+            else:
+                p.bounces[tid] = (
+                    min(earlier[0], moment),
+                    "hard" if "hard" in (bounce, earlier[1]) else "soft",
+                )
+        elif kind in _ONCE_PER_MESSAGE:
+            _earliest(first_seen[_ONCE_PER_MESSAGE[kind]], tid, moment)
     return p
 
 
@@ -156,36 +177,38 @@ MessageChange = tuple[Any, ...]
 CHANGE_COLUMNS: tuple[str, ...] = (*FIRST_SEEN, "bounced_at", "bounce_kind", "opens", "clicks")
 
 
-def message_changes(p: Plan) -> list[MessageChange]:
-    """One row per touched message, sorted: ``tracking_id`` then the values of CHANGE_COLUMNS."""
+def message_changes(p: Plan, time_value: Callable[[datetime], Any] | None = None) -> list[MessageChange]:
+    """One row per touched message, sorted: ``tracking_id`` then the values of CHANGE_COLUMNS.
+
+    ``time_value`` turns the times into what the database driver takes (SQLite: text).
+    """
+    columns = [p.first_seen[column] for column in FIRST_SEEN]
     rows = []
     for tid in sorted(p.campaign_of):
         bounce = p.bounces.get(tid)
         opens, clicks = p.engagement.get(tid, (0, 0))
-        rows.append(
-            (
-                tid,
-                *(p.first_seen[column].get(tid) for column in FIRST_SEEN),
-                bounce[0] if bounce else None,
-                bounce[1] if bounce else None,
-                opens,
-                clicks,
-            )
-        )
+        times = [seen.get(tid) for seen in columns]
+        times.append(bounce[0] if bounce else None)
+        if time_value is not None:
+            times = [None if t is None else time_value(t) for t in times]
+        rows.append((tid, *times, bounce[1] if bounce else None, opens, clicks))
     return rows
 
 
+_TRANSITIONS = [(int(bit), counter) for bit, counter in FIRST_SEEN.values()]
+_BOUNCED_BIT, _HARD_BIT = int(Seen.BOUNCED), int(Seen.HARD_BOUNCE)
+
+
 def count_transitions(p: Plan, newly_seen: Iterable[tuple[str, int]]) -> None:
-    """Counter deltas from the ``(tracking_id, newly_seen)`` pairs the UPDATE returned."""
+    """Counter deltas from the ``(tracking_id, newly_seen)`` pairs the UPDATE returned (:class:`Seen` bits)."""
     for tid, mask in newly_seen:
-        seen = Seen(mask)
         counters = p.counters[p.campaign_of[tid]]
-        for bit, counter in FIRST_SEEN.values():
-            if bit in seen:
+        for bit, counter in _TRANSITIONS:
+            if mask & bit:
                 counters[counter] += 1
-        if Seen.BOUNCED in seen:
+        if mask & _BOUNCED_BIT:
             counters["bounced_count"] += 1
-            counters["hard_bounced_count" if Seen.HARD_BOUNCE in seen else "soft_bounced_count"] += 1
-        elif Seen.HARD_BOUNCE in seen:  # bounced softly before, hard now
+            counters["hard_bounced_count" if mask & _HARD_BIT else "soft_bounced_count"] += 1
+        elif mask & _HARD_BIT:  # bounced softly before, hard now
             counters["soft_bounced_count"] -= 1
             counters["hard_bounced_count"] += 1

@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from aggregator.ingest import BatchResult
+from aggregator.tally import BatchResult
 
 EVENTS = Counter("mailbeacon_events_total", "Events applied to campaign statistics", ["campaign", "type"])
 RECEIVED = Counter("mailbeacon_aggregator_events_received_total", "Events taken from the stream")
@@ -30,6 +30,10 @@ PARKED_TOTAL = Counter(
     "mailbeacon_aggregator_events_parked_total", "Events stored to wait for a message not seen yet"
 )
 INVALID = Counter("mailbeacon_aggregator_invalid_events_total", "Malformed events dropped")
+REJECTED = Counter(
+    "mailbeacon_aggregator_events_rejected_total",
+    "Valid events the database refused to store every time (terminated so they stop stalling ingest)",
+)
 BATCH_FAILURES = Counter("mailbeacon_aggregator_batch_failures_total", "Batches rolled back and redelivered")
 PRUNED = Counter("mailbeacon_aggregator_pruned_events_total", "Stored events removed by retention")
 BATCH_SECONDS = Histogram(

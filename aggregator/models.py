@@ -192,8 +192,28 @@ class PrunedEvent(SQLModel, table=True):
     n: int = 0
 
 
+# The tables, for SQLAlchemy Core statements.
+EVENTS = EventRow.__table__  # type: ignore[attr-defined]
+MESSAGES = MessageRow.__table__  # type: ignore[attr-defined]
+STATS = CampaignStats.__table__  # type: ignore[attr-defined]
+CAMPAIGNS = CampaignRow.__table__  # type: ignore[attr-defined]
+RECIPIENTS = CampaignRecipient.__table__  # type: ignore[attr-defined]
+LINKS = LinkStats.__table__  # type: ignore[attr-defined]
+MESSAGE_LINKS = MessageLink.__table__  # type: ignore[attr-defined]
+BUCKETS = OpenBucket.__table__  # type: ignore[attr-defined]
+PRUNED = PrunedEvent.__table__  # type: ignore[attr-defined]
+
 __all__ = [
+    "BUCKETS",
+    "CAMPAIGNS",
     "COUNTER_COLUMNS",
+    "EVENTS",
+    "LINKS",
+    "MESSAGES",
+    "MESSAGE_LINKS",
+    "PRUNED",
+    "RECIPIENTS",
+    "STATS",
     "CampaignRecipient",
     "CampaignRow",
     "CampaignStats",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import re
+from email.header import decode_header, make_header
 from email.message import Message
 from email.policy import default as default_policy
 from html import escape
@@ -36,10 +37,42 @@ def _html_of(message: Message) -> str | None:
     body = message.get_body(preferencelist=("html", "plain"))  # type: ignore[attr-defined]
     if body is None:
         return None
-    content = body.get_content()
+    try:
+        content = _printable(body.get_content())
+    except (LookupError, ValueError):  # an unknown charset or a broken transfer encoding
+        payload = body.get_payload(decode=True)
+        content = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
     if body.get_content_type() == "text/plain":
         return f"<pre style='white-space:pre-wrap'>{escape(content)}</pre>"
     return str(content)
+
+
+def _printable(text: str) -> str:
+    """Text that can be sent as UTF-8: undecodable bytes kept by the parser become U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+def header_text(message: Message, name: str) -> str:
+    """A header for display, however malformed: the outbox shows what apps really sent.
+
+    The modern parser raises on some addresses (``a@``, ``<``, a broken encoded word);
+    then the encoded words are decoded the old way, and failing that the header is shown
+    as it was received.
+    """
+    raw = next((value for key, value in message.raw_items() if key.lower() == name.lower()), None)
+    if raw is None:
+        return ""
+    try:
+        return _printable(str(message.get(name, "")))
+    except Exception:  # any parser failure: fall back, never a 503
+        pass
+    try:
+        return _printable(str(make_header(decode_header(str(raw)))))
+    except Exception:  # even the old parser gave up: show it as received
+        return _printable(str(raw))
 
 
 def _tracking_link(tracking_id: str) -> str:
@@ -54,9 +87,9 @@ async def outbox_list(request: web.Request) -> web.Response:
     headers = await asyncio.to_thread(lambda: [(p, _load(p)) for p in files])
     rows = (
         "".join(
-            f'<tr><td><a href="/outbox/{escape(p.name)}">{escape(str(m.get("Subject", "(no subject)")))}</a></td>'
-            f"<td>{escape(str(m.get('Delivered-To', '')))}</td><td>{escape(str(m.get('From', '')))}</td>"
-            f"<td class=muted>{_tracking_link(str(m.get('X-Mailbeacon-Tracking-ID', '')))}</td></tr>"
+            f'<tr><td><a href="/outbox/{escape(p.name)}">{escape(header_text(m, "Subject") or "(no subject)")}</a></td>'
+            f"<td>{escape(header_text(m, 'Delivered-To'))}</td><td>{escape(header_text(m, 'From'))}</td>"
+            f"<td class=muted>{_tracking_link(header_text(m, 'X-Mailbeacon-Tracking-ID'))}</td></tr>"
             for p, m in headers
         )
         or '<tr><td colspan="4" class="muted">Nothing relayed yet.</td></tr>'
@@ -80,11 +113,11 @@ async def outbox_message(request: web.Request) -> web.Response:
         f'srcdoc="{escape(html, quote=True)}"></iframe>'
     )
     fields = "".join(
-        f"<tr><th>{name}</th><td>{escape(str(message.get(name, '')))}</td></tr>"
+        f"<tr><th>{name}</th><td>{escape(header_text(message, name))}</td></tr>"
         for name in ("Subject", "From", "Delivered-To", "Date", "X-Mailbeacon-Tracking-ID")
     )
     body = (
-        f"<h1>{escape(str(message.get('Subject', '(no subject)')))}</h1><table>{fields}</table><p>"
+        f"<h1>{escape(header_text(message, 'Subject') or '(no subject)')}</h1><table>{fields}</table><p>"
         f'<a href="/outbox/{escape(path.name)}/raw">Download .eml</a></p>{frame}'
     )
     return layout("Outbox message", body)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -17,9 +18,9 @@ from typing import Any
 from multidict import MultiMapping
 from sqlalchemy import and_, or_, select
 
-from aggregator.bulk import as_utc
 from aggregator.db import Database
-from aggregator.ingest import EVENTS, MESSAGES
+from aggregator.models import EVENTS, MESSAGES
+from aggregator.times import as_utc, iso_utc, parse_moment
 from mailbeacon.events import EventType, parse_tracking_id
 from mailbeacon.signing import HONEYPOT_URL
 
@@ -80,10 +81,14 @@ def _moment(name: str, value: str, end_of_day: bool) -> datetime:
             return moment + timedelta(days=1) if end_of_day else moment
         if "T" in value and " " in value:
             value = value.replace(" ", "+", 1)  # a "+02:00" offset sent unencoded arrives as a space
-        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse_moment(value)
+    except OverflowError as exc:  # the day after 9999-12-31
+        raise BadQuery(f"{name} must be a time between the years 1 and 9999 (UTC), got {value!r}") from exc
     except ValueError as exc:
-        raise BadQuery(f"{name} must be a date (2026-05-01) or an RFC 3339 time, got {value!r}") from exc
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+        raise BadQuery(
+            f"{name} must be a date (2026-05-01) or an RFC 3339 time between the years 1 and 9999 "
+            f"(UTC), got {value!r}"
+        ) from exc
 
 
 def parse_filter(query: MultiMapping[str], campaign: str | None) -> EventFilter:
@@ -104,10 +109,16 @@ def parse_filter(query: MultiMapping[str], campaign: str | None) -> EventFilter:
     return EventFilter(campaign, tuple(dict.fromkeys(types)), since, until)
 
 
+_WHOLE_NUMBER = re.compile(r"[0-9]{1,6}")  # ASCII digits only: "²".isdigit() is true
+_MAX_ROW_ID = 2**63 - 1  # events.id is a 64-bit integer
+_ROW_ID = re.compile(r"[0-9]{1,19}")
+
+
 def parse_limit(value: str | None) -> int:
+    """``limit``: 1 to :data:`MAX_LIMIT` (anything else is a 400, never clamped)."""
     if not value:
         return DEFAULT_LIMIT
-    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+    if not _WHOLE_NUMBER.fullmatch(value) or not 1 <= int(value) <= MAX_LIMIT:
         raise BadQuery(f"limit must be a whole number from 1 to {MAX_LIMIT}")
     return int(value)
 
@@ -121,13 +132,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, int]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         moment, _, row_id = raw.partition("|")
-        return datetime.fromisoformat(moment), int(row_id)
-    except (ValueError, binascii.Error, UnicodeDecodeError) as exc:
+        if not _ROW_ID.fullmatch(row_id) or int(row_id) > _MAX_ROW_ID:
+            raise ValueError("not a row id")
+        return parse_moment(moment), int(row_id)
+    except (ValueError, binascii.Error) as exc:  # UnicodeDecodeError is a ValueError
         raise BadQuery("cursor is not one this server handed out") from exc
-
-
-def _iso(moment: datetime | None) -> str | None:
-    return as_utc(moment).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if moment else None
 
 
 def describe(row: Mapping[str, Any]) -> str:
@@ -148,8 +157,8 @@ def event_json(row: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "event_id": row["event_id"],
         "type": row["type"],
-        "occurred_at": _iso(row["occurred_at"]),
-        "received_at": _iso(row["received_at"]),
+        "occurred_at": iso_utc(row["occurred_at"]),
+        "received_at": iso_utc(row["received_at"]),
         "campaign": row["campaign"],
         "tracking_id": row["tracking_id"],
         # Pixel loads and clicks do not name the recipient; their message does.
@@ -256,6 +265,6 @@ async def message_timeline(db: Database, tracking_id: str) -> dict[str, Any] | N
         "bounce_kind": message["bounce_kind"] if message else None,
         "open_count": message["open_count"] if message else 0,
         "click_count": message["click_count"] if message else 0,
-        **{name: _iso(message[name]) if message else None for name in times},
+        **{name: iso_utc(message[name]) if message else None for name in times},
         "events": [event_json(dict(r)) for r in events],
     }

@@ -13,9 +13,10 @@ import logging
 from collections import defaultdict
 from datetime import datetime, timedelta
 
-from aggregator.bulk import Bulk, as_utc, sqlite_time
+from aggregator.bulk import Bulk
 from aggregator.db import Database
 from aggregator.effects import hour_of, url_hash
+from aggregator.times import as_utc, sqlite_time
 from mailbeacon.events import utcnow
 
 log = logging.getLogger(__name__)

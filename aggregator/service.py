@@ -16,8 +16,8 @@ from aggregator import metrics
 from aggregator.api import DB_KEY, add_api_routes
 from aggregator.consumer import EventConsumer
 from aggregator.db import Database, open_database, sqlite_url
-from aggregator.ingest import CAMPAIGNS
 from aggregator.migrate import ensure_schema
+from aggregator.models import CAMPAIGNS
 from aggregator.outbox_pages import add_outbox_routes
 from aggregator.pages import add_page_routes, layout
 from aggregator.retention import prune
@@ -64,7 +64,9 @@ class AggregatorService:
         self.settings = settings
         self.js = js
         self.db = open_database(database_url(settings))
-        self.consumer = EventConsumer(js, self.db, settings.ingest_batch_size)
+        # Campaign keys whose spec has privacy.anonymizeIp, kept current from the KV bucket.
+        self.anonymized: set[str] = set()
+        self.consumer = EventConsumer(js, self.db, settings.ingest_batch_size, anonymized=self.anonymized)
         self.campaigns = CampaignStore(kv, on_change=self._campaign_changed) if kv is not None else None
         self.suppressions: SuppressionRecorder | None = None
         self._runner: web.AppRunner | None = None
@@ -72,6 +74,10 @@ class AggregatorService:
         self.port: int | None = None
 
     async def _campaign_changed(self, key: CampaignKey, spec: CampaignSpec | None) -> None:
+        if spec is not None and spec.privacy.anonymize_ip:
+            self.anonymized.add(str(key))
+        else:
+            self.anonymized.discard(str(key))
         if spec is None:
             return  # a deleted Campaign keeps its statistics
         insert = self.db.insert

@@ -10,12 +10,11 @@ from typing import Any
 from sqlalchemy import and_, case, delete, distinct, func, literal, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from aggregator.bulk import as_utc
 from aggregator.db import Database
 from aggregator.effects import url_hash
-from aggregator.ingest import BUCKETS, CAMPAIGNS, EVENTS, LINKS, PRUNED, STATS
-from aggregator.models import COUNTER_COLUMNS
+from aggregator.models import BUCKETS, CAMPAIGNS, COUNTER_COLUMNS, EVENTS, LINKS, PRUNED, STATS
 from aggregator.queries import event_json, with_message_recipient
+from aggregator.times import as_utc, iso_utc
 from mailbeacon.events import EventType, utcnow
 from mailbeacon.signing import HONEYPOT_URL
 
@@ -54,10 +53,6 @@ def opens_series(buckets: list[tuple[datetime, int, int]], hourly: bool) -> list
     return [{key: label, "opens": v[0], "human_opens": v[1]} for label, v in sorted(totals.items())]
 
 
-def _iso(moment: datetime | None) -> str | None:
-    return as_utc(moment).strftime("%Y-%m-%dT%H:%M:%S.%fZ") if moment else None
-
-
 async def campaign_exists(db: Database, campaign: str) -> bool:
     async with db.read_engine.connect() as conn:
         found = await conn.scalar(select(CAMPAIGNS.c.key).where(CAMPAIGNS.c.key == campaign))
@@ -90,7 +85,7 @@ async def _read(conn: AsyncConnection, campaign: str, hourly: bool) -> dict[str,
         "top_links": [{"url": u, "total_clicks": t, "unique_clicks": q} for u, t, q in links.all()],
         "opens_over_time": opens_series([(h, o, m) for h, o, m in buckets.all()], hourly),
         "recent_events": [event_json(dict(r)) for r in recent.mappings().all()],
-        "updated_at": _iso(counters.get("updated_at")),
+        "updated_at": iso_utc(counters.get("updated_at")),
     }
 
 
@@ -246,5 +241,5 @@ async def list_campaigns(db: Database) -> list[dict[str, Any]]:
         result = []
         for row in rows.mappings().all():
             stats = with_rates({k: v for k, v in row.items() if k in COUNTER_COLUMNS and v is not None})
-            result.append({"campaign": row["key"], "first_seen_at": _iso(row["first_seen_at"]), **stats})
+            result.append({"campaign": row["key"], "first_seen_at": iso_utc(row["first_seen_at"]), **stats})
     return result

@@ -32,6 +32,7 @@ from prometheus_client import Counter
 from sqlalchemy import bindparam, text
 
 from aggregator.db import Database
+from aggregator.decode import Incoming
 from mailbeacon.events import EventType
 from mailbeacon.suppressions import REASONS, SuppressionList
 
@@ -94,7 +95,7 @@ class SuppressionRecorder:
             for _, (reason, _at) in chunk:
                 RECORDED.labels(reason).inc()
 
-    async def record(self, events: Sequence[Any]) -> None:
+    async def record(self, events: Sequence[Incoming]) -> None:
         """After a batch committed, before it is acknowledged: put its unsubscribes and
         complaints, and watch those still parked. Raises when the bucket cannot be written
         (the batch is then redelivered)."""

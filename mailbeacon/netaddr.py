@@ -24,3 +24,17 @@ def normalize_ip(text: str) -> IPAddress | None:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address
+
+
+@functools.lru_cache(maxsize=8192)
+def anonymize_ip(text: str) -> str | None:
+    """IPv4 to its /24 and IPv6 to its /48 (host part zeroed), as analytics tools commonly do.
+
+    None for what names no address: it is dropped rather than kept, as it may still
+    identify the client. Cached like :func:`normalize_ip`.
+    """
+    address = normalize_ip(text.strip())
+    if address is None:
+        return None
+    prefix = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)

@@ -97,7 +97,7 @@ class Settings(BaseSettings):
     stream_duplicate_window_seconds: float = Field(default=600.0, gt=0)
     stream_replicas: int = Field(default=1, ge=1, le=5)
 
-    ingest_batch_size: int = Field(default=2000, ge=1, le=10000)
+    ingest_batch_size: int = Field(default=5000, ge=1, le=10000)
     migrate_on_start: bool = Field(
         default=False, description="The aggregator brings the SQL schema up to date when it starts"
     )

@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
 from mailbeacon.settings import parse_listen
@@ -60,8 +61,27 @@ def add_health_routes(
     app.router.add_get("/metrics", metrics)
 
 
+class _ClientMistakes(logging.Filter):
+    """Keep malformed requests (a 9 KB header, a broken request line) out of the error log.
+
+    aiohttp answers them with 400 itself but logs each with a traceback at ERROR: on a
+    public tracker anyone could fill the log with them. They stay visible at DEBUG.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, BadHttpMessage):
+            log.debug("refused a malformed HTTP request: %s", error)
+            return False
+        return True
+
+
+_CLIENT_MISTAKES = _ClientMistakes()
+
+
 async def serve(app: web.Application, listen: str, *, reuse_port: bool = False) -> web.AppRunner:
     """Start serving ``app`` on ``host:port``; the caller stops it with ``runner.cleanup()``."""
+    logging.getLogger("aiohttp.server").addFilter(_CLIENT_MISTAKES)  # once: filters are a set
     host, port = parse_listen(listen)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
     await runner.setup()

@@ -22,6 +22,7 @@ class CampaignChoice:
     create: bool = False  # record the new campaign in the KV bucket (embedded default only)
     untracked_why: str | None = None  # set when key is None: the metric label
     ignored_header: str | None = None  # an X-Campaign value that named no usable campaign
+    ignored_because: str = "names no known campaign"
 
 
 def choose_campaign(
@@ -32,10 +33,11 @@ def choose_campaign(
     auto_create: bool,
 ) -> CampaignChoice:
     ignored: str | None = None
+    because = "names no known campaign"
     try:
         key = match_campaign(specs, headers, sender, default)
-    except InvalidCampaign:
-        key, ignored = None, _header(headers)
+    except InvalidCampaign as exc:
+        key, ignored, because = None, _header(headers), f"is no usable campaign name ({exc})"
     if key is not None:
         spec = specs.get(key)
         if spec is not None:
@@ -51,8 +53,16 @@ def choose_campaign(
     others = [(name, value) for name, value in headers if name.lower() != CAMPAIGN_HEADER.lower()]
     key = match_campaign(specs, others, sender, default)
     if key is None:
-        return CampaignChoice(None, CampaignSpec(), untracked_why="unknown_campaign", ignored_header=ignored)
-    return CampaignChoice(key, specs.get(key) or CampaignSpec(), ignored_header=ignored)
+        return CampaignChoice(
+            None,
+            CampaignSpec(),
+            untracked_why="unknown_campaign",
+            ignored_header=ignored,
+            ignored_because=because,
+        )
+    return CampaignChoice(
+        key, specs.get(key) or CampaignSpec(), ignored_header=ignored, ignored_because=because
+    )
 
 
 def _header(headers: Sequence[tuple[str, str]]) -> str:

@@ -69,6 +69,14 @@ def _too_long(address: str) -> bool:
     return len(address.encode("utf-8", "surrogateescape")) > MAX_ADDRESS_OCTETS
 
 
+def _plausible_recipient(address: str) -> bool:
+    """local@domain without blanks, or the bare ``postmaster`` RFC 5321 4.5.1 allows."""
+    if address.lower() == "postmaster":
+        return True
+    local, at, domain = address.rpartition("@")
+    return bool(at and local and domain) and not any(c.isspace() for c in address)
+
+
 class ProxyHandler:
     def __init__(
         self,
@@ -94,6 +102,14 @@ class ProxyHandler:
 
     def _may_relay(self, session: Session) -> bool:
         return bool(session.authenticated) or session.peer in self.options.relay_networks
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname  # this hook's duty in aiosmtpd's five-argument form
+        if getattr(server, "offers_auth", True):
+            return responses
+        return [line for line in responses if not line[4:].upper().startswith("AUTH")]
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, mail_options: list[str]
@@ -121,6 +137,9 @@ class ProxyHandler:
             # Upstream MTAs refuse these too (RFC 5321 4.5.3.1.3); saying so now beats a later bounce.
             metrics.REFUSED.labels("path_too_long").inc()
             return "501 5.1.3 Recipient address longer than 254 octets"
+        if not _plausible_recipient(address):
+            metrics.REFUSED.labels("bad_address").inc()
+            return "501 5.1.3 Bad recipient address syntax"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 OK"
@@ -144,8 +163,9 @@ class ProxyHandler:
         if ignored is not None and ignored not in self._unknown_logged and len(self._unknown_logged) < 1000:
             self._unknown_logged.add(ignored)  # one line per name, not one per message
             log.warning(
-                "X-Campaign %r names no known campaign; tracking it %s",
+                "X-Campaign %r %s; tracking it %s",
                 ignored[:200],
+                choice.ignored_because,
                 f"under {choice.key}" if choice.key else "not at all",
             )
         if choice.create and choice.key is not None and self.campaigns is not None:

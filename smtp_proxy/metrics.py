@@ -43,7 +43,7 @@ AUTH = Counter("mailbeacon_proxy_auth_total", "SMTP AUTH attempts by result", ["
 REFUSED = Counter(
     "mailbeacon_proxy_refused_total",
     "Commands refused by relay policy, by reason",
-    ["reason"],  # relay_denied, too_many_recipients, path_too_long
+    ["reason"],  # relay_denied, too_many_recipients, path_too_long, bad_address
 )
 HANDLER_ERRORS = Counter(
     "mailbeacon_proxy_handler_errors_total", "Unexpected errors answered with 451 instead of a crash"

@@ -37,6 +37,9 @@ class ProxySMTP(SMTP):
         super().__init__(handler, timeout=policy.command_timeout, **kwargs)
         self.policy = policy
         self._auth_tls_default = kwargs.get("auth_require_tls", True)
+        # aiosmtpd offers AUTH even with nobody to log in as; a client that takes the offer
+        # would fail with 535 and never send, so without credentials EHLO does not offer it.
+        self.offers_auth = kwargs.get("authenticator") is not None
         # Cleared between a message's last line and our reply to it.
         self.not_answering = asyncio.Event()
         self.not_answering.set()

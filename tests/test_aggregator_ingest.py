@@ -9,10 +9,12 @@ import random
 import pytest
 from sqlalchemy import func, select
 
-from aggregator import ingest, statistics
+from aggregator import statistics
 from aggregator.db import open_database
-from aggregator.ingest import EVENTS, MESSAGES, adopt_parked, apply_batch
+from aggregator.ingest import adopt_parked, apply_batch
 from aggregator.migrate import migrate
+from aggregator.models import EVENTS, MESSAGES
+from aggregator.transaction import Transaction
 from mailbeacon.events import Event
 from tests.test_aggregator_crash import CAMPAIGNS, generate, recount
 
@@ -63,7 +65,7 @@ async def test_a_failed_batch_leaves_nothing(database_url: str, monkeypatch: pyt
             raise RuntimeError("database went away")
 
         with monkeypatch.context() as patch:
-            patch.setattr(ingest._Transaction, "flush", broken)
+            patch.setattr(Transaction, "flush", broken)
             with pytest.raises(RuntimeError):
                 await apply_batch(db, events)
         async with db.read_engine.connect() as conn:

@@ -3,8 +3,9 @@ incrementally equal ``refresh`` and equal a recount written here from the defini
 
 The recount below shares no code with the aggregator. It follows the documented
 semantics: a message exists once its first ``sent``/``failed`` event is stored; an
-address-only webhook belongs to the most recent message to that address known when its
-batch is stored; events whose message is unknown wait (parked) and are applied when it
+address-only webhook belongs to the most recent message to that address, among those
+known when its batch is stored, sent no later than the event happened (else the most
+recent one at all); events whose message is unknown wait (parked) and are applied when it
 appears; every event counts once however often it is delivered.
 """
 
@@ -150,14 +151,15 @@ class Model:
         self.seen: set[str] = set()
         self.parked: list[Event] = []
 
-    def _latest(self, recipient: str | None) -> Message | None:
+    def _latest(self, recipient: str | None, at: datetime) -> Message | None:
         mine = [m for m in self.messages.values() if m.recipient == recipient]
-        return max(mine, key=lambda m: (m.sent_at, m.tracking_id), default=None)
+        before = [m for m in mine if m.sent_at <= at]
+        return max(before or mine, key=lambda m: (m.sent_at, m.tracking_id), default=None)
 
     def _target(self, e: Event) -> Message | None:
         if e.tracking_id is not None:
             return self.messages.get(e.tracking_id)
-        return self._latest(e.recipient)
+        return self._latest(e.recipient, e.occurred_at)
 
     def batch(self, events: list[Event]) -> None:
         new = []
@@ -326,8 +328,8 @@ async def check_first_seen(db: Database, model: Model, tracking: list[str]) -> N
     """Each message's first-seen times are the earliest of its applied events, whatever the order."""
     from sqlalchemy import select
 
-    from aggregator.bulk import as_utc
-    from aggregator.ingest import MESSAGES
+    from aggregator.models import MESSAGES
+    from aggregator.times import as_utc
 
     columns = {"delivered": "delivered_at", "opened": "first_opened_at", "clicked": "first_clicked_at"}
     async with db.read_engine.connect() as conn:

@@ -9,8 +9,9 @@ from sqlalchemy import func, select
 
 from aggregator import statistics
 from aggregator.db import open_database
-from aggregator.ingest import EVENTS, PRUNED, apply_batch
+from aggregator.ingest import apply_batch
 from aggregator.migrate import migrate
+from aggregator.models import EVENTS, PRUNED
 from aggregator.retention import prune
 from mailbeacon.events import Event, EventType
 from mailbeacon.signing import HONEYPOT_URL

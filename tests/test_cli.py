@@ -109,7 +109,8 @@ def test_up_prints_addresses_relays_mail_and_stops_cleanly(
         time.sleep(0.1)
     assert sent == 1
     listed = subprocess.run(
-        [*MAILBEACON, "events", "default/welcome", "--type", "sent"],
+        # Repeated types are all asked for (no open yet: the sent event alone comes back).
+        [*MAILBEACON, "events", "default/welcome", "--type", "sent", "--type", "opened"],
         env=env,
         capture_output=True,
         text=True,
@@ -118,6 +119,10 @@ def test_up_prints_addresses_relays_mail_and_stops_cleanly(
     assert listed.returncode == 0, listed.stderr
     lines = listed.stdout.splitlines()
     assert len(lines) == 1 and " sent " in lines[0] and "ann@example.com" in lines[0]
+    nothing = subprocess.run(
+        [*MAILBEACON, "events", "--limit", "0"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert nothing.returncode == 2 and "at least 1" in nothing.stderr
     with urllib.request.urlopen(addresses["outbox"], timeout=5) as response:
         assert "Welcome to mailbeacon" in response.read().decode()
 
@@ -177,6 +182,16 @@ def test_campaign_apply_defines_campaigns_in_the_bucket(
         timeout=60,
     )
     assert refused.returncode != 0 and "invalid spec" in refused.stderr
+    for missing in (tmp_path / "nonexistent.yaml", tmp_path):
+        unreadable = subprocess.run(
+            [*MAILBEACON, "campaign", "apply", "-f", str(missing)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert unreadable.returncode != 0
+        assert f"cannot read {missing}" in unreadable.stderr and "Traceback" not in unreadable.stderr
 
 
 def test_components_need_their_settings(tmp_path: Path) -> None:

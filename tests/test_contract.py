@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from email.header import Header
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
@@ -151,6 +152,15 @@ class TestCampaigns:
                 CampaignKey.parse(bad)
         with pytest.raises(InvalidCampaign):
             CampaignKey.from_header("!!!")
+        # What smtplib/Python's email package put on the wire for a non-ASCII value.
+        encoded = Header("Grüße/Été d'hiver", "utf-8").encode()
+        assert encoded.startswith("=?utf-8?")
+        assert CampaignKey.from_header(encoded) == CampaignKey("grue", "ete-d-hiver")
+        assert CampaignKey.from_header("Bad NS/x") == CampaignKey("bad-ns", "x")
+        # An encoded word in an unknown charset is taken as the text it is.
+        assert CampaignKey.from_header("=?x-unknown?q?abc?=") == CampaignKey("default", "x-unknown-q-abc")
+        with pytest.raises(InvalidCampaign):
+            CampaignKey.from_header(Header("促销", "utf-8").encode())  # nothing left to name it by
 
     def test_manifests(self, tmp_path: Path) -> None:
         text = """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -100,3 +101,12 @@ async def test_campaign_store_mirrors_the_bucket(nats_url: str, tmp_path: Path) 
     finally:
         await writer_nc.close()
         await reader_nc.close()
+
+
+async def test_closing_our_own_connection_is_not_reported_as_a_disconnect(
+    nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = await connect(nats_url, "close-test")
+    with caplog.at_level(logging.INFO, logger="mailbeacon.jetstream"):
+        await client.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

@@ -57,6 +57,8 @@ def test_an_unknown_campaign_falls_back_to_the_default_or_to_no_tracking() -> No
     assert by_sender.key == CampaignKey("billing", "invoices")
     unusable = choose("!!!", default=DEFAULT)  # no usable name at all
     assert (unusable.key, unusable.ignored_header) == (DEFAULT, "!!!")
+    assert unusable.ignored_because.startswith("is no usable campaign name")  # what the log says
+    assert fallback.ignored_because == "names no known campaign"
 
 
 def test_only_the_embedded_default_creates_campaigns() -> None:

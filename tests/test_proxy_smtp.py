@@ -228,6 +228,31 @@ async def test_auth_in_clear_from_an_allowed_network(tmp_path: Path, nats_url: s
     assert len(sink.messages) == 1
 
 
+async def test_auth_is_offered_only_when_someone_can_log_in(
+    tmp_path: Path, nats_url: str, sink: SmtpSink
+) -> None:
+    async with proxy_running(tmp_path, nats_url, sink) as proxy:  # no SMTP_AUTH_* configured
+
+        def conversation() -> None:
+            with smtplib.SMTP("127.0.0.1", proxy.port, timeout=10) as smtp:
+                smtp.ehlo()
+                assert not smtp.has_extn("auth")
+                assert smtp.has_extn("size")
+                # A client that logs in only when offered just sends (loopback may relay).
+                smtp.send_message(html_message(["ann@example.com"]))
+
+        await asyncio.to_thread(conversation)
+    assert len(sink.messages) == 1
+    async with proxy_running(tmp_path, nats_url, sink, smtp_auth_users="app:s3cret") as proxy:
+
+        def offered() -> bool:
+            with smtplib.SMTP("127.0.0.1", proxy.port, timeout=10) as smtp:
+                smtp.ehlo()
+                return smtp.has_extn("auth")
+
+        assert await asyncio.to_thread(offered)
+
+
 # -- limits and malformed input ----------------------------------------------------------
 
 
@@ -272,9 +297,7 @@ async def test_too_many_recipients_get_452(tmp_path: Path, nats_url: str, sink: 
     assert sorted(r for m in sink.messages for r in m.recipients) == ["a@example.com", "b@example.com"]
 
 
-async def test_addresses_longer_than_rfc5321_allows_get_501(
-    tmp_path: Path, nats_url: str, sink: SmtpSink
-) -> None:
+async def test_addresses_too_long_or_malformed_get_501(tmp_path: Path, nats_url: str, sink: SmtpSink) -> None:
     longest = "x" * 64 + "@" + "d" * (254 - 65 - 4) + ".com"
     assert len(longest) == 254
     async with proxy_running(tmp_path, nats_url, sink) as proxy:
@@ -285,6 +308,8 @@ async def test_addresses_longer_than_rfc5321_allows_get_501(
                 assert smtp.mail("n" + longest)[0] == 501
                 smtp.mail("news@shop.example.com")
                 assert smtp.rcpt("y" + longest)[0] == 501
+                for nonsense in ("not an address", "nobody", "@example.com", "ann@"):
+                    assert smtp.rcpt(nonsense)[0] in (501, 553), nonsense  # 553: aiosmtpd's own path check
                 assert smtp.rcpt(longest)[0] == 250
                 code, _ = smtp.data(html_message([longest]).as_bytes())
                 assert code == 250

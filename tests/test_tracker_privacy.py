@@ -11,11 +11,11 @@ import aiohttp
 import pytest
 
 from mailbeacon.events import Event
-from mailbeacon.netaddr import normalize_ip
+from mailbeacon.netaddr import anonymize_ip, normalize_ip
 from mailbeacon.signing import click_url, pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, post, running_tracker, sendgrid_headers, stream_events
 from tests.support import SECRET, eventually, make_settings
-from tracker.privacy import anonymize_ip, anonymize_text, client_ip, scrub_ips
+from tracker.privacy import anonymize_text, client_ip, scrub_ips
 from tracker.service import StandaloneTracker
 
 TID = "5e2b7c1a-3d4f-4a6b-8c9d-0e1f2a3b4c5d"

@@ -30,6 +30,7 @@ from tests.esp_payloads.harness import (
     sns_notification,
     stream_events,
 )
+from tests.support import metric_value
 
 Request = tuple[bytes, dict[str, str]]
 PADDING = "x" * (300 * 1024)  # over the 256 KiB limit the harness configures
@@ -204,3 +205,25 @@ async def test_a_failed_request_does_not_burn_its_signature(
         finally:
             await reconnected.close()
     assert len(await stream_events(nats_url)) == 1
+
+
+async def test_generic_webhooks_are_counted_with_the_providers(tmp_path: Path, nats_url: str) -> None:
+    name = "mailbeacon_tracker_webhooks_total"
+    async with running_tracker(tmp_path, nats_url) as tracker, aiohttp.ClientSession() as http:
+
+        async def metrics() -> str:
+            async with http.get(f"{tracker.url}/metrics") as response:
+                return await response.text()
+
+        before = await metrics()
+        good = {"tracking_id": str(uuid.uuid4()), "reason": "550 5.1.1 unknown"}
+        async with http.post(f"{tracker.url}/track/bounce/", json=good) as response:
+            assert response.status == 200
+        async with http.post(f"{tracker.url}/track/bounce/", data=b"{not json") as response:
+            assert response.status == 400
+        after = await metrics()
+    for outcome in ("stored", "invalid"):
+        counted = metric_value(after, name, provider="generic", outcome=outcome) - metric_value(
+            before, name, provider="generic", outcome=outcome
+        )
+        assert counted == 1, outcome

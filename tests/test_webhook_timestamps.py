@@ -49,6 +49,8 @@ ODD_TIMESTAMPS: list[Any] = [
     "1e999",
     "2026-13-45T99:00:00Z",
 ]
+# Readable times no event of today can have: they would become a copy's first-seen time.
+IMPLAUSIBLE_TIMESTAMPS: list[Any] = [12345, -5, "1970-01-01T00:00:00Z", "2099-01-01T00:00:00Z"]
 
 
 @pytest.mark.parametrize("value", ODD_TIMESTAMPS, ids=repr)
@@ -60,13 +62,21 @@ def test_parse_timestamp_refuses_with_a_webhook_error(value: Any) -> None:
     assert timestamp_or(value, received) == received
 
 
+@pytest.mark.parametrize("value", IMPLAUSIBLE_TIMESTAMPS, ids=repr)
+def test_times_far_from_arrival_give_way_to_the_arrival_time(value: Any) -> None:
+    received = datetime.now(UTC)
+    assert timestamp_or(value, received) == received
+    yesterday = received - timedelta(days=1)
+    assert timestamp_or(yesterday.isoformat(), received) == yesterday  # late, but plausible
+
+
 def test_edges_of_the_calendar_that_exist_in_utc_are_times() -> None:
     assert parse_timestamp("0001-01-01T05:00:00+05:00") == datetime(1, 1, 1, tzinfo=UTC)
     assert parse_timestamp("2026-11-27T10:00:00+01:00") == datetime(2026, 11, 27, 9, tzinfo=UTC)
     assert parse_timestamp(1764237600) == parse_timestamp(1764237600000) == parse_timestamp("1764237600")
 
 
-@pytest.mark.parametrize("value", ODD_TIMESTAMPS, ids=repr)
+@pytest.mark.parametrize("value", ODD_TIMESTAMPS + IMPLAUSIBLE_TIMESTAMPS, ids=repr)
 async def test_odd_timestamps_over_http(tmp_path: Path, nats_url: str, value: Any) -> None:
     async with running_tracker(tmp_path, nats_url) as tracker, aiohttp.ClientSession() as http:
         # The generic webhook describes one event: its time is wrong, so the request is.

@@ -26,11 +26,12 @@ from mailbeacon.events import (
     utcnow,
 )
 from mailbeacon.jetstream import EventPublisher
+from mailbeacon.netaddr import anonymize_ip
 from mailbeacon.settings import Settings
 from mailbeacon.web import json_error
 from tracker import classify, metrics, pages
 from tracker.bursts import ClickHold
-from tracker.privacy import anonymize_ip, anonymize_text, client_ip
+from tracker.privacy import anonymize_text, client_ip
 
 # The classic 43-byte 1x1 transparent GIF.
 PIXEL_GIF = (

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from mailbeacon.events import Event, EventType, new_event_id, parse_tracking_id
@@ -45,6 +45,21 @@ ENDPOINTS: dict[str, Endpoint] = {
 _TIMESTAMP_FORMS = "timestamp must be an ISO 8601 time or Unix seconds"
 # Unix seconds above this are taken as milliseconds (1e11 s lies in the year 5138).
 _MILLISECONDS_FROM = 1e11
+
+
+# An event's time must be near its arrival: a delivery stamped 1970 or 2099 would become the
+# copy's first-seen time and stay there (first-seen keeps the earliest).
+MAX_EVENT_AGE = timedelta(days=366)
+MAX_EVENT_LEAD = timedelta(days=1)
+
+
+def implausible_time(moment: datetime, received_at: datetime) -> str | None:
+    """Why ``moment`` cannot be when an event that arrived at ``received_at`` happened."""
+    if moment > received_at + MAX_EVENT_LEAD:
+        return "is more than a day in the future"
+    if moment < received_at - MAX_EVENT_AGE:
+        return "is more than a year in the past"
+    return None
 
 
 def parse_timestamp(value: Any) -> datetime:
@@ -119,7 +134,12 @@ def parse_generic(kind: str, body: bytes, received_at: datetime) -> tuple[Event,
         if bounce_kind not in ("hard", "soft"):
             raise WebhookError("bounce_type must be 'hard' or 'soft'")
     timestamp = payload.get("timestamp")
-    occurred_at = parse_timestamp(timestamp) if timestamp not in (None, "") else received_at
+    occurred_at = received_at
+    if timestamp not in (None, ""):
+        occurred_at = parse_timestamp(timestamp)
+        problem = implausible_time(occurred_at, received_at)
+        if problem:
+            raise WebhookError(f"timestamp {occurred_at.isoformat()} {problem}")
     reason = _text(payload, "reason")
     supplied_id = _text(payload, "event_id", 150)
     if supplied_id:

@@ -2,28 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import re
 from collections.abc import Sequence
 from typing import Any
 
-from mailbeacon.netaddr import normalize_ip
-
-
-@functools.lru_cache(maxsize=8192)
-def anonymize_ip(address: str) -> str:
-    """IPv4 to its /24 and IPv6 to its /48 (host part zeroed), as analytics tools commonly do.
-
-    Cached: the same mail proxies and gateways come back all day, and parsing costs more than
-    everything else a pixel load does.
-    """
-    ip = normalize_ip(address)
-    if ip is None:
-        return ""
-    prefix = 24 if ip.version == 4 else 48
-    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False).network_address)
-
+from mailbeacon.netaddr import anonymize_ip, normalize_ip
 
 # Addresses quoted in text (a verdict's evidence, a provider's bounce diagnostic): dotted
 # quads, and colon groups with an optional dotted tail. Candidates are checked by parsing,

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from mailbeacon.events import Event, utcnow
 from mailbeacon.jetstream import EventPublisher
+from mailbeacon.netaddr import anonymize_ip
 from mailbeacon.settings import Settings
 from mailbeacon.web import json_error
 from tracker import metrics
@@ -26,7 +27,7 @@ from tracker.esp import ADAPTERS, Adapter
 from tracker.esp.base import ParseContext, ReplayGuard, VerifyContext, WebhookRequest
 from tracker.esp.sns import Certificates, HttpGet, https_get
 from tracker.generic_webhooks import WebhookError, parse_generic
-from tracker.privacy import anonymize_ip, anonymize_text, scrub_ips
+from tracker.privacy import anonymize_text, scrub_ips
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,12 @@ class Webhooks:
         return hmac.compare_digest(offered.encode(), token.get_secret_value().encode())
 
     async def generic(self, request: web.Request) -> web.Response:
+        response = await self._generic(request)
+        # Counted like the providers' webhooks, so one alert on refusals covers them all.
+        metrics.WEBHOOKS.labels("generic", metrics.outcome_of(response.status)).inc()
+        return response
+
+    async def _generic(self, request: web.Request) -> web.Response:
         kind = request.match_info["kind"]
         if not self._token_ok(request):
             return json_error(401, "missing or wrong webhook token")
@@ -115,6 +122,7 @@ class Webhooks:
         except StoreUnavailable:
             return json_error(503, "event store unavailable, retry later")
         metrics.REQUESTS.labels(f"webhook_generic_{kind}").inc()
+        metrics.WEBHOOK_EVENTS.labels("generic", event.type.value).inc()
         return web.json_response({"status": "success", "message": answer})
 
     async def provider(self, request: web.Request) -> web.Response:

@@ -26,7 +26,7 @@ from typing import Any
 from mailbeacon.events import Event, EventType, derived_event_id, parse_tracking_id
 from mailbeacon.settings import Settings
 from tracker import classify
-from tracker.generic_webhooks import WebhookError, parse_timestamp
+from tracker.generic_webhooks import WebhookError, implausible_time, parse_timestamp
 
 __all__ = [
     "Authentic",
@@ -196,7 +196,8 @@ def event_for(
 
 
 def timestamp_or(value: Any, fallback: datetime) -> datetime:
-    """The provider's event time, or ``fallback`` when it is missing or unreadable.
+    """The provider's event time, or ``fallback`` (its arrival) when that is missing,
+    unreadable or implausibly far from the arrival.
 
     An authentic record with an odd time is still worth keeping; refusing it would make
     the provider retry the whole batch for days.
@@ -204,9 +205,10 @@ def timestamp_or(value: Any, fallback: datetime) -> datetime:
     if value in (None, ""):
         return fallback
     try:
-        return parse_timestamp(value)
+        moment = parse_timestamp(value)
     except WebhookError:  # parse_timestamp turns every unreadable time into one
         return fallback
+    return fallback if implausible_time(moment, fallback) else moment
 
 
 def check_freshness(signed_at: datetime, now: datetime, max_age: float, what: str) -> None:

@@ -1,0 +1,261 @@
+"""The event half of an ingest transaction: messages created, messages resolved (and
+locked), events stored, parked events claimed. See :mod:`aggregator.ingest` for the order
+of the statements and why it makes replicas exact and deadlock-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Any, NamedTuple
+
+from aggregator.bulk import Bulk, Column
+from aggregator.effects import Applied
+from aggregator.prepare import UNKNOWN_CAMPAIGN, Prepared
+from aggregator.privacy import NOBODY, Anonymized, anonymize_ip
+from aggregator.tally import Tally
+from aggregator.times import as_utc
+from mailbeacon.events import EventType
+
+_EVENT_COLUMNS: list[Column] = [
+    ("event_id", "text"),
+    ("type", "text"),
+    ("tracking_id", "text"),
+    ("campaign", "text"),
+    ("recipient", "text"),
+    ("occurred_at", "ts"),
+    ("received_at", "ts"),
+    ("ip", "text"),
+    ("user_agent", "text"),
+    ("url", "text"),
+    ("bounce_kind", "text"),
+    ("reason", "text"),
+    ("machine", "bool"),
+    ("machine_kind", "text"),
+    ("source", "text"),
+    ("metadata", "json"),
+    ("applied", "bool"),
+]
+
+
+class Target(NamedTuple):
+    tracking_id: str
+    campaign: str
+
+
+class _Parked(NamedTuple):
+    id: int
+    type: str
+    tracking_id: str | None
+    recipient: str | None
+    occurred_at: datetime
+    machine: Any
+    bounce_kind: str | None
+    url: str | None
+    ip: str | None
+
+
+class Transaction(Tally):
+    """The statements of one ingest transaction, in the order :mod:`aggregator.ingest` gives."""
+
+    def __init__(self, bulk: Bulk, now: datetime | None = None, anonymized: Anonymized = NOBODY) -> None:
+        super().__init__(bulk, now)
+        self.anonymized = anonymized
+        self.targets: dict[str, Target] = {}  # messages resolved (and on PostgreSQL locked) so far
+
+    # -- messages ---------------------------------------------------------------------------
+
+    async def create_messages(self, batch: Prepared) -> set[str]:
+        """Messages of ``sent``/``failed`` events; returns the tracking ids of those created here."""
+        if not batch.message_rows:
+            return set()
+        v = self.sql.source(
+            [
+                ("tracking_id", "text"),
+                ("campaign", "text"),
+                ("recipient", "text"),
+                ("message_id", "text"),
+                ("status", "text"),
+                ("sent_at", "ts"),
+            ],
+            batch.message_rows,
+            ready=True,
+        )
+        created = await self.sql.run(
+            "INSERT INTO messages (tracking_id, campaign, recipient, message_id, status, sent_at, "
+            f"open_count, click_count) SELECT {v['tracking_id']}, {v['campaign']}, {v['recipient']}, "
+            f"{v['message_id']}, {v['status']}, {v['sent_at']}, 0, 0 FROM {v.sql} WHERE true "
+            "ON CONFLICT (tracking_id) DO NOTHING RETURNING tracking_id",
+            v.params,
+        )
+        made = set()
+        for (tid,) in created:
+            e = batch.creators[tid]
+            campaign = e.campaign or UNKNOWN_CAMPAIGN
+            self.new_campaigns.add(campaign)
+            self.counters[campaign]["sent_count" if e.type is EventType.SENT else "failed_count"] += 1
+            self.result.by_type[(campaign, e.type.value)] += 1
+            self.result.applied += 1
+            if e.recipient:
+                self.new_recipients.add((campaign, e.recipient))
+            made.add(tid)
+        return made
+
+    async def resolve(
+        self, tracking_ids: Iterable[str], addressed: Iterable[tuple[str, datetime]], *, wait: bool = True
+    ) -> tuple[dict[str, Target], dict[tuple[str, datetime], Target]]:
+        """Messages by tracking id, and for each ``(address, occurred_at)`` of an address-only
+        event its message, locked for this batch.
+
+        An address-only event (a provider's webhook naming just the recipient) belongs to
+        the most recent message sent to that address no later than the event happened;
+        when there is none (clocks disagree, or the copy is older than the event says),
+        to the most recent one at all.
+
+        On PostgreSQL every message the batch will update is locked here, in one statement
+        in tracking-id order, so concurrent batches never deadlock on each other. With
+        ``wait=False`` (adoption) messages another transaction holds are left out instead.
+        """
+        chosen: dict[tuple[str, datetime], str] = {}
+        pairs = sorted(set(addressed))
+        if pairs:
+            v = self.sql.source(
+                [("i", "int"), ("recipient", "text"), ("at", "ts")],
+                [(i, address, at) for i, (address, at) in enumerate(pairs)],
+            )
+            latest = "ORDER BY m.sent_at DESC, m.tracking_id DESC LIMIT 1"
+            rows = await self.sql.run(
+                f"SELECT {v['i']}, coalesce("
+                f"(SELECT m.tracking_id FROM messages m WHERE m.recipient = {v['recipient']} "
+                f"AND m.sent_at <= {v['at']} {latest}), "
+                f"(SELECT m.tracking_id FROM messages m WHERE m.recipient = {v['recipient']} {latest})) "
+                f"FROM {v.sql}",
+                v.params,
+            )
+            chosen = {pairs[int(i)]: tid for i, tid in rows if tid is not None}
+        ids = set(tracking_ids)
+        fresh = sorted((ids | set(chosen.values())) - self.targets.keys())
+        if fresh:
+            where, params = self.sql.one_of("tracking_id", fresh)
+            for tid, campaign in await self.sql.run(
+                f"SELECT tracking_id, campaign FROM messages WHERE {where} ORDER BY tracking_id"
+                + self.sql.lock_clause(skip_locked=not wait),
+                params,
+            ):
+                self.targets[tid] = Target(tid, campaign)
+        by_id = {tid: self.targets[tid] for tid in ids if tid in self.targets}
+        by_address = {pair: self.targets[tid] for pair, tid in chosen.items() if tid in self.targets}
+        return by_id, by_address
+
+    # -- events -----------------------------------------------------------------------------
+
+    async def insert_events(self, rows: list[list[Any]]) -> set[str]:
+        """Store events (driver-ready rows); returns the ids that were new (the others were stored before)."""
+        if not rows:
+            return set()
+        names = [name for name, _ in _EVENT_COLUMNS]
+        if not self.sql.postgres:
+            return await self._insert_events_sqlite(names, rows)
+        v = await self.sql.staged("events_batch", _EVENT_COLUMNS, rows, ready=True)
+        picks = ", ".join(self.sql.json_value(v[n]) if n == "metadata" else v[n] for n in names)
+        inserted = await self.sql.run(
+            f"INSERT INTO events ({', '.join(names)}) SELECT {picks} FROM {v.sql} ORDER BY {v['event_id']} "
+            "ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+            v.params,
+        )
+        return {row[0] for row in inserted}
+
+    async def _insert_events_sqlite(self, names: list[str], rows: list[list[Any]]) -> set[str]:
+        """SQLite's fastest path: ``executemany``, then the rows past the previous highest id.
+
+        This transaction holds SQLite's write lock (BEGIN IMMEDIATE), so the ids above the
+        highest one seen at the start are exactly the events this statement inserted.
+        """
+        before = await self.sql.run("SELECT coalesce(max(id), 0) FROM events")
+        await self.sql.executemany(
+            f"INSERT INTO events ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+            "ON CONFLICT (event_id) DO NOTHING",
+            rows,
+        )
+        inserted = await self.sql.run(
+            "SELECT event_id FROM events WHERE id > :before", {"before": before[0][0]}
+        )
+        return {row[0] for row in inserted}
+
+    async def claim_parked(
+        self, branches: list[tuple[str, str, dict[str, Any]]], limit: int | None = None
+    ) -> list[Applied]:
+        """Apply parked events matching any of ``branches`` whose message is known by now.
+
+        A branch is ``(table, condition, parameters)``: ``table`` is ``events`` or
+        :attr:`Bulk.parked_events` when the condition is best served by the parked index.
+
+        Rows another transaction is claiming are skipped (PostgreSQL ``SKIP LOCKED``), and
+        the claim itself is conditional on ``applied`` still being false. The campaign is
+        known only now, so this is also when its ``privacy.anonymizeIp`` applies.
+        """
+        sql = self.sql
+        rows: list[Any] = []
+        for table, where, params in branches:
+            # Each branch on its own (an OR would not use the right index on SQLite).
+            rows += await sql.run(
+                "SELECT id, type, tracking_id, recipient, occurred_at, machine, bounce_kind, url, ip "
+                f"FROM {table} WHERE applied = {sql.false} AND type NOT IN ('sent', 'failed') "
+                f"AND {where}"
+                + (f" LIMIT {int(limit)}" if limit else "")
+                + sql.lock_clause(skip_locked=True),
+                params,
+            )
+        if not rows:
+            return []
+        parked = [_Parked(r[0], r[1], r[2], r[3], as_utc(r[4]), r[5], r[6], r[7], r[8]) for r in rows]
+        by_id, by_address = await self.resolve(
+            (r.tracking_id for r in parked if r.tracking_id),
+            ((r.recipient, r.occurred_at) for r in parked if not r.tracking_id and r.recipient),
+            wait=False,
+        )
+        chosen: list[tuple[_Parked, Target]] = []
+        for r in parked:
+            if r.tracking_id:
+                target = by_id.get(r.tracking_id)
+            else:
+                target = by_address.get((r.recipient or "", r.occurred_at))
+            if target is not None:
+                chosen.append((r, target))
+        if not chosen:
+            return []
+        anonymized = self.anonymized
+        v = sql.source(
+            [("id", "int"), ("tracking_id", "text"), ("campaign", "text"), ("ip", "text")],
+            [
+                (
+                    r.id,
+                    t.tracking_id,
+                    t.campaign,
+                    anonymize_ip(r.ip) if r.ip and t.campaign in anonymized else r.ip,
+                )
+                for r, t in chosen
+            ],
+        )
+        claimed = {
+            row[0]
+            for row in await sql.run(
+                f"UPDATE events SET applied = {sql.true}, tracking_id = {v['tracking_id']}, "
+                f"campaign = {v['campaign']}, ip = {v['ip']} FROM {v.sql} "
+                f"WHERE events.id = {v['id']} AND events.applied = {sql.false} RETURNING events.id",
+                v.params,
+            )
+        }
+        return [
+            Applied(
+                type=EventType(r.type),
+                tracking_id=t.tracking_id,
+                campaign=t.campaign,
+                occurred_at=r.occurred_at,
+                machine=bool(r.machine),
+                bounce_kind=r.bounce_kind,
+                url=r.url,
+            )
+            for r, t in chosen
+            if r.id in claimed
+        ]

@@ -1,0 +1,252 @@
+"""The aggregator's pull feed over its lean NATS connection, against a real nats-server.
+
+The feed must deliver every stored message (with or without headers), acknowledge a
+whole batch in one write, survive the server restarting under it, and behave the same
+over nats-py (used for URLs the lean connection does not speak). The consumer on top
+terminates a malformed message instead of letting it be redelivered forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.api import ConsumerInfo
+from prometheus_client import generate_latest
+
+from aggregator.consumer import EventConsumer
+from aggregator.db import open_database
+from aggregator.feed import ACK, TERM, Delivery, PullFeed, delivery_info, nak
+from aggregator.migrate import migrate
+from aggregator.statistics import read_statistics
+from aggregator.wire import Server, Unsupported, WireConnection
+from mailbeacon.embedded_nats import EmbeddedNats, nats_server_binary
+from mailbeacon.jetstream import CONSUMER, STREAM, connect, provision
+from mailbeacon.settings import Settings
+from tests.support import eventually, free_port, metric_value
+
+
+def invalid_events() -> float:
+    return metric_value(generate_latest().decode(), "mailbeacon_aggregator_invalid_events_total")
+
+
+def event(kind: str = "opened", **fields: object) -> dict[str, object]:
+    return {"event_id": uuid.uuid4().hex, "type": kind, "occurred_at": "2026-03-02T08:00:00+00:00", **fields}
+
+
+async def publish(nc: NATS, events: list[dict[str, object]], *, headers: bool = True) -> None:
+    js = nc.jetstream()
+    for e in events:
+        hdrs = {"Nats-Msg-Id": str(e["event_id"])} if headers else None
+        await js.publish(f"mailbeacon.events.{e['type']}", json.dumps(e).encode(), headers=hdrs)
+
+
+async def consumer_info(nc: NATS) -> ConsumerInfo:
+    return await nc.jetstream().consumer_info(STREAM, CONSUMER)
+
+
+async def take_all(feed: PullFeed, count: int, within: float = 10.0) -> list[Delivery]:
+    taken: list[Delivery] = []
+    deadline = asyncio.get_running_loop().time() + within
+    while len(taken) < count and asyncio.get_running_loop().time() < deadline:
+        taken += await feed.take(wait=0.2)
+    return taken
+
+
+@pytest.fixture
+async def nc(nats_url: str, tmp_path: Path) -> AsyncIterator[NATS]:
+    client = await connect(nats_url, "test-feed")
+    await provision(client.jetstream(), Settings(nats_url=nats_url, data_dir=str(tmp_path / "data")))
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "nats-py"])
+async def test_feed_delivers_every_message_and_acks_them_in_one_go(nc: NATS, lean: bool) -> None:
+    feed = PullFeed(nc, STREAM, CONSUMER, batch=50, lean=lean)
+    await feed.start()
+    try:
+        sent = [event() for _ in range(120)]
+        await publish(nc, sent[:60])
+        await publish(nc, sent[60:], headers=False)  # stored without headers: delivered as MSG
+        taken = await take_all(feed, 120)
+        assert sorted(json.loads(payload)["event_id"] for _, payload in taken) == sorted(
+            str(e["event_id"]) for e in sent
+        )
+        assert await feed.take(wait=0.1) == []  # nothing twice
+        info = delivery_info(taken[-1][0])
+        assert info is not None and info.pending == 0 and info.delivered == 1
+
+        assert await feed.settle([reply for reply, _ in taken], ACK)
+
+        async def all_acked() -> bool:
+            state = await consumer_info(nc)
+            return state.num_ack_pending == 0 and state.ack_floor.stream_seq == 120
+
+        await eventually(all_acked)
+    finally:
+        await feed.stop()
+
+
+async def test_nak_redelivers_and_term_does_not(nc: NATS) -> None:
+    feed = PullFeed(nc, STREAM, CONSUMER, batch=10)
+    await feed.start()
+    try:
+        await publish(nc, [event(), event()])
+        first, second = await take_all(feed, 2)
+        await feed.settle([first[0]], nak(0.1))
+        await feed.settle([second[0]], TERM)
+        again = await take_all(feed, 1)
+        assert [payload for _, payload in again] == [first[1]]
+        redelivered = delivery_info(again[0][0])
+        assert redelivered is not None and redelivered.delivered == 2  # the consumer's backoff grows with it
+        await feed.settle([again[0][0]], ACK)
+        await eventually(lambda: _no_ack_pending(nc))
+        assert await feed.take(wait=0.3) == []
+    finally:
+        await feed.stop()
+
+
+async def _no_ack_pending(nc: NATS) -> bool:
+    return (await consumer_info(nc)).num_ack_pending == 0
+
+
+async def test_feed_reconnects_after_the_server_restarts(nats_server: EmbeddedNats, nc: NATS) -> None:
+    feed = PullFeed(nc, STREAM, CONSUMER, batch=20)
+    await feed.start()
+    try:
+        await publish(nc, [event() for _ in range(30)])
+        before = await take_all(feed, 30)
+        assert len(before) == 30
+        nats_server.stop()
+        await eventually(lambda: _is(not feed.connected))
+        nats_server.start()  # same port, same JetStream store
+        await eventually(lambda: _is(feed.connected and nc.is_connected), within=15)
+        # Acknowledgements name their message, so they count on the new connection too.
+        assert await feed.settle([reply for reply, _ in before], ACK)
+        later = [event() for _ in range(25)]
+        await publish(nc, later)
+        after = await take_all(feed, 25, within=15)
+        assert sorted(json.loads(p)["event_id"] for _, p in after) == sorted(
+            str(e["event_id"]) for e in later
+        )
+        await feed.settle([reply for reply, _ in after], ACK)
+        await eventually(lambda: _no_ack_pending(nc))
+    finally:
+        await feed.stop()
+
+
+async def _is(value: bool) -> bool:
+    return value
+
+
+async def test_consumer_terminates_malformed_messages_and_stores_the_rest(nc: NATS, tmp_path: Path) -> None:
+    db = open_database(f"sqlite:///{tmp_path / 'feed.db'}")
+    await migrate(db)
+    invalid_before = invalid_events()
+    consumer = EventConsumer(nc.jetstream(), db, batch_size=100)
+    await consumer.start()
+    try:
+        tid = str(uuid.uuid4())
+        good = [
+            event("sent", tracking_id=tid, campaign="feed/test", recipient="ann@example.com"),
+            event("opened", tracking_id=tid),
+        ]
+        await publish(nc, good[:1])
+        await nc.jetstream().publish("mailbeacon.events.opened", b'{"event_id": "x", "type": "teleported"}')
+        await nc.jetstream().publish("mailbeacon.events.opened", b"not json at all")
+        await publish(nc, good[1:])
+
+        async def stored() -> bool:
+            stats = await read_statistics(db, "feed/test")
+            return bool(stats.get("unique_opens") == 1 and stats.get("sent_count") == 1)
+
+        await eventually(stored)
+        await eventually(lambda: _no_ack_pending(nc))
+        assert invalid_events() - invalid_before == 2
+        assert (await consumer_info(nc)).num_redelivered == 0
+        assert consumer.healthy
+    finally:
+        await consumer.stop()
+        await db.dispose()
+
+
+# -- the lean connection on its own ------------------------------------------------------------
+
+
+def test_server_urls_are_read_like_nats_py() -> None:
+    assert Server.from_url("nats://127.0.0.1:4333") == Server("127.0.0.1", 4333)
+    assert Server.from_url("nats://feed:p%40ss@nats.example:4222") == Server(
+        "nats.example", 4222, user="feed", password="p@ss"
+    )
+    assert Server.from_url("nats://s3cret@nats.example") == Server("nats.example", 4222, token="s3cret")
+    assert Server.from_url("nats.example:4000") == Server("nats.example", 4000)
+    with pytest.raises(Unsupported):
+        Server.from_url("tls://nats.example:4222")
+
+
+@pytest.fixture
+def guarded_nats(tmp_path: Path) -> Iterator[int]:
+    """A plain nats-server (no JetStream) that wants a user and password."""
+    port = free_port()
+    log = tmp_path / "guarded.log"
+    process = subprocess.Popen(
+        [
+            str(nats_server_binary()),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--user",
+            "feed",
+            "--pass",
+            "s3cret",
+            "-l",
+            str(log),
+        ],
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        yield port
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+async def test_lean_connection_authenticates_and_refuses_bad_credentials(guarded_nats: int) -> None:
+    received: list[tuple[bytes, bytes]] = []
+    url = f"nats://feed:s3cret@127.0.0.1:{guarded_nats}"
+
+    async def ready() -> bool:
+        try:
+            probe = await asyncio.open_connection("127.0.0.1", guarded_nats)
+        except OSError:
+            return False
+        probe[1].close()
+        return True
+
+    await eventually(ready)
+    conn = WireConnection(lambda: url, "test", lambda s, r, st, p: received.append((s, p)))
+    await conn.start()
+    publisher = await connect(url, "test-publisher")
+    try:
+        conn.subscribe(b"feed.test")
+        await conn.drain()
+        await asyncio.sleep(0.1)  # the SUB reaches the server before the publication
+        await publisher.publish("feed.test", b"hello")
+        await eventually(lambda: _is(received == [(b"feed.test", b"hello")]))
+    finally:
+        await publisher.close()
+        await conn.stop()
+
+    wrong = WireConnection(lambda: f"nats://feed:wrong@127.0.0.1:{guarded_nats}", "test", lambda *a: None)
+    with pytest.raises(ConnectionError, match=r"(?i)authorization"):
+        await wrong.start()

@@ -1,0 +1,111 @@
+"""A poison event, one the database refuses while it works, through real JetStream on both
+databases: the consumer isolates it by halving the batch, stores every other event,
+terminates it (counted in ``mailbeacon_aggregator_events_rejected_total``) and keeps
+going, instead of redelivering the batch forever. SQLite stores what PostgreSQL refuses.
+The consumer also applies a campaign's IP anonymization, parked events included."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+from prometheus_client import generate_latest
+from sqlalchemy import func, select
+
+from aggregator.consumer import EventConsumer
+from aggregator.db import Database, open_database
+from aggregator.migrate import migrate
+from aggregator.models import EVENTS
+from aggregator.statistics import read_statistics
+from mailbeacon.jetstream import CONSUMER, STREAM, connect, provision
+from mailbeacon.settings import Settings
+from tests.support import eventually, metric_value
+
+
+def rejected() -> float:
+    return metric_value(generate_latest().decode(), "mailbeacon_aggregator_events_rejected_total")
+
+
+@pytest.fixture
+async def nc(nats_url: str, tmp_path: Path) -> AsyncIterator[NATS]:
+    client = await connect(nats_url, "test-poison")
+    await provision(client.jetstream(), Settings(nats_url=nats_url, data_dir=str(tmp_path / "data")))
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def publish(nc: NATS, events: list[dict[str, object]]) -> None:
+    js = nc.jetstream()
+    for e in events:
+        await js.publish(f"mailbeacon.events.{e['type']}", json.dumps(e).encode())
+
+
+def event(kind: str, **fields: object) -> dict[str, object]:
+    return {"event_id": uuid.uuid4().hex, "type": kind, "occurred_at": "2026-03-02T08:00:00+00:00", **fields}
+
+
+async def test_poison_events_are_rejected_and_the_rest_stored(nc: NATS, database_url: str) -> None:
+    postgres = database_url.startswith("postgresql")
+    db = open_database(database_url)
+    await migrate(db)
+    campaign = f"poison/c{uuid.uuid4().hex[:8]}"
+    before = rejected()
+    consumer = EventConsumer(nc.jetstream(), db, batch_size=64, anonymized={campaign})
+    await consumer.start()
+    try:
+        # An open whose message comes later: parked, then anonymized when applied.
+        late = str(uuid.uuid4())
+        early_open = event("opened", tracking_id=late, ip="192.0.2.200")
+        await publish(nc, [early_open])
+        await eventually(lambda: _stored(db, [str(early_open["event_id"])]))
+
+        tids = [str(uuid.uuid4()) for _ in range(40)]
+        good = [
+            event("sent", tracking_id=t, campaign=campaign, recipient=f"r{i}@x.example")
+            for i, t in enumerate(tids)
+        ]
+        good += [event("opened", tracking_id=t, ip="203.0.113.9") for t in tids]
+        good.append(event("sent", tracking_id=late, campaign=campaign, recipient="late@x.example"))
+        # Valid events by the contract that PostgreSQL cannot store: a NUL in an event id
+        # (its text type refuses one).
+        poison = [
+            {**event("opened", tracking_id=tids[3]), "event_id": "nul\u0000open"},
+            {**event("clicked", tracking_id=tids[7], url="https://shop.example/"), "event_id": "bad\u0000id"},
+        ]
+        await publish(nc, good[:30] + poison[:1] + good[30:60] + poison[1:] + good[60:])
+
+        async def all_settled() -> bool:
+            info = await nc.jetstream().consumer_info(STREAM, CONSUMER)
+            return info.num_ack_pending == 0 and info.num_pending == 0
+
+        await eventually(all_settled, within=60)
+        stats = await read_statistics(db, campaign)
+        assert stats["sent_count"] == 41 and stats["unique_opens"] == 41
+        assert stats["total_opens"] == (41 if postgres else 42)
+        assert stats["total_clicks"] == (0 if postgres else 1)
+        assert rejected() - before == (2 if postgres else 0)
+        assert consumer.healthy
+        async with db.read_engine.connect() as conn:
+            ips = set(
+                (
+                    await conn.execute(
+                        select(EVENTS.c.ip).where(EVENTS.c.campaign == campaign, EVENTS.c.ip.is_not(None))
+                    )
+                ).scalars()
+            )
+        assert ips == {"203.0.113.0", "192.0.2.0"}
+    finally:
+        await consumer.stop()
+        await db.dispose()
+
+
+async def _stored(db: Database, event_ids: list[str]) -> bool:
+    async with db.read_engine.connect() as conn:
+        n = (await conn.execute(select(func.count()).where(EVENTS.c.event_id.in_(event_ids)))).scalar_one()
+    return bool(n == len(event_ids))
