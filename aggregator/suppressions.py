@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -45,8 +46,10 @@ RECORDED = Counter(
 )
 
 CHECK_PARKED_SECONDS = 2.0
-MAX_WATCHED = 100_000  # parked unsubscribes/complaints watched at once (they are few)
+MAX_WATCHED = 10_000  # parked unsubscribes/complaints watched at once (they are few)
+WATCH_SECONDS = 3600.0
 _PUTS_AT_ONCE = 256
+_IDS_PER_QUERY = 1000
 _TYPES = {EventType.UNSUBSCRIBED.value, EventType.COMPLAINED.value}
 
 # Each event with its message's campaign and recipient (NULL while the event is parked), and
@@ -57,10 +60,11 @@ _BY_EVENT_ID = text(
     "FROM events e LEFT JOIN messages m ON m.tracking_id = e.tracking_id AND e.applied = :yes "
     "WHERE e.event_id IN :ids"
 ).bindparams(bindparam("ids", expanding=True), yes=True)
-_PARKED = text(
-    "SELECT event_id FROM events WHERE applied = :no AND type IN ('unsubscribed', 'complained') "
+# The literal false (not a parameter) lets the planner use the partial index of parked events.
+_PARKED = (
+    "SELECT event_id FROM events WHERE applied = {false} AND type IN ('unsubscribed', 'complained') "
     "AND (tracking_id IS NOT NULL OR recipient IS NOT NULL)"
-).bindparams(no=False)
+)
 _ALL_APPLIED = text(
     "SELECT e.type, e.occurred_at, m.campaign, m.recipient FROM events e "
     "JOIN messages m ON m.tracking_id = e.tracking_id "
@@ -83,7 +87,8 @@ class SuppressionRecorder:
     def __init__(self, db: Database, suppressions: SuppressionList) -> None:
         self.db = db
         self.suppressions = suppressions
-        self.watched: set[str] = set()  # ids of unsubscribes/complaints this replica parked
+        # Unsubscribes/complaints this replica parked, with when it began to watch them.
+        self.watched: dict[str, float] = {}
         self._tasks: list[asyncio.Task[None]] = []
 
     async def _put(self, pairs: Iterable[Pair]) -> None:
@@ -95,6 +100,14 @@ class SuppressionRecorder:
             for _, (reason, _at) in chunk:
                 RECORDED.labels(reason).inc()
 
+    async def _by_event_id(self, ids: Sequence[str]) -> list[Any]:
+        rows: list[Any] = []
+        async with self.db.read_engine.connect() as conn:
+            for start in range(0, len(ids), _IDS_PER_QUERY):  # within every driver's parameter limit
+                chunk = list(ids[start : start + _IDS_PER_QUERY])
+                rows += (await conn.execute(_BY_EVENT_ID.bindparams(ids=chunk))).all()
+        return rows
+
     async def record(self, events: Sequence[Incoming]) -> None:
         """After a batch committed, before it is acknowledged: put its unsubscribes and
         complaints, and watch those still parked. Raises when the bucket cannot be written
@@ -102,13 +115,13 @@ class SuppressionRecorder:
         ids = [e.event_id for e in events if e.type in _TYPES]
         if not ids:
             return
-        async with self.db.read_engine.connect() as conn:
-            rows = (await conn.execute(_BY_EVENT_ID.bindparams(ids=ids))).all()
+        rows = await self._by_event_id(ids)
         pairs: list[Pair] = []
+        now = time.monotonic()
         for event_id, kind, occurred_at, campaign, recipient, applicable in rows:
             if campaign is None or recipient is None:
                 if applicable and len(self.watched) < MAX_WATCHED:
-                    self.watched.add(event_id)
+                    self.watched.setdefault(event_id, now)
             elif kind in REASONS:
                 pairs.append((campaign, recipient, kind, _utc(occurred_at)))
         await self._put(pairs)
@@ -118,19 +131,27 @@ class SuppressionRecorder:
         if not self.watched:
             return
         ids = sorted(self.watched)
-        async with self.db.read_engine.connect() as conn:
-            rows = (await conn.execute(_BY_EVENT_ID.bindparams(ids=ids))).all()
+        rows = await self._by_event_id(ids)
         found = {row[0] for row in rows}
         applied = [row for row in rows if row[3] is not None and row[4] is not None]
         await self._put((c, r, k, _utc(at)) for _, k, at, c, r, _ in applied if k in REASONS)
-        # Done with: applied ones, and ids no longer stored (pruned by retention).
-        self.watched -= {row[0] for row in applied} | (set(ids) - found)
+        # Done with: applied ones, ids no longer stored (pruned by retention), and ids whose
+        # copy never showed up (a recipient cannot unsubscribe from mail that was not sent:
+        # such an id was forged or its message is gone; a restart looks at it once more).
+        expired = time.monotonic() - WATCH_SECONDS
+        done = {row[0] for row in applied} | (set(ids) - found)
+        done |= {event_id for event_id, since in self.watched.items() if since < expired}
+        for event_id in done:
+            self.watched.pop(event_id, None)
 
     async def catch_up(self) -> int:
         """Put every stored unsubscribe and complaint whose pair the bucket lacks; how many."""
         async with self.db.read_engine.connect() as conn:
-            parked = (await conn.execute(_PARKED)).scalars().all()
-            self.watched.update(list(parked)[:MAX_WATCHED])
+            false = "false" if self.db.dialect == "postgresql" else "0"
+            parked = (await conn.execute(text(_PARKED.format(false=false)))).scalars().all()
+            now = time.monotonic()
+            for event_id in list(parked)[:MAX_WATCHED]:
+                self.watched.setdefault(event_id, now)
             missing: list[Pair] = []
             result = await conn.stream(_ALL_APPLIED)
             async for kind, occurred_at, campaign, recipient in result:
