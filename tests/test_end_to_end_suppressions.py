@@ -23,7 +23,13 @@ from aggregator.service import AggregatorService
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, CampaignSpec, TrackingSwitches
 from mailbeacon.events import Event, EventType
-from mailbeacon.jetstream import EventPublisher, connect, ensure_suppression_bucket, provision
+from mailbeacon.jetstream import (
+    SUPPRESSIONS_BUCKET,
+    EventPublisher,
+    connect,
+    ensure_suppression_bucket,
+    provision,
+)
 from mailbeacon.runner import AllInOne
 from mailbeacon.settings import Settings
 from mailbeacon.suppressions import SuppressionList, suppression_key
@@ -294,3 +300,31 @@ async def _entry(kv: Any, key: str) -> bytes | None:
         return bytes((await kv.get(key)).value or b"")
     except Exception:
         return None
+
+
+async def test_a_batch_whose_suppression_cannot_be_written_is_redelivered(
+    system: System, sink: SmtpSink
+) -> None:
+    """The bucket unwritable after the commit: the batch is not acknowledged, and its
+    redelivery writes the suppression once the bucket is back."""
+    await send(system.smtp_port, NEWSLETTER, ["dee@example.com"])
+    tid = tracking_id_of(sink.messages[-1].content)
+    nc = system.all_in_one.nc
+    assert nc is not None
+    js = nc.jetstream()
+    await js.delete_key_value(SUPPRESSIONS_BUCKET)
+    async with system.http.post(f"{system.tracker}/track/complaint/", json={"tracking_id": tid}) as response:
+        assert response.status == 200
+
+    async def stored() -> bool:
+        url = f"{system.aggregator}/api/campaigns/{NEWSLETTER}/events"
+        async with system.http.get(url, params={"type": "complained"}) as response:
+            return any(e["tracking_id"] == tid for e in (await response.json())["events"])
+
+    await eventually(stored)  # committed in SQL while its suppression could not be written
+    await asyncio.sleep(0.5)
+    kv = await ensure_suppression_bucket(js, system.settings)  # the bucket is back
+    entry = await eventually(
+        lambda: _entry(kv, suppression_key(str(NEWSLETTER), "dee@example.com")), within=15
+    )
+    assert b"complained" in entry
