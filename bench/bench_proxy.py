@@ -27,6 +27,7 @@ import tempfile
 import time
 import tracemalloc
 from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
 from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -52,6 +53,9 @@ def build_message(html_bytes: int = 20_000, attachment_bytes: int = 100_000) -> 
     message["From"] = "Shop <news@shop.example.com>"
     message["To"] = "ann@example.com"
     message["Subject"] = "Spring sale"
+    # As the mail libraries of web frameworks write them (the proxy adds them when absent).
+    message["Message-ID"] = make_msgid(domain="shop.example.com")
+    message["Date"] = formatdate(usegmt=True)
     message["X-Campaign"] = "bench"
     message.set_content("Spring sale, see https://shop.example.com/")
     message.add_alternative(body, subtype="html")

@@ -55,8 +55,10 @@ class MessageCopies:
         campaign: TrackingSwitches,
         switches: TrackSwitches,
         optouts: Container[str] = (),
+        added_headers: bytes = b"",
     ) -> None:
         self.raw, self.options, self.switches, self.optouts = raw, options, switches, optouts
+        self.added_headers = added_headers  # Message-ID/Date the app left out (submission.py)
         self.dkim_signed = self.resign = False
         self.prepared: PreparedMessage | None = None
         # Why the message, or a copy, went out unchanged (kept for tests and debugging).
@@ -97,13 +99,17 @@ class MessageCopies:
             self.render_error = exc
             metrics.REWRITE_FAILURES.inc()
             log.warning("relaying message unchanged, rewrite failed: %s: %s", type(exc).__name__, exc)
-        return [self.raw]
+        return self._as_received()
+
+    def _as_received(self) -> Sequence[Buffer]:
+        """Unchanged, but for the Message-ID/Date every copy of the message carries alike."""
+        return [self.added_headers, self.raw] if self.added_headers else [self.raw]
 
     def content(self, recipient: str, tracking_id: str) -> Sequence[Buffer]:
         """The copy for one recipient, as pieces to be sent in order."""
         prepared = self.prepared
         if prepared is None:
-            return [self.raw]
+            return self._as_received()
         options = self.options
         try:
             if self.left_untracked_for_dkim:
@@ -121,6 +127,8 @@ class MessageCopies:
                 )
                 headers, body = prepared.render(tracking)
             headers.append(self.correlation.fields(tracking_id))
+            if self.added_headers:
+                headers.insert(0, self.added_headers)
             if self.resign and options.dkim_signer is not None:
                 message = b"".join([*headers, prepared.separator, *map(bytes, body)])
                 return [options.dkim_signer.sign(message), message]
@@ -129,11 +137,12 @@ class MessageCopies:
             return self._fallback(exc)
 
 
-def untracked_content(raw: Buffer, message: Part) -> Sequence[Buffer]:
-    """Mail of no campaign: as received, less the proxy's own control headers."""
+def untracked_content(raw: Buffer, message: Part, added_headers: bytes = b"") -> Sequence[Buffer]:
+    """Mail of no campaign: as received, less the proxy's own control headers, plus the
+    Message-ID/Date it lacked."""
     if not message.separator:
         return [raw]
     headers = remove_headers(message.headers, set(CONTROL_HEADERS), CONTROL_PREFIXES)
     if len(headers) == len(message.headers):
-        return [raw]
-    return [headers, message.separator, message.body]
+        return [added_headers, raw] if added_headers else [raw]
+    return [added_headers, headers, message.separator, message.body]

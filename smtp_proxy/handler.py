@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -29,6 +30,7 @@ from smtp_proxy.copies import CopyOptions, MessageCopies, untracked_content
 from smtp_proxy.mime import Part
 from smtp_proxy.optout import TRACK_HEADER, RecipientOptOuts, TrackSwitches, switches_from_header
 from smtp_proxy.outcome import decide
+from smtp_proxy.submission import added_message_id, missing_headers
 from smtp_proxy.suppress import Suppressed, suppression_reasons
 from smtp_proxy.upstream import CopyResult, OutgoingCopy, Upstream
 
@@ -181,6 +183,7 @@ class ProxyHandler:
         raw = envelope.original_content or b""
         recipients = list(envelope.rcpt_tos)
         message = Part.parse(raw)
+        added = missing_headers(raw, envelope.mail_from or "", datetime.now(UTC))
         choice = await self._campaign_for(message, envelope.mail_from or "")
         key, spec = choice.key, choice.spec
         if key is not None and spec.paused:
@@ -190,7 +193,7 @@ class ProxyHandler:
         suppressed: list[Suppressed] = []
         if key is None:
             metrics.UNTRACKED.labels(choice.untracked_why or "no_campaign").inc()
-            untouched = untracked_content(raw, message)
+            untouched = untracked_content(raw, message, added)
             copies = [OutgoingCopy(rcpt, lambda: untouched) for rcpt in recipients]
             tracking_ids = [None] * len(recipients)
         else:
@@ -205,14 +208,16 @@ class ProxyHandler:
                     metrics.SUPPRESSED.labels(reason).inc()
             tracking_ids = [str(uuid.uuid4()) for _ in relayed]
             copies = (
-                self._tracked_copies(raw, message, spec.tracking, relayed, tracking_ids) if relayed else []
+                self._tracked_copies(raw, message, spec.tracking, relayed, tracking_ids, added)
+                if relayed
+                else []
             )
         relay = _Relay(
             sender=envelope.mail_from or "",
             copies=copies,
             tracking_ids=tracking_ids,
             campaign=str(key) if key else None,
-            message_id=str(message.parsed.get("Message-ID", "")).strip(),
+            message_id=added_message_id(added) or str(message.parsed.get("Message-ID", "")).strip(),
             mail_options=list(envelope.mail_options),
             suppressed=suppressed,
         )
@@ -295,10 +300,13 @@ class ProxyHandler:
         tracking: TrackingSwitches,
         recipients: Sequence[str],
         tracking_ids: Sequence[str | None],
+        added: bytes,
     ) -> list[OutgoingCopy]:
         switches = switches_from_header(message.parsed.get(TRACK_HEADER))
         switches &= TrackSwitches(tracking.opens, tracking.clicks)
-        builder = MessageCopies(raw, message, self.options.copies, tracking, switches, self.optouts)
+        builder = MessageCopies(
+            raw, message, self.options.copies, tracking, switches, self.optouts, added_headers=added
+        )
         self._count_untracked(builder, switches, recipients)
         return [
             OutgoingCopy(rcpt, lambda rcpt=rcpt, tid=tid: builder.content(rcpt, tid))  # type: ignore[misc]
