@@ -5,7 +5,10 @@ in one write. If the database fails, the batch is nak'ed and JetStream redeliver
 unique ``event_id`` makes any replay harmless. A malformed message is terminated (it would
 fail forever) and counted. So is an event the database refuses while it works (a
 "poison" event, which would otherwise stall the stream): the batch is halved until that
-one event is isolated, and everything else is stored.
+one event is isolated, and everything else is stored. An event is given up on only with
+proof that it, not the database, is at fault: another event of its batch was stored, or
+the database called its value invalid. A database that answers but stores nothing
+(read-only after a failover, a full disk) gets the batch again later, however long.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from datetime import UTC, datetime
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy import text
+from sqlalchemy.exc import DataError
 
 from aggregator import metrics
 from aggregator.db import Database
@@ -34,6 +38,14 @@ log = logging.getLogger(__name__)
 
 ADOPT_EVERY_SECONDS = 2.0
 MAX_RETRY_DELAY_SECONDS = 30.0
+
+
+def _refuses_the_value(failure: Exception) -> bool:
+    """Whether the database said the data itself is wrong (SQLSTATE class 22, "data
+    exception": a NUL in text, a value out of range), not that it cannot write."""
+    reason = getattr(failure, "orig", None) or failure
+    state = getattr(reason, "sqlstate", None) or getattr(reason, "pgcode", None)
+    return isinstance(failure, DataError) or (isinstance(state, str) and state.startswith("22"))
 
 
 def _why(failure: Exception) -> str:
@@ -126,33 +138,58 @@ class EventConsumer:
         await self._store(events, valid)
 
     async def _store(self, events: list[Incoming], replies: list[bytes]) -> None:
-        """Store a batch; if the database refuses it while it answers, find the event it
-        refuses by halving the batch, store the rest, and terminate that one event."""
+        """Store a batch; if the database refuses it while it answers, find the events it
+        refuses by halving the batch, store the rest, and terminate those events."""
         failure = await self._try_store(events, replies)
         if failure is None:
             return
         if not await self._database_answers():
             await self._retry_later(events, replies, failure)
             return
-        if len(events) > 1:
-            log.debug("batch of %d events refused (%s); storing it in halves", len(events), _why(failure))
-            middle = len(events) // 2
-            await self._store(events[:middle], replies[:middle])
-            await self._store(events[middle:], replies[middle:])
-            return
-        # One event. Once more, in case the failure was transient (a deadlock, a lost race).
-        failure = await self._try_store(events, replies)
-        if failure is None:
-            return
-        if not await self._database_answers():
-            await self._retry_later(events, replies, failure)
-            return
-        # The database works and refuses this event every time: it would stall the stream.
-        metrics.REJECTED.inc()
-        log.error(
-            "rejecting event %s: the database refuses to store it (%s)", events[0].event_id, _why(failure)
-        )
-        await self.feed.settle(replies, TERM)
+        log.debug("batch of %d events refused (%s); storing it in halves", len(events), _why(failure))
+        suspects: list[tuple[Incoming, bytes, Exception]] = []
+        stored_any = await self._halve(events, replies, failure, suspects)
+        for event, reply, why in suspects:
+            # Once more, in case the failure was transient (a deadlock, a lost race).
+            again = await self._try_store([event], [reply])
+            if again is None:
+                stored_any = True
+                continue
+            if stored_any or _refuses_the_value(again):
+                # The database stores other events and refuses this one every time: it
+                # would stall the stream.
+                metrics.REJECTED.inc()
+                log.error(
+                    "rejecting event %s: the database refuses to store it (%s)", event.event_id, _why(again)
+                )
+                await self.feed.settle([reply], TERM)
+            else:
+                # Nothing of the batch could be stored and nothing says the values are at
+                # fault: a database that answers but does not write (a read-only standby
+                # after failover, a full disk). Wait for it; never drop events for it.
+                await self._retry_later([event], [reply], why)
+
+    async def _halve(
+        self,
+        events: list[Incoming],
+        replies: list[bytes],
+        failure: Exception,
+        suspects: list[tuple[Incoming, bytes, Exception]],
+    ) -> bool:
+        """Store what can be stored of a refused batch; collect the single events refused.
+
+        True when some part of it was stored: proof that the database writes.
+        """
+        if len(events) == 1:
+            suspects.append((events[0], replies[0], failure))
+            return False
+        middle = len(events) // 2
+        stored_any = False
+        for part, part_replies in ((events[:middle], replies[:middle]), (events[middle:], replies[middle:])):
+            refused = await self._try_store(part, part_replies)
+            if refused is None or await self._halve(part, part_replies, refused, suspects):
+                stored_any = True
+        return stored_any
 
     async def _try_store(self, events: list[Incoming], replies: list[bytes]) -> Exception | None:
         """Store and acknowledge the batch; the exception if its transaction failed (nothing stored)."""

@@ -33,10 +33,12 @@ def sqlite_url(data_dir: Path) -> str:
 
 def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     cursor = dbapi_connection.cursor()
-    # WAL lets the API read while ingest writes; the busy timeout lets replicas take turns.
+    # The busy timeout lets replicas take turns; it comes first because switching a new
+    # database to WAL takes an exclusive lock that replicas starting together contend for.
+    # WAL lets the API read while ingest writes.
+    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=30000")
     # Index pages stay in memory across transactions: ingest touches random pages of the
     # event-id and tracking-id indexes, which the default 2 MiB cache keeps re-reading.
     cursor.execute("PRAGMA cache_size=-65536")

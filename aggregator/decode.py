@@ -119,6 +119,8 @@ def _fast(data: bytes) -> Incoming | None:
     kind = get("type")
     if type(event_id) is not str or not 0 < len(event_id) <= 200 or type(kind) is not str:
         return None
+    if not event_id.isprintable():  # DEL reaches here unescaped; the contract refuses it
+        return None
     event_type = _TYPES.get(kind)
     if event_type is None:
         return None

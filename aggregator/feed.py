@@ -203,6 +203,11 @@ class PullFeed:
                 return
             except Unsupported as exc:
                 log.info("ingest feed over nats-py: %s", exc)
+            except (ConnectionError, OSError) as exc:
+                # nats-py is connected, so the server is there: whatever refused the lean
+                # link (an auth method it does not speak), nats-py's own link works.
+                log.warning("ingest feed over nats-py, the direct link failed: %s", exc)
+                await link.stop()
         nats_link = _NatsPyLink(self._nc, self)
         await nats_link.start(self._inbox + b"*")
         self._link = nats_link

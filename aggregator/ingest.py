@@ -45,13 +45,12 @@ from aggregator.prepare import (
     APPLIED,
     BOUNCE_KIND,
     CAMPAIGN,
-    IP,
     TRACKING_ID,
     UNKNOWN_CAMPAIGN,
     Prepared,
     prepare,
 )
-from aggregator.privacy import NOBODY, Anonymized, anonymize_ip
+from aggregator.privacy import NOBODY, Anonymized, anonymize_row
 from aggregator.tally import BatchResult
 from aggregator.transaction import Transaction
 from mailbeacon.events import EventType
@@ -115,8 +114,8 @@ async def apply_prepared(db: Database, batch: Prepared, anonymized: Anonymized =
                 elif tid or e.recipient:
                     waiting.append(e.event_id)
             # A parked event's campaign is not known yet: claim_parked anonymizes it when applied.
-            if anonymized and row[IP] and row[CAMPAIGN] in anonymized:
-                row[IP] = anonymize_ip(row[IP])
+            if anonymized and row[CAMPAIGN] in anonymized:
+                anonymize_row(row)
         new = await tx.insert_events(rows)
         tx.result.duplicates += len(rows) - len(new)
         tx.result.parked += sum(1 for event_id in waiting if event_id in new)

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 from aggregator.bulk import Bulk, Column
 from aggregator.effects import Applied
 from aggregator.prepare import UNKNOWN_CAMPAIGN, Prepared
-from aggregator.privacy import NOBODY, Anonymized, anonymize_ip
+from aggregator.privacy import NOBODY, Anonymized, anonymized_details
 from aggregator.tally import Tally
 from aggregator.times import as_utc
 from mailbeacon.events import EventType
@@ -53,6 +53,9 @@ class _Parked(NamedTuple):
     bounce_kind: str | None
     url: str | None
     ip: str | None
+    user_agent: str | None
+    reason: str | None
+    metadata: Any
 
 
 class Transaction(Tally):
@@ -199,7 +202,8 @@ class Transaction(Tally):
         for table, where, params in branches:
             # Each branch on its own (an OR would not use the right index on SQLite).
             rows += await sql.run(
-                "SELECT id, type, tracking_id, recipient, occurred_at, machine, bounce_kind, url, ip "
+                "SELECT id, type, tracking_id, recipient, occurred_at, machine, bounce_kind, url, ip, "
+                "user_agent, reason, metadata "
                 f"FROM {table} WHERE applied = {sql.false} AND type NOT IN ('sent', 'failed') "
                 f"AND {where}"
                 + (f" LIMIT {int(limit)}" if limit else "")
@@ -208,7 +212,10 @@ class Transaction(Tally):
             )
         if not rows:
             return []
-        parked = [_Parked(r[0], r[1], r[2], r[3], as_utc(r[4]), r[5], r[6], r[7], r[8]) for r in rows]
+        parked = [
+            _Parked(r[0], r[1], r[2], r[3], as_utc(r[4]), r[5], r[6], r[7], r[8], r[9], r[10], r[11])
+            for r in rows
+        ]
         by_id, by_address = await self.resolve(
             (r.tracking_id for r in parked if r.tracking_id),
             ((r.recipient, r.occurred_at) for r in parked if not r.tracking_id and r.recipient),
@@ -226,26 +233,40 @@ class Transaction(Tally):
             return []
         anonymized = self.anonymized
         v = sql.source(
-            [("id", "int"), ("tracking_id", "text"), ("campaign", "text"), ("ip", "text")],
-            [
-                (
-                    r.id,
-                    t.tracking_id,
-                    t.campaign,
-                    anonymize_ip(r.ip) if r.ip and t.campaign in anonymized else r.ip,
-                )
-                for r, t in chosen
-            ],
+            [("id", "int"), ("tracking_id", "text"), ("campaign", "text")],
+            [(r.id, t.tracking_id, t.campaign) for r, t in chosen],
         )
         claimed = {
             row[0]
             for row in await sql.run(
                 f"UPDATE events SET applied = {sql.true}, tracking_id = {v['tracking_id']}, "
-                f"campaign = {v['campaign']}, ip = {v['ip']} FROM {v.sql} "
+                f"campaign = {v['campaign']} FROM {v.sql} "
                 f"WHERE events.id = {v['id']} AND events.applied = {sql.false} RETURNING events.id",
                 v.params,
             )
         }
+        private = [
+            (r.id, *anonymized_details(r.ip, r.user_agent, r.reason, r.metadata))
+            for r, t in chosen
+            if r.id in claimed and t.campaign in anonymized
+        ]
+        if private:
+            # Only now is the campaign known, and with it whether its addresses may be kept.
+            p = sql.source(
+                [
+                    ("id", "int"),
+                    ("ip", "text"),
+                    ("user_agent", "text"),
+                    ("reason", "text"),
+                    ("metadata", "json"),
+                ],
+                private,
+            )
+            await sql.run(
+                f"UPDATE events SET ip = {p['ip']}, user_agent = {p['user_agent']}, reason = {p['reason']}, "
+                f"metadata = {sql.json_value(p['metadata'])} FROM {p.sql} WHERE events.id = {p['id']}",
+                p.params,
+            )
         return [
             Applied(
                 type=EventType(r.type),

@@ -23,7 +23,7 @@ import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +49,14 @@ class Server:
 
     @classmethod
     def from_url(cls, url: str) -> Server:
-        """``nats://[user:password@|token@]host[:port]``, read the way nats-py reads it."""
+        """``nats://[user:password@|token@]host[:port]``, read the way nats-py reads it:
+        user, password and token exactly as written (no percent-decoding), or the same
+        URL would log in for the other components and be refused for this one."""
         parts = urlsplit(url if "://" in url else f"nats://{url}")
         if parts.scheme != "nats":
             raise Unsupported(f"{parts.scheme}:// URLs are served by nats-py")
-        user = unquote(parts.username) if parts.username else None
-        password = unquote(parts.password) if parts.password is not None else None
+        user = parts.username or None
+        password = parts.password
         token = None
         if user is not None and password is None:
             user, token = None, user

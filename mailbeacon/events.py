@@ -59,7 +59,9 @@ def derived_event_id(source: str, *parts: str) -> str:
     natural = ":".join(parts)
     if len(natural) <= 100 and natural.isascii() and natural.isprintable() and " " not in natural:
         return f"{source}:{natural}"
-    return f"{source}:{hashlib.sha256(natural.encode()).hexdigest()[:40]}"
+    # surrogatepass: a lone surrogate from a provider's JSON escape still hashes (to a stable id).
+    digest = hashlib.sha256(natural.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+    return f"{source}:{digest}"
 
 
 # Column sizes of the store. A NUL character or an oversized value would make the database
@@ -75,15 +77,53 @@ _TEXT_LIMITS = {
 }
 
 
+# A lone surrogate (aiohttp's reading of a non-UTF-8 header byte, a JSON ``\ud800`` escape)
+# validates as text but no UTF-8 JSON encoder accepts it, so the event could never be
+# published: it becomes U+FFFD, as a decoder replaces any byte that is not UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# What an event id must not hold: it is a Nats-Msg-Id and a database key (PostgreSQL
+# refuses NUL), and an id nobody can print or encode identifies nothing.
+_UNFIT_FOR_ID = re.compile("[\x00-\x1f\x7f\ud800-\udfff]")
+
+
+def _encodable(value: str) -> str:
+    # isascii() is a flag lookup in CPython: the common case costs nothing.
+    if value.isascii() or _SURROGATE.search(value) is None:
+        return value
+    return _SURROGATE.sub("\ufffd", value)
+
+
 def _clean(value: str, limit: int) -> str:
     if "\x00" in value:
         value = value.replace("\x00", "")
+    value = _encodable(value)
     return value if len(value) <= limit else value[:limit]
 
 
+def _has_surrogate(value: Any) -> bool:
+    if type(value) is str:
+        return not value.isascii() and _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_surrogate(item) for item in value)
+    return False
+
+
+def _encodable_metadata(value: Any) -> Any:
+    if type(value) is str:
+        return _encodable(value)
+    if isinstance(value, dict):
+        return {_encodable_metadata(k): _encodable_metadata(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable_metadata(item) for item in value]
+    return value
+
+
 def storable_text(field: str, value: str) -> str:
-    """``value`` as validation leaves the text field ``field`` of an Event: NUL removed and cut
-    to the column's size. For code that builds events without validation (the tracker's hot path)."""
+    """``value`` as validation leaves the text field ``field`` of an Event: NUL removed, lone
+    surrogates made U+FFFD and cut to the column's size. For code that builds events
+    without validation (the tracker's hot path)."""
     return _clean(value, _TEXT_LIMITS[field])
 
 
@@ -107,6 +147,19 @@ class Event(BaseModel):
     machine_kind: str | None = None
     source: str = "proxy"
     metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("event_id")
+    @classmethod
+    def _event_id(cls, value: str) -> str:
+        if _UNFIT_FOR_ID.search(value):
+            raise ValueError("event_id must not contain control characters or lone surrogates")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # Rebuilt only when needed: nearly all metadata is a few plain strings.
+        return _encodable_metadata(value) if _has_surrogate(value) else value
 
     @field_validator("tracking_id")
     @classmethod

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
+from typing import Any
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -38,3 +40,50 @@ def anonymize_ip(text: str) -> str | None:
         return None
     prefix = 24 if address.version == 4 else 48
     return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False).network_address)
+
+
+# Addresses quoted in text (a verdict's evidence, a provider's bounce diagnostic): dotted
+# quads, and colon groups with an optional dotted tail. Candidates are checked by parsing,
+# so a time of day such as 10:30:00 stays as it is.
+_ADDRESS_IN_TEXT = re.compile(
+    r"(?<![0-9A-Za-z.:])"
+    r"(?:(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?"
+    r"(?![0-9A-Za-z.:])"
+    # A dotted quad may be followed by a colon: its port (192.0.2.1:25) or a sentence's.
+    r"|(?:\d{1,3}\.){3}\d{1,3}(?![0-9A-Za-z.]))"
+)
+
+
+def _anonymized_match(match: re.Match[str]) -> str:
+    return anonymize_ip(match.group()) or match.group()
+
+
+def anonymize_text(text: str) -> str:
+    """``text`` with every IP address in it anonymized like :func:`anonymize_ip`."""
+    if "." not in text and ":" not in text:
+        return text
+    return _ADDRESS_IN_TEXT.sub(_anonymized_match, text)
+
+
+# Provider payload keys that hold a client or server address (SendGrid "ip", SES
+# "ipAddress"/"sourceIp", Postmark "Geo.IP", Mailgun "ip").
+_IP_KEYS = frozenset({"ip", "ipaddress", "ip_address", "sourceip", "client_ip", "clientip", "remote_ip"})
+
+
+def scrub_ips(value: Any) -> Any:
+    """A copy of ``value`` (an event's metadata, a provider payload) with every address in
+    it anonymized: whole values under an IP-like key, and addresses quoted in any text."""
+    if isinstance(value, dict):
+        return {
+            key: (
+                anonymize_ip(item) or item
+                if isinstance(item, str) and str(key).lower() in _IP_KEYS
+                else scrub_ips(item)
+            )
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [scrub_ips(item) for item in value]
+    if isinstance(value, str):
+        return anonymize_text(value)
+    return value

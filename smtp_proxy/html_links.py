@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import html
+import html.entities
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,8 +24,10 @@ _TAG = re.compile(
     r"<(?P<tag>a|area|v:[a-z]+)(?=[\s/>])(?P<attrs>(?:[^>\"']|\"[^\"]*\"|'[^']*')*)>",
     re.IGNORECASE,
 )
+# An unquoted value runs to whitespace or ">" (HTML5): "=", quotes and "<" inside it are
+# parse errors a browser keeps in the value, so ``href=https://x/?a=1&b=2`` is one URL.
 _HREF = re.compile(
-    r"(?P<pre>(?:^|(?<=[\s\"']))href\s*=\s*)(?:\"(?P<dq>[^\"]*)\"|'(?P<sq>[^']*)'|(?P<uq>[^\s\"'=<>`]+))",
+    r"(?P<pre>(?:^|(?<=[\s\"']))href\s*=\s*)(?:\"(?P<dq>[^\"]*)\"|'(?P<sq>[^']*)'|(?P<uq>[^\s\"'>][^\s>]*))",
     re.IGNORECASE,
 )
 _NOTRACK_ATTR = re.compile(
@@ -39,6 +42,9 @@ _UNSUBSCRIBE_WORDS = re.compile(r"unsubscribe|opt-?out|optout", re.IGNORECASE)
 _TAB_OR_NEWLINE = re.compile(r"[\t\r\n]")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _NUMERIC_REFERENCE = re.compile(r"&#(?:[xX]([0-9a-fA-F]+)|([0-9]+));?")
+# The candidate references html.unescape itself finds (numeric, or a name of up to 32 characters).
+_CHARACTER_REFERENCE = re.compile(r"&(#[0-9]+;?|#[xX][0-9a-fA-F]+;?|[^\t\n\f <&#;]{1,32};?)")
+_BLOCKS_LEGACY_REFERENCE = re.compile(r"[A-Za-z0-9=]")
 
 
 def _control_reference(match: re.Match[str]) -> str:
@@ -47,14 +53,34 @@ def _control_reference(match: re.Match[str]) -> str:
     return chr(code) if code < 0x20 or code == 0x7F else match.group(0)
 
 
+def _attribute_reference(match: re.Match[str]) -> str:
+    name = match.group(1)
+    if name.startswith("#") or name in html.entities.html5:
+        return html.unescape(match.group(0))
+    # A legacy reference without ``;`` (``&sect``, ``&times``, ``&not``): the longest
+    # known prefix. Inside an attribute a browser leaves it as written when the next
+    # character is alphanumeric or ``=`` (HTML5 "character reference in attribute"), so
+    # ``?id=1&section=2`` keeps its ``&section=2`` where html.unescape makes it ``§ion=2``.
+    for length in range(len(name) - 1, 1, -1):
+        prefix = name[:length]
+        if prefix in html.entities.html5:
+            if _BLOCKS_LEGACY_REFERENCE.match(name, length):
+                return match.group(0)
+            return html.entities.html5[prefix] + name[length:]
+    return match.group(0)
+
+
 def unescape_attribute(value: str) -> str:
     """Character references decoded as a browser decodes them in an attribute.
 
     ``html.unescape`` drops references to most control characters, where a browser keeps
     them (``&#1;`` is U+0001 to it): they are decoded here first, so such a link is seen
-    for what it is.
+    for what it is. Legacy named references without ``;`` follow the attribute rule.
     """
-    return html.unescape(_NUMERIC_REFERENCE.sub(_control_reference, value))
+    value = _NUMERIC_REFERENCE.sub(_control_reference, value)
+    if "&" not in value:
+        return value
+    return _CHARACTER_REFERENCE.sub(_attribute_reference, value)
 
 
 def browser_url(value: str) -> str:
@@ -164,7 +190,8 @@ def scan_html(
             pieces.append(_NOTRACK_SCHEME.sub(r"\1\2", raw_value, count=1))
             literal_start, changed = attrs_start + value_end, True
             continue
-        url = browser_url(url_of(unescape_attribute(raw_value)))
+        # The raw bytes become text first: a reference may stand for any character (&sect; &#8364;).
+        url = browser_url(unescape_attribute(url_of(raw_value)))
         if not policy.should_track(url):
             continue
         # The slot covers the value with its quotes, so an unquoted value can gain some.

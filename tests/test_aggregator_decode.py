@@ -166,6 +166,13 @@ def agree(data: bytes) -> None:
 @example(b'{"event_id":"a","type":"sent","metadata":{"x":1e400}}')
 @example(b'{"event_id":"a","type":"sent","recipient":"\\u00c5sa@example.com"}')
 @example(b'{"event_id":"a","type":"sent","campaign":"\\ud800"}')
+@example(b'{"event_id":"a","type":"sent","metadata":{"\\udcff":["\\ud800",{"k":"\\udfff"}]}}')
+@example(b'{"event_id":"a","type":"sent","user_agent":"\\ud83d\\ude00 \\ud83d"}')
+@example(b'{"event_id":"a\x7fb","type":"sent"}')
+@example(b'{"event_id":"a\\u0000b","type":"sent"}')
+@example(b'{"event_id":"a\\u007f","type":"sent"}')
+@example(b'{"event_id":"a\\ud800","type":"sent"}')
+@example(b'{"event_id":"a\\tb","type":"sent"}')
 @example(b'{"event_id":"a","type":"sent","occurred_at":"0001-01-01T00:00:00+01:00"}')
 @example(b'{"event_id":"a","type":"sent","occurred_at":"2026-02-30T00:00:00+00:00"}')
 @example(b'{"event_id":"a","type":"sent","occurred_at":"\xd9\xa2026-03-02T08:00:00+00:00"}')
@@ -210,6 +217,9 @@ def test_published_events_take_the_fast_path() -> None:
         b"{}",
         b'{"event_id":"a","type":"teleported"}',
         b'{"event_id":"a","type":"sent","metadata":{"x":NaN}}',
+        # PostgreSQL refuses NUL in the id; DEL is plain JSON text the fast path sees as is.
+        b'{"event_id":"a\\u0000b","type":"sent"}',
+        b'{"event_id":"a\x7fb","type":"sent"}',
     ],
 )
 def test_invalid_payloads_are_refused_with_a_reason(payload: bytes) -> None:

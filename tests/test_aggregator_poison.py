@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 from prometheus_client import generate_latest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from aggregator.consumer import EventConsumer
 from aggregator.db import Database, open_database
@@ -28,6 +28,10 @@ from tests.support import eventually, metric_value
 
 def rejected() -> float:
     return metric_value(generate_latest().decode(), "mailbeacon_aggregator_events_rejected_total")
+
+
+def batch_failures() -> float:
+    return metric_value(generate_latest().decode(), "mailbeacon_aggregator_batch_failures_total")
 
 
 @pytest.fixture
@@ -109,3 +113,58 @@ async def _stored(db: Database, event_ids: list[str]) -> bool:
     async with db.read_engine.connect() as conn:
         n = (await conn.execute(select(func.count()).where(EVENTS.c.event_id.in_(event_ids)))).scalar_one()
     return bool(n == len(event_ids))
+
+
+REFUSE_EVERY_EVENT = {
+    # A database that answers but stores nothing, as after a failover to a read-only standby
+    # or on a full disk: the refusal says nothing about the events themselves.
+    "sqlite": [
+        "CREATE TRIGGER refuse_all BEFORE INSERT ON events BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+    ],
+    "postgresql": [
+        "CREATE FUNCTION refuse_all() RETURNS trigger AS $$ BEGIN "
+        "RAISE EXCEPTION 'could not extend file' USING ERRCODE = '53100'; END $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER refuse_all BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION refuse_all()",
+    ],
+}
+ALLOW_AGAIN = {
+    "sqlite": ["DROP TRIGGER refuse_all"],
+    "postgresql": ["DROP TRIGGER refuse_all ON events", "DROP FUNCTION refuse_all()"],
+}
+
+
+async def test_a_database_that_stores_nothing_loses_nothing(nc: NATS, database_url: str) -> None:
+    db = open_database(database_url)
+    await migrate(db)
+    dialect = "postgresql" if database_url.startswith("postgresql") else "sqlite"
+    async with db.writing() as conn:
+        for statement in REFUSE_EVERY_EVENT[dialect]:
+            await conn.execute(text(statement))
+    campaign = f"full/c{uuid.uuid4().hex[:8]}"
+    before_rejected = rejected()
+    failures_before = batch_failures()
+    consumer = EventConsumer(nc.jetstream(), db, batch_size=64)
+    await consumer.start()
+    try:
+        sent = [
+            event("sent", tracking_id=str(uuid.uuid4()), campaign=campaign, recipient=f"r{i}@x.example")
+            for i in range(8)
+        ]
+        await publish(nc, sent)
+
+        async def refused_and_redelivered() -> bool:
+            # Several rounds of refusal, each a batch and its halves.
+            return batch_failures() - failures_before >= 30
+
+        await eventually(refused_and_redelivered, within=30)
+        assert rejected() == before_rejected  # not one event given up on
+        assert not consumer.healthy
+        async with db.writing() as conn:
+            for statement in ALLOW_AGAIN[dialect]:
+                await conn.execute(text(statement))
+        await eventually(lambda: _stored(db, [str(e["event_id"]) for e in sent]), within=60)
+        assert (await read_statistics(db, campaign))["sent_count"] == 8
+        assert rejected() == before_rejected
+    finally:
+        await consumer.stop()
+        await db.dispose()

@@ -5,6 +5,7 @@ resolve to the most recent message sent to that address by the time of the event
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -49,10 +50,26 @@ def sent(tid: str, campaign: str, recipient: str, at: datetime) -> Event:
 def opened(
     tid: str | None, ip: str, recipient: str | None = None, kind: EventType = EventType.OPENED
 ) -> Event:
+    # The address also where the tracker's classification and the provider's payload quote it.
     return Event(
         event_id=uuid.uuid4().hex, type=kind, tracking_id=tid, recipient=recipient, ip=ip,
-        occurred_at=START + timedelta(hours=1), source="pixel",
+        occurred_at=START + timedelta(hours=1), source="pixel", user_agent=f"Scanner/2.0 (via {ip})",
+        reason=f"550 5.7.1 [{ip}] blocked",
+        metadata={"machine_evidence": f"image fetched from {ip}", "payload": {"ip": ip, "hops": [f"from {ip}"]}},
     )  # fmt: skip
+
+
+async def stored_text(db: Database, event_id: str) -> str:
+    """Everything an event row holds besides its ip column, as one text."""
+    async with db.read_engine.connect() as conn:
+        row = (
+            await conn.execute(
+                select(EVENTS.c.user_agent, EVENTS.c.reason, EVENTS.c["metadata"]).where(
+                    EVENTS.c.event_id == event_id
+                )
+            )
+        ).one()
+    return json.dumps([row[0], row[1], row[2]])
 
 
 async def stored_ips(db: Database, event_ids: list[str]) -> dict[str, tuple[str | None, bool]]:
@@ -97,6 +114,17 @@ async def test_campaign_privacy_anonymizes_stored_ips(db: Database) -> None:
     assert ips[applied_now[2].event_id] == ("203.0.113.77", True)  # a campaign without the setting
     assert ips[parked[0].event_id] == ("198.51.100.0", True)
     assert ips[parked[1].event_id] == ("198.51.100.0", True)
+    for event, full, kept in (
+        (applied_now[0], "203.0.113.77", "203.0.113.0"),
+        (applied_now[1], "2001:db8:abcd:12:34::9", "2001:db8:abcd::"),
+        (parked[0], "198.51.100.23", "198.51.100.0"),
+        (parked[1], "198.51.100.24", "198.51.100.0"),
+    ):
+        text = await stored_text(db, event.event_id)
+        assert full not in text and text.count(kept) == 5, (
+            text
+        )  # user agent, reason, evidence, payload ip, hops
+    assert (await stored_text(db, applied_now[2].event_id)).count("203.0.113.77") == 5  # kept as sent
 
 
 async def test_address_only_events_resolve_to_the_message_sent_by_their_time(db: Database) -> None:

@@ -18,7 +18,7 @@ from mailbeacon.campaigns import (
     match_campaign,
     parse_manifests,
 )
-from mailbeacon.events import Event, EventType, derived_event_id, subject_for
+from mailbeacon.events import Event, EventType, derived_event_id, storable_text, subject_for
 from mailbeacon.settings import Settings, parse_listen
 
 TID = "0b7e4c2a-4f7e-4d8e-9a51-3c1f0f7d2b11"
@@ -254,6 +254,37 @@ class TestStoreSafety:
         assert event.user_agent is not None and len(event.user_agent) == 1000
         assert event.machine_kind is not None and len(event.machine_kind) == 64
         assert Event.from_json(event.to_json()) == event
+
+    def test_lone_surrogates_become_replacement_characters_everywhere(self) -> None:
+        # aiohttp's reading of a non-UTF-8 header byte, and what a JSON "\ud800" escape gives.
+        event = Event(
+            event_id="webhook:1",
+            type=EventType.BOUNCED,
+            recipient="ann\udcff@example.com",
+            user_agent="Mozilla \udcff\udcfe",
+            reason="550 \ud800 user",
+            url="https://shop.example/\udfff",
+            campaign="news/\ud800",
+            metadata={"k\ud800": ["\udfff", {"deep\udcff": "v\ud800", "n": 1}], "plain": "ok"},
+        )
+        assert event.user_agent == "Mozilla \ufffd\ufffd"
+        assert (event.reason, event.url, event.campaign) == (
+            "550 \ufffd user",
+            "https://shop.example/\ufffd",
+            "news/\ufffd",
+        )
+        assert event.recipient == "ann\ufffd@example.com"
+        assert event.metadata == {"k\ufffd": ["\ufffd", {"deep\ufffd": "v\ufffd", "n": 1}], "plain": "ok"}
+        assert Event.from_json(event.to_json()) == event  # publishable, and read back the same
+        assert storable_text("user_agent", "Mozilla \udcff\x00") == "Mozilla \ufffd"
+        # A lone surrogate in a provider's id still derives a stable, safe id.
+        assert derived_event_id("sendgrid", "a\ud800") == derived_event_id("sendgrid", "a\ud800")
+
+    @pytest.mark.parametrize("event_id", ["a\x00b", "a\x1fb", "a\x7f", "\ud800", "x\tb", "x\nb"])
+    def test_event_ids_refuse_control_characters_and_lone_surrogates(self, event_id: str) -> None:
+        with pytest.raises(ValidationError, match="event_id"):
+            Event(event_id=event_id, type=EventType.BOUNCED)
+        assert Event(event_id="generic:ünïcode id", type=EventType.BOUNCED).event_id == "generic:ünïcode id"
 
     def test_non_ascii_signature_is_simply_wrong(self) -> None:
         assert not signing.verify_click([b"k"], TID, "https://example.com/", "\u00b2\u00e9")

@@ -11,11 +11,11 @@ import aiohttp
 import pytest
 
 from mailbeacon.events import Event
-from mailbeacon.netaddr import anonymize_ip, normalize_ip
+from mailbeacon.netaddr import anonymize_ip, anonymize_text, normalize_ip, scrub_ips
 from mailbeacon.signing import click_url, pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, post, running_tracker, sendgrid_headers, stream_events
 from tests.support import SECRET, eventually, make_settings
-from tracker.privacy import anonymize_text, client_ip, scrub_ips
+from tracker.privacy import client_ip
 from tracker.service import StandaloneTracker
 
 TID = "5e2b7c1a-3d4f-4a6b-8c9d-0e1f2a3b4c5d"
@@ -51,6 +51,10 @@ def test_mapped_addresses_are_one_client_everywhere() -> None:
         ("from ::ffff:198.51.100.9", "from 198.51.100.0"),
         ("at 10:30:00, version 1.2.3 and 1.2.3.4.5", "at 10:30:00, version 1.2.3 and 1.2.3.4.5"),
         ("Mozilla/5.0 (X11)", "Mozilla/5.0 (X11)"),
+        # A dotted quad with its port, or ending a clause; IPv6 next to colons still found.
+        ("relay 192.0.2.1:25 refused", "relay 192.0.2.0:25 refused"),
+        ("connect to 192.0.2.1: timed out", "connect to 192.0.2.0: timed out"),
+        ("via [2001:db8:1:2::7]:25 and 2001:db8:1:2::7", "via [2001:db8:1::]:25 and 2001:db8:1::"),
     ],
 )
 def test_addresses_quoted_in_text_are_anonymized(text: str, expected: str) -> None:

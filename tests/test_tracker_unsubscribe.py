@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from pathlib import Path
 
@@ -121,3 +122,40 @@ async def test_forwarded_for_is_ignored_from_untrusted_peers(tmp_path: Path, nat
             assert response.status == 200
         (event,) = await eventually(lambda: stream_events(nats_url))
     assert event.ip == "127.0.0.1"  # a client cannot claim another address (or Apple's)
+
+
+async def test_unsubscribe_with_a_user_agent_that_is_not_utf8_is_stored(
+    tmp_path: Path, nats_url: str
+) -> None:
+    """The recipient is told "unsubscribed": the event must reach the stream, not be dropped
+    by the publisher because aiohttp kept the header's bytes as lone surrogates."""
+    async with running_tracker(tmp_path, nats_url) as tracker:
+        port, site = int(tracker.url.rsplit(":", 1)[1]), tracker.settings.site_url
+        path = unsubscribe_url(site, TID).removeprefix(site).encode()
+        form = b"List-Unsubscribe=One-Click"
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(
+                b"POST " + path + b" HTTP/1.1\r\nHost: t\r\nUser-Agent: Mozilla \xff\xfe\r\n"
+                b"Content-Type: application/x-www-form-urlencoded\r\n"
+                b"Content-Length: " + str(len(form)).encode() + b"\r\nConnection: close\r\n\r\n" + form
+            )
+            await writer.drain()
+            answer = await reader.read(65536)
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        assert answer.startswith(b"HTTP/1.1 200") and b"You are unsubscribed" in answer
+
+        async def stored() -> list[object]:
+            events = await stream_events(nats_url)
+            assert len(events) == 1
+            return events
+
+        (event,) = await eventually(stored, within=10)
+    assert (event.type.value, event.tracking_id, event.user_agent) == (  # type: ignore[attr-defined]
+        "unsubscribed",
+        TID,
+        "Mozilla \ufffd\ufffd",
+    )

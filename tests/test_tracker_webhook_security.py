@@ -6,6 +6,8 @@ refused reaches the stream, and nothing is ever answered with a 500.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -30,7 +32,7 @@ from tests.esp_payloads.harness import (
     sns_notification,
     stream_events,
 )
-from tests.support import metric_value
+from tests.support import eventually, metric_value
 
 Request = tuple[bytes, dict[str, str]]
 PADDING = "x" * (300 * 1024)  # over the 256 KiB limit the harness configures
@@ -227,3 +229,86 @@ async def test_generic_webhooks_are_counted_with_the_providers(tmp_path: Path, n
             before, name, provider="generic", outcome=outcome
         )
         assert counted == 1, outcome
+
+
+async def test_lone_surrogate_escapes_are_stored_not_retried_forever(tmp_path: Path, nats_url: str) -> None:
+    """A JSON "\\ud800" escape is valid JSON but not encodable text: the event is stored with
+    U+FFFD in its place (a 503 would make the provider retry it for days)."""
+    tid = str(uuid.uuid4())
+    record = {
+        "event": "bounce",
+        "email": "ann@example.com",
+        "timestamp": now_ts(),
+        "sg_event_id": "sg-\ud800",
+        "reason": "550 5.1.1 \ud800 unknown",
+        "note\udcff": ["\udfff", {"deep": "\ud800"}],
+    }
+    body = json.dumps([record]).encode()
+    assert b"\\ud800" in body  # the escape, as a provider sends it
+    generic = json.dumps({"tracking_id": tid, "reason": "full \ud800 mailbox", "x": "\ud800"}).encode()
+    async with running_tracker(tmp_path, nats_url) as tracker, aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{tracker.url}/webhooks/sendgrid", data=body, headers=sendgrid_headers(body)
+        ) as r:
+            assert r.status == 200, await r.text()
+        async with http.post(
+            f"{tracker.url}/track/bounce/", data=generic, headers={"Content-Type": "application/json"}
+        ) as r:
+            assert r.status == 200, await r.text()
+
+        async def stored() -> list[object]:
+            events = await stream_events(nats_url)
+            assert len(events) == 2
+            return events
+
+        events = await eventually(stored, within=10)
+    by_source = {e.source: e for e in events}  # type: ignore[attr-defined]
+    assert by_source["webhook:sendgrid"].reason == "550 5.1.1 \ufffd unknown"
+    assert "\ufffd" in json.dumps(by_source["webhook:sendgrid"].metadata, ensure_ascii=False)
+    assert by_source["webhook:generic"].reason == "full \ufffd mailbox"
+    assert by_source["webhook:generic"].tracking_id == tid
+
+
+@pytest.mark.parametrize("event_id", ["a\u0000b", "a\u007fb", "a\nb", "a\ud800"])
+async def test_generic_event_ids_the_store_cannot_keep_are_refused(
+    event_id: str, tmp_path: Path, nats_url: str
+) -> None:
+    body = json.dumps({"tracking_id": str(uuid.uuid4()), "event_id": event_id}).encode()
+    async with running_tracker(tmp_path, nats_url) as tracker, aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{tracker.url}/track/bounce/", data=body, headers={"Content-Type": "application/json"}
+        ) as response:
+            assert response.status == 400
+            assert "event_id" in (await response.json())["error"]
+        await asyncio.sleep(0.2)
+    assert await stream_events(nats_url) == []
+
+
+async def test_a_token_that_is_not_utf8_is_unauthorized(tmp_path: Path, nats_url: str) -> None:
+    body = json.dumps({"tracking_id": str(uuid.uuid4())}).encode()
+    async with running_tracker(tmp_path, nats_url, webhook_token="s3cret-token") as tracker:
+        port = int(tracker.url.rsplit(":", 1)[1])
+        for header in (b"X-Webhook-Token: s3cret-\xff\xfe", b"Authorization: Bearer \xffs3cret"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(
+                    b"POST /track/bounce/ HTTP/1.1\r\nHost: t\r\n" + header + b"\r\n"
+                    b"Content-Type: application/json\r\nContent-Length: "
+                    + str(len(body)).encode()
+                    + b"\r\nConnection: close\r\n\r\n"
+                    + body
+                )
+                await writer.drain()
+                answer = await reader.read(65536)
+            finally:
+                writer.close()
+                with contextlib.suppress(ConnectionError):
+                    await writer.wait_closed()
+            assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
+                f"{tracker.url}/track/bounce/", data=body, headers={"X-Webhook-Token": "s3cret-token"}
+            ) as response,
+        ):
+            assert response.status == 200

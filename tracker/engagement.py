@@ -26,12 +26,12 @@ from mailbeacon.events import (
     utcnow,
 )
 from mailbeacon.jetstream import EventPublisher
-from mailbeacon.netaddr import anonymize_ip
+from mailbeacon.netaddr import anonymize_ip, anonymize_text
 from mailbeacon.settings import Settings
 from mailbeacon.web import json_error
 from tracker import classify, metrics, pages
 from tracker.bursts import ClickHold
-from tracker.privacy import anonymize_text, client_ip
+from tracker.privacy import client_ip
 
 # The classic 43-byte 1x1 transparent GIF.
 PIXEL_GIF = (
@@ -101,7 +101,7 @@ def engagement_event(
     This runs on every pixel load and click, and the tracker produced every value itself
     (a canonical tracking id, the UTC time, text made :func:`encodable`), so validating them
     again would only cost time. Text a client sent still gets the sanitation validation
-    applies (:func:`mailbeacon.events.storable_text`: no NUL, column-sized), so the result
+    applies (:func:`mailbeacon.events.storable_text`: no NUL nor lone surrogate, column-sized), so the result
     equals the validated ``Event`` of the same values and serializes to the same JSON
     (tests hold it to that).
     """

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from mailbeacon.events import Event, utcnow
 from mailbeacon.jetstream import EventPublisher
-from mailbeacon.netaddr import anonymize_ip
+from mailbeacon.netaddr import anonymize_ip, anonymize_text, scrub_ips
 from mailbeacon.settings import Settings
 from mailbeacon.web import json_error
 from tracker import metrics
@@ -27,7 +27,6 @@ from tracker.esp import ADAPTERS, Adapter
 from tracker.esp.base import ParseContext, ReplayGuard, VerifyContext, WebhookRequest
 from tracker.esp.sns import Certificates, HttpGet, https_get
 from tracker.generic_webhooks import WebhookError, parse_generic
-from tracker.privacy import anonymize_text, scrub_ips
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +98,11 @@ class Webhooks:
         offered = (
             auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("X-Webhook-Token", "")
         )
-        return hmac.compare_digest(offered.encode(), token.get_secret_value().encode())
+        # aiohttp keeps header bytes that are not UTF-8 as lone surrogates: surrogateescape
+        # gives those bytes back, so a garbled token is simply a wrong one (401), not a crash.
+        return hmac.compare_digest(
+            offered.encode("utf-8", "surrogateescape"), token.get_secret_value().encode()
+        )
 
     async def generic(self, request: web.Request) -> web.Response:
         response = await self._generic(request)

@@ -216,6 +216,30 @@ def main() -> None:
         + page(f'<a href="{entity}">e</a><a href="https://shop.example.com/q?a=1&#38;b=2">n</a>'),
         ["https://shop.example.com/p?id=1&ref=mail&x=%20y", "https://shop.example.com/q?a=1&b=2"],
     )
+    # Legacy references without ";" (&sect, &times, &curren, &reg, &not, &copy) stay as
+    # written in an attribute when a letter, digit or "=" follows: what a browser opens.
+    legacy = "https://shop.example.com/p?id=1&section=2&timestamp=3&currency=eur&region=eu&not=1&copy=2"
+    write(
+        "legacy_references_in_query",
+        headers("Legacy references", "Content-Type: text/html; charset=utf-8\n")
+        + "\n"
+        + page(
+            f'<a href="{legacy}">q</a>'
+            "<a href='https://shop.example.com/s?a=1&sect;b'>s</a>"
+            "<a href=https://shop.example.com/r?x=1&reg>u</a>"
+            '<a href="https://shop.example.com/c?x=&copy-1&amp=2">c</a>'
+            '<v:roundrect xmlns:v="urn:schemas-microsoft-com:vml" href="https://shop.example.com/v?a=1&times=2"><center>v</center></v:roundrect>'
+            '<a href="https://shop.example.com/e?p=5&euro;&amp;q=&#233;">e</a>'
+        ),
+        [
+            legacy,
+            "https://shop.example.com/s?a=1\u00a7b",
+            "https://shop.example.com/r?x=1\u00ae",
+            "https://shop.example.com/c?x=\u00a9-1&amp=2",
+            "https://shop.example.com/v?a=1&times=2",
+            "https://shop.example.com/e?p=5\u20ac&q=\u00e9",
+        ],
+    )
     write(
         "uppercase_tags",
         headers("Upper", "Content-Type: text/html; charset=utf-8\n")
