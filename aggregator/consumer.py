@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 from nats.aio.client import Client as NATS
@@ -84,6 +85,9 @@ class EventConsumer:
         self._stopping = False
         self.db_ok = True
         self.processed = 0
+        # Runs after a batch committed and before it is acknowledged (suppressions); when it
+        # fails, the batch is redelivered and the hook runs again on the duplicates.
+        self.before_ack: Callable[[Sequence[Incoming]], Awaitable[None]] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -200,6 +204,13 @@ class EventConsumer:
             return exc
         self.db_ok = True
         metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        if self.before_ack is not None:
+            try:
+                await self.before_ack(events)
+            except Exception as exc:
+                log.warning("batch stored, but its suppressions not (%s); it will be redelivered", exc)
+                await self.feed.settle(replies, nak(1.0))
+                return None
         await self.feed.settle(replies, ACK)
         self.processed += len(events)
         metrics.record_batch(result, len(events))

@@ -22,10 +22,13 @@ from aggregator.outbox_pages import add_outbox_routes
 from aggregator.pages import add_page_routes, layout
 from aggregator.retention import prune
 from aggregator.statistics import list_campaigns
+from aggregator.suppressions import SuppressionRecorder
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, CampaignSpec
 from mailbeacon.events import utcnow
+from mailbeacon.jetstream import ensure_suppression_bucket
 from mailbeacon.settings import Settings
+from mailbeacon.suppressions import SuppressionList
 from mailbeacon.web import add_health_routes, bound_port, json_errors, serve
 
 log = logging.getLogger(__name__)
@@ -65,6 +68,7 @@ class AggregatorService:
         self.anonymized: set[str] = set()
         self.consumer = EventConsumer(js, self.db, settings.ingest_batch_size, anonymized=self.anonymized)
         self.campaigns = CampaignStore(kv, on_change=self._campaign_changed) if kv is not None else None
+        self.suppressions: SuppressionRecorder | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.port: int | None = None
@@ -88,6 +92,10 @@ class AggregatorService:
         await ensure_schema(self.db, self.settings.migrate_on_start)
         if self.campaigns is not None:
             await self.campaigns.start()
+        bucket = await ensure_suppression_bucket(self.js, self.settings)
+        self.suppressions = SuppressionRecorder(self.db, SuppressionList(bucket))
+        await self.suppressions.start()
+        self.consumer.before_ack = self.suppressions.record
         await self.consumer.start()
         self._tasks = [asyncio.create_task(self._publish_statistics(), name="aggregator-statistics-metrics")]
         if self.settings.event_retention_days is not None:
@@ -135,6 +143,8 @@ class AggregatorService:
             await self._runner.cleanup()
             self._runner = None
         await self.consumer.stop()
+        if self.suppressions is not None:
+            await self.suppressions.stop()
         if self.campaigns is not None:
             await self.campaigns.stop()
         await self.db.dispose()

@@ -19,9 +19,10 @@ from pydantic import ValidationError
 
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, InvalidCampaign, parse_manifests
-from mailbeacon.jetstream import EventPublisher, connect, provision, redact_url
+from mailbeacon.jetstream import EventPublisher, connect, ensure_suppression_bucket, provision, redact_url
 from mailbeacon.runner import AllInOne, Component, nats_url_file, run_component, wait_for_signal
 from mailbeacon.settings import Settings
+from mailbeacon.suppressions import SuppressionList
 
 
 class _WithPublisher:
@@ -47,7 +48,11 @@ async def _build_proxy(settings: Settings, nc: NATS) -> Component:
 
     kv = await provision(nc.jetstream(), settings)
     publisher, store = EventPublisher(nc.jetstream()), CampaignStore(kv)
-    return _WithPublisher(ProxyService(settings, publisher, store), publisher, store)
+    suppressions = None
+    if settings.honour_unsubscribes:
+        suppressions = SuppressionList(await ensure_suppression_bucket(nc.jetstream(), settings))
+    proxy = ProxyService(settings, publisher, store, suppressions=suppressions)
+    return _WithPublisher(proxy, publisher, store)
 
 
 async def _build_aggregator(settings: Settings, nc: NATS) -> Component:

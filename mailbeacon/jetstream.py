@@ -1,7 +1,7 @@
 """NATS JetStream: connection, idempotent provisioning and event publishing.
 
 Every component calls :func:`provision` at start; it creates the stream, the durable
-consumer and the campaign KV bucket when missing and leaves them alone when they
+consumer and the campaign and suppression KV buckets when missing and leaves them alone when they
 already match, so replicas can start in any order.
 """
 
@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 STREAM = "MAILBEACON_EVENTS"
 CONSUMER = "aggregator"
 KV_BUCKET = "mailbeacon_campaigns"
+# (campaign, recipient) pairs that must not get mail again: see mailbeacon.suppressions.
+SUPPRESSIONS_BUCKET = "mailbeacon_suppressions"
 ALL_EVENTS = f"{SUBJECT_PREFIX}.>"
 # The aggregator may hold a batch for a while on a slow database; redelivery before
 # the commit would only cost a duplicate (dropped by event_id), never a wrong count.
@@ -152,9 +154,20 @@ async def ensure_campaign_bucket(js: JetStreamContext, settings: Settings) -> Ke
         return await js.create_key_value(config=config)
 
 
+async def ensure_suppression_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
+    try:
+        return await js.key_value(SUPPRESSIONS_BUCKET)
+    except BucketNotFoundError:
+        # Only the latest value of a key matters; a suppression is kept until someone deletes it.
+        config = KeyValueConfig(bucket=SUPPRESSIONS_BUCKET, history=1, replicas=settings.stream_replicas)
+        return await js.create_key_value(config=config)
+
+
 async def provision(js: JetStreamContext, settings: Settings) -> KeyValue:
+    """Stream, consumer and both KV buckets; returns the campaign bucket."""
     await ensure_stream(js, settings)
     await ensure_consumer(js)
+    await ensure_suppression_bucket(js, settings)
     return await ensure_campaign_bucket(js, settings)
 
 

@@ -22,9 +22,10 @@ from pydantic import SecretStr
 
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.embedded_nats import EmbeddedNats
-from mailbeacon.jetstream import EventPublisher, connect, provision
+from mailbeacon.jetstream import EventPublisher, connect, ensure_suppression_bucket, provision
 from mailbeacon.outbox import Outbox
 from mailbeacon.settings import Settings, parse_listen
+from mailbeacon.suppressions import SuppressionList
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,10 @@ class AllInOne:
         await self.store.start()
         aggregator = AggregatorService(settings, js, kv)
         tracker = TrackerService(settings, self.publisher)
-        proxy = ProxyService(settings, self.publisher, self.store, serve_http=False)
+        suppressions = SuppressionList(await ensure_suppression_bucket(js, settings))
+        proxy = ProxyService(
+            settings, self.publisher, self.store, serve_http=False, suppressions=suppressions
+        )
         for component in (aggregator, tracker, proxy):
             await component.start()
             self.components.append(component)

@@ -170,6 +170,10 @@ class Settings(BaseSettings):
     dkim_domain: str | None = None
     tracking_optout_file: Path | None = None
     honeypot_links: bool = True
+    honour_unsubscribes: bool = Field(
+        default=True,
+        description="the proxy does not relay a campaign's mail to recipients who unsubscribed or complained",
+    )
 
     @field_validator(
         "secret_keys",

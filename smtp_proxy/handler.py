@@ -20,8 +20,9 @@ from datetime import UTC, datetime
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailbeacon.campaign_store import CampaignStore
-from mailbeacon.campaigns import CampaignKey
+from mailbeacon.campaigns import CampaignKey, TrackingSwitches
 from mailbeacon.jetstream import EventPublisher
+from mailbeacon.suppressions import SuppressionList
 from smtp_proxy import metrics
 from smtp_proxy.auth import Networks
 from smtp_proxy.campaign_choice import CampaignChoice, choose_campaign
@@ -30,6 +31,7 @@ from smtp_proxy.mime import Part
 from smtp_proxy.optout import TRACK_HEADER, RecipientOptOuts, TrackSwitches, switches_from_header
 from smtp_proxy.outcome import decide
 from smtp_proxy.submission import added_message_id, missing_headers
+from smtp_proxy.suppress import Suppressed, suppression_reasons
 from smtp_proxy.upstream import CopyResult, OutgoingCopy, Upstream
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,7 @@ class _Relay:
     campaign: str | None
     message_id: str
     mail_options: list[str]
+    suppressed: list[Suppressed]
 
 
 # RFC 5321 4.5.3.1.3: a path is at most 256 octets with its angle brackets.
@@ -85,12 +88,14 @@ class ProxyHandler:
         campaigns: CampaignStore | None,
         *,
         optouts: RecipientOptOuts | None = None,
+        suppressions: SuppressionList | None = None,
     ) -> None:
         self.options = options
         self.upstream = upstream
         self.publisher = publisher
         self.campaigns = campaigns
         self.optouts = optouts or RecipientOptOuts(None)
+        self.suppressions = suppressions  # None: HONOUR_UNSUBSCRIBES is off
         self.closing = False
         self._relays: set[asyncio.Task[str]] = set()
         self._unknown_logged: set[str] = set()
@@ -185,23 +190,28 @@ class ProxyHandler:
             metrics.MESSAGES.labels("paused").inc()
             return f"451 4.7.1 campaign {key} is paused, try again later"
         tracking_ids: list[str | None]
+        suppressed: list[Suppressed] = []
         if key is None:
             metrics.UNTRACKED.labels(choice.untracked_why or "no_campaign").inc()
             untouched = untracked_content(raw, message, added)
             copies = [OutgoingCopy(rcpt, lambda: untouched) for rcpt in recipients]
             tracking_ids = [None] * len(recipients)
         else:
-            switches = switches_from_header(message.parsed.get(TRACK_HEADER))
-            switches &= TrackSwitches(spec.tracking.opens, spec.tracking.clicks)
-            builder = MessageCopies(
-                raw, message, self.options.copies, spec.tracking, switches, self.optouts, added_headers=added
+            lookup = self.suppressions.reason if self.suppressions is not None else None
+            relayed: list[str] = []
+            reasons = suppression_reasons(str(key), recipients, lookup)
+            for rcpt, reason in zip(recipients, reasons, strict=True):
+                if reason is None:
+                    relayed.append(rcpt)
+                else:
+                    suppressed.append(Suppressed(rcpt, str(uuid.uuid4()), reason))
+                    metrics.SUPPRESSED.labels(reason).inc()
+            tracking_ids = [str(uuid.uuid4()) for _ in relayed]
+            copies = (
+                self._tracked_copies(raw, message, spec.tracking, relayed, tracking_ids, added)
+                if relayed
+                else []
             )
-            self._count_untracked(builder, switches, recipients)
-            tracking_ids = [str(uuid.uuid4()) for _ in recipients]
-            copies = [
-                OutgoingCopy(rcpt, lambda rcpt=rcpt, tid=tid: builder.content(rcpt, tid))  # type: ignore[misc]
-                for rcpt, tid in zip(recipients, tracking_ids, strict=True)
-            ]
         relay = _Relay(
             sender=envelope.mail_from or "",
             copies=copies,
@@ -209,6 +219,7 @@ class ProxyHandler:
             campaign=str(key) if key else None,
             message_id=added_message_id(added) or str(message.parsed.get("Message-ID", "")).strip(),
             mail_options=list(envelope.mail_options),
+            suppressed=suppressed,
         )
         task = asyncio.create_task(self._relay(relay), name="smtp-relay")
         self._relays.add(task)
@@ -225,8 +236,12 @@ class ProxyHandler:
         answered: dict[int, CopyResult] = {}
         started = time.perf_counter()
         try:
-            results = await self.upstream.deliver(
-                relay.sender, relay.copies, relay.mail_options, answered.__setitem__
+            results = (
+                await self.upstream.deliver(
+                    relay.sender, relay.copies, relay.mail_options, answered.__setitem__
+                )
+                if relay.copies
+                else []  # every recipient suppressed: nothing goes upstream
             )
         except asyncio.CancelledError:
             # Only a shutdown past its grace period gets here: keep what the upstream
@@ -238,6 +253,7 @@ class ProxyHandler:
                     relay.campaign,
                     [relay.tracking_ids[i] for i in known],
                     relay.message_id,
+                    relay.suppressed,
                 )
                 for event in outcome.events:
                     self.publisher.publish_later(event)  # flushed when the publisher closes
@@ -245,8 +261,9 @@ class ProxyHandler:
             raise
         except Exception as exc:
             return await self.handle_exception(exc)
-        metrics.RELAY_SECONDS.observe(time.perf_counter() - started)
-        outcome = decide(results, relay.campaign, relay.tracking_ids, relay.message_id)
+        if relay.copies:
+            metrics.RELAY_SECONDS.observe(time.perf_counter() - started)
+        outcome = decide(results, relay.campaign, relay.tracking_ids, relay.message_id, relay.suppressed)
         for result in results:
             if not result.accepted:
                 metrics.UPSTREAM_ERRORS.labels(f"{result.code // 100}xx").inc()
@@ -275,6 +292,26 @@ class ProxyHandler:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+
+    def _tracked_copies(
+        self,
+        raw: bytes,
+        message: Part,
+        tracking: TrackingSwitches,
+        recipients: Sequence[str],
+        tracking_ids: Sequence[str | None],
+        added: bytes,
+    ) -> list[OutgoingCopy]:
+        switches = switches_from_header(message.parsed.get(TRACK_HEADER))
+        switches &= TrackSwitches(tracking.opens, tracking.clicks)
+        builder = MessageCopies(
+            raw, message, self.options.copies, tracking, switches, self.optouts, added_headers=added
+        )
+        self._count_untracked(builder, switches, recipients)
+        return [
+            OutgoingCopy(rcpt, lambda rcpt=rcpt, tid=tid: builder.content(rcpt, tid))  # type: ignore[misc]
+            for rcpt, tid in zip(recipients, tracking_ids, strict=True)
+        ]
 
     def _count_untracked(
         self, builder: MessageCopies, switches: TrackSwitches, recipients: Sequence[str]

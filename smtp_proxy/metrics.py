@@ -7,12 +7,17 @@ from prometheus_client import Counter, Gauge, Histogram
 MESSAGES = Counter(
     "mailbeacon_proxy_messages_total",
     "Messages received from apps, by the answer they got",
-    ["result"],  # accepted, partial, deferred, rejected, paused, error
+    ["result"],  # accepted, partial, deferred, rejected, suppressed, paused, error
 )
 COPIES = Counter(
     "mailbeacon_proxy_copies_total",
     "Per-recipient copies relayed upstream, by outcome",
     ["result"],  # sent, failed, deferred
+)
+SUPPRESSED = Counter(
+    "mailbeacon_proxy_copies_suppressed_total",
+    "Copies not relayed because their recipient unsubscribed from or complained about the campaign",
+    ["reason"],  # unsubscribed, complained
 )
 UNTRACKED = Counter(
     "mailbeacon_proxy_untracked_messages_total",

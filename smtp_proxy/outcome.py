@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mailbeacon.events import Event, EventType
+from smtp_proxy.suppress import Suppressed, all_suppressed_reply
 from smtp_proxy.upstream import CopyResult
 
 
@@ -26,8 +27,25 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[:400]
 
 
+def _suppressed_event(copy: Suppressed, campaign: str | None, message_id: str) -> Event:
+    return Event(
+        event_id=f"proxy:failed:{copy.tracking_id}",
+        type=EventType.FAILED,
+        tracking_id=copy.tracking_id,
+        campaign=campaign,
+        recipient=copy.recipient,
+        reason=copy.text,
+        source="proxy",
+        metadata={"message_id": message_id, "suppressed": copy.reason},
+    )
+
+
 def decide(
-    results: Sequence[CopyResult], campaign: str | None, tracking_ids: Sequence[str | None], message_id: str
+    results: Sequence[CopyResult],
+    campaign: str | None,
+    tracking_ids: Sequence[str | None],
+    message_id: str,
+    suppressed: Sequence[Suppressed] = (),
 ) -> Outcome:
     """Pure reply policy: 250 only if some copy was accepted; all-refused passes the upstream's code on.
 
@@ -35,7 +53,33 @@ def decide(
     retries (the copies that would fail permanently fail again and then bounce). Copies
     refused while others were accepted (after their bounded retry) are recorded as
     ``failed``: nothing is silent.
+
+    ``suppressed`` copies were never relayed (their recipient unsubscribed or complained):
+    each is ``failed`` with the reason once the message's answer is final (2xx or 5xx);
+    when the app is told to retry (4xx), the retry records them. With no copy relayed at
+    all the answer is a permanent ``550 5.7.1``.
     """
+    if suppressed and not results:
+        reply = all_suppressed_reply(suppressed, campaign)
+        return Outcome(reply, [_suppressed_event(s, campaign, message_id) for s in suppressed], "suppressed")
+    outcome = _decide_relayed(results, campaign, tracking_ids, message_id)
+    if not suppressed or outcome.reply.startswith("4"):
+        return outcome
+    events = outcome.events + [_suppressed_event(s, campaign, message_id) for s in suppressed]
+    total = len(results) + len(suppressed)
+    accepted = sum(1 for r in results if r.accepted)
+    if not accepted:
+        return Outcome(outcome.reply, events, outcome.result)
+    if accepted < len(results):
+        rest = "the rest failed"
+    else:
+        rest = f"{len(suppressed)} not sent (unsubscribed or complained)"
+    return Outcome(f"250 2.0.0 OK: {accepted} of {total} copies accepted, {rest}", events, "partial")
+
+
+def _decide_relayed(
+    results: Sequence[CopyResult], campaign: str | None, tracking_ids: Sequence[str | None], message_id: str
+) -> Outcome:
     accepted = [r for r in results if r.accepted]
     events: list[Event] = []
     for result, tracking_id in zip(results, tracking_ids, strict=True):

@@ -12,6 +12,7 @@ from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey
 from mailbeacon.jetstream import EventPublisher
 from mailbeacon.settings import Settings, parse_listen
+from mailbeacon.suppressions import SuppressionList
 from mailbeacon.web import add_health_routes, serve
 from smtp_proxy.auth import Authenticator, Credentials, Networks
 from smtp_proxy.copies import CopyOptions
@@ -70,12 +71,16 @@ class ProxyService:
         campaigns: CampaignStore | None,
         *,
         serve_http: bool = True,
+        suppressions: SuppressionList | None = None,
     ) -> None:
+        """``suppressions``: the mirror of the suppression bucket, started and stopped with the
+        service; ignored (and never watched) when HONOUR_UNSUBSCRIBES is off."""
         upstream_url = settings.upstream_smtp_value()
         if not upstream_url:
             raise ValueError("MAILBEACON_UPSTREAM_SMTP is not set: the proxy needs somewhere to relay to")
         self.settings = settings
         configure_session_log(settings.log_level)
+        self.suppressions = suppressions if settings.honour_unsubscribes else None
         self.upstream = Upstream(upstream_config(settings, upstream_url))
         self.handler = ProxyHandler(
             proxy_options(settings),
@@ -83,6 +88,7 @@ class ProxyService:
             publisher,
             campaigns,
             optouts=RecipientOptOuts(settings.tracking_optout_file),
+            suppressions=self.suppressions,
         )
         self.credentials = Credentials.load(settings.smtp_auth_file, settings.smtp_auth_users_value())
         self.tls = None
@@ -119,6 +125,11 @@ class ProxyService:
         return session
 
     async def start(self) -> None:
+        if self.suppressions is not None:
+            # Loaded before the first message is taken: a restarted proxy never relays to a
+            # recipient who unsubscribed while it was down.
+            await self.suppressions.start()
+            log.info("honouring %d unsubscribes and complaints", len(self.suppressions))
         host, port = parse_listen(self.settings.smtp_listen)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._smtp, host, port)
@@ -153,6 +164,8 @@ class ProxyService:
         if self._http is not None:
             await self._http.cleanup()
             self._http = None
+        if self.suppressions is not None:
+            await self.suppressions.stop()
 
     async def _close_sessions(self) -> None:
         """Let the apps whose relay just ended read their reply, then hang up on every session.
