@@ -81,6 +81,9 @@ def _decide_relayed(
     results: Sequence[CopyResult], campaign: str | None, tracking_ids: Sequence[str | None], message_id: str
 ) -> Outcome:
     accepted = [r for r in results if r.accepted]
+    # Told to retry (nothing accepted, some refusal temporary), the app sends every copy
+    # again under new tracking ids: a failed event now would count its recipient twice.
+    final = bool(accepted) or not any(r.transient for r in results)
     events: list[Event] = []
     for result, tracking_id in zip(results, tracking_ids, strict=True):
         if tracking_id is None:
@@ -97,7 +100,7 @@ def _decide_relayed(
                     metadata={"message_id": message_id, "upstream_reply": _one_line(result.reply)},
                 )
             )
-        elif accepted or not result.transient:
+        elif final:
             events.append(
                 Event(
                     event_id=f"proxy:failed:{tracking_id}",
