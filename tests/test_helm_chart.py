@@ -414,6 +414,7 @@ def test_component_settings_reach_their_pods() -> None:
             "maxRecipients": 500,
             "upstream": {"poolSize": 20, "timeoutSeconds": 60, "retrySeconds": 120},
             "sesConfigurationSet": "no-tracking",
+            "honourUnsubscribes": False,
             "upstreamProvider": "ses",
         },
         "secrets": {"upstreamSmtp": RELAY},
@@ -441,6 +442,7 @@ def test_component_settings_reach_their_pods() -> None:
     assert proxy["MAILBEACON_UPSTREAM_TIMEOUT"] == "60"
     assert proxy["MAILBEACON_UPSTREAM_RETRY_SECONDS"] == "120"
     assert proxy["MAILBEACON_SES_CONFIGURATION_SET"] == "no-tracking"
+    assert proxy["MAILBEACON_HONOUR_UNSUBSCRIBES"] == "false"
     assert "MAILBEACON_SMTP_AUTH_FILE" not in proxy and "MAILBEACON_SMTP_TLS_CERT_FILE" not in proxy
     # The operator's own extraEnv comes last and wins over config.extraEnv.
     for deployment, level in (("mb-mailbeacon-operator", "DEBUG"), ("mb-mailbeacon-tracker", "WARNING")):

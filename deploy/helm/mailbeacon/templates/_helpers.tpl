@@ -195,7 +195,7 @@ Parameters: image, natsUrl, siteUrl, secretName (a Secret with secret-keys and
 upstream-smtp), and optionally name ("mailbeacon-proxy"), upstreamSecretKey
 ("upstream-smtp"), upstreamProvider ("generic"), defaultCampaign, listen
 ("127.0.0.1:2525": only the app in the same pod can relay), httpPort (8025: health and
-metrics), tmpVolume ("mailbeacon-proxy-tmp"), anonymizeIp, logLevel,
+metrics), tmpVolume ("mailbeacon-proxy-tmp"), anonymizeIp, honourUnsubscribes (true), logLevel,
 resources, imagePullPolicy, extraEnv (a list of {name, value} or {name, valueFrom}, e.g. the
 MAILBEACON_DKIM_* settings), volumeMounts (extra read-only mounts, e.g. a DKIM key's Secret
 added to the pod's volumes). The app sends mail to 127.0.0.1:2525.
@@ -222,6 +222,8 @@ added to the pod's volumes). The app sends mail to 127.0.0.1:2525.
     {{- end }}
     - name: MAILBEACON_ANONYMIZE_IP
       value: {{ .anonymizeIp | default false | quote }}
+    - name: MAILBEACON_HONOUR_UNSUBSCRIBES
+      value: {{ ternary "true" "false" (ne .honourUnsubscribes false) | quote }}
     - name: MAILBEACON_LOG_LEVEL
       value: {{ .logLevel | default "INFO" | quote }}
     - name: MAILBEACON_DATA_DIR
