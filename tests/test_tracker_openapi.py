@@ -105,3 +105,18 @@ def test_tracker_conforms_to_its_description(case: Any, tracker_url: str) -> Non
         allow_redirects=False,
         timeout=10,
     )
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("POST", "/track/%C3%B8%0A%03", 404),  # a decoded newline in the path
+        ("GET", "/nowhere%0Aelse", 404),
+        ("DELETE", "/track/pixel/7a3e9c2d-4b1f-4e8a-9d6c-5f0b1a2c3d4e/", 405),
+    ],
+)
+def test_paths_nobody_serves_answer_json(tracker_url: str, method: str, path: str, status: int) -> None:
+    response = requests.request(method, tracker_url + path, timeout=10)
+    assert response.status_code == status
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert response.json()["status"] == "error"

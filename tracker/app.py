@@ -104,5 +104,6 @@ def create_app(
     add_health_routes(health)
     for route in health.router.routes():
         app.router.add_route(route.method, route.resource.canonical, guarded(route.handler))  # type: ignore[union-attr]
-    app.router.add_route("*", "/{path:.*}", nothing_here)
+    # [\s\S]: "." would miss a path with a decoded newline, which aiohttp then answers as text.
+    app.router.add_route("*", r"/{path:[\s\S]*}", nothing_here)
     return app
