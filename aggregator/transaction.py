@@ -111,7 +111,8 @@ class Transaction(Tally):
         event its message, locked for this batch.
 
         An address-only event (a provider's webhook naming just the recipient) belongs to
-        the most recent message sent to that address no later than the event happened;
+        the most recent message relayed to that address (never a copy the upstream refused
+        or the proxy withheld: no provider reports on those) no later than the event happened;
         when there is none (clocks disagree, or the copy is older than the event says),
         to the most recent one at all.
 
@@ -130,8 +131,9 @@ class Transaction(Tally):
             rows = await self.sql.run(
                 f"SELECT {v['i']}, coalesce("
                 f"(SELECT m.tracking_id FROM messages m WHERE m.recipient = {v['recipient']} "
-                f"AND m.sent_at <= {v['at']} {latest}), "
-                f"(SELECT m.tracking_id FROM messages m WHERE m.recipient = {v['recipient']} {latest})) "
+                f"AND m.status = 'sent' AND m.sent_at <= {v['at']} {latest}), "
+                f"(SELECT m.tracking_id FROM messages m WHERE m.recipient = {v['recipient']} "
+                f"AND m.status = 'sent' {latest})) "
                 f"FROM {v.sql}",
                 v.params,
             )

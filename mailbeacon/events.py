@@ -120,6 +120,16 @@ def _encodable_metadata(value: Any) -> Any:
     return value
 
 
+def storable_recipient(address: str) -> str:
+    """An address as events store it: trimmed, lower-cased, cleaned like any text.
+
+    Whatever compares addresses with stored ones (the suppression keys) uses this too, so
+    an address with undecodable bytes means the same thing on both sides.
+    """
+    # 320 = the longest address the store keeps; anything longer is not an address anyway.
+    return _clean(address.strip().lower(), 320)
+
+
 def storable_text(field: str, value: str) -> str:
     """``value`` as validation leaves the text field ``field`` of an Event: NUL removed, lone
     surrogates made U+FFFD and cut to the column's size. For code that builds events
@@ -171,8 +181,7 @@ class Event(BaseModel):
     @field_validator("recipient")
     @classmethod
     def _recipient(cls, value: str | None) -> str | None:
-        # 320 = the longest address the store keeps; anything longer is not an address anyway.
-        return _clean(value.strip().lower(), 320) if value else None
+        return storable_recipient(value) if value else None
 
     @field_validator("campaign", "ip", "machine_kind", "source", "user_agent", "url", "reason")
     @classmethod

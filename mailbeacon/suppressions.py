@@ -18,6 +18,8 @@ from datetime import datetime
 
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from mailbeacon.events import storable_recipient
+
 log = logging.getLogger(__name__)
 
 UNSUBSCRIBED = "unsubscribed"
@@ -26,8 +28,10 @@ REASONS = (UNSUBSCRIBED, COMPLAINED)
 
 
 def _digest(campaign: str, recipient: str) -> bytes:
-    # The same normalization as the event contract's recipient field (strip, lower-case).
-    return hashlib.sha256(f"{campaign}\n{recipient.strip().lower()}".encode()).digest()
+    # The event contract's own form of the address (the aggregator writes keys from stored
+    # events), which also makes any envelope address hashable: SMTPUTF8 lets undecodable
+    # bytes reach us as lone surrogates.
+    return hashlib.sha256(f"{campaign}\n{storable_recipient(recipient)}".encode()).digest()
 
 
 def suppression_key(campaign: str, recipient: str) -> str:

@@ -72,11 +72,18 @@ def _too_long(address: str) -> bool:
 
 
 def _plausible_recipient(address: str) -> bool:
-    """local@domain without blanks, or the bare ``postmaster`` RFC 5321 4.5.1 allows."""
+    """local@domain without blanks, or the bare ``postmaster`` RFC 5321 4.5.1 allows; in
+    UTF-8 (SMTPUTF8 hands us other bytes as lone surrogates, which no upstream can take)."""
     if address.lower() == "postmaster":
         return True
     local, at, domain = address.rpartition("@")
-    return bool(at and local and domain) and not any(c.isspace() for c in address)
+    if not (at and local and domain) or any(c.isspace() for c in address):
+        return False
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class ProxyHandler:
@@ -253,7 +260,7 @@ class ProxyHandler:
                     relay.campaign,
                     [relay.tracking_ids[i] for i in known],
                     relay.message_id,
-                    relay.suppressed,
+                    (),  # the app got no answer and sends again: its retry records them
                 )
                 for event in outcome.events:
                     self.publisher.publish_later(event)  # flushed when the publisher closes

@@ -138,6 +138,16 @@ async def test_address_only_events_resolve_to_the_message_sent_by_their_time(db:
             sent(second, campaign, address, START + timedelta(days=1)),
             sent(third, campaign, address, START + timedelta(days=2)),
             sent(str(uuid.uuid4()), campaign, f"other@{tag}.example", START + timedelta(days=3)),
+            # Copies never relayed (refused by the upstream, withheld after an unsubscribe):
+            # no provider reports on them, so no webhook is theirs however recent.
+            Event(
+                event_id=f"{tag}-refused",
+                type=EventType.FAILED,
+                tracking_id=str(uuid.uuid4()),
+                campaign=f"other/{tag}",
+                recipient=address,
+                occurred_at=START + timedelta(days=8),
+            ),
         ],
     )
 

@@ -152,7 +152,8 @@ class Model:
         self.parked: list[Event] = []
 
     def _latest(self, recipient: str | None, at: datetime) -> Message | None:
-        mine = [m for m in self.messages.values() if m.recipient == recipient]
+        # Only relayed copies: a provider reports nothing about one it never got.
+        mine = [m for m in self.messages.values() if m.recipient == recipient and m.status == "sent"]
         before = [m for m in mine if m.sent_at <= at]
         return max(before or mine, key=lambda m: (m.sent_at, m.tracking_id), default=None)
 

@@ -25,8 +25,9 @@ from cryptography.x509.oid import NameOID
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, CampaignSpec
 from mailbeacon.events import Event
-from mailbeacon.jetstream import STREAM, EventPublisher, connect, provision
+from mailbeacon.jetstream import STREAM, EventPublisher, connect, ensure_suppression_bucket, provision
 from mailbeacon.settings import Settings
+from mailbeacon.suppressions import SuppressionList
 from smtp_proxy.service import ProxyService
 from tests.support import SmtpSink, make_settings
 
@@ -67,7 +68,9 @@ async def proxy_running(
     await store.start()
     for campaign in campaigns:
         await store.put(CampaignKey.parse(campaign), CampaignSpec())
-    service = ProxyService(settings, publisher, store, serve_http=False)
+    # As `mailbeacon proxy` builds it: honouring unsubscribes is on by default.
+    suppressions = SuppressionList(await ensure_suppression_bucket(js, settings))
+    service = ProxyService(settings, publisher, store, serve_http=False, suppressions=suppressions)
     await service.start()
     try:
         yield RunningProxy(service, store, settings)
@@ -316,6 +319,24 @@ async def test_addresses_too_long_or_malformed_get_501(tmp_path: Path, nats_url:
 
         await asyncio.to_thread(conversation)
     assert [r for m in sink.messages for r in m.recipients] == [longest]
+
+
+async def test_a_recipient_that_is_not_utf8_is_refused_at_rcpt(
+    tmp_path: Path, nats_url: str, sink: SmtpSink
+) -> None:
+    async with proxy_running(tmp_path, nats_url, sink) as proxy:
+        replies = await asyncio.to_thread(
+            exchange,
+            proxy.port,
+            [
+                b"EHLO client.example",
+                b"MAIL FROM:<news@shop.example.com> SMTPUTF8",
+                b"RCPT TO:<ann\xff@x.example>",  # aiosmtpd keeps the byte as a lone surrogate
+                b"RCPT TO:<b\xc3\xa9a@x.example>",  # UTF-8: welcome with SMTPUTF8
+                b"QUIT",
+            ],
+        )
+    assert [reply[:3] for reply in replies] == [b"220", b"250", b"250", b"501", b"250", b"221"]
 
 
 def exchange(port: int, lines: list[bytes]) -> list[bytes]:

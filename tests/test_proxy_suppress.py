@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from mailbeacon.events import EventType
+from mailbeacon.events import Event, EventType
 from mailbeacon.jetstream import SUPPRESSIONS_BUCKET, connect, ensure_suppression_bucket, provision
 from mailbeacon.suppressions import SuppressionList, suppression_key, suppression_value
 from smtp_proxy.outcome import decide
@@ -33,6 +33,11 @@ def test_key_is_the_sha256_of_campaign_and_lower_cased_recipient() -> None:
     assert key != suppression_key(CAMPAIGN, "ben@example.com")
     # The separator keeps "a/b" + "c" apart from "a/bc" + "" (no ambiguous concatenation).
     assert suppression_key("a/b", "c@x") != suppression_key("a/bc", "@x")
+    # SMTPUTF8 lets undecodable bytes reach the proxy as lone surrogates: the key is the one
+    # of the address as the event stores it, not an exception that would defer the message.
+    stored = Event(event_id="e", type=EventType.SENT, recipient="Ann\udcff@x.de").recipient
+    assert stored == "ann\ufffd@x.de"
+    assert suppression_key(CAMPAIGN, "Ann\udcff@x.de") == suppression_key(CAMPAIGN, stored)
 
 
 def test_value_says_why_and_since_when_and_never_names_the_address() -> None:
