@@ -44,6 +44,11 @@ RECORDED = Counter(
     "Unsubscribes and complaints put into the suppression bucket (repeats included)",
     ["reason"],
 )
+WATCH_OVERFLOW = Counter(
+    "mailbeacon_aggregator_suppression_watch_overflow_total",
+    "Parked unsubscribes/complaints no longer watched because newer ones filled the watch "
+    "(the next start's catch-up records any that get applied)",
+)
 
 CHECK_PARKED_SECONDS = 2.0
 MAX_WATCHED = 10_000  # parked unsubscribes/complaints watched at once (they are few)
@@ -63,7 +68,7 @@ _BY_EVENT_ID = text(
 # The literal false (not a parameter) lets the planner use the partial index of parked events.
 _PARKED = (
     "SELECT event_id FROM events WHERE applied = {false} AND type IN ('unsubscribed', 'complained') "
-    "AND (tracking_id IS NOT NULL OR recipient IS NOT NULL)"
+    "AND (tracking_id IS NOT NULL OR recipient IS NOT NULL) ORDER BY id DESC LIMIT {limit}"
 )
 _ALL_APPLIED = text(
     "SELECT e.type, e.occurred_at, m.campaign, m.recipient FROM events e "
@@ -120,11 +125,25 @@ class SuppressionRecorder:
         now = time.monotonic()
         for event_id, kind, occurred_at, campaign, recipient, applicable in rows:
             if campaign is None or recipient is None:
-                if applicable and len(self.watched) < MAX_WATCHED:
-                    self.watched.setdefault(event_id, now)
+                if applicable:
+                    self._watch(event_id, now)
             elif kind in REASONS:
                 pairs.append((campaign, recipient, kind, _utc(occurred_at)))
         await self._put(pairs)
+
+    def _watch(self, event_id: str, now: float) -> None:
+        """Watch a parked event; when full, give up the longest-watched one.
+
+        The unsubscribe URL is public, so anyone can park events for copies that never
+        existed: the newest are kept, since a genuine one is applied within seconds of its
+        copy's ``sent`` (and anything given up is put by the catch-up at the next start).
+        """
+        if event_id in self.watched:
+            return
+        if len(self.watched) >= MAX_WATCHED:
+            self.watched.pop(next(iter(self.watched)))
+            WATCH_OVERFLOW.inc()
+        self.watched[event_id] = now
 
     async def check_parked(self) -> None:
         """Put the watched events that have been applied meanwhile (by any replica)."""
@@ -148,10 +167,12 @@ class SuppressionRecorder:
         """Put every stored unsubscribe and complaint whose pair the bucket lacks; how many."""
         async with self.db.read_engine.connect() as conn:
             false = "false" if self.db.dialect == "postgresql" else "0"
-            parked = (await conn.execute(text(_PARKED.format(false=false)))).scalars().all()
+            parked = (
+                (await conn.execute(text(_PARKED.format(false=false, limit=MAX_WATCHED)))).scalars().all()
+            )
             now = time.monotonic()
-            for event_id in list(parked)[:MAX_WATCHED]:
-                self.watched.setdefault(event_id, now)
+            for event_id in reversed(parked):  # the newest last, so they are given up last
+                self._watch(event_id, now)
             missing: list[Pair] = []
             result = await conn.stream(_ALL_APPLIED)
             async for kind, occurred_at, campaign, recipient in result:
