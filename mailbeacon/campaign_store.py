@@ -6,8 +6,6 @@ aggregators read them from their local mirror, so a lookup never waits on the ne
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -15,6 +13,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from mailbeacon.campaigns import CampaignKey, CampaignSpec, InvalidCampaign
+from mailbeacon.kv_mirror import BucketMirror
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +21,14 @@ log = logging.getLogger(__name__)
 OnChange = Callable[[CampaignKey, CampaignSpec | None], Awaitable[None]]
 
 
-class CampaignStore:
+class CampaignStore(BucketMirror):
+    task_name = "campaign-store"
+    load_timeout = 10.0
+
     def __init__(self, kv: KeyValue, on_change: OnChange | None = None) -> None:
-        self._kv = kv
+        super().__init__(kv)
         self._on_change = on_change
         self.specs: dict[CampaignKey, CampaignSpec] = {}
-        self._task: asyncio.Task[None] | None = None
-        self._watcher: KeyValue.KeyWatcher | None = None
 
     def get(self, key: CampaignKey) -> CampaignSpec | None:
         return self.specs.get(key)
@@ -54,22 +54,6 @@ class CampaignStore:
             except Exception:
                 log.exception("campaign change handler failed for %s", key)
 
-    async def start(self) -> None:
-        """Load every spec, then keep following changes in the background."""
-        self._watcher = await self._kv.watchall()
-        while True:
-            entry = await self._watcher.updates(timeout=10)
-            if entry is None:  # the end-of-initial-values marker
-                break
-            await self._apply(entry)
-        self._task = asyncio.create_task(self._follow(), name="campaign-store")
-
-    async def _follow(self) -> None:
-        assert self._watcher is not None
-        async for entry in self._watcher:
-            if entry is not None:
-                await self._apply(entry)
-
     async def put(self, key: CampaignKey, spec: CampaignSpec) -> None:
         await self._kv.put(key.kv_key, spec.to_json())
         self.specs[key] = spec
@@ -88,12 +72,3 @@ class CampaignStore:
     async def delete(self, key: CampaignKey) -> None:
         await self._kv.delete(key.kv_key)
         self.specs.pop(key, None)
-
-    async def stop(self) -> None:
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task

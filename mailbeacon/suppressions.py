@@ -10,7 +10,6 @@ campaign and the lower-cased recipient, a value only says why and since when.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -19,6 +18,7 @@ from datetime import datetime
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from mailbeacon.events import storable_recipient
+from mailbeacon.kv_mirror import BucketMirror
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +55,20 @@ def _reason_of(value: bytes | None) -> str:
     return reason if reason in REASONS else UNSUBSCRIBED
 
 
-class SuppressionList:
+class SuppressionList(BucketMirror):
     """The bucket mirrored in memory as sets of 32-byte digests, kept current by a watch.
 
     About 110 bytes of memory per suppressed pair; a lookup (~3 µs) never waits on the network.
     """
 
+    task_name = "suppression-list"
+
     def __init__(self, kv: KeyValue) -> None:
-        self._kv = kv
+        super().__init__(kv)
         self._by_reason: dict[str, set[bytes]] = {reason: set() for reason in REASONS}
         # Pairs whose key was deleted (a suppression lifted by an operator): the aggregator
         # does not bring those back from old events, only from new ones.
         self._lifted: set[bytes] = set()
-        self._task: asyncio.Task[None] | None = None
-        self._watcher: KeyValue.KeyWatcher | None = None
         self.loaded = asyncio.Event()
 
     def __len__(self) -> int:
@@ -91,7 +91,7 @@ class SuppressionList:
         digest = _digest(campaign, recipient)
         return digest in self._lifted or any(digest in digests for digests in self._by_reason.values())
 
-    def _apply(self, entry: KeyValue.Entry) -> None:
+    async def _apply(self, entry: KeyValue.Entry) -> None:
         try:
             digest = bytes.fromhex(entry.key)
         except ValueError:
@@ -109,30 +109,9 @@ class SuppressionList:
 
     async def start(self) -> None:
         """Load every suppression, then keep following changes in the background."""
-        self._watcher = await self._kv.watchall()
-        while True:
-            entry = await self._watcher.updates(timeout=30)
-            if entry is None:  # the end-of-initial-values marker
-                break
-            self._apply(entry)
+        await super().start()
         self.loaded.set()
-        self._task = asyncio.create_task(self._follow(), name="suppression-list")
-
-    async def _follow(self) -> None:
-        assert self._watcher is not None
-        async for entry in self._watcher:
-            if entry is not None:
-                self._apply(entry)
 
     async def put(self, campaign: str, recipient: str, reason: str, at: datetime) -> None:
         """Record a suppression (idempotent: the same pair again only refreshes its value)."""
         await self._kv.put(suppression_key(campaign, recipient), suppression_value(reason, at))
-
-    async def stop(self) -> None:
-        if self._watcher is not None:
-            with contextlib.suppress(Exception):
-                await self._watcher.stop()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from mailbeacon.events import Event, EventType
-from mailbeacon.jetstream import SUPPRESSIONS_BUCKET, connect, ensure_suppression_bucket, provision
+from mailbeacon.jetstream import SUPPRESSIONS_BUCKET, ensure_suppression_bucket, provision
 from mailbeacon.suppressions import SuppressionList, suppression_key, suppression_value
 from smtp_proxy.outcome import decide
 from smtp_proxy.suppress import Suppressed, suppression_reasons
@@ -112,15 +111,6 @@ def test_a_deferred_message_records_its_suppressed_copies_on_the_retry_only() ->
 def test_without_suppressions_the_answer_is_unchanged() -> None:
     outcome = decide([sent("ann@example.com")], CAMPAIGN, [TIDS[0]], "")
     assert outcome.reply == "250 2.0.0 OK: 1 copies accepted" and outcome.result == "accepted"
-
-
-@pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[NATS]:
-    client = await connect(nats_url, "test")
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 async def test_the_mirror_loads_follows_and_forgets(nc: NATS, tmp_path: Path) -> None:

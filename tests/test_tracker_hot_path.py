@@ -8,8 +8,6 @@ outside base64, methods and paths nobody serves).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +23,7 @@ from mailbeacon.events import Event, EventType, subject_for
 from mailbeacon.jetstream import ALL_EVENTS, STREAM, EventPublisher, connect, hpub_command, provision
 from mailbeacon.signing import click_url, pixel_url, sign_click
 from tests.esp_payloads.harness import BROWSER_UA, running_tracker, stream_events
-from tests.support import SECRET, eventually, make_settings
+from tests.support import SECRET, eventually, make_settings, raw_http
 from tracker import classify
 from tracker.engagement import EventIds, encodable, engagement_event
 
@@ -136,25 +134,13 @@ async def test_published_json_is_the_validated_serialization(tmp_path: Path, nat
     assert kinds == [("clicked", "human"), ("opened", "head_request"), ("opened", "human")]
 
 
-async def _raw_request(port: int, request: bytes) -> bytes:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(request)
-        await writer.drain()
-        return await reader.read(65536)
-    finally:
-        writer.close()
-        with contextlib.suppress(ConnectionError):
-            await writer.wait_closed()
-
-
 async def test_header_bytes_that_are_not_utf8_never_block_the_buffer(tmp_path: Path, nats_url: str) -> None:
     """Such a header used to make an event JSON cannot carry, stuck at the head of the buffer."""
     odd = "4f2c1a9e-7d3b-4e6f-9a8b-0c1d2e3f4a5b"
     async with running_tracker(tmp_path, nats_url) as tracker:
         port, site = int(tracker.url.rsplit(":", 1)[1]), tracker.settings.site_url
         path = pixel_url(site, odd).removeprefix(site).encode()
-        answer = await _raw_request(
+        answer = await raw_http(
             port,
             b"GET " + path + b" HTTP/1.1\r\nHost: t\r\nUser-Agent: Mozilla/5.0 \xff\xfe\r\n"
             b"Sec-Purpose: prefetch \xc0\r\nConnection: close\r\n\r\n",
@@ -274,7 +260,7 @@ async def test_a_pixel_with_a_nul_or_huge_user_agent_is_stored_clean(tmp_path: P
         for tracking_id, agent in ((TID, b"Mozilla/5.0 (X11)\x00 evil"), (huge, b"A" * 8000)):
             path = pixel_url(site, tracking_id).removeprefix(site).encode()
             answers.append(
-                await _raw_request(
+                await raw_http(
                     port,
                     b"GET " + path + b" HTTP/1.1\r\nHost: t\r\nUser-Agent: " + agent + b"\r\n"
                     b"Connection: close\r\n\r\n",
