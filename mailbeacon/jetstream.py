@@ -146,21 +146,21 @@ async def ensure_consumer(js: JetStreamContext) -> None:
         log.info("created consumer %s", CONSUMER)
 
 
-async def ensure_campaign_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
+async def _ensure_bucket(js: JetStreamContext, settings: Settings, bucket: str, history: int) -> KeyValue:
     try:
-        return await js.key_value(KV_BUCKET)
+        return await js.key_value(bucket)
     except BucketNotFoundError:
-        config = KeyValueConfig(bucket=KV_BUCKET, history=5, replicas=settings.stream_replicas)
+        config = KeyValueConfig(bucket=bucket, history=history, replicas=settings.stream_replicas)
         return await js.create_key_value(config=config)
+
+
+async def ensure_campaign_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
+    return await _ensure_bucket(js, settings, KV_BUCKET, history=5)
 
 
 async def ensure_suppression_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
-    try:
-        return await js.key_value(SUPPRESSIONS_BUCKET)
-    except BucketNotFoundError:
-        # Only the latest value of a key matters; a suppression is kept until someone deletes it.
-        config = KeyValueConfig(bucket=SUPPRESSIONS_BUCKET, history=1, replicas=settings.stream_replicas)
-        return await js.create_key_value(config=config)
+    # Only the latest value of a key matters; a suppression is kept until someone deletes it.
+    return await _ensure_bucket(js, settings, SUPPRESSIONS_BUCKET, history=1)
 
 
 async def provision(js: JetStreamContext, settings: Settings) -> KeyValue:

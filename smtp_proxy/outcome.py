@@ -27,17 +27,32 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())[:400]
 
 
-def _suppressed_event(copy: Suppressed, campaign: str | None, message_id: str) -> Event:
+def _copy_event(
+    kind: EventType,
+    tracking_id: str,
+    campaign: str | None,
+    recipient: str,
+    reason: str | None,
+    **metadata: object,
+) -> Event:
+    """The proxy's record of one copy; its id makes a republished event count once."""
     return Event(
-        event_id=f"proxy:failed:{copy.tracking_id}",
-        type=EventType.FAILED,
-        tracking_id=copy.tracking_id,
+        event_id=f"proxy:{kind.value}:{tracking_id}",
+        type=kind,
+        tracking_id=tracking_id,
         campaign=campaign,
-        recipient=copy.recipient,
-        reason=copy.text,
+        recipient=recipient,
+        reason=reason,
         source="proxy",
-        metadata={"message_id": message_id, "suppressed": copy.reason},
+        metadata=metadata,
     )
+
+
+def _suppressed_event(copy: Suppressed, campaign: str | None, message_id: str) -> Event:
+    return _copy_event(
+        EventType.FAILED, copy.tracking_id, campaign, copy.recipient, copy.text,
+        message_id=message_id, suppressed=copy.reason,
+    )  # fmt: skip
 
 
 def decide(
@@ -90,27 +105,26 @@ def _decide_relayed(
             continue
         if result.accepted:
             events.append(
-                Event(
-                    event_id=f"proxy:sent:{tracking_id}",
-                    type=EventType.SENT,
-                    tracking_id=tracking_id,
-                    campaign=campaign,
-                    recipient=result.recipient,
-                    source="proxy",
-                    metadata={"message_id": message_id, "upstream_reply": _one_line(result.reply)},
+                _copy_event(
+                    EventType.SENT,
+                    tracking_id,
+                    campaign,
+                    result.recipient,
+                    None,
+                    message_id=message_id,
+                    upstream_reply=_one_line(result.reply),
                 )
             )
         elif final:
             events.append(
-                Event(
-                    event_id=f"proxy:failed:{tracking_id}",
-                    type=EventType.FAILED,
-                    tracking_id=tracking_id,
-                    campaign=campaign,
-                    recipient=result.recipient,
-                    reason=_one_line(result.reply),
-                    source="proxy",
-                    metadata={"message_id": message_id, "smtp_code": result.code},
+                _copy_event(
+                    EventType.FAILED,
+                    tracking_id,
+                    campaign,
+                    result.recipient,
+                    _one_line(result.reply),
+                    message_id=message_id,
+                    smtp_code=result.code,
                 )
             )
     if len(accepted) == len(results):
