@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,13 +32,30 @@ def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'mailbeacon.db').resolve()}"
 
 
+def _switch_to_wal(cursor: Any) -> None:
+    """WAL once per database file. The switch takes an exclusive lock, and SQLite does not
+    wait on the busy timeout for it when replicas starting together on a new file all try
+    it at once; so skip it when done, and retry briefly when another replica holds it."""
+    for attempt in range(100):
+        cursor.execute("PRAGMA journal_mode")
+        if str(cursor.fetchone()[0]).lower() == "wal":
+            return
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as exc:  # the driver adapter's OperationalError, whatever its class
+            if "locked" not in str(exc) or attempt == 99:
+                raise
+            time.sleep(0.05)  # once, at connect: the other replica's switch takes milliseconds
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _: Any) -> None:
     cursor = dbapi_connection.cursor()
     # The busy timeout lets replicas take turns; it comes first because switching a new
     # database to WAL takes an exclusive lock that replicas starting together contend for.
     # WAL lets the API read while ingest writes.
     cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _switch_to_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
     # Index pages stay in memory across transactions: ingest touches random pages of the
     # event-id and tracking-id indexes, which the default 2 MiB cache keeps re-reading.
