@@ -17,17 +17,20 @@ overhead of the ORM layer is the bottleneck. They use SQL both dialects understa
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aggregator.times import sqlite_time
 
+T = TypeVar("T")
 Kind = Literal["text", "ts", "bool", "int", "json"]
 Column = tuple[str, Kind]
 
@@ -47,6 +50,7 @@ def json_text(value: Any) -> str:
 
 _SQLITE_CONVERT: dict[Kind, Callable[[Any], Any]] = {"ts": sqlite_time, "json": json_text}
 _PG_CONVERT: dict[Kind, Callable[[Any], Any]] = {"json": json_text}
+_UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 
@@ -78,6 +82,24 @@ def _converted(
                 values[i] = convert(values[i])
         out.append(tuple(values))
     return out
+
+
+async def overlapped(statement: Awaitable[T], meanwhile: Callable[[], object]) -> T:
+    """Await ``statement`` while running ``meanwhile``, plain Python, as the database works on it.
+
+    The statement is started first (one turn of the loop sends it: asyncpg writes a cached
+    statement before it first waits, aiosqlite hands it to its thread), so the two overlap.
+    """
+    running = asyncio.ensure_future(statement)
+    await asyncio.sleep(0)
+    try:
+        meanwhile()
+    except BaseException:
+        # The connection is mid-statement: let it finish before the failure unwinds the transaction.
+        with contextlib.suppress(BaseException):
+            await running
+        raise
+    return await running
 
 
 @dataclass(frozen=True)
@@ -183,6 +205,26 @@ class Bulk:
             rows if ready else _converted(columns, rows, _SQLITE_CONVERT),
         )
         return Rows(f"temp.{table} AS v", {})
+
+    async def copy_unless_taken(
+        self, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+    ) -> bool:
+        """PostgreSQL: ``COPY`` driver-ready rows into ``table``; False, with nothing copied,
+        when a row's unique key is taken (the rest of the transaction goes on: a savepoint).
+
+        The rows go in their given order, so concurrent copies wait on each other's keys in
+        one order and never deadlock.
+        """
+        await self.driver.execute("SAVEPOINT copy_rows")
+        try:
+            await self.driver.copy_records_to_table(table, records=rows, columns=list(columns))
+        except Exception as exc:
+            if getattr(exc, "sqlstate", None) != _UNIQUE_VIOLATION:
+                raise
+            await self.driver.execute("ROLLBACK TO SAVEPOINT copy_rows")
+            return False
+        await self.driver.execute("RELEASE SAVEPOINT copy_rows")
+        return True
 
     async def planning_for_few_rows(self) -> None:
         """Make this transaction's statements find rows by key, never by scanning.

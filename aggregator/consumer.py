@@ -29,7 +29,7 @@ from aggregator import metrics
 from aggregator.db import Database
 from aggregator.decode import Incoming, InvalidEvent, decode
 from aggregator.feed import ACK, TERM, Delivery, PullFeed, delivery_info, nak
-from aggregator.ingest import adopt_parked, apply_prepared, count_parked
+from aggregator.ingest import adopt_parked, apply_prepared, count_parked, look_up_stored
 from aggregator.prepare import prepare
 from aggregator.privacy import NOBODY, Anonymized
 from mailbeacon.jetstream import CONSUMER, STREAM
@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 ADOPT_EVERY_SECONDS = 2.0
 MAX_RETRY_DELAY_SECONDS = 30.0
+# Events decoded between two chances for the batch in the database to go on.
+DECODE_SLICE = 32
 
 
 def _refuses_the_value(failure: Exception) -> bool:
@@ -121,7 +123,10 @@ class EventConsumer:
         events: list[Incoming] = []
         valid: list[bytes] = []
         malformed: list[bytes] = []
-        for reply, payload in taken:
+        for n, (reply, payload) in enumerate(taken, 1):
+            if n % DECODE_SLICE == 0:
+                # Let the batch in the database go on: its next statement waits for this loop.
+                await asyncio.sleep(0)
             try:
                 events.append(decode(payload))
             except InvalidEvent as exc:
@@ -196,6 +201,7 @@ class EventConsumer:
         # Made ready before the transaction, while the previous batch may still hold the database.
         batch = prepare(events, self.db.dialect == "postgresql")
         try:
+            await look_up_stored(self.db, batch)
             async with self._storing:
                 started = time.perf_counter()
                 result = await apply_prepared(self.db, batch, self.anonymized)

@@ -116,9 +116,11 @@ def _earliest(seen: dict[str, datetime], tracking_id: str, moment: datetime) -> 
         seen[tracking_id] = moment
 
 
-def plan(events: Iterable[Applied]) -> Plan:
+def plan(events: Iterable[Applied], into: Plan | None = None) -> Plan:
+    """What ``events`` do; added to ``into`` when given (every part of a plan sums or takes
+    the earliest, so planning in parts gives the same plan as planning at once)."""
     # A hot loop (once per applied event): names are bound locally on purpose.
-    p = Plan()
+    p = Plan() if into is None else into
     campaign_of, by_type, engagement, first_seen = p.campaign_of, p.by_type, p.engagement, p.first_seen
     opened, human_opened = first_seen["first_opened_at"], first_seen["first_human_opened_at"]
     clicked, human_clicked = first_seen["first_clicked_at"], first_seen["first_human_clicked_at"]

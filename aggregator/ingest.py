@@ -40,7 +40,7 @@ from collections.abc import Iterable
 from aggregator.bulk import Bulk
 from aggregator.db import Database
 from aggregator.decode import EventFields
-from aggregator.effects import Applied
+from aggregator.effects import Applied, Plan, plan
 from aggregator.prepare import (
     APPLIED,
     BOUNCE_KIND,
@@ -55,7 +55,7 @@ from aggregator.tally import BatchResult
 from aggregator.transaction import Transaction
 from mailbeacon.events import EventType
 
-__all__ = ["BatchResult", "adopt_parked", "apply_batch", "apply_prepared", "count_parked"]
+__all__ = ["BatchResult", "adopt_parked", "apply_batch", "apply_prepared", "count_parked", "look_up_stored"]
 
 _SENT, _FAILED = EventType.SENT, EventType.FAILED
 
@@ -116,10 +116,18 @@ async def apply_prepared(db: Database, batch: Prepared, anonymized: Anonymized =
             # A parked event's campaign is not known yet: claim_parked anonymizes it when applied.
             if anonymized and row[CAMPAIGN] in anonymized:
                 anonymize_row(row)
-        new = await tx.insert_events(rows)
+        # While the database inserts the events (the longest statement), this process plans
+        # their effects as if every one were new; a repeat found by the insert means planning again.
+        plans: list[Plan] = []
+        new = await tx.insert_events(
+            rows, meanwhile=lambda: plans.append(plan(applied.values())), stored=batch.stored
+        )
+        planned = plans[0]
         tx.result.duplicates += len(rows) - len(new)
         tx.result.parked += sum(1 for event_id in waiting if event_id in new)
         effects = [a for event_id, a in applied.items() if event_id in new]
+        if len(effects) != len(applied):
+            planned = plan(effects)
         if created:
             where, params = tx.sql.one_of("tracking_id", sorted(created))
             branches = [("events", where, params)]
@@ -127,10 +135,27 @@ async def apply_prepared(db: Database, batch: Prepared, anonymized: Anonymized =
             if addresses:
                 where, params = tx.sql.one_of("recipient", addresses)
                 branches.append((tx.sql.parked_events, f"{where} AND tracking_id IS NULL", params))
-            effects += await tx.claim_parked(branches)
-        await tx.apply(effects)
+            adopted = await tx.claim_parked(branches)
+            effects += adopted
+            plan(adopted, into=planned)
+        await tx.apply(effects, planned)
         await tx.flush()
     return tx.result
+
+
+async def look_up_stored(db: Database, batch: Prepared) -> None:
+    """PostgreSQL: find which of the batch's events are stored already, on a connection of
+    its own, so that the lookup can run while the previous batch's transaction does.
+
+    An id stored after this lookup makes the transaction's copy fail and fall back to an
+    insert that skips stored ids, so a late answer costs time, never exactness.
+    """
+    if db.dialect != "postgresql" or not batch.rows:
+        return
+    async with db.read_engine.connect() as conn:
+        sql = await Bulk.of(conn, db.dialect)
+        where, params = sql.one_of("event_id", [row[0] for row in batch.rows])
+        batch.stored = {row[0] for row in await sql.run(f"SELECT event_id FROM events WHERE {where}", params)}
 
 
 async def adopt_parked(db: Database, limit: int = 2000, anonymized: Anonymized = NOBODY) -> BatchResult:
@@ -157,9 +182,15 @@ async def adopt_parked(db: Database, limit: int = 2000, anonymized: Anonymized =
 
 
 async def count_parked(db: Database) -> int:
-    """Events waiting for their message (not the ones that can never be applied)."""
-    async with db.read_engine.connect() as conn:
+    """Events waiting for their message (not the ones that can never be applied).
+
+    Read through the partial index of parked events: the planner, misled by statistics
+    taken while events were still parked, would otherwise scan the whole table every time
+    (measured: 73 ms at 300,000 events, growing with the table, every two seconds).
+    """
+    async with db.read_engine.begin() as conn:
         sql = await Bulk.of(conn, db.dialect)
+        await sql.planning_for_few_rows()
         rows = await sql.run(
             f"SELECT count(*) FROM {sql.parked_events} WHERE applied = {sql.false} "
             "AND type NOT IN ('sent', 'failed') AND (tracking_id IS NOT NULL OR recipient IS NOT NULL)"

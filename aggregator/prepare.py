@@ -44,6 +44,8 @@ class Prepared:
     tracking_ids: list[str]  # messages named by the other events
     addresses: list[tuple[str, datetime]]  # (recipient, occurred_at) of address-only events
     received_at: datetime
+    # Ids among ``events`` already stored, when looked up before the transaction (PostgreSQL).
+    stored: set[str] | None = None
 
 
 def prepare(events: Sequence[EventFields], postgres: bool) -> Prepared:

@@ -52,9 +52,12 @@ class Tally:
 
     # -- effects ----------------------------------------------------------------------------
 
-    async def apply(self, applied: list[Applied]) -> None:
-        """Write what the applied events do to their messages and collect the counter deltas."""
-        p = self.plan = plan(applied)
+    async def apply(self, applied: list[Applied], planned: Plan | None = None) -> None:
+        """Write what the applied events do to their messages and collect the counter deltas.
+
+        ``planned``: :func:`plan` of exactly these events, when the caller made it already.
+        """
+        p = self.plan = plan(applied) if planned is None else planned
         for key, n in p.by_type.items():
             self.result.by_type[key] += n
         self.result.applied += len(applied)

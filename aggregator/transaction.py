@@ -5,11 +5,11 @@ of the statements and why it makes replicas exact and deadlock-free.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from aggregator.bulk import Bulk, Column
+from aggregator.bulk import Bulk, Column, overlapped
 from aggregator.effects import Applied
 from aggregator.prepare import UNKNOWN_CAMPAIGN, Prepared
 from aggregator.privacy import NOBODY, Anonymized, anonymized_details
@@ -36,6 +36,10 @@ _EVENT_COLUMNS: list[Column] = [
     ("metadata", "json"),
     ("applied", "bool"),
 ]
+
+
+def _nothing() -> None:
+    pass
 
 
 class Target(NamedTuple):
@@ -154,14 +158,40 @@ class Transaction(Tally):
 
     # -- events -----------------------------------------------------------------------------
 
-    async def insert_events(self, rows: list[list[Any]]) -> set[str]:
-        """Store events (driver-ready rows); returns the ids that were new (the others were stored before)."""
+    async def insert_events(
+        self,
+        rows: list[list[Any]],
+        meanwhile: Callable[[], object] = _nothing,
+        stored: set[str] | None = None,
+    ) -> set[str]:
+        """Store events (driver-ready rows); returns the ids that were new (the others were stored before).
+
+        ``meanwhile`` (plain Python) runs while the database works on the insert. ``stored``:
+        the ids among them found stored by :func:`aggregator.ingest.look_up_stored`, if it ran.
+        """
         if not rows:
+            meanwhile()
             return set()
         names = [name for name, _ in _EVENT_COLUMNS]
         if not self.sql.postgres:
-            return await self._insert_events_sqlite(names, rows)
-        v = await self.sql.staged("events_batch", _EVENT_COLUMNS, rows, ready=True)
+            return await self._insert_events_sqlite(names, rows, meanwhile)
+        # The ids stored before are looked up, the others copied straight into the table: a
+        # binary COPY costs a third less than an INSERT ... ON CONFLICT from a staged copy.
+        if stored is None:
+            where, params = self.sql.one_of("event_id", [row[0] for row in rows])
+            found = await overlapped(
+                self.sql.run(f"SELECT event_id FROM events WHERE {where}", params), meanwhile
+            )
+            known = {row[0] for row in found}
+        else:
+            meanwhile()
+            known = stored
+        fresh = [row for row in rows if row[0] not in known] if known else rows
+        if not fresh or await self.sql.copy_unless_taken("events", names, fresh):
+            return {row[0] for row in fresh}
+        # Another transaction (this process's previous batch, or a replica given the same
+        # event again) stored one of these ids since the lookup: the copy was undone, and the insert skips whatever is stored.
+        v = await self.sql.staged("events_batch", _EVENT_COLUMNS, fresh, ready=True)
         picks = ", ".join(self.sql.json_value(v[n]) if n == "metadata" else v[n] for n in names)
         inserted = await self.sql.run(
             f"INSERT INTO events ({', '.join(names)}) SELECT {picks} FROM {v.sql} ORDER BY {v['event_id']} "
@@ -170,17 +200,22 @@ class Transaction(Tally):
         )
         return {row[0] for row in inserted}
 
-    async def _insert_events_sqlite(self, names: list[str], rows: list[list[Any]]) -> set[str]:
+    async def _insert_events_sqlite(
+        self, names: list[str], rows: list[list[Any]], meanwhile: Callable[[], object]
+    ) -> set[str]:
         """SQLite's fastest path: ``executemany``, then the rows past the previous highest id.
 
         This transaction holds SQLite's write lock (BEGIN IMMEDIATE), so the ids above the
         highest one seen at the start are exactly the events this statement inserted.
         """
         before = await self.sql.run("SELECT coalesce(max(id), 0) FROM events")
-        await self.sql.executemany(
-            f"INSERT INTO events ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
-            "ON CONFLICT (event_id) DO NOTHING",
-            rows,
+        await overlapped(
+            self.sql.executemany(
+                f"INSERT INTO events ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
+                "ON CONFLICT (event_id) DO NOTHING",
+                rows,
+            ),
+            meanwhile,
         )
         inserted = await self.sql.run(
             "SELECT event_id FROM events WHERE id > :before", {"before": before[0][0]}

@@ -11,9 +11,10 @@ from sqlalchemy import func, select
 
 from aggregator import statistics
 from aggregator.db import open_database
-from aggregator.ingest import adopt_parked, apply_batch
+from aggregator.ingest import adopt_parked, apply_batch, apply_prepared, look_up_stored
 from aggregator.migrate import migrate
 from aggregator.models import EVENTS, MESSAGES
+from aggregator.prepare import prepare
 from aggregator.transaction import Transaction
 from mailbeacon.events import Event
 from tests.test_aggregator_crash import CAMPAIGNS, generate, recount
@@ -77,3 +78,40 @@ async def test_a_failed_batch_leaves_nothing(database_url: str, monkeypatch: pyt
         assert again.duplicates == len(events) and again.applied == 0
     finally:
         await db.dispose()
+
+
+async def test_events_stored_meanwhile_by_another_replica_count_once(database_url: str) -> None:
+    """The consumer looks up which events are stored before their transaction starts (on
+    PostgreSQL, to copy the rest straight in). Events another replica stores after that
+    lookup must still count once: the copy fails on them and the batch falls back."""
+    here, there = open_database(database_url), open_database(database_url)
+    await migrate(here)
+    raw = generate(12, seed=5)
+    events = [Event.model_validate(e) for e in raw]
+    try:
+        batch = prepare(events, here.dialect == "postgresql")
+        await look_up_stored(here, batch)
+        assert batch.stored == (set() if here.dialect == "postgresql" else None)
+        # Half of the batch, and one event only the other replica has, stored meanwhile.
+        elsewhere = await apply_batch(there, events[::2])
+        assert elsewhere.duplicates == 0
+        result = await apply_prepared(here, batch)
+        assert result.duplicates == len(events[::2])
+        await adopt_parked(here)
+        for campaign in CAMPAIGNS:
+            expected = recount(raw, campaign)
+            kept = await statistics.read_statistics(here, campaign)
+            assert {k: kept[k] for k in expected} == expected
+        async with here.read_engine.connect() as conn:
+            assert await conn.scalar(select(func.count()).select_from(EVENTS)) == len(events)
+        # Redelivered once more, looked up first: all of it is known, nothing counts again.
+        again = prepare(events, here.dialect == "postgresql")
+        await look_up_stored(here, again)
+        assert (await apply_prepared(here, again)).duplicates == len(events)
+        for campaign in CAMPAIGNS:
+            expected = recount(raw, campaign)
+            kept = await statistics.read_statistics(here, campaign)
+            assert {k: kept[k] for k in expected} == expected
+    finally:
+        await here.dispose()
+        await there.dispose()
