@@ -91,8 +91,8 @@ async def overlapped(statement: Awaitable[T], meanwhile: Callable[[], object]) -
     statement before it first waits, aiosqlite hands it to its thread), so the two overlap.
     """
     running = asyncio.ensure_future(statement)
-    await asyncio.sleep(0)
     try:
+        await asyncio.sleep(0)
         meanwhile()
     except BaseException:
         # The connection is mid-statement: let it finish before the failure unwinds the transaction.

@@ -30,7 +30,7 @@ from aggregator.db import Database
 from aggregator.decode import Incoming, InvalidEvent, decode
 from aggregator.feed import ACK, TERM, Delivery, PullFeed, delivery_info, nak
 from aggregator.ingest import adopt_parked, apply_prepared, count_parked, look_up_stored
-from aggregator.prepare import prepare
+from aggregator.prepare import Prepared, prepare, prepare_yielding
 from aggregator.privacy import NOBODY, Anonymized
 from mailbeacon.jetstream import CONSUMER, STREAM
 
@@ -60,8 +60,8 @@ class EventConsumer:
     """Takes batches from the pull feed and stores them, ``pipeline`` batches at a time.
 
     While one batch's transaction runs in the database, the next one is already being
-    decoded and prepared. The transactions themselves run one at a time: a batch then
-    sees the messages the previous one created, instead of parking their events for
+    decoded and prepared. The transactions themselves run one at a time, in the order the
+    batches were taken: a batch then sees the messages the previous one created, instead of parking their events for
     :func:`adopt_parked` (with two at once, about one event in twenty took that slower
     path). Exactness never depends on this: other replicas commit concurrently anyway.
     """
@@ -82,6 +82,7 @@ class EventConsumer:
         self.pipeline = pipeline
         self.anonymized = anonymized  # campaigns with privacy.anonymizeIp (kept current by the service)
         self._in_flight: set[asyncio.Task[None]] = set()
+        self._last_turn: asyncio.Future[None] | None = None  # done when the latest batch taken is
         self._storing = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -107,7 +108,11 @@ class EventConsumer:
                     await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
                 taken = await self.feed.take(wait=0.5)
                 if taken:
-                    task = asyncio.create_task(self._process(taken), name="aggregator-batch")
+                    turn = asyncio.get_running_loop().create_future()
+                    task = asyncio.create_task(
+                        self._process(taken, self._last_turn, turn), name="aggregator-batch"
+                    )
+                    self._last_turn = turn
                     self._in_flight.add(task)
                     task.add_done_callback(self._in_flight.discard)
             except Exception:
@@ -119,7 +124,19 @@ class EventConsumer:
         if self._in_flight:
             await asyncio.wait(self._in_flight)
 
-    async def _process(self, taken: list[Delivery]) -> None:
+    async def _process(
+        self, taken: list[Delivery], previous: asyncio.Future[None] | None, turn: asyncio.Future[None]
+    ) -> None:
+        """Decode and prepare a batch while the previous one is stored, then store it after that one."""
+        try:
+            await self._decode_and_store(taken, previous)
+        finally:
+            # Batches are stored in the order they were taken: a batch stored before the one
+            # holding the ``sent`` of its messages would park its events for adoption instead.
+            if not turn.done():
+                turn.set_result(None)
+
+    async def _decode_and_store(self, taken: list[Delivery], previous: asyncio.Future[None] | None) -> None:
         events: list[Incoming] = []
         valid: list[bytes] = []
         malformed: list[bytes] = []
@@ -138,14 +155,20 @@ class EventConsumer:
             valid.append(reply)
         if malformed:
             await self.feed.settle(malformed, TERM)
-        if not events:
-            return
-        await self._store(events, valid)
+        # Made ready while the previous batch may still be in the database.
+        batch = await prepare_yielding(events, self.db.dialect == "postgresql") if events else None
+        if batch is not None:
+            with contextlib.suppress(Exception):  # only a shortcut: the transaction looks up itself
+                await look_up_stored(self.db, batch)
+        if previous is not None:
+            await previous
+        if batch is not None:
+            await self._store(events, valid, batch)
 
-    async def _store(self, events: list[Incoming], replies: list[bytes]) -> None:
+    async def _store(self, events: list[Incoming], replies: list[bytes], batch: Prepared) -> None:
         """Store a batch; if the database refuses it while it answers, find the events it
         refuses by halving the batch, store the rest, and terminate those events."""
-        failure = await self._try_store(events, replies)
+        failure = await self._try_store(events, replies, batch)
         if failure is None:
             return
         if not await self._database_answers():
@@ -196,12 +219,14 @@ class EventConsumer:
                 stored_any = True
         return stored_any
 
-    async def _try_store(self, events: list[Incoming], replies: list[bytes]) -> Exception | None:
-        """Store and acknowledge the batch; the exception if its transaction failed (nothing stored)."""
-        # Made ready before the transaction, while the previous batch may still hold the database.
-        batch = prepare(events, self.db.dialect == "postgresql")
+    async def _try_store(
+        self, events: list[Incoming], replies: list[bytes], batch: Prepared | None = None
+    ) -> Exception | None:
+        """Store and acknowledge the batch (``batch``: the events prepared); the exception if
+        its transaction failed (nothing stored)."""
+        if batch is None:
+            batch = prepare(events, self.db.dialect == "postgresql")
         try:
-            await look_up_stored(self.db, batch)
             async with self._storing:
                 started = time.perf_counter()
                 result = await apply_prepared(self.db, batch, self.anonymized)

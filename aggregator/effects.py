@@ -117,8 +117,9 @@ def _earliest(seen: dict[str, datetime], tracking_id: str, moment: datetime) -> 
 
 
 def plan(events: Iterable[Applied], into: Plan | None = None) -> Plan:
-    """What ``events`` do; added to ``into`` when given (every part of a plan sums or takes
-    the earliest, so planning in parts gives the same plan as planning at once)."""
+    """What ``events`` do; added to ``into`` when given (every part of a plan sums, takes the
+    earliest, collects a set or maps a key to the same value every time, so planning in
+    parts gives the same plan as planning at once)."""
     # A hot loop (once per applied event): names are bound locally on purpose.
     p = Plan() if into is None else into
     campaign_of, by_type, engagement, first_seen = p.campaign_of, p.by_type, p.engagement, p.first_seen

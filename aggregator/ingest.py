@@ -9,9 +9,16 @@ One batch is one transaction of a fixed number of statements, whatever its size:
    the event (else the most recent one). On PostgreSQL these messages are locked here,
    in one statement, in tracking-id order. Campaigns whose spec asks for it get the
    event's IP anonymized now that its campaign is known.
-3. All events are inserted (``ON CONFLICT (event_id) DO NOTHING RETURNING``): only the
-   ones returned are new, so a redelivered or duplicated event changes nothing. Events
-   whose message is unknown are stored *parked* (``applied = false``).
+3. All events are inserted, and only the ones new to the table count, so a redelivered or
+   duplicated event changes nothing. SQLite: ``INSERT ... ON CONFLICT (event_id) DO
+   NOTHING``. PostgreSQL: the ids not found stored (looked up before the transaction or
+   in it) are copied in with ``COPY`` under a savepoint, all or none; if another
+   transaction stored one of them since the lookup, the unique index refuses the copy, it
+   is undone, and ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` stores the rest. A
+   stored id stays stored, so a lookup can only miss ids, never invent them: its answer
+   makes the insert faster, never decides what counts. (Retention deleting an old event
+   between the lookup and the copy drops its redelivery as a repeat; it counted once.)
+   Events whose message is unknown are stored *parked* (``applied = false``).
 4. Parked events waiting for a message created in step 1 are claimed
    (``SELECT ... FOR UPDATE SKIP LOCKED``, then ``UPDATE ... WHERE applied = false``).
 5. One conditional UPDATE fills the messages' first-seen columns where still empty (or
@@ -20,10 +27,11 @@ One batch is one transaction of a fixed number of statements, whatever its size:
 6. Counters, per-link counts and open buckets are summed per batch and written as atomic
    upserts (``col = col + delta``), each in sorted key order.
 
-Every "does this count?" decision is made by the database inside the writing statement,
-never by reading first and writing later, so aggregator replicas sharing the database
-stay exact. Locks are taken in one global order (new messages, touched messages, event
-ids, then summed rows, each sorted) and adoption never waits for a lock, so replicas do
+Every "does this count?" decision is made by the database inside the writing statement
+(or by the unique index refusing it), never by reading first and writing later, so
+aggregator replicas sharing the database stay exact. Locks are taken in one global order
+(new messages, touched messages, event ids in code-point order, then summed rows, each
+sorted) and adoption never waits for a lock, so replicas do
 not deadlock; on SQLite ``BEGIN IMMEDIATE`` serializes writers anyway.
 
 An event parked by one replica while another was creating its message is settled by
@@ -116,17 +124,20 @@ async def apply_prepared(db: Database, batch: Prepared, anonymized: Anonymized =
             # A parked event's campaign is not known yet: claim_parked anonymizes it when applied.
             if anonymized and row[CAMPAIGN] in anonymized:
                 anonymize_row(row)
-        # While the database inserts the events (the longest statement), this process plans
-        # their effects as if every one were new; a repeat found by the insert means planning again.
+        # The effects of the events not known to be stored are planned while the database
+        # works on the insert (SQLite, or a lookup inside the transaction); an event the
+        # insert finds stored after all means planning again.
+        known = batch.stored or set()
+        expected = [a for event_id, a in applied.items() if event_id not in known]
         plans: list[Plan] = []
         new = await tx.insert_events(
-            rows, meanwhile=lambda: plans.append(plan(applied.values())), stored=batch.stored
+            rows, meanwhile=lambda: plans.append(plan(expected)), stored=batch.stored
         )
         planned = plans[0]
         tx.result.duplicates += len(rows) - len(new)
         tx.result.parked += sum(1 for event_id in waiting if event_id in new)
         effects = [a for event_id, a in applied.items() if event_id in new]
-        if len(effects) != len(applied):
+        if len(effects) != len(expected):  # effects are among the expected ones: the same iff as many
             planned = plan(effects)
         if created:
             where, params = tx.sql.one_of("tracking_id", sorted(created))

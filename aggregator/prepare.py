@@ -13,7 +13,8 @@ time the write lock is held.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from operator import attrgetter
@@ -25,6 +26,7 @@ from aggregator.times import sqlite_time
 from mailbeacon.events import EventType, utcnow
 
 UNKNOWN_CAMPAIGN = "default/unknown"
+_SLICE = 256
 
 # Positions in an events row (the column order of ingest's _EVENT_COLUMNS).
 TRACKING_ID, CAMPAIGN, IP, BOUNCE_KIND, APPLIED = 2, 3, 7, 10, 16
@@ -50,6 +52,28 @@ class Prepared:
 
 def prepare(events: Sequence[EventFields], postgres: bool) -> Prepared:
     """The batch ready for :func:`aggregator.ingest.apply_prepared` on the given database."""
+    steps = _preparing(events, postgres)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+
+async def prepare_yielding(events: Sequence[EventFields], postgres: bool) -> Prepared:
+    """:func:`prepare`, letting other tasks run every few hundred events (the consumer
+    prepares a batch while the previous one's transaction waits for this loop)."""
+    steps = _preparing(events, postgres)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        await asyncio.sleep(0)
+
+
+def _preparing(events: Sequence[EventFields], postgres: bool) -> Generator[None, None, Prepared]:
+    """The work of :func:`prepare`, pausing (yielding) every ``_SLICE`` rows."""
     unique: dict[str, EventFields] = {}
     creators: dict[str, EventFields] = {}
     repeats = 0
@@ -68,7 +92,9 @@ def prepare(events: Sequence[EventFields], postgres: bool) -> Prepared:
     tracking_ids: set[str] = set()
     addresses: set[tuple[str, datetime]] = set()
     value = _VALUE
-    for e in batch:
+    for n, e in enumerate(batch, 1):
+        if n % _SLICE == 0:
+            yield
         kind = e.type
         if kind is not _SENT and kind is not _FAILED:
             if e.tracking_id:

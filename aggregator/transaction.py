@@ -166,8 +166,10 @@ class Transaction(Tally):
     ) -> set[str]:
         """Store events (driver-ready rows); returns the ids that were new (the others were stored before).
 
-        ``meanwhile`` (plain Python) runs while the database works on the insert. ``stored``:
-        the ids among them found stored by :func:`aggregator.ingest.look_up_stored`, if it ran.
+        ``meanwhile`` (plain Python) runs once, while the database works on the insert where
+        it can (SQLite's, or PostgreSQL's lookup when ``stored`` is None), else before it.
+        ``stored``: the ids among them found stored by :func:`aggregator.ingest.look_up_stored`,
+        if it ran.
         """
         if not rows:
             meanwhile()
@@ -194,7 +196,9 @@ class Transaction(Tally):
         v = await self.sql.staged("events_batch", _EVENT_COLUMNS, fresh, ready=True)
         picks = ", ".join(self.sql.json_value(v[n]) if n == "metadata" else v[n] for n in names)
         inserted = await self.sql.run(
-            f"INSERT INTO events ({', '.join(names)}) SELECT {picks} FROM {v.sql} ORDER BY {v['event_id']} "
+            f"INSERT INTO events ({', '.join(names)}) SELECT {picks} FROM {v.sql} "
+            # The order the copy takes them in (code points), whatever the database's collation.
+            f'ORDER BY {v["event_id"]} COLLATE "C" '
             "ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
             v.params,
         )
