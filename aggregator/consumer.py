@@ -60,10 +60,14 @@ class EventConsumer:
     """Takes batches from the pull feed and stores them, ``pipeline`` batches at a time.
 
     While one batch's transaction runs in the database, the next one is already being
-    decoded and prepared. The transactions themselves run one at a time, in the order the
-    batches were taken: a batch then sees the messages the previous one created, instead of parking their events for
-    :func:`adopt_parked` (with two at once, about one event in twenty took that slower
-    path). Exactness never depends on this: other replicas commit concurrently anyway.
+    decoded and prepared. On PostgreSQL a batch is split into ``lanes`` by tracking id,
+    each stored in a transaction of its own, concurrently: the lanes touch different
+    messages, so they do not wait for each other's row locks, and the database works on
+    two cores. Within a lane, transactions run one at a time, in the order the batches
+    were taken: a batch then sees the messages the previous one created, instead of
+    parking their events for :func:`adopt_parked` (with two batches at once, about one
+    event in twenty took that slower path). Exactness never depends on this: other
+    replicas commit concurrently anyway.
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class EventConsumer:
         batch_size: int = 5000,
         pipeline: int = 2,
         anonymized: Anonymized = NOBODY,
+        lanes: int | None = None,
     ) -> None:
         # The pull feed publishes raw pull requests, so it needs the connection under js.
         nc: NATS = js._nc
@@ -80,10 +85,12 @@ class EventConsumer:
         self.db = db
         self.feed = PullFeed(nc, STREAM, CONSUMER, batch_size)
         self.pipeline = pipeline
+        # SQLite has one writer: a second lane would only wait for it.
+        self.lanes = lanes or (2 if db.dialect == "postgresql" else 1)
         self.anonymized = anonymized  # campaigns with privacy.anonymizeIp (kept current by the service)
         self._in_flight: set[asyncio.Task[None]] = set()
-        self._last_turn: asyncio.Future[None] | None = None  # done when the latest batch taken is
-        self._storing = asyncio.Lock()
+        # Per lane: done when the latest batch taken has been stored (or given up) there.
+        self._last_turns: list[asyncio.Future[None] | None] = [None] * self.lanes
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.db_ok = True
@@ -108,11 +115,12 @@ class EventConsumer:
                     await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
                 taken = await self.feed.take(wait=0.5)
                 if taken:
-                    turn = asyncio.get_running_loop().create_future()
+                    loop = asyncio.get_running_loop()
+                    turns: list[asyncio.Future[None]] = [loop.create_future() for _ in range(self.lanes)]
                     task = asyncio.create_task(
-                        self._process(taken, self._last_turn, turn), name="aggregator-batch"
+                        self._process(taken, self._last_turns, turns), name="aggregator-batch"
                     )
-                    self._last_turn = turn
+                    self._last_turns = list(turns)
                     self._in_flight.add(task)
                     task.add_done_callback(self._in_flight.discard)
             except Exception:
@@ -125,18 +133,57 @@ class EventConsumer:
             await asyncio.wait(self._in_flight)
 
     async def _process(
-        self, taken: list[Delivery], previous: asyncio.Future[None] | None, turn: asyncio.Future[None]
+        self,
+        taken: list[Delivery],
+        previous: Sequence[asyncio.Future[None] | None],
+        turns: Sequence[asyncio.Future[None]],
     ) -> None:
-        """Decode and prepare a batch while the previous one is stored, then store it after that one."""
+        """Decode a batch and store each lane of it after the previous batch's in that lane."""
         try:
-            await self._decode_and_store(taken, previous)
+            events, replies = await self._decode(taken)
+            lanes: list[tuple[list[Incoming], list[bytes]]] = [([], []) for _ in range(self.lanes)]
+            for event, reply in zip(events, replies, strict=True):
+                # A message's events share a lane (address-only ones take the first), so the
+                # lane that stores its ``sent`` stores them after it.
+                lane = lanes[hash(event.tracking_id) % self.lanes if event.tracking_id else 0]
+                lane[0].append(event)
+                lane[1].append(reply)
+            await asyncio.gather(
+                *(
+                    self._store_in_turn(part, part_replies, before, turn)
+                    for (part, part_replies), before, turn in zip(lanes, previous, turns, strict=True)
+                )
+            )
         finally:
-            # Batches are stored in the order they were taken: a batch stored before the one
-            # holding the ``sent`` of its messages would park its events for adoption instead.
+            for turn in turns:
+                if not turn.done():
+                    turn.set_result(None)
+
+    async def _store_in_turn(
+        self,
+        events: list[Incoming],
+        replies: list[bytes],
+        previous: asyncio.Future[None] | None,
+        turn: asyncio.Future[None],
+    ) -> None:
+        """Prepare events while the lane's previous batch is stored, then store them."""
+        try:
+            batch = await prepare_yielding(events, self.db.dialect == "postgresql") if events else None
+            if batch is not None:
+                with contextlib.suppress(Exception):  # only a shortcut: the transaction looks up itself
+                    await look_up_stored(self.db, batch)
+            if previous is not None:
+                # Stored in the order taken: a batch stored before the one holding the ``sent``
+                # of its messages would park their events for adoption.
+                await previous
+            if batch is not None:
+                await self._store(events, replies, batch)
+        finally:
             if not turn.done():
                 turn.set_result(None)
 
-    async def _decode_and_store(self, taken: list[Delivery], previous: asyncio.Future[None] | None) -> None:
+    async def _decode(self, taken: list[Delivery]) -> tuple[list[Incoming], list[bytes]]:
+        """The valid events with their acknowledgement subjects; malformed ones are terminated."""
         events: list[Incoming] = []
         valid: list[bytes] = []
         malformed: list[bytes] = []
@@ -155,15 +202,7 @@ class EventConsumer:
             valid.append(reply)
         if malformed:
             await self.feed.settle(malformed, TERM)
-        # Made ready while the previous batch may still be in the database.
-        batch = await prepare_yielding(events, self.db.dialect == "postgresql") if events else None
-        if batch is not None:
-            with contextlib.suppress(Exception):  # only a shortcut: the transaction looks up itself
-                await look_up_stored(self.db, batch)
-        if previous is not None:
-            await previous
-        if batch is not None:
-            await self._store(events, valid, batch)
+        return events, valid
 
     async def _store(self, events: list[Incoming], replies: list[bytes], batch: Prepared) -> None:
         """Store a batch; if the database refuses it while it answers, find the events it
@@ -227,9 +266,8 @@ class EventConsumer:
         if batch is None:
             batch = prepare(events, self.db.dialect == "postgresql")
         try:
-            async with self._storing:
-                started = time.perf_counter()
-                result = await apply_prepared(self.db, batch, self.anonymized)
+            started = time.perf_counter()
+            result = await apply_prepared(self.db, batch, self.anonymized)
         except Exception as exc:
             metrics.BATCH_FAILURES.inc()
             return exc

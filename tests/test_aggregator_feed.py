@@ -23,12 +23,14 @@ from prometheus_client import generate_latest
 from aggregator.consumer import EventConsumer
 from aggregator.db import open_database
 from aggregator.feed import ACK, TERM, Delivery, PullFeed, delivery_info, nak
+from aggregator.ingest import adopt_parked
 from aggregator.migrate import migrate
 from aggregator.statistics import read_statistics
 from aggregator.wire import Server, Unsupported, WireConnection
 from mailbeacon.embedded_nats import EmbeddedNats, nats_server_binary
 from mailbeacon.jetstream import CONSUMER, STREAM, connect
 from tests.support import eventually, free_port, metric_value
+from tests.test_aggregator_crash import CAMPAIGNS, generate, recount
 
 
 def invalid_events() -> float:
@@ -240,3 +242,44 @@ async def test_lean_connection_authenticates_and_refuses_bad_credentials(guarded
     wrong = WireConnection(lambda: f"nats://feed:wrong@127.0.0.1:{guarded_nats}", "test", lambda *a: None)
     with pytest.raises(ConnectionError, match=r"(?i)authorization"):
         await wrong.start()
+
+
+async def test_consumer_lanes_store_each_message_after_its_sent(nc: NATS, database_url: str) -> None:
+    """On PostgreSQL the consumer stores a batch in two lanes at once, split by tracking id.
+    Every event of a message must still be stored after its ``sent`` (a later batch never
+    overtakes an earlier one in its lane), and the statistics equal the recount."""
+    db = open_database(database_url)
+    await migrate(db)
+    raw = generate(60, seed=21)
+    sent_at = {e["tracking_id"]: i for i, e in enumerate(raw) if e["type"] == "sent"}
+    # Each message's events after its ``sent``, messages interleaved: spread over many batches.
+    raw.sort(key=lambda e: (sent_at.get(e.get("tracking_id"), len(raw)), e["type"] != "sent"))
+    address_only = sum(1 for e in raw if not e.get("tracking_id"))
+    parked_before = _parked_total()
+    consumer = EventConsumer(nc.jetstream(), db, batch_size=25)
+    assert consumer.lanes == (2 if db.dialect == "postgresql" else 1)
+    await consumer.start()
+    try:
+        await publish(nc, raw)
+
+        async def all_acknowledged() -> bool:
+            info = await consumer_info(nc)
+            return (
+                info.num_pending == 0 and info.num_ack_pending == 0 and info.ack_floor.stream_seq >= len(raw)
+            )
+
+        await eventually(all_acknowledged, within=30)
+        await adopt_parked(db)
+        for campaign in CAMPAIGNS:
+            expected = recount(raw, campaign)
+            kept = await read_statistics(db, campaign)
+            assert {k: kept[k] for k in expected} == expected
+        # Only an address-only event can wait: its message may be created in the other lane.
+        assert _parked_total() - parked_before <= address_only
+    finally:
+        await consumer.stop()
+        await db.dispose()
+
+
+def _parked_total() -> float:
+    return metric_value(generate_latest().decode(), "mailbeacon_aggregator_events_parked_total")
