@@ -53,11 +53,9 @@ class Prepared:
 def prepare(events: Sequence[EventFields], postgres: bool) -> Prepared:
     """The batch ready for :func:`aggregator.ingest.apply_prepared` on the given database."""
     steps = _preparing(events, postgres)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+    while (batch := _next_step(steps)) is None:
+        pass
+    return batch
 
 
 async def prepare_yielding(events: Sequence[EventFields], postgres: bool) -> Prepared:
@@ -65,11 +63,19 @@ async def prepare_yielding(events: Sequence[EventFields], postgres: bool) -> Pre
     prepares a batch while the previous one's transaction waits for this loop)."""
     steps = _preparing(events, postgres)
     while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
+        batch = _next_step(steps)
+        if batch is not None:
+            return batch
         await asyncio.sleep(0)
+
+
+def _next_step(steps: Generator[None, None, Prepared]) -> Prepared | None:
+    """Run ``steps`` to its next pause; the prepared batch once it has finished."""
+    try:
+        next(steps)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    return None
 
 
 def _preparing(events: Sequence[EventFields], postgres: bool) -> Generator[None, None, Prepared]:
