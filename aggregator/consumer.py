@@ -62,12 +62,14 @@ class EventConsumer:
     While one batch's transaction runs in the database, the next one is already being
     decoded and prepared. On PostgreSQL a batch is split into ``lanes`` by tracking id,
     each stored in a transaction of its own, concurrently: the lanes touch different
-    messages, so they do not wait for each other's row locks, and the database works on
-    two cores. Within a lane, transactions run one at a time, in the order the batches
-    were taken: a batch then sees the messages the previous one created, instead of
-    parking their events for :func:`adopt_parked` (with two batches at once, about one
-    event in twenty took that slower path). Exactness never depends on this: other
-    replicas commit concurrently anyway.
+    messages, so they wait for each other only at the end, for the shared counter rows,
+    and the database works on two cores. Within a lane, transactions run one at a time,
+    in the order the batches were taken: a batch then sees the messages the previous one
+    created, instead of parking their events for :func:`adopt_parked` (with two batches
+    at once, about one event in twenty took that slower path). Address-only webhooks
+    belong to the latest copy sent to the address, which any lane may be storing: they
+    are stored after every lane of their batch. Exactness never depends on this order:
+    other replicas commit concurrently anyway.
     """
 
     def __init__(
@@ -87,10 +89,13 @@ class EventConsumer:
         self.pipeline = pipeline
         # SQLite has one writer: a second lane would only wait for it.
         self.lanes = lanes or (2 if db.dialect == "postgresql" else 1)
+        # Chains of transactions, each in the order batches were taken: the lanes, then
+        # (with several lanes) the address-only events of each batch.
+        self._chains = self.lanes + 1 if self.lanes > 1 else 1
         self.anonymized = anonymized  # campaigns with privacy.anonymizeIp (kept current by the service)
         self._in_flight: set[asyncio.Task[None]] = set()
-        # Per lane: done when the latest batch taken has been stored (or given up) there.
-        self._last_turns: list[asyncio.Future[None] | None] = [None] * self.lanes
+        # Per chain: done when the latest batch taken has been stored (or given up) there.
+        self._last_turns: list[asyncio.Future[None] | None] = [None] * self._chains
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self.db_ok = True
@@ -116,7 +121,7 @@ class EventConsumer:
                 taken = await self.feed.take(wait=0.5)
                 if taken:
                     loop = asyncio.get_running_loop()
-                    turns: list[asyncio.Future[None]] = [loop.create_future() for _ in range(self.lanes)]
+                    turns: list[asyncio.Future[None]] = [loop.create_future() for _ in range(self._chains)]
                     task = asyncio.create_task(
                         self._process(taken, self._last_turns, turns), name="aggregator-batch"
                     )
@@ -138,21 +143,28 @@ class EventConsumer:
         previous: Sequence[asyncio.Future[None] | None],
         turns: Sequence[asyncio.Future[None]],
     ) -> None:
-        """Decode a batch and store each lane of it after the previous batch's in that lane."""
+        """Decode a batch and store each chain of it after the previous batch's in that chain."""
         try:
             events, replies = await self._decode(taken)
-            lanes: list[tuple[list[Incoming], list[bytes]]] = [([], []) for _ in range(self.lanes)]
+            chains: list[tuple[list[Incoming], list[bytes]]] = [([], []) for _ in range(self._chains)]
             for event, reply in zip(events, replies, strict=True):
-                # A message's events share a lane (address-only ones take the first), so the
-                # lane that stores its ``sent`` stores them after it.
-                lane = lanes[hash(event.tracking_id) % self.lanes if event.tracking_id else 0]
-                lane[0].append(event)
-                lane[1].append(reply)
+                # A message's events share a lane, so the lane that stores its ``sent`` stores
+                # them after it; address-only events go last (with one lane, in it).
+                tid = event.tracking_id
+                chain = chains[hash(tid) % self.lanes] if tid else chains[-1]
+                chain[0].append(event)
+                chain[1].append(reply)
+            lane_turns = list(turns[: self.lanes])
             await asyncio.gather(
                 *(
-                    self._store_in_turn(part, part_replies, before, turn)
-                    for (part, part_replies), before, turn in zip(lanes, previous, turns, strict=True)
-                )
+                    self._store_in_turn(
+                        part, part_replies, [before, *(lane_turns if n >= self.lanes else [])], turn
+                    )
+                    for n, ((part, part_replies), before, turn) in enumerate(
+                        zip(chains, previous, turns, strict=True)
+                    )
+                ),
+                return_exceptions=True,  # each chain settles its own messages; one failing stops none
             )
         finally:
             for turn in turns:
@@ -163,21 +175,29 @@ class EventConsumer:
         self,
         events: list[Incoming],
         replies: list[bytes],
-        previous: asyncio.Future[None] | None,
+        waits: Sequence[asyncio.Future[None] | None],
         turn: asyncio.Future[None],
     ) -> None:
-        """Prepare events while the lane's previous batch is stored, then store them."""
+        """Prepare events while the batches they must follow are stored, then store them."""
         try:
             batch = await prepare_yielding(events, self.db.dialect == "postgresql") if events else None
             if batch is not None:
                 with contextlib.suppress(Exception):  # only a shortcut: the transaction looks up itself
                     await look_up_stored(self.db, batch)
-            if previous is not None:
-                # Stored in the order taken: a batch stored before the one holding the ``sent``
-                # of its messages would park their events for adoption.
-                await previous
+            for wait in waits:
+                if wait is not None:
+                    # Stored in the order taken: a batch stored before the one holding the
+                    # ``sent`` of its messages would park their events for adoption (or give
+                    # an address-only event to an older copy).
+                    await wait
             if batch is not None:
                 await self._store(events, replies, batch)
+        except Exception:
+            # Nothing here should raise; if it does, JetStream gets the events again rather
+            # than waiting out the acknowledgement deadline.
+            log.exception("storing a batch of %d events failed; it will be redelivered", len(events))
+            with contextlib.suppress(Exception):
+                await self.feed.settle(replies, nak(1.0))
         finally:
             if not turn.done():
                 turn.set_result(None)

@@ -21,13 +21,14 @@ from nats.js.api import ConsumerInfo
 from prometheus_client import generate_latest
 
 from aggregator.consumer import EventConsumer
-from aggregator.db import open_database
+from aggregator.db import Database, open_database
 from aggregator.feed import ACK, TERM, Delivery, PullFeed, delivery_info, nak
-from aggregator.ingest import adopt_parked
+from aggregator.ingest import adopt_parked, apply_batch
 from aggregator.migrate import migrate
 from aggregator.statistics import read_statistics
 from aggregator.wire import Server, Unsupported, WireConnection
 from mailbeacon.embedded_nats import EmbeddedNats, nats_server_binary
+from mailbeacon.events import Event
 from mailbeacon.jetstream import CONSUMER, STREAM, connect
 from tests.support import eventually, free_port, metric_value
 from tests.test_aggregator_crash import CAMPAIGNS, generate, recount
@@ -253,7 +254,9 @@ async def test_consumer_lanes_store_each_message_after_its_sent(nc: NATS, databa
     raw = generate(60, seed=21)
     sent_at = {e["tracking_id"]: i for i, e in enumerate(raw) if e["type"] == "sent"}
     # Each message's events after its ``sent``, messages interleaved: spread over many batches.
-    raw.sort(key=lambda e: (sent_at.get(e.get("tracking_id"), len(raw)), e["type"] != "sent"))
+    # Address-only events last, after every message (len(raw) reads 0 while raw sorts).
+    last = len(raw)
+    raw.sort(key=lambda e: (sent_at.get(e.get("tracking_id"), last), e["type"] != "sent"))
     address_only = sum(1 for e in raw if not e.get("tracking_id"))
     parked_before = _parked_total()
     consumer = EventConsumer(nc.jetstream(), db, batch_size=25)
@@ -274,8 +277,8 @@ async def test_consumer_lanes_store_each_message_after_its_sent(nc: NATS, databa
             expected = recount(raw, campaign)
             kept = await read_statistics(db, campaign)
             assert {k: kept[k] for k in expected} == expected
-        # Only an address-only event can wait: its message may be created in the other lane.
-        assert _parked_total() - parked_before <= address_only
+        # Address-only events come last, after their messages: none had to wait.
+        assert address_only > 0 and _parked_total() == parked_before
     finally:
         await consumer.stop()
         await db.dispose()
@@ -283,3 +286,41 @@ async def test_consumer_lanes_store_each_message_after_its_sent(nc: NATS, databa
 
 def _parked_total() -> float:
     return metric_value(generate_latest().decode(), "mailbeacon_aggregator_events_parked_total")
+
+
+async def test_address_only_event_waits_for_the_lane_creating_its_message(
+    nc: NATS, database_url: str
+) -> None:
+    """A bounce that names only the address belongs to the latest copy sent there, even when
+    that copy's ``sent`` is stored by another lane of the same batch (a newsletter went
+    to the same address earlier, in another campaign, and must not get the bounce)."""
+    db = open_database(database_url)
+    await migrate(db)
+    address = "pat@example.com"
+    older = event("sent", tracking_id=str(uuid.uuid4()), campaign="lanes/old", recipient=address)
+    await apply_batch(db, [Event.model_validate(older)])
+    consumer = EventConsumer(nc.jetstream(), db, batch_size=200)
+    # All in one batch: the newer copy in the last lane, with enough events there to keep
+    # that lane busy while the bounce is stored.
+    newer = next(
+        t for t in (str(uuid.uuid4()) for _ in range(100)) if hash(t) % consumer.lanes == consumer.lanes - 1
+    )
+    later = "2026-03-02T09:00:00+00:00"
+    batch = [event("sent", tracking_id=newer, campaign="lanes/new", recipient=address, occurred_at=later)]
+    batch += [event("opened", tracking_id=newer, occurred_at=later) for _ in range(60)]
+    batch.append(
+        event("bounced", recipient=address, bounce_kind="hard", occurred_at="2026-03-02T09:05:00+00:00")
+    )
+    await publish(nc, batch)
+    await consumer.start()
+    try:
+        await eventually(lambda: _stats_say(db, "lanes/new", total_opens=60, bounced_count=1))
+        assert (await read_statistics(db, "lanes/old")).get("bounced_count") == 0
+    finally:
+        await consumer.stop()
+        await db.dispose()
+
+
+async def _stats_say(db: Database, campaign: str, **expected: int) -> bool:
+    stats = await read_statistics(db, campaign)
+    return all(stats.get(name) == value for name, value in expected.items())
