@@ -77,7 +77,7 @@ class EventConsumer:
         js: JetStreamContext,
         db: Database,
         batch_size: int = 5000,
-        pipeline: int = 2,
+        pipeline: int | None = None,
         anonymized: Anonymized = NOBODY,
         lanes: int | None = None,
     ) -> None:
@@ -86,9 +86,12 @@ class EventConsumer:
         self.nc = nc
         self.db = db
         self.feed = PullFeed(nc, STREAM, CONSUMER, batch_size)
-        self.pipeline = pipeline
         # SQLite has one writer: a second lane would only wait for it.
         self.lanes = lanes or (2 if db.dialect == "postgresql" else 1)
+        # With lanes, a batch ends with its address-only events after both lanes: one
+        # batch more in flight keeps the lanes busy meanwhile (20,970 against 19,009
+        # events/s in the PostgreSQL benchmark).
+        self.pipeline = pipeline or (3 if self.lanes > 1 else 2)
         # Chains of transactions, each in the order batches were taken: the lanes, then
         # (with several lanes) the address-only events of each batch.
         self._chains = self.lanes + 1 if self.lanes > 1 else 1

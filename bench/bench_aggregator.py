@@ -244,8 +244,9 @@ async def wait_ingested(nats_url: str, first_seq: int, last_seq: int) -> float:
         await asyncio.sleep(0.1)
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User and system CPU time of these processes (all their threads) so far, from /proc."""
+def cpu_seconds(pids: list[int], reaped: bool = False) -> float:
+    """User and system CPU time of these processes (all their threads) so far, from /proc;
+    ``reaped``: also that of their children which have exited (PostgreSQL's backends)."""
     ticks = 0
     for pid in pids:
         try:
@@ -253,6 +254,8 @@ def cpu_seconds(pids: list[int]) -> float:
         except (OSError, IndexError):
             continue  # gone, or not Linux
         ticks += int(fields[11]) + int(fields[12])
+        if reaped:
+            ticks += int(fields[13]) + int(fields[14])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -367,8 +370,16 @@ class Servers:
     nats_pid: int
     postgres_pid: int | None = None
 
-    def postgres(self) -> list[int]:
-        return process_tree(self.postgres_pid) if self.postgres_pid else []
+    def postgres_cpu(self) -> float:
+        """CPU seconds of the PostgreSQL server so far: the postmaster, the backends alive
+        now (the aggregator opens more as it goes) and the ones that have exited."""
+        if not self.postgres_pid:
+            return 0.0
+        return (
+            cpu_seconds(process_tree(self.postgres_pid))
+            + cpu_seconds([self.postgres_pid], reaped=True)
+            - cpu_seconds([self.postgres_pid])
+        )
 
 
 def run_database(
@@ -386,17 +397,16 @@ def run_database(
     asyncio.run(reset_consumer(nats_url))
     aggregator = start_aggregator(nats_url, url, workdir, batch)
     try:
-        database = servers.postgres()
         before = [
             cpu_seconds([aggregator.process.pid]),
             cpu_seconds([servers.nats_pid]),
-            cpu_seconds(database),
+            servers.postgres_cpu(),
         ]
         seconds = asyncio.run(wait_ingested(nats_url, 1, stream_last))
         after = [
             cpu_seconds([aggregator.process.pid]),
             cpu_seconds([servers.nats_pid]),
-            cpu_seconds(database),
+            servers.postgres_cpu(),
         ]
         # CPU from the aggregator's start to the last ack, per event (the time before the first
         # ack is start-up and the first batch, a few tenths of a second at most).
