@@ -40,6 +40,9 @@ ADOPT_EVERY_SECONDS = 2.0
 MAX_RETRY_DELAY_SECONDS = 30.0
 # Events decoded between two chances for the batch in the database to go on.
 DECODE_SLICE = 32
+# How long after events were put back for redelivery address-only webhooks still wait for
+# them: their redelivery, and the batch storing them.
+REDELIVERY_MARGIN_SECONDS = 2.0
 
 
 def _refuses_the_value(failure: Exception) -> bool:
@@ -68,8 +71,10 @@ class EventConsumer:
     created, instead of parking their events for :func:`adopt_parked` (with two batches
     at once, about one event in twenty took that slower path). Address-only webhooks
     belong to the latest copy sent to the address, which any lane may be storing: they
-    are stored after every lane of their batch. Exactness never depends on this order:
-    other replicas commit concurrently anyway.
+    are stored after every lane of their batch, and while events put back for redelivery
+    (a failed store) may still return, they wait for them too. Counting each event once
+    never depends on this order (other replicas commit concurrently anyway); attributing
+    an address-only webhook relies on its copy's ``sent`` being stored first.
     """
 
     def __init__(
@@ -101,6 +106,8 @@ class EventConsumer:
         self._last_turns: list[asyncio.Future[None] | None] = [None] * self._chains
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        # Until then, events put back for redelivery may still be on their way back.
+        self._redelivery_due = 0.0
         self.db_ok = True
         self.processed = 0
         # Runs after a batch committed and before it is acknowledged (suppressions); when it
@@ -148,7 +155,12 @@ class EventConsumer:
     ) -> None:
         """Decode a batch and store each chain of it after the previous batch's in that chain."""
         try:
-            events, replies = await self._decode(taken)
+            try:
+                events, replies = await self._decode(taken)
+            except Exception:
+                log.exception("decoding a batch of %d events failed; it will be redelivered", len(taken))
+                await self._put_back([reply for reply, _ in taken], 1.0)
+                return
             chains: list[tuple[list[Incoming], list[bytes]]] = [([], []) for _ in range(self._chains)]
             for event, reply in zip(events, replies, strict=True):
                 # A message's events share a lane, so the lane that stores its ``sent`` stores
@@ -193,17 +205,44 @@ class EventConsumer:
                     # ``sent`` of its messages would park their events for adoption (or give
                     # an address-only event to an older copy).
                     await wait
+            if batch is not None and time.monotonic() < self._redelivery_due:
+                batch, events, replies = await self._hold_back_address_only(events, replies, batch)
             if batch is not None:
                 await self._store(events, replies, batch)
         except Exception:
             # Nothing here should raise; if it does, JetStream gets the events again rather
-            # than waiting out the acknowledgement deadline.
-            log.exception("storing a batch of %d events failed; it will be redelivered", len(events))
+            # than waiting out the acknowledgement deadline (a nak of an event already
+            # acknowledged changes nothing).
+            log.exception(
+                "storing a batch of %d events failed; what is not stored will be redelivered", len(events)
+            )
             with contextlib.suppress(Exception):
-                await self.feed.settle(replies, nak(1.0))
+                await self._put_back(replies, 1.0)
         finally:
             if not turn.done():
                 turn.set_result(None)
+
+    async def _put_back(self, replies: list[bytes], delay: float) -> None:
+        """Have JetStream redeliver these after ``delay`` seconds."""
+        self._redelivery_due = max(self._redelivery_due, time.monotonic() + delay + REDELIVERY_MARGIN_SECONDS)
+        await self.feed.settle(replies, nak(delay))
+
+    async def _hold_back_address_only(
+        self, events: list[Incoming], replies: list[bytes], batch: Prepared
+    ) -> tuple[Prepared | None, list[Incoming], list[bytes]]:
+        """Events put back for redelivery (the database failed) may hold the ``sent`` of the
+        copy an address-only webhook belongs to. Attributed now, the webhook would go to an
+        older copy for good; it comes back after them instead. Returns what to store now."""
+        held = [n for n, event in enumerate(events) if not event.tracking_id and event.recipient]
+        if not held:
+            return batch, events, replies
+        wait = self._redelivery_due - time.monotonic()
+        log.info("%d address-only events wait %.1f s for events put back for redelivery", len(held), wait)
+        await self.feed.settle([replies[n] for n in held], nak(max(wait, 0.1)))
+        skip = set(held)
+        events = [event for n, event in enumerate(events) if n not in skip]
+        replies = [reply for n, reply in enumerate(replies) if n not in skip]
+        return (prepare(events, self.db.dialect == "postgresql") if events else None), events, replies
 
     async def _decode(self, taken: list[Delivery]) -> tuple[list[Incoming], list[bytes]]:
         """The valid events with their acknowledgement subjects; malformed ones are terminated."""
@@ -332,7 +371,7 @@ class EventConsumer:
         log.error(
             "batch of %d events not stored (%s); redelivery in %.0f s", len(events), _why(failure), delay
         )
-        await self.feed.settle(replies, nak(delay))
+        await self._put_back(replies, delay)
         await asyncio.sleep(0.5)
 
     async def _adopt(self) -> None:

@@ -375,11 +375,9 @@ class Servers:
         now (the aggregator opens more as it goes) and the ones that have exited."""
         if not self.postgres_pid:
             return 0.0
-        return (
-            cpu_seconds(process_tree(self.postgres_pid))
-            + cpu_seconds([self.postgres_pid], reaped=True)
-            - cpu_seconds([self.postgres_pid])
-        )
+        # Each process's stat read once (backends fork nothing, so only the postmaster has
+        # reaped children to add).
+        return cpu_seconds(process_tree(self.postgres_pid), reaped=True)
 
 
 def run_database(

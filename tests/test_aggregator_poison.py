@@ -181,3 +181,49 @@ async def test_a_database_that_stores_nothing_loses_nothing(nc: NATS, database_u
     finally:
         await consumer.stop()
         await db.dispose()
+
+
+async def test_address_only_webhook_waits_for_a_sent_put_back(nc: NATS, database_url: str) -> None:
+    """The newer copy's ``sent`` could not be stored (the database failed) and waits for its
+    redelivery; a bounce naming only the address, arriving once the database works again,
+    must not go to the older copy meanwhile."""
+    db = open_database(database_url)
+    await migrate(db)
+    dialect = "postgresql" if database_url.startswith("postgresql") else "sqlite"
+    old, new = f"held/o{uuid.uuid4().hex[:8]}", f"held/n{uuid.uuid4().hex[:8]}"
+    address = f"{uuid.uuid4().hex[:8]}@example.com"
+    consumer = EventConsumer(nc.jetstream(), db, batch_size=64)
+    await consumer.start()
+    try:
+        await publish(nc, [event("sent", tracking_id=str(uuid.uuid4()), campaign=old, recipient=address)])
+        await eventually(lambda: _sent(db, old))
+        async with db.writing() as conn:
+            for statement in REFUSE_EVERY_EVENT[dialect]:
+                await conn.execute(text(statement))
+        failures_before = batch_failures()
+        later = {"occurred_at": "2026-03-02T09:00:00+00:00"}
+        await publish(
+            nc, [event("sent", tracking_id=str(uuid.uuid4()), campaign=new, recipient=address, **later)]
+        )
+        await eventually(lambda: _is(batch_failures() > failures_before))
+        async with db.writing() as conn:
+            for statement in ALLOW_AGAIN[dialect]:
+                await conn.execute(text(statement))
+        bounce = event(
+            "bounced", recipient=address, bounce_kind="hard", occurred_at="2026-03-02T09:05:00+00:00"
+        )
+        await publish(nc, [bounce])
+        await eventually(lambda: _stored(db, [str(bounce["event_id"])]), within=30)
+        assert (await read_statistics(db, new))["bounced_count"] == 1
+        assert (await read_statistics(db, old))["bounced_count"] == 0
+    finally:
+        await consumer.stop()
+        await db.dispose()
+
+
+async def _sent(db: Database, campaign: str) -> bool:
+    return bool((await read_statistics(db, campaign)).get("sent_count"))
+
+
+async def _is(value: bool) -> bool:
+    return value
