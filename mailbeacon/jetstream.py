@@ -32,6 +32,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from mailbeacon.events import SUBJECT_PREFIX, Event, EventType, subject_for
+from mailbeacon.fast_batch import FastBatchesUnavailable, publish_fast_batch
 from mailbeacon.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -112,8 +113,22 @@ def consumer_config() -> ConsumerConfig:
     )
 
 
+def takes_fast_batches(js: JetStreamContext) -> bool:
+    """Whether the connected server knows fast-ingest batches (nats-server 2.14+)."""
+    info = getattr(getattr(js, "_nc", None), "_server_info", None) or {}  # nats-py keeps it there
+    try:
+        major, minor = (int(part) for part in str(info.get("version", "0.0")).split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (2, 14)
+
+
 async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
     wanted = stream_config(settings)
+    # Fast batches let the tracker publish its pixel and click events with one
+    # acknowledgement per batch (mailbeacon.fast_batch); older servers do not know them.
+    fast = takes_fast_batches(js)
+    wanted.allow_batched = True if fast else None
     try:
         info = await js.stream_info(STREAM)
     except NotFoundError:
@@ -128,12 +143,19 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
     told = settings.model_fields_set
     max_age = wanted.max_age if "stream_max_age_days" in told else have.max_age
     window = wanted.duplicate_window if "stream_duplicate_window_seconds" in told else have.duplicate_window
-    if have.subjects != wanted.subjects or have.max_age != max_age or have.duplicate_window != window:
+    batched = have.allow_batched or fast
+    if (
+        have.subjects != wanted.subjects
+        or have.max_age != max_age
+        or have.duplicate_window != window
+        or bool(have.allow_batched) != batched
+    ):
         # Storage and replicas cannot be changed in place; retention settings can.
         update = StreamConfig.from_response(have.as_dict())
         update.subjects = wanted.subjects
         update.max_age = max_age
         update.duplicate_window = window
+        update.allow_batched = True if batched else None
         await js.update_stream(config=update)
         log.info("updated stream %s", STREAM)
 
@@ -274,6 +296,9 @@ class EventPublisher:
         self._inflight: dict[str, Event] = {}
         self._refused: list[Event] = []
         self._all_acked: asyncio.Future[None] | None = None
+        # Buffered events go out as fast batches (one acknowledgement per batch) until the
+        # stream turns out not to take them.
+        self._fast_batches = True
 
     @property
     def buffered(self) -> int:
@@ -359,6 +384,12 @@ class EventPublisher:
             self._acks = await nc.subscribe(self._reply_prefix + "*", future=_AckSink(self._on_ack))  # type: ignore[arg-type]
             self._acks_nc = nc
         batch = [self._buffer.popleft() for _ in range(min(batch_size, len(self._buffer)))]
+        if self._fast_batches:
+            try:
+                return await self._flush_fast(nc, batch)
+            except FastBatchesUnavailable as exc:  # nothing of the batch is lost: on with single publishes
+                self._fast_batches = False
+                log.info("JetStream takes no fast batches here (%s); publishing event by event", exc)
         self._refused = []
         self._all_acked = asyncio.get_running_loop().create_future()
         unsent: list[Event] = []
@@ -399,6 +430,30 @@ class EventPublisher:
             self._inflight.clear()
             self._buffer.extendleft(reversed(failed))
         return not failed
+
+    async def _flush_fast(self, nc: NATS, batch: list[Event]) -> bool:
+        """Publish a batch as one JetStream fast batch; what is not surely stored goes back
+        to the front of the buffer (republishing is deduplicated)."""
+        messages, kept = [], []
+        for event in batch:
+            try:
+                payload = _event_json(event)
+            except ValueError as exc:  # text JSON cannot carry: it would never be stored
+                self.dropped += 1
+                log.error("dropping event %s that cannot be encoded: %s", event.event_id, exc)
+                continue
+            messages.append((_SUBJECTS[event.type], event.event_id, payload))
+            kept.append(event)
+        try:
+            stored = await publish_fast_batch(nc, messages, hpub_command, _send, self._timeout)
+        except FastBatchesUnavailable:
+            raise  # the caller publishes the same events one by one
+        except BaseException:  # cancelled at shutdown, or the connection failed: all of them again
+            self._buffer.extendleft(reversed(kept))
+            raise
+        self.published += stored
+        self._buffer.extendleft(reversed(kept[stored:]))
+        return stored == len(kept)
 
     async def _flush_forever(self) -> None:
         backoff = 0.1

@@ -1,0 +1,177 @@
+"""JetStream fast-ingest batches: many events published with one acknowledgement per batch.
+
+A plain JetStream publish gets an acknowledgement per message, which the server has to
+build and send and the publisher has to parse: a few microseconds for every pixel and
+click. A fast batch (nats-server 2.14+, ADR-50; the stream must allow it) stores each
+message as it arrives and acknowledges every ``flow`` messages and the batch's end. The
+protocol is carried in each message's reply subject,
+``<inbox>.<flow>.<gap mode>.<batch sequence>.<operation>.$FI``; the server answers on it:
+
+- ``{"type":"ack","seq":N,"msgs":F}``: messages 1..N are stored (gap mode ``fail``), and
+  from now on an acknowledgement comes every F messages;
+- ``{"type":"gap",...}`` or ``{"type":"err","seq":N,...}``: the batch stops there;
+- the end of the batch (operation 3, a message that is not stored) gets a publish
+  acknowledgement with the batch's ``count``, or an ``error``.
+
+``Nats-Msg-Id`` deduplication works inside fast batches as for single publishes (a
+repeated id is skipped silently, the batch goes on), so a batch that ended in doubt is
+simply published again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+_START, _APPEND, _END = 0, 1, 3
+FLOW = 128  # acknowledgements requested every FLOW messages (the server may choose fewer)
+MAX_OUTSTANDING_ACKS = 2  # unacknowledged flows in flight before the publisher waits
+NOT_ENABLED = 10205  # JetStream's error code: the stream does not allow fast batches
+
+
+class FastBatchesUnavailable(Exception):
+    """The stream (or the server) does not take fast batches: publish one by one instead."""
+
+
+class _ReplySink:
+    """Hands each reply straight from nats-py's reader to a callback (as ``_AckSink`` does)."""
+
+    def __init__(self, on_reply: Callable[[Msg], None]) -> None:
+        self._on_reply = on_reply
+
+    def cancelled(self) -> bool:
+        return False
+
+    def done(self) -> bool:
+        return False
+
+    def set_result(self, msg: Msg) -> None:
+        self._on_reply(msg)
+
+
+class _Batch:
+    """What the server said so far about one batch."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.stored = 0  # messages 1..stored are surely stored
+        self.flow = FLOW
+        self.started = False
+        self.finished = False  # the end was acknowledged
+        self.failure: str | None = None
+        self.not_enabled = False
+        self.progress = asyncio.Event()
+
+    def on_reply(self, msg: Msg) -> None:
+        if msg.headers and msg.headers.get("Status") == "503":
+            self.failure = "no stream takes these subjects"
+        else:
+            self._read(msg.data)
+        self.progress.set()
+
+    def _read(self, data: bytes) -> None:
+        try:
+            reply = json.loads(data)
+        except ValueError:
+            self.failure = f"unreadable reply {data[:80]!r}"
+            return
+        kind = reply.get("type")
+        if kind == "ack":
+            self.started = True
+            self.stored = max(self.stored, int(reply.get("seq", 0)))
+            self.flow = max(1, int(reply.get("msgs") or self.flow))
+        elif kind in ("gap", "err"):
+            self.failure = f"batch stopped: {data[:200].decode(errors='replace')}"
+        elif "error" in reply:
+            error = reply["error"] or {}
+            self.not_enabled = error.get("err_code") == NOT_ENABLED
+            self.failure = f"JetStream refused the batch: {error.get('description', error)}"
+        elif "count" in reply:  # the end's publish acknowledgement
+            self.started = self.finished = True
+            self.stored = max(self.stored, int(reply["count"]))
+        elif "seq" in reply:
+            # A plain publish acknowledgement: the server does not know fast batches (before
+            # 2.14) and stored the first message as a single publish.
+            self.not_enabled = True
+            self.failure = "the server answers fast batches as single publishes"
+
+
+def _room_for(batch: _Batch, seq: int) -> bool:
+    """Whether message ``seq`` may go out (ADR-50: while seq < stored + flow * outstanding)."""
+    return batch.stored + batch.flow * MAX_OUTSTANDING_ACKS > seq
+
+
+async def publish_fast_batch(
+    nc: NATS,
+    messages: Sequence[tuple[bytes, str, bytes]],
+    frame: Callable[[bytes, bytes, str, bytes], bytes],
+    send: Callable[[NATS, list[bytes]], Awaitable[None]],
+    patience: float,
+    chunk: int = 64,
+) -> int:
+    """Publish ``(subject, Nats-Msg-Id, payload)`` messages as one fast batch; returns how
+    many of them, from the first, are surely stored (all of them when the batch ended well).
+
+    ``frame(subject, reply, msg_id, payload)`` builds a message's protocol frame and
+    ``send(nc, frames)`` writes frames; ``patience``: seconds the whole batch may wait for
+    the server. Raises :class:`FastBatchesUnavailable` when the stream does not take fast
+    batches (then at most the first message was stored, as a single publish).
+    """
+    if not messages:
+        return 0
+    inbox = nc.new_inbox()  # two tokens, as the server's reading of the reply subject needs
+    batch = _Batch(len(messages))
+    subscription = await nc.subscribe(inbox + ".>", future=_ReplySink(batch.on_reply))  # type: ignore[arg-type]
+    try:
+        prefix = f"{inbox}.{FLOW}.fail."
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + patience
+
+        async def answered(ready: Callable[[], bool]) -> bool:
+            """Wait (until the deadline) for the server to say enough; False on failure."""
+            while not ready() and batch.failure is None:
+                batch.progress.clear()
+                left = deadline - loop.time()
+                if left <= 0:
+                    return False
+                try:
+                    await asyncio.wait_for(batch.progress.wait(), left)
+                except TimeoutError:
+                    return False
+            return batch.failure is None
+
+        subject, msg_id, payload = messages[0]
+        await send(nc, [frame(subject, f"{prefix}1.{_START}.$FI".encode(), msg_id, payload)])
+        if not await answered(lambda: batch.started):
+            if batch.not_enabled:
+                raise FastBatchesUnavailable(batch.failure)
+            return batch.stored
+        position = 1
+        while position < len(messages):
+            # Never more than MAX_OUTSTANDING_ACKS flows ahead of what the server confirmed.
+            window = batch.stored + batch.flow * MAX_OUTSTANDING_ACKS - 1 - position
+            if window <= 0:
+                if not await answered(partial(_room_for, batch, position + 1)):
+                    return batch.stored
+                continue
+            frames = []
+            for seq in range(position + 1, min(len(messages), position + min(window, chunk)) + 1):
+                subject, msg_id, payload = messages[seq - 1]
+                frames.append(frame(subject, f"{prefix}{seq}.{_APPEND}.$FI".encode(), msg_id, payload))
+            await send(nc, frames)
+            position += len(frames)
+            await asyncio.sleep(0)  # let the requests sharing this loop be served meanwhile
+        # The end: an empty message that is not stored, only acknowledged.
+        end = f"{prefix}{len(messages) + 1}.{_END}.$FI".encode()
+        await send(nc, [b"PUB %s %s 0\r\n\r\n" % (messages[0][0], end)])
+        await answered(lambda: batch.finished)
+        return min(batch.stored, len(messages))
+    finally:
+        with contextlib.suppress(Exception):  # a closed connection: nothing left to unsubscribe
+            await subscription.unsubscribe()

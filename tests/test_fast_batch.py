@@ -1,0 +1,113 @@
+"""Buffered pixel and click events published as JetStream fast batches, against a real
+nats-server: all stored once, in order, duplicates skipped, flow control honoured, and
+publishing one by one where the stream does not take fast batches."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.api import StreamConfig
+
+from mailbeacon import fast_batch
+from mailbeacon.events import Event, EventType, new_event_id
+from mailbeacon.jetstream import (
+    STREAM,
+    EventPublisher,
+    _send,
+    connect,
+    hpub_command,
+    provision,
+    stream_config,
+)
+from tests.support import make_settings
+
+TID = "0b7e4c2a-4f7e-4d8e-9a51-3c1f0f7d2b11"
+
+
+@pytest.fixture
+async def nc(nats_url: str) -> AsyncIterator[NATS]:
+    client = await connect(nats_url, "test")
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+def opens(n: int) -> list[Event]:
+    return [
+        Event(event_id=new_event_id(), type=EventType.OPENED, tracking_id=TID, source="pixel")
+        for _ in range(n)
+    ]
+
+
+async def stored_ids(nc: NATS, subject: str = "mailbeacon.events.opened") -> list[str]:
+    """Every stored event's id, in stream order."""
+    js = nc.jetstream()
+    subscription = await js.pull_subscribe(subject, durable=None, stream=STREAM)
+    ids: list[str] = []
+    try:
+        while True:
+            try:
+                messages = await subscription.fetch(500, timeout=0.5)
+            except TimeoutError:
+                return ids
+            for message in messages:
+                ids.append(Event.model_validate_json(message.data).event_id)
+                await message.ack()  # else the consumer stops at its ack-pending limit
+    finally:
+        await subscription.unsubscribe()
+
+
+async def test_a_fast_batch_stores_every_message_once_in_order(nc: NATS, tmp_path: Path) -> None:
+    js = nc.jetstream()
+    await provision(js, make_settings(tmp_path))
+    assert (await js.stream_info(STREAM)).config.allow_batched
+    events = opens(1000)  # several flows: the publisher has to wait for the server's acks
+    # One id already stored, one twice in the batch: both skipped, the batch goes on.
+    await js.publish(
+        "mailbeacon.events.opened",
+        events[10].to_json(),
+        headers={"Nats-Msg-Id": events[10].event_id},
+    )
+    messages = [(b"mailbeacon.events.opened", e.event_id, e.to_json()) for e in [*events, events[20]]]
+    stored = await fast_batch.publish_fast_batch(nc, messages, hpub_command, _send, patience=10)
+    assert stored == len(messages)
+    assert await stored_ids(nc) == [events[10].event_id] + [e.event_id for e in events if e is not events[10]]
+
+
+async def test_the_publisher_uses_fast_batches_and_drains_once(nc: NATS, tmp_path: Path) -> None:
+    js = nc.jetstream()
+    await provision(js, make_settings(tmp_path))
+    publisher = EventPublisher(js)
+    events = opens(2000)
+    for event in [*events, *events[:300]]:  # a buffer that holds repeats (a republish after doubt)
+        assert publisher.publish_later(event)
+    await publisher.close()
+    assert publisher.buffered == 0 and publisher._fast_batches
+    assert sorted(await stored_ids(nc)) == sorted(e.event_id for e in events)
+
+
+async def test_a_stream_without_fast_batches_gets_events_one_by_one(nc: NATS, tmp_path: Path) -> None:
+    """A stream provisioned before fast batches (or by hand) refuses the batch: nothing is
+    lost, the publisher goes on event by event."""
+    js = nc.jetstream()
+    config: StreamConfig = stream_config(make_settings(tmp_path))
+    await js.add_stream(config=config)
+    assert not (await js.stream_info(STREAM)).config.allow_batched
+    with pytest.raises(fast_batch.FastBatchesUnavailable):
+        await fast_batch.publish_fast_batch(
+            nc, [(b"mailbeacon.events.opened", "x1", b"{}")], hpub_command, _send, patience=5
+        )
+    publisher = EventPublisher(js)
+    events = opens(300)
+    for event in events:
+        publisher.publish_later(event)
+    await publisher.close()
+    assert publisher.buffered == 0 and not publisher._fast_batches
+    assert sorted(await stored_ids(nc)) == sorted(e.event_id for e in events)
+    # Provisioning (any component starting) turns fast batches on for the existing stream.
+    await provision(js, make_settings(tmp_path))
+    assert (await js.stream_info(STREAM)).config.allow_batched
