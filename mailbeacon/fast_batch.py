@@ -32,11 +32,10 @@ from nats.aio.msg import Msg
 _START, _APPEND, _END = 0, 1, 3
 FLOW = 128  # acknowledgements requested every FLOW messages (the server may choose fewer)
 MAX_OUTSTANDING_ACKS = 2  # unacknowledged flows in flight before the publisher waits
-NOT_ENABLED = 10205  # JetStream's error code: the stream does not allow fast batches
 
 
 class FastBatchesUnavailable(Exception):
-    """The stream (or the server) does not take fast batches: publish one by one instead."""
+    """The stream (or the server) refused to start a fast batch: publish one by one instead."""
 
 
 class _ReplySink:
@@ -69,10 +68,14 @@ class _Batch:
         self.progress = asyncio.Event()
 
     def on_reply(self, msg: Msg) -> None:
-        if msg.headers and msg.headers.get("Status") == "503":
-            self.failure = "no stream takes these subjects"
-        else:
-            self._read(msg.data)
+        # This runs inside nats-py's reader: whatever the reply holds, it must not raise.
+        try:
+            if msg.headers and msg.headers.get("Status") == "503":
+                self.failure = "no stream takes these subjects"
+            else:
+                self._read(msg.data)
+        except Exception as exc:
+            self.failure = f"unreadable reply ({exc}): {msg.data[:80]!r}"
         self.progress.set()
 
     def _read(self, data: bytes) -> None:
@@ -89,13 +92,15 @@ class _Batch:
         elif kind in ("gap", "err"):
             self.failure = f"batch stopped: {data[:200].decode(errors='replace')}"
         elif "error" in reply:
+            # Refused before or while it started (fast batches not allowed, too many in
+            # flight, ...): the caller publishes these one by one instead.
             error = reply["error"] or {}
-            self.not_enabled = error.get("err_code") == NOT_ENABLED
+            self.not_enabled = not self.started
             self.failure = f"JetStream refused the batch: {error.get('description', error)}"
         elif "count" in reply:  # the end's publish acknowledgement
             self.started = self.finished = True
             self.stored = max(self.stored, int(reply["count"]))
-        elif "seq" in reply:
+        elif "stream" in reply and "batch" not in reply:
             # A plain publish acknowledgement: the server does not know fast batches (before
             # 2.14) and stored the first message as a single publish.
             self.not_enabled = True

@@ -127,7 +127,7 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
     wanted = stream_config(settings)
     # Fast batches let the tracker publish its pixel and click events with one
     # acknowledgement per batch (mailbeacon.fast_batch); older servers do not know them.
-    fast = takes_fast_batches(js)
+    fast = settings.stream_fast_batches and takes_fast_batches(js)
     wanted.allow_batched = True if fast else None
     try:
         info = await js.stream_info(STREAM)
@@ -156,6 +156,18 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
         update.max_age = max_age
         update.duplicate_window = window
         update.allow_batched = True if batched else None
+        if have.subjects == wanted.subjects and have.max_age == max_age and have.duplicate_window == window:
+            # Only fast batches to turn on: a component not allowed to change the stream
+            # (a sidecar's narrower credentials) goes on without them.
+            try:
+                await js.update_stream(config=update)
+            except Exception as exc:
+                log.warning(
+                    "could not allow fast batches on stream %s (%s); events go one by one", STREAM, exc
+                )
+                return
+            log.info("allowed fast batches on stream %s", STREAM)
+            return
         await js.update_stream(config=update)
         log.info("updated stream %s", STREAM)
 
@@ -198,6 +210,7 @@ async def provision(js: JetStreamContext, settings: Settings) -> KeyValue:
 _FLUSH_BATCH = 512
 _FLUSH_LINGER_SECONDS = 0.01
 _FLUSH_CHUNK = 64  # events written per event-loop turn
+_FAST_BATCH_RETRY_SECONDS = 300.0
 
 
 # Event's JSON serializer called directly: the bytes of Event.to_json() without pydantic's
@@ -296,9 +309,9 @@ class EventPublisher:
         self._inflight: dict[str, Event] = {}
         self._refused: list[Event] = []
         self._all_acked: asyncio.Future[None] | None = None
-        # Buffered events go out as fast batches (one acknowledgement per batch) until the
-        # stream turns out not to take them.
-        self._fast_batches = True
+        # Buffered events go out as fast batches (one acknowledgement per batch); when the
+        # stream refuses them, event by event until this time (monotonic) to try again.
+        self._fast_batches_after = 0.0
 
     @property
     def buffered(self) -> int:
@@ -384,12 +397,17 @@ class EventPublisher:
             self._acks = await nc.subscribe(self._reply_prefix + "*", future=_AckSink(self._on_ack))  # type: ignore[arg-type]
             self._acks_nc = nc
         batch = [self._buffer.popleft() for _ in range(min(batch_size, len(self._buffer)))]
-        if self._fast_batches:
-            try:
-                return await self._flush_fast(nc, batch)
-            except FastBatchesUnavailable as exc:  # nothing of the batch is lost: on with single publishes
-                self._fast_batches = False
-                log.info("JetStream takes no fast batches here (%s); publishing event by event", exc)
+        if time.monotonic() >= self._fast_batches_after:
+            return await self._flush_fast(nc, batch)
+        return await self._flush_one_by_one(nc, batch)
+
+    @property
+    def fast_batches(self) -> bool:
+        """Whether buffered events currently go out as fast batches."""
+        return time.monotonic() >= self._fast_batches_after
+
+    async def _flush_one_by_one(self, nc: NATS, batch: list[Event]) -> bool:
+        """Each event with its own acknowledgement (a stream that takes no fast batches)."""
         self._refused = []
         self._all_acked = asyncio.get_running_loop().create_future()
         unsent: list[Event] = []
@@ -446,8 +464,12 @@ class EventPublisher:
             kept.append(event)
         try:
             stored = await publish_fast_batch(nc, messages, hpub_command, _send, self._timeout)
-        except FastBatchesUnavailable:
-            raise  # the caller publishes the same events one by one
+        except FastBatchesUnavailable as exc:
+            # Nothing is lost (at most the first event was stored, and its republication is
+            # deduplicated): these go event by event, and fast batches are tried again later.
+            self._fast_batches_after = time.monotonic() + _FAST_BATCH_RETRY_SECONDS
+            log.info("JetStream refused a fast batch (%s); publishing event by event for a while", exc)
+            return await self._flush_one_by_one(nc, kept)
         except BaseException:  # cancelled at shutdown, or the connection failed: all of them again
             self._buffer.extendleft(reversed(kept))
             raise

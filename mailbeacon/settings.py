@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     stream_max_age_days: float = Field(default=30.0, gt=0)
     stream_duplicate_window_seconds: float = Field(default=600.0, gt=0)
     stream_replicas: int = Field(default=1, ge=1, le=5)
+    # Allow JetStream fast-ingest batches on the stream (nats-server 2.14+); once on, every
+    # server running the stream must be 2.14 or newer.
+    stream_fast_batches: bool = True
 
     ingest_batch_size: int = Field(default=5000, ge=1, le=10000)
     migrate_on_start: bool = Field(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
 from mailbeacon import fast_batch
@@ -86,7 +87,7 @@ async def test_the_publisher_uses_fast_batches_and_drains_once(nc: NATS, tmp_pat
     for event in [*events, *events[:300]]:  # a buffer that holds repeats (a republish after doubt)
         assert publisher.publish_later(event)
     await publisher.close()
-    assert publisher.buffered == 0 and publisher._fast_batches
+    assert publisher.buffered == 0 and publisher.fast_batches
     assert sorted(await stored_ids(nc)) == sorted(e.event_id for e in events)
 
 
@@ -106,8 +107,67 @@ async def test_a_stream_without_fast_batches_gets_events_one_by_one(nc: NATS, tm
     for event in events:
         publisher.publish_later(event)
     await publisher.close()
-    assert publisher.buffered == 0 and not publisher._fast_batches
+    assert publisher.buffered == 0 and not publisher.fast_batches
     assert sorted(await stored_ids(nc)) == sorted(e.event_id for e in events)
     # Provisioning (any component starting) turns fast batches on for the existing stream.
     await provision(js, make_settings(tmp_path))
     assert (await js.stream_info(STREAM)).config.allow_batched
+
+
+async def test_fast_batches_stay_off_when_the_settings_say_so(nc: NATS, tmp_path: Path) -> None:
+    """A NATS cluster with servers older than 2.14 could not run a stream that allows them."""
+    js = nc.jetstream()
+    await provision(js, make_settings(tmp_path, stream_fast_batches=False))
+    assert not (await js.stream_info(STREAM)).config.allow_batched
+    publisher = EventPublisher(js)
+    events = opens(50)
+    for event in events:
+        publisher.publish_later(event)
+    await publisher.close()
+    assert sorted(await stored_ids(nc)) == sorted(e.event_id for e in events)
+
+
+def reply(data: bytes) -> Msg:
+    return Msg(None, subject="_INBOX.x.128.fail.1.0.$FI", data=data)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("answers", "stored", "refused", "failed"),
+    [
+        # A server before 2.14 stores the first message as a single publish and says so.
+        ([b'{"stream":"MAILBEACON_EVENTS","seq":7}'], 0, True, True),
+        (
+            [b'{"error":{"code":400,"err_code":10205,"description":"batch publish not enabled"}}'],
+            0,
+            True,
+            True,
+        ),
+        ([b'{"type":"ack","seq":0,"msgs":128}', b'{"type":"ack","seq":128,"msgs":64}'], 128, False, False),
+        # Stopped after it started: what was acknowledged stays, the rest is published again.
+        (
+            [b'{"type":"ack","seq":0,"msgs":128}', b'{"type":"err","seq":5,"error":{"code":400}}'],
+            0,
+            False,
+            True,
+        ),
+        (
+            [b'{"type":"ack","seq":128,"msgs":128}', b'{"type":"gap","last_seq":130,"seq":140}'],
+            128,
+            False,
+            True,
+        ),
+        # Nothing a reply holds may raise inside nats-py's reader.
+        ([b"not json"], 0, False, True),
+        ([b"[1, 2]"], 0, False, True),
+        ([b'{"type":"ack","seq":"x"}'], 0, False, True),
+    ],
+)
+def test_what_the_server_answers_is_read_safely(
+    answers: list[bytes], stored: int, refused: bool, failed: bool
+) -> None:
+    batch = fast_batch._Batch(500)
+    for answer in answers:
+        batch.on_reply(reply(answer))
+    assert batch.stored == stored
+    assert batch.not_enabled is refused
+    assert (batch.failure is not None) is failed

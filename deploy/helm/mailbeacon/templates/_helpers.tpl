@@ -107,6 +107,8 @@ the shared proxy relays through Postmark. Only then does the Ingress route it. *
   value: {{ .Values.nats.streamReplicas | quote }}
 - name: MAILBEACON_STREAM_MAX_AGE_DAYS
   value: {{ .Values.nats.streamMaxAgeDays | quote }}
+- name: MAILBEACON_STREAM_FAST_BATCHES
+  value: {{ .Values.nats.fastBatches | quote }}
 - name: MAILBEACON_LOG_LEVEL
   value: {{ .Values.config.logLevel | quote }}
 - name: MAILBEACON_DATA_DIR
