@@ -12,7 +12,6 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from nats.aio.client import Client as NATS
@@ -32,7 +31,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from mailbeacon.events import SUBJECT_PREFIX, Event, EventType, subject_for
-from mailbeacon.fast_batch import FastBatchesUnavailable, publish_fast_batch
+from mailbeacon.fast_batch import FastBatchesUnavailable, ReplySink, publish_fast_batch
 from mailbeacon.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -248,27 +247,6 @@ async def _send(nc: NATS, commands: list[bytes]) -> None:
     await nc._flush_pending()
 
 
-class _AckSink:
-    """Takes the acknowledgements of pipelined publishes straight from nats-py's reader.
-
-    Given to ``subscribe()`` as the subscription's ``future``, it receives each message on
-    the reply inbox through ``set_result`` as soon as nats-py has parsed it: no queue and no
-    task switch per acknowledgement, as a callback subscription would cost.
-    """
-
-    def __init__(self, on_ack: Callable[[Msg], None]) -> None:
-        self._on_ack = on_ack
-
-    def cancelled(self) -> bool:
-        return False
-
-    def done(self) -> bool:
-        return False
-
-    def set_result(self, msg: Msg) -> None:
-        self._on_ack(msg)
-
-
 class PublisherNotConnected(ConnectionError):
     """Raised by :meth:`EventPublisher.publish` while there is no live NATS connection."""
 
@@ -394,7 +372,7 @@ class EventPublisher:
         nc: NATS = self._js._nc  # nats-py keeps the client there; no public accessor
         if self._acks_nc is not nc:
             self._reply_prefix = nc.new_inbox() + "."
-            self._acks = await nc.subscribe(self._reply_prefix + "*", future=_AckSink(self._on_ack))  # type: ignore[arg-type]
+            self._acks = await nc.subscribe(self._reply_prefix + "*", future=ReplySink(self._on_ack))  # type: ignore[arg-type]
             self._acks_nc = nc
         batch = [self._buffer.popleft() for _ in range(min(batch_size, len(self._buffer)))]
         if time.monotonic() >= self._fast_batches_after:
@@ -416,11 +394,8 @@ class EventPublisher:
                 chunk = batch[start : start + _FLUSH_CHUNK]
                 commands, replies = [], []
                 for event in chunk:
-                    try:
-                        payload = _event_json(event)
-                    except ValueError as exc:  # text JSON cannot carry: it would never be stored
-                        self.dropped += 1
-                        log.error("dropping event %s that cannot be encoded: %s", event.event_id, exc)
+                    payload = self._encoded(event)
+                    if payload is None:
                         continue
                     self._sequence += 1
                     reply = f"{self._reply_prefix}{self._sequence}"
@@ -449,16 +424,23 @@ class EventPublisher:
             self._buffer.extendleft(reversed(failed))
         return not failed
 
+    def _encoded(self, event: Event) -> bytes | None:
+        """The event's JSON; None (and counted as dropped) for text JSON cannot carry, which
+        would never be stored."""
+        try:
+            return _event_json(event)
+        except ValueError as exc:
+            self.dropped += 1
+            log.error("dropping event %s that cannot be encoded: %s", event.event_id, exc)
+            return None
+
     async def _flush_fast(self, nc: NATS, batch: list[Event]) -> bool:
         """Publish a batch as one JetStream fast batch; what is not surely stored goes back
         to the front of the buffer (republishing is deduplicated)."""
         messages, kept = [], []
         for event in batch:
-            try:
-                payload = _event_json(event)
-            except ValueError as exc:  # text JSON cannot carry: it would never be stored
-                self.dropped += 1
-                log.error("dropping event %s that cannot be encoded: %s", event.event_id, exc)
+            payload = self._encoded(event)
+            if payload is None:
                 continue
             messages.append((_SUBJECTS[event.type], event.event_id, payload))
             kept.append(event)

@@ -79,6 +79,16 @@ def database_url(new_database: Callable[[], str]) -> str:
 
 
 @pytest.fixture
+async def bare_nc(nats_url: str) -> AsyncIterator[NATS]:
+    """A NATS client on a server nothing was provisioned on (tests that provision themselves)."""
+    client = await connect(nats_url, "test")
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+@pytest.fixture
 async def nc(nats_url: str, tmp_path: Path) -> AsyncIterator[NATS]:
     """A NATS client on the stream, consumer and buckets every component provisions."""
     client = await connect(nats_url, "test")

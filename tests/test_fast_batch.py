@@ -4,7 +4,6 @@ publishing one by one where the stream does not take fast batches."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,6 @@ from mailbeacon.jetstream import (
     STREAM,
     EventPublisher,
     _send,
-    connect,
     hpub_command,
     provision,
     stream_config,
@@ -29,12 +27,8 @@ TID = "0b7e4c2a-4f7e-4d8e-9a51-3c1f0f7d2b11"
 
 
 @pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[NATS]:
-    client = await connect(nats_url, "test")
-    try:
-        yield client
-    finally:
-        await client.close()
+def nc(bare_nc: NATS) -> NATS:
+    return bare_nc
 
 
 def opens(n: int) -> list[Event]:

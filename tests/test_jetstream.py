@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,8 @@ TID = "0b7e4c2a-4f7e-4d8e-9a51-3c1f0f7d2b11"
 
 
 @pytest.fixture
-async def nc(nats_url: str) -> AsyncIterator[NATS]:
-    client = await connect(nats_url, "test")
-    try:
-        yield client
-    finally:
-        await client.close()
+def nc(bare_nc: NATS) -> NATS:
+    return bare_nc
 
 
 async def test_provisioning_is_idempotent_and_follows_settings(nc: NATS, tmp_path: Path) -> None:
