@@ -13,6 +13,9 @@ protocol is carried in each message's reply subject,
 - the end of the batch (operation 3, a message that is not stored) gets a publish
   acknowledgement with the batch's ``count``, or an ``error``.
 
+The raw publish frames (:func:`hpub_command`, :func:`send_commands`) live here too: the
+event-by-event publisher in :mod:`mailbeacon.jetstream` writes the same ones.
+
 ``Nats-Msg-Id`` deduplication works inside fast batches as for single publishes (a
 repeated id is skipped silently, the batch goes on), so a batch that ended in doubt is
 simply published again.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 from nats.aio.client import Client as NATS
@@ -32,6 +35,37 @@ from nats.aio.msg import Msg
 _START, _APPEND, _END = 0, 1, 3
 FLOW = 128  # acknowledgements requested every FLOW messages (the server may choose fewer)
 MAX_OUTSTANDING_ACKS = 2  # unacknowledged flows in flight before the publisher waits
+
+
+_HEADER_VALUE_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+
+
+def hpub_command(subject: bytes, reply: bytes, event_id: str, payload: bytes) -> bytes:
+    """The HPUB protocol line nats-py's ``publish(subject, payload, reply, {"Nats-Msg-Id": ...})``
+    sends, built in one step (a test holds the two to the same bytes)."""
+    value = event_id.strip()
+    if "\r" in value or "\n" in value:
+        value = value.translate(_HEADER_VALUE_NEWLINES)
+    header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % value.encode()
+    size = len(header)
+    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (subject, reply, size, size + len(payload), header, payload)
+
+
+async def send_commands(nc: NATS, commands: list[bytes]) -> None:
+    """Hand protocol commands to nats-py's outgoing buffer and wake its writer, once per chunk.
+
+    What ``publish()`` does per message (validation, header building, a flush per call),
+    done once for a chunk of commands built by :func:`hpub_command`. Like ``publish()`` it
+    refuses while the connection is closed or, while reconnecting, when the reconnect
+    buffer would overflow.
+    """
+    if nc.is_closed:
+        raise ConnectionError("NATS connection closed")
+    data = b"".join(commands)
+    if not nc.is_connected and nc._pending_data_size + len(data) > nc._max_pending_size:
+        raise ConnectionError("NATS reconnect buffer full")
+    await nc._send_command(data)
+    await nc._flush_pending()
 
 
 class FastBatchesUnavailable(Exception):
@@ -62,8 +96,7 @@ class ReplySink:
 class _Batch:
     """What the server said so far about one batch."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self) -> None:
         self.stored = 0  # messages 1..stored are surely stored
         self.flow = FLOW
         self.started = False
@@ -120,23 +153,19 @@ def _room_for(batch: _Batch, seq: int) -> bool:
 async def publish_fast_batch(
     nc: NATS,
     messages: Sequence[tuple[bytes, str, bytes]],
-    frame: Callable[[bytes, bytes, str, bytes], bytes],
-    send: Callable[[NATS, list[bytes]], Awaitable[None]],
     patience: float,
     chunk: int = 64,
 ) -> int:
     """Publish ``(subject, Nats-Msg-Id, payload)`` messages as one fast batch; returns how
     many of them, from the first, are surely stored (all of them when the batch ended well).
 
-    ``frame(subject, reply, msg_id, payload)`` builds a message's protocol frame and
-    ``send(nc, frames)`` writes frames; ``patience``: seconds the whole batch may wait for
-    the server. Raises :class:`FastBatchesUnavailable` when the stream does not take fast
+    ``patience``: seconds the whole batch may wait for the server. Raises :class:`FastBatchesUnavailable` when the stream does not take fast
     batches (then at most the first message was stored, as a single publish).
     """
     if not messages:
         return 0
     inbox = nc.new_inbox()  # two tokens, as the server's reading of the reply subject needs
-    batch = _Batch(len(messages))
+    batch = _Batch()
     subscription = await nc.subscribe(inbox + ".>", future=ReplySink(batch.on_reply))  # type: ignore[arg-type]
     try:
         prefix = f"{inbox}.{FLOW}.fail."
@@ -157,7 +186,7 @@ async def publish_fast_batch(
             return batch.failure is None
 
         subject, msg_id, payload = messages[0]
-        await send(nc, [frame(subject, f"{prefix}1.{_START}.$FI".encode(), msg_id, payload)])
+        await send_commands(nc, [hpub_command(subject, f"{prefix}1.{_START}.$FI".encode(), msg_id, payload)])
         if not await answered(lambda: batch.started):
             if batch.not_enabled:
                 raise FastBatchesUnavailable(batch.failure)
@@ -173,13 +202,13 @@ async def publish_fast_batch(
             frames = []
             for seq in range(position + 1, min(len(messages), position + min(window, chunk)) + 1):
                 subject, msg_id, payload = messages[seq - 1]
-                frames.append(frame(subject, f"{prefix}{seq}.{_APPEND}.$FI".encode(), msg_id, payload))
-            await send(nc, frames)
+                frames.append(hpub_command(subject, f"{prefix}{seq}.{_APPEND}.$FI".encode(), msg_id, payload))
+            await send_commands(nc, frames)
             position += len(frames)
             await asyncio.sleep(0)  # let the requests sharing this loop be served meanwhile
         # The end: an empty message that is not stored, only acknowledged.
         end = f"{prefix}{len(messages) + 1}.{_END}.$FI".encode()
-        await send(nc, [b"PUB %s %s 0\r\n\r\n" % (messages[0][0], end)])
+        await send_commands(nc, [b"PUB %s %s 0\r\n\r\n" % (messages[0][0], end)])
         await answered(lambda: batch.finished)
         return min(batch.stored, len(messages))
     finally:

@@ -31,7 +31,13 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from mailbeacon.events import SUBJECT_PREFIX, Event, EventType, subject_for
-from mailbeacon.fast_batch import FastBatchesUnavailable, ReplySink, publish_fast_batch
+from mailbeacon.fast_batch import (
+    FastBatchesUnavailable,
+    ReplySink,
+    hpub_command,
+    publish_fast_batch,
+    send_commands,
+)
 from mailbeacon.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -142,33 +148,29 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
     told = settings.model_fields_set
     max_age = wanted.max_age if "stream_max_age_days" in told else have.max_age
     window = wanted.duplicate_window if "stream_duplicate_window_seconds" in told else have.duplicate_window
-    batched = have.allow_batched or fast
-    if (
-        have.subjects != wanted.subjects
-        or have.max_age != max_age
-        or have.duplicate_window != window
-        or bool(have.allow_batched) != batched
-    ):
-        # Storage and replicas cannot be changed in place; retention settings can.
-        update = StreamConfig.from_response(have.as_dict())
-        update.subjects = wanted.subjects
-        update.max_age = max_age
-        update.duplicate_window = window
-        update.allow_batched = True if batched else None
-        if have.subjects == wanted.subjects and have.max_age == max_age and have.duplicate_window == window:
-            # Only fast batches to turn on: a component not allowed to change the stream
-            # (a sidecar's narrower credentials) goes on without them.
-            try:
-                await js.update_stream(config=update)
-            except Exception as exc:
-                log.warning(
-                    "could not allow fast batches on stream %s (%s); events go one by one", STREAM, exc
-                )
-                return
-            log.info("allowed fast batches on stream %s", STREAM)
-            return
+    retention_changed = (
+        have.subjects != wanted.subjects or have.max_age != max_age or have.duplicate_window != window
+    )
+    turn_on_fast = fast and not have.allow_batched
+    if not (retention_changed or turn_on_fast):
+        return
+    # Storage and replicas cannot be changed in place; retention settings can. Fast batches
+    # are only ever turned on: servers before 2.14 cannot run such a stream any more.
+    update = StreamConfig.from_response(have.as_dict())
+    update.subjects = wanted.subjects
+    update.max_age = max_age
+    update.duplicate_window = window
+    update.allow_batched = True if (fast or have.allow_batched) else None
+    try:
         await js.update_stream(config=update)
-        log.info("updated stream %s", STREAM)
+    except Exception as exc:
+        if retention_changed:
+            raise
+        # A component not allowed to change the stream (a sidecar's narrower credentials)
+        # goes on without fast batches.
+        log.warning("could not allow fast batches on stream %s (%s); events go one by one", STREAM, exc)
+        return
+    log.info("updated stream %s", STREAM)
 
 
 async def ensure_consumer(js: JetStreamContext) -> None:
@@ -216,35 +218,6 @@ _FAST_BATCH_RETRY_SECONDS = 300.0
 # round trip through str, for every buffered event.
 _event_json = Event.__pydantic_serializer__.to_json
 _SUBJECTS = {event_type: subject_for(event_type).encode() for event_type in EventType}
-_HEADER_VALUE_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
-
-
-def hpub_command(subject: bytes, reply: bytes, event_id: str, payload: bytes) -> bytes:
-    """The HPUB protocol line nats-py's ``publish(subject, payload, reply, {"Nats-Msg-Id": ...})``
-    sends, built in one step (a test holds the two to the same bytes)."""
-    value = event_id.strip()
-    if "\r" in value or "\n" in value:
-        value = value.translate(_HEADER_VALUE_NEWLINES)
-    header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % value.encode()
-    size = len(header)
-    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (subject, reply, size, size + len(payload), header, payload)
-
-
-async def _send(nc: NATS, commands: list[bytes]) -> None:
-    """Hand protocol commands to nats-py's outgoing buffer and wake its writer, once per chunk.
-
-    What ``publish()`` does per message (validation, header building, a flush per call),
-    done once for a chunk of commands built by :func:`hpub_command`. Like ``publish()`` it
-    refuses while the connection is closed or, while reconnecting, when the reconnect
-    buffer would overflow.
-    """
-    if nc.is_closed:
-        raise ConnectionError("NATS connection closed")
-    data = b"".join(commands)
-    if not nc.is_connected and nc._pending_data_size + len(data) > nc._max_pending_size:
-        raise ConnectionError("NATS reconnect buffer full")
-    await nc._send_command(data)
-    await nc._flush_pending()
 
 
 class PublisherNotConnected(ConnectionError):
@@ -375,7 +348,7 @@ class EventPublisher:
             self._acks = await nc.subscribe(self._reply_prefix + "*", future=ReplySink(self._on_ack))  # type: ignore[arg-type]
             self._acks_nc = nc
         batch = [self._buffer.popleft() for _ in range(min(batch_size, len(self._buffer)))]
-        if time.monotonic() >= self._fast_batches_after:
+        if self.fast_batches:
             return await self._flush_fast(nc, batch)
         return await self._flush_one_by_one(nc, batch)
 
@@ -405,7 +378,7 @@ class EventPublisher:
                         hpub_command(_SUBJECTS[event.type], reply.encode(), event.event_id, payload)
                     )
                 try:
-                    await _send(nc, commands)
+                    await send_commands(nc, commands)
                 except Exception as exc:
                     log.warning("publishing buffered events failed (%s); retrying", exc)
                     for reply in replies:
@@ -445,7 +418,7 @@ class EventPublisher:
             messages.append((_SUBJECTS[event.type], event.event_id, payload))
             kept.append(event)
         try:
-            stored = await publish_fast_batch(nc, messages, hpub_command, _send, self._timeout)
+            stored = await publish_fast_batch(nc, messages, self._timeout)
         except FastBatchesUnavailable as exc:
             # Nothing is lost (at most the first event was stored, and its republication is
             # deduplicated): these go event by event, and fast batches are tried again later.

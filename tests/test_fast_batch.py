@@ -16,8 +16,6 @@ from mailbeacon.events import Event, EventType, new_event_id
 from mailbeacon.jetstream import (
     STREAM,
     EventPublisher,
-    _send,
-    hpub_command,
     provision,
     stream_config,
 )
@@ -68,7 +66,7 @@ async def test_a_fast_batch_stores_every_message_once_in_order(nc: NATS, tmp_pat
         headers={"Nats-Msg-Id": events[10].event_id},
     )
     messages = [(b"mailbeacon.events.opened", e.event_id, e.to_json()) for e in [*events, events[20]]]
-    stored = await fast_batch.publish_fast_batch(nc, messages, hpub_command, _send, patience=10)
+    stored = await fast_batch.publish_fast_batch(nc, messages, patience=10)
     assert stored == len(messages)
     assert await stored_ids(nc) == [events[10].event_id] + [e.event_id for e in events if e is not events[10]]
 
@@ -93,9 +91,7 @@ async def test_a_stream_without_fast_batches_gets_events_one_by_one(nc: NATS, tm
     await js.add_stream(config=config)
     assert not (await js.stream_info(STREAM)).config.allow_batched
     with pytest.raises(fast_batch.FastBatchesUnavailable):
-        await fast_batch.publish_fast_batch(
-            nc, [(b"mailbeacon.events.opened", "x1", b"{}")], hpub_command, _send, patience=5
-        )
+        await fast_batch.publish_fast_batch(nc, [(b"mailbeacon.events.opened", "x1", b"{}")], patience=5)
     publisher = EventPublisher(js)
     events = opens(300)
     for event in events:
@@ -159,7 +155,7 @@ def reply(data: bytes) -> Msg:
 def test_what_the_server_answers_is_read_safely(
     answers: list[bytes], stored: int, refused: bool, failed: bool
 ) -> None:
-    batch = fast_batch._Batch(500)
+    batch = fast_batch._Batch()
     for answer in answers:
         batch.on_reply(reply(answer))
     assert batch.stored == stored
