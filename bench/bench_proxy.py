@@ -131,7 +131,8 @@ async def serve_role(role: str, port_file: Path, upstream_port: int, nats_url: s
         port = server.sockets[0].getsockname()[1]
         closers.append(server.close)
     else:
-        from mailbeacon.jetstream import EventPublisher, connect, provision
+        from mailbeacon.jetstream import connect, provision
+        from mailbeacon.publisher import EventPublisher
         from mailbeacon.settings import Settings
         from smtp_proxy.service import ProxyService
 
@@ -291,7 +292,8 @@ def rewrite_timings() -> list[tuple[str, float]]:
 
 async def peak_memory(workdir: Path, sink_port: int, nats_url: str) -> tuple[int, int, int]:
     """Peak Python heap while the proxy (in this process) receives, rewrites and relays 25 MB."""
-    from mailbeacon.jetstream import EventPublisher, connect, provision
+    from mailbeacon.jetstream import connect, provision
+    from mailbeacon.publisher import EventPublisher
     from mailbeacon.settings import Settings
     from smtp_proxy.service import ProxyService
 

@@ -19,7 +19,8 @@ from pydantic import ValidationError
 
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, InvalidCampaign, parse_manifests
-from mailbeacon.jetstream import EventPublisher, connect, ensure_suppression_bucket, provision, redact_url
+from mailbeacon.jetstream import connect, ensure_suppression_bucket, provision, redact_url
+from mailbeacon.publisher import EventPublisher
 from mailbeacon.runner import AllInOne, Component, nats_url_file, run_component, wait_for_signal
 from mailbeacon.settings import Settings
 from mailbeacon.suppressions import SuppressionList

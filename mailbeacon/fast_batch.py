@@ -13,8 +13,8 @@ protocol is carried in each message's reply subject,
 - the end of the batch (operation 3, a message that is not stored) gets a publish
   acknowledgement with the batch's ``count``, or an ``error``.
 
-The raw publish frames (:func:`hpub_command`, :func:`send_commands`) live here too: the
-event-by-event publisher in :mod:`mailbeacon.jetstream` writes the same ones.
+The raw publish frames (:func:`outgoing`, :func:`hpub`, :func:`send_commands`) live here
+too: the event-by-event publisher in :mod:`mailbeacon.publisher` writes the same ones.
 
 ``Nats-Msg-Id`` deduplication works inside fast batches as for single publishes (a
 repeated id is skipped silently, the batch goes on), so a batch that ended in doubt is
@@ -39,16 +39,33 @@ MAX_OUTSTANDING_ACKS = 2  # unacknowledged flows in flight before the publisher 
 
 _HEADER_VALUE_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 
+# A message ready to publish: subject, Nats-Msg-Id, and the frame that follows the HPUB line
+# (the Nats-Msg-Id header, then the payload) with the size of its header part. Built once
+# when an event is buffered; only the reply subject differs from one publication to the next.
+Outgoing = tuple[bytes, str, bytes, int]
+MSG_ID_HEADER = "NATS/1.0\r\nNats-Msg-Id: "
 
-def hpub_command(subject: bytes, reply: bytes, event_id: str, payload: bytes) -> bytes:
-    """The HPUB protocol line nats-py's ``publish(subject, payload, reply, {"Nats-Msg-Id": ...})``
-    sends, built in one step (a test holds the two to the same bytes)."""
+
+def outgoing(subject: bytes, event_id: str, payload: bytes) -> Outgoing:
+    """``payload`` ready to publish with ``Nats-Msg-Id: event_id`` (as nats-py writes it:
+    trimmed, line breaks made spaces)."""
     value = event_id.strip()
     if "\r" in value or "\n" in value:
         value = value.translate(_HEADER_VALUE_NEWLINES)
-    header = b"NATS/1.0\r\nNats-Msg-Id: %s\r\n\r\n" % value.encode()
-    size = len(header)
-    return b"HPUB %s %s %d %d\r\n%s%s\r\n" % (subject, reply, size, size + len(payload), header, payload)
+    header = f"{MSG_ID_HEADER}{value}\r\n\r\n".encode()
+    return subject, event_id, header + payload, len(header)
+
+
+def hpub(message: Outgoing, reply: bytes) -> bytes:
+    """The HPUB command publishing ``message`` with ``reply`` as its reply subject."""
+    subject, _, frame, header_size = message
+    return b"HPUB %s %s %d %d\r\n%s\r\n" % (subject, reply, header_size, len(frame), frame)
+
+
+def hpub_command(subject: bytes, reply: bytes, event_id: str, payload: bytes) -> bytes:
+    """The HPUB protocol line nats-py's ``publish(subject, payload, reply, {"Nats-Msg-Id": ...})``
+    sends (a test holds the two to the same bytes)."""
+    return hpub(outgoing(subject, event_id, payload), reply)
 
 
 async def send_commands(nc: NATS, commands: list[bytes]) -> None:
@@ -152,11 +169,11 @@ def _room_for(batch: _Batch, seq: int) -> bool:
 
 async def publish_fast_batch(
     nc: NATS,
-    messages: Sequence[tuple[bytes, str, bytes]],
+    messages: Sequence[Outgoing],
     patience: float,
     chunk: int = 64,
 ) -> int:
-    """Publish ``(subject, Nats-Msg-Id, payload)`` messages as one fast batch; returns how
+    """Publish ``messages`` (see :func:`outgoing`) as one fast batch; returns how
     many of them, from the first, are surely stored (all of them when the batch ended well).
 
     ``patience``: seconds the whole batch may wait for the server. Raises :class:`FastBatchesUnavailable` when the stream does not take fast
@@ -168,7 +185,7 @@ async def publish_fast_batch(
     batch = _Batch()
     subscription = await nc.subscribe(inbox + ".>", future=ReplySink(batch.on_reply))  # type: ignore[arg-type]
     try:
-        prefix = f"{inbox}.{FLOW}.fail."
+        prefix = f"{inbox}.{FLOW}.fail.".encode()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + patience
 
@@ -176,17 +193,17 @@ async def publish_fast_batch(
             """Wait (until the deadline) for the server to say enough; False on failure."""
             while not ready() and batch.failure is None:
                 batch.progress.clear()
-                left = deadline - loop.time()
-                if left <= 0:
+                if deadline <= loop.time():
                     return False
                 try:
-                    await asyncio.wait_for(batch.progress.wait(), left)
+                    # timeout_at rather than wait_for, which wraps each wait in a task of its own.
+                    async with asyncio.timeout_at(deadline):
+                        await batch.progress.wait()
                 except TimeoutError:
                     return False
             return batch.failure is None
 
-        subject, msg_id, payload = messages[0]
-        await send_commands(nc, [hpub_command(subject, f"{prefix}1.{_START}.$FI".encode(), msg_id, payload)])
+        await send_commands(nc, [hpub(messages[0], b"%s1.%d.$FI" % (prefix, _START))])
         if not await answered(lambda: batch.started):
             if batch.not_enabled:
                 raise FastBatchesUnavailable(batch.failure)
@@ -201,13 +218,17 @@ async def publish_fast_batch(
                 continue
             frames = []
             for seq in range(position + 1, min(len(messages), position + min(window, chunk)) + 1):
-                subject, msg_id, payload = messages[seq - 1]
-                frames.append(hpub_command(subject, f"{prefix}{seq}.{_APPEND}.$FI".encode(), msg_id, payload))
+                # hpub() with the reply subject written in place: this runs for every event.
+                subject, _, frame, header_size = messages[seq - 1]
+                frames.append(
+                    b"HPUB %s %s%d.%d.$FI %d %d\r\n%s\r\n"
+                    % (subject, prefix, seq, _APPEND, header_size, len(frame), frame)
+                )
             await send_commands(nc, frames)
             position += len(frames)
             await asyncio.sleep(0)  # let the requests sharing this loop be served meanwhile
         # The end: an empty message that is not stored, only acknowledged.
-        end = f"{prefix}{len(messages) + 1}.{_END}.$FI".encode()
+        end = b"%s%d.%d.$FI" % (prefix, len(messages) + 1, _END)
         await send_commands(nc, [b"PUB %s %s 0\r\n\r\n" % (messages[0][0], end)])
         await answered(lambda: batch.finished)
         return min(batch.stored, len(messages))

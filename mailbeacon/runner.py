@@ -22,8 +22,9 @@ from pydantic import SecretStr
 
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.embedded_nats import EmbeddedNats
-from mailbeacon.jetstream import EventPublisher, connect, ensure_suppression_bucket, provision
+from mailbeacon.jetstream import connect, ensure_suppression_bucket, provision
 from mailbeacon.outbox import Outbox
+from mailbeacon.publisher import EventPublisher
 from mailbeacon.settings import Settings, parse_listen
 from mailbeacon.suppressions import SuppressionList
 

@@ -21,7 +21,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, TrackingSwitches
-from mailbeacon.jetstream import EventPublisher
+from mailbeacon.publisher import EventPublisher
 from mailbeacon.suppressions import SuppressionList
 from smtp_proxy import metrics
 from smtp_proxy.auth import Networks

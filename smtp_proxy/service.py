@@ -10,7 +10,7 @@ from aiohttp import web
 
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey
-from mailbeacon.jetstream import EventPublisher
+from mailbeacon.publisher import EventPublisher
 from mailbeacon.settings import Settings, parse_listen
 from mailbeacon.suppressions import SuppressionList
 from mailbeacon.web import add_health_routes, serve

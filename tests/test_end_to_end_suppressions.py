@@ -23,13 +23,8 @@ from aggregator.service import AggregatorService
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, CampaignSpec, TrackingSwitches
 from mailbeacon.events import Event, EventType
-from mailbeacon.jetstream import (
-    SUPPRESSIONS_BUCKET,
-    EventPublisher,
-    connect,
-    ensure_suppression_bucket,
-    provision,
-)
+from mailbeacon.jetstream import SUPPRESSIONS_BUCKET, connect, ensure_suppression_bucket, provision
+from mailbeacon.publisher import EventPublisher
 from mailbeacon.runner import AllInOne
 from mailbeacon.settings import Settings
 from mailbeacon.suppressions import SuppressionList, suppression_key

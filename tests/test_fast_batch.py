@@ -13,12 +13,8 @@ from nats.js.api import StreamConfig
 
 from mailbeacon import fast_batch
 from mailbeacon.events import Event, EventType, new_event_id
-from mailbeacon.jetstream import (
-    STREAM,
-    EventPublisher,
-    provision,
-    stream_config,
-)
+from mailbeacon.jetstream import STREAM, provision, stream_config
+from mailbeacon.publisher import EventPublisher
 from tests.support import make_settings
 
 TID = "0b7e4c2a-4f7e-4d8e-9a51-3c1f0f7d2b11"
@@ -65,7 +61,10 @@ async def test_a_fast_batch_stores_every_message_once_in_order(nc: NATS, tmp_pat
         events[10].to_json(),
         headers={"Nats-Msg-Id": events[10].event_id},
     )
-    messages = [(b"mailbeacon.events.opened", e.event_id, e.to_json()) for e in [*events, events[20]]]
+    messages = [
+        fast_batch.outgoing(b"mailbeacon.events.opened", e.event_id, e.to_json())
+        for e in [*events, events[20]]
+    ]
     stored = await fast_batch.publish_fast_batch(nc, messages, patience=10)
     assert stored == len(messages)
     assert await stored_ids(nc) == [events[10].event_id] + [e.event_id for e in events if e is not events[10]]
@@ -91,7 +90,8 @@ async def test_a_stream_without_fast_batches_gets_events_one_by_one(nc: NATS, tm
     await js.add_stream(config=config)
     assert not (await js.stream_info(STREAM)).config.allow_batched
     with pytest.raises(fast_batch.FastBatchesUnavailable):
-        await fast_batch.publish_fast_batch(nc, [(b"mailbeacon.events.opened", "x1", b"{}")], patience=5)
+        message = fast_batch.outgoing(b"mailbeacon.events.opened", "x1", b"{}")
+        await fast_batch.publish_fast_batch(nc, [message], patience=5)
     publisher = EventPublisher(js)
     events = opens(300)
     for event in events:

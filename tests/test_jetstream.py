@@ -11,7 +11,8 @@ from nats.aio.client import Client as NATS
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, CampaignSpec
 from mailbeacon.events import Event, EventType, new_event_id
-from mailbeacon.jetstream import CONSUMER, KV_BUCKET, STREAM, EventPublisher, connect, provision
+from mailbeacon.jetstream import CONSUMER, KV_BUCKET, STREAM, connect, provision
+from mailbeacon.publisher import EventPublisher
 from tests.support import eventually, make_settings
 
 TID = "0b7e4c2a-4f7e-4d8e-9a51-3c1f0f7d2b11"

@@ -25,7 +25,8 @@ from cryptography.x509.oid import NameOID
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, CampaignSpec
 from mailbeacon.events import Event
-from mailbeacon.jetstream import STREAM, EventPublisher, connect, ensure_suppression_bucket, provision
+from mailbeacon.jetstream import STREAM, connect, ensure_suppression_bucket, provision
+from mailbeacon.publisher import EventPublisher
 from mailbeacon.settings import Settings
 from mailbeacon.suppressions import SuppressionList
 from smtp_proxy.service import ProxyService

@@ -1,7 +1,7 @@
 """The pixel and click fast path keeps the contract: the same events, JSON and answers, only cheaper.
 
-Events are built without pydantic's validation and published as raw protocol commands;
-these tests hold both to what validation and nats-py would have produced, and check the
+Pixel and click events are encoded without pydantic and published as raw protocol
+commands; these tests hold both to what validation and nats-py would have produced, and check the
 request shapes the fast path must not stumble on (bytes that are not UTF-8, signatures
 outside base64, methods and paths nobody serves).
 """
@@ -20,12 +20,14 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
 from mailbeacon.events import Event, EventType, subject_for
-from mailbeacon.jetstream import ALL_EVENTS, STREAM, EventPublisher, connect, hpub_command, provision
+from mailbeacon.fast_batch import Outgoing, hpub_command, outgoing
+from mailbeacon.jetstream import ALL_EVENTS, STREAM, connect, provision
+from mailbeacon.publisher import EventPublisher
 from mailbeacon.signing import click_url, pixel_url, sign_click
 from tests.esp_payloads.harness import BROWSER_UA, running_tracker, stream_events
 from tests.support import SECRET, eventually, make_settings, raw_http
-from tracker import classify
-from tracker.engagement import EventIds, encodable, engagement_event
+from tracker import classify, engagement
+from tracker.engagement import EventIds, encodable, engagement_message, json_now, json_time
 
 TID = "3d6f0f8e-9b1c-4c8e-8f3a-6a2b1c0d9e01"
 VERDICTS = [
@@ -36,28 +38,80 @@ VERDICTS = [
 ]
 
 
-@settings(max_examples=200, deadline=None)
+def payload_of(message: Outgoing) -> bytes:
+    """The event JSON of a ready message, checked to be framed as the generic path frames it."""
+    subject, event_id, frame, header_size = message
+    payload = frame[header_size:]
+    assert message == outgoing(subject, event_id, payload)
+    assert subject == Event.model_validate_json(payload).subject.encode()
+    return payload
+
+
+@settings(max_examples=300, deadline=None)
 @given(
     event_type=st.sampled_from([EventType.OPENED, EventType.CLICKED]),
     user_agent=st.none() | st.text(max_size=80),
     ip=st.none() | st.sampled_from(["198.51.100.7", "2001:db8::1", "17.58.63.0"]),
-    url=st.none() | st.text(max_size=60).map(lambda text: f"https://shop.example.com/{text}"),
+    # Surrogates included: a query string may decode to them.
+    url=st.none()
+    | st.text(st.characters(blacklist_categories=()), max_size=60).map(
+        lambda text: f"https://shop.example.com/{text}"
+    ),
     verdict=st.sampled_from(VERDICTS),
+    occurred_at=st.datetimes(
+        min_value=datetime(1970, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+    ),
 )
 def test_fast_events_equal_validated_ones_byte_for_byte(
-    event_type: EventType, user_agent: str | None, ip: str | None, url: str | None, verdict: classify.Verdict
+    event_type: EventType,
+    user_agent: str | None,
+    ip: str | None,
+    url: str | None,
+    verdict: classify.Verdict,
+    occurred_at: datetime,
 ) -> None:
     agent = encodable(user_agent) if user_agent else None
-    event = engagement_event(event_type, TID, ip, agent, verdict, "pixel", url)
-    validated = Event(**event.model_dump())
-    assert event == validated
-    assert event.to_json() == validated.to_json()
-    assert Event.model_validate_json(event.to_json()) == event
-    assert event.machine is (verdict.machine_kind is not None)
-    if verdict.machine_kind:
-        assert event.metadata["machine_evidence"] == encodable(verdict.evidence or "")
-    assert event.model_copy(update={"machine": False}).machine is False  # copies stay independent
-    assert event.model_fields_set == set(Event.model_fields)
+    message = engagement_message(event_type, TID, ip, agent, verdict, "pixel", url, json_time(occurred_at))
+    validated = Event(
+        event_id=message[1],
+        type=event_type,
+        tracking_id=TID,
+        occurred_at=occurred_at,
+        ip=ip,
+        user_agent=agent,
+        url=url,
+        machine=verdict.machine_kind is not None,
+        machine_kind=verdict.machine_kind,
+        source="pixel",
+        metadata={"machine_evidence": verdict.evidence} if verdict.machine_kind else {},
+    )
+    assert payload_of(message) == validated.to_json()
+
+
+@pytest.mark.parametrize(
+    "now", [None, 1_795_000_000.0, 1_795_000_000.000_001, 1_795_000_000.999_999, 1_795_000_000.999_999_7]
+)
+def test_now_is_written_as_pydantic_writes_it(now: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    if now is not None:
+        monkeypatch.setattr(engagement.time, "time", lambda: now)
+    before = datetime.now(UTC).replace(microsecond=0)
+    stamp = json_now()
+    moment = datetime.fromisoformat(stamp)
+    event = Event(event_id="e1", type=EventType.OPENED, occurred_at=moment)
+    assert f'"occurred_at":"{stamp}"'.encode() in event.to_json()
+    if now is None:
+        assert before <= moment <= datetime.now(UTC)
+    else:
+        assert moment == datetime.fromtimestamp(now, UTC)
+
+
+def test_an_engagement_without_a_time_is_stamped_now() -> None:
+    before = datetime.now(UTC)
+    event = Event.from_json(
+        payload_of(engagement_message(EventType.OPENED, TID, None, None, classify.HUMAN, "pixel"))
+    )
+    assert before <= event.occurred_at <= datetime.now(UTC)
+    assert (event.ip, event.user_agent, event.machine, event.metadata) == (None, None, False, {})
 
 
 def test_text_that_is_not_utf8_becomes_replacement_characters() -> None:
@@ -244,9 +298,11 @@ def test_client_text_gets_the_sanitation_validation_applies() -> None:
     agent = "Mozilla/5.0\x00" + "x" * 10_000
     url = "https://shop.example.com/%00?q=\x00" + "y" * 9_000
     verdict = classify.Verdict("prefetch", "Sec-Purpose: pre\x00fetch")
-    event = engagement_event(EventType.CLICKED, TID, "198.51.100.7", agent, verdict, "click", url)
-    assert event == Event(**event.model_dump())  # what validation would have made of the same values
-    assert Event.model_validate_json(event.to_json()) == event
+    payload = payload_of(
+        engagement_message(EventType.CLICKED, TID, "198.51.100.7", agent, verdict, "click", url)
+    )
+    event = Event.model_validate_json(payload)
+    assert event.to_json() == payload  # what validation would have made of the same values
     assert event.user_agent == ("Mozilla/5.0" + "x" * 10_000)[:1000]
     assert event.url is not None and "\x00" not in event.url and len(event.url) == 8000
     assert event.metadata["machine_evidence"] == "Sec-Purpose: prefetch"

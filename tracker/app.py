@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mailbeacon.jetstream import EventPublisher
+from mailbeacon.publisher import EventPublisher
 from mailbeacon.settings import Settings
 from mailbeacon.web import Handler, add_health_routes, json_error
 from tracker.bursts import ClickHold
@@ -88,7 +88,8 @@ def create_app(
     def timed(route: str, handler: Handler) -> Handler:
         return REQUEST_LATENCY.timed(route, handler, on_error=failure_answer)
 
-    pixel, click = timed("pixel", engagement.pixel), timed("click", engagement.click)
+    pixel = REQUEST_LATENCY.timed_answer("pixel", engagement.pixel, failure_answer)
+    click = REQUEST_LATENCY.timed_answer("click", engagement.click, failure_answer)
     unsubscribe_page = timed("unsubscribe_page", engagement.unsubscribe_page)
     unsubscribe, generic = timed("unsubscribe", engagement.unsubscribe), timed("webhook", webhooks.generic)
     for suffix in ("/", ""):

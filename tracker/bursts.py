@@ -18,7 +18,7 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from mailbeacon.signing import HONEYPOT_URL
 from tracker import classify
@@ -31,14 +31,31 @@ _HONEYPOT_GROUP = classify.Verdict("honeypot", "clicked together with the hidden
 
 
 class _Group(Generic[Held]):
-    """The clicks on one message's links so far (slotted: thousands are held at once)."""
+    """The clicks on one message's links so far (slotted: thousands are held at once).
+
+    Nearly every group is one click on one link, so the links stay a plain string until a
+    second, different one arrives.
+    """
 
     __slots__ = ("first_at", "items", "last_at", "urls")
 
-    def __init__(self, now: float) -> None:
+    def __init__(self, now: float, url: str, item: Held) -> None:
         self.first_at = self.last_at = now
-        self.items: list[Held] = []
-        self.urls: set[str] = set()
+        self.items = [item]
+        self.urls: str | set[str] = url
+
+    def add(self, now: float, url: str, item: Held) -> None:
+        self.last_at = now
+        self.items.append(item)
+        urls = self.urls
+        if isinstance(urls, str):
+            if url != urls:
+                self.urls = {urls, url}
+        else:
+            urls.add(url)
+
+
+_NOTHING: list[Released[Any]] = []  # what add() returns nearly always; never appended to
 
 
 class BurstWindow(Generic[Held]):
@@ -53,21 +70,21 @@ class BurstWindow(Generic[Held]):
 
     def add(self, key: str, url: str, item: Held, now: float) -> list[Released[Held]]:
         """Hold ``item``, a click on ``url``; returns groups that had to be released at once (limits reached)."""
-        released: list[Released[Held]] = []
+        released: list[Released[Held]] = _NOTHING
         group = self._groups.get(key)
         if group is not None and (now - group.last_at > self.window or now - group.first_at > self.max_hold):
-            released.append(self._release(key))
+            released = [self._release(key)]
             group = None
         if group is None:
-            group = self._groups[key] = _Group(now)
+            self._groups[key] = _Group(now, url, item)
         else:
+            group.add(now, url, item)
             self._groups.move_to_end(key)
-        group.last_at = now
-        group.items.append(item)
-        group.urls.add(url)
         self.pending += 1
-        while self.pending > self.max_pending and self._groups:
-            released.append(self._release(next(iter(self._groups))))
+        if self.pending > self.max_pending:
+            released = [*released]
+            while self.pending > self.max_pending and self._groups:
+                released.append(self._release(next(iter(self._groups))))
         return released
 
     def due(self, now: float) -> list[Released[Held]]:
@@ -90,7 +107,7 @@ class BurstWindow(Generic[Held]):
         group = self._groups.pop(key)
         self.pending -= len(group.items)
         urls = group.urls
-        if len(urls) < 2:
+        if isinstance(urls, str):
             return group.items, None  # one link, however often: a person (or a double click)
         if HONEYPOT_URL in urls:
             return group.items, _HONEYPOT_GROUP

@@ -21,7 +21,8 @@ from multiprocessing.process import BaseProcess
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
-from mailbeacon.jetstream import EventPublisher, connect, provision, redact_url
+from mailbeacon.jetstream import connect, provision, redact_url
+from mailbeacon.publisher import EventPublisher
 from mailbeacon.runner import wait_for_signal
 from mailbeacon.settings import Settings, parse_listen
 from mailbeacon.signing import NoSigningKey

@@ -18,8 +18,8 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from mailbeacon.events import Event, utcnow
-from mailbeacon.jetstream import EventPublisher
 from mailbeacon.netaddr import anonymize_ip, anonymize_text, scrub_ips
+from mailbeacon.publisher import EventPublisher
 from mailbeacon.settings import Settings
 from mailbeacon.web import json_error
 from tracker import metrics

@@ -33,7 +33,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from mailbeacon.events import Event
-from mailbeacon.jetstream import ALL_EVENTS, STREAM, EventPublisher, connect, provision
+from mailbeacon.jetstream import ALL_EVENTS, STREAM, connect, provision
+from mailbeacon.publisher import EventPublisher
 from mailbeacon.settings import Settings
 from tests.support import make_settings
 from tracker.service import TrackerService
