@@ -8,6 +8,7 @@ outside base64, methods and paths nobody serves).
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ from mailbeacon.signing import click_url, pixel_url, sign_click
 from tests.esp_payloads.harness import BROWSER_UA, running_tracker, stream_events
 from tests.support import SECRET, eventually, make_settings, raw_http
 from tracker import classify, engagement
-from tracker.engagement import EventIds, encodable, engagement_message, json_now, json_time
+from tracker.engagement import EventIds, encodable, engagement_message, json_now
 
 TID = "3d6f0f8e-9b1c-4c8e-8f3a-6a2b1c0d9e01"
 VERDICTS = [
@@ -71,7 +72,9 @@ def test_fast_events_equal_validated_ones_byte_for_byte(
     occurred_at: datetime,
 ) -> None:
     agent = encodable(user_agent) if user_agent else None
-    message = engagement_message(event_type, TID, ip, agent, verdict, "pixel", url, json_time(occurred_at))
+    # The time as pydantic writes it: held clicks carry it in that form.
+    stamp = json.loads(Event(event_id="t", type=event_type, occurred_at=occurred_at).to_json())["occurred_at"]
+    message = engagement_message(event_type, TID, ip, agent, verdict, "pixel", url, stamp)
     validated = Event(
         event_id=message[1],
         type=event_type,
@@ -291,6 +294,43 @@ async def test_errors_are_json_without_a_middleware(tmp_path: Path, nats_url: st
     ]
     assert all(body["status"] == "error" and body["error"] for _, _, body in answers)
     assert forged == (400, "text/html")
+
+
+@pytest.mark.parametrize("route", ["pixel", "click"])
+async def test_a_pixel_or_click_that_fails_is_a_timed_json_503(
+    route: str, tmp_path: Path, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pixel and click run without a coroutine of their own; a failure inside still gets the
+    tracker's JSON answer (never aiohttp's 500 with a traceback) and is counted in the histogram."""
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(engagement, "canonical_tracking_id", broken)
+    async with running_tracker(tmp_path, nats_url) as tracker, aiohttp.ClientSession() as http:
+        site, keys = tracker.settings.site_url, [SECRET.encode()]
+        url = (
+            pixel_url(site, TID)
+            if route == "pixel"
+            else click_url(site, keys, TID, "https://shop.example.com/")
+        )
+
+        async def observed() -> float:
+            async with http.get(f"{site}/metrics") as response:
+                text = await response.text()
+            line = f'mailbeacon_tracker_request_seconds_count{{route="{route}"}} '
+            return float(next(row for row in text.splitlines() if row.startswith(line)).split()[-1])
+
+        before = await observed()
+        async with http.get(url, allow_redirects=False) as response:
+            answer = (response.status, response.content_type, await response.json())
+        after = await observed()
+    assert answer == (
+        503,
+        "application/json",
+        {"status": "error", "error": "temporarily unavailable, retry later"},
+    )
+    assert after == before + 1
 
 
 def test_client_text_gets_the_sanitation_validation_applies() -> None:

@@ -17,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 from mailbeacon.signing import HONEYPOT_URL
 from tracker import classify
@@ -55,9 +55,6 @@ class _Group(Generic[Held]):
             urls.add(url)
 
 
-_NOTHING: list[Released[Any]] = []  # what add() returns nearly always; never appended to
-
-
 class BurstWindow(Generic[Held]):
     """Groups the clicks of one message (``key``) that follow each other within ``window`` seconds."""
 
@@ -68,9 +65,9 @@ class BurstWindow(Generic[Held]):
         self._groups: OrderedDict[str, _Group[Held]] = OrderedDict()  # least recently clicked first
         self.pending = 0
 
-    def add(self, key: str, url: str, item: Held, now: float) -> list[Released[Held]]:
+    def add(self, key: str, url: str, item: Held, now: float) -> Sequence[Released[Held]]:
         """Hold ``item``, a click on ``url``; returns groups that had to be released at once (limits reached)."""
-        released: list[Released[Held]] = _NOTHING
+        released: Sequence[Released[Held]] = ()  # nearly always: no list per click
         group = self._groups.get(key)
         if group is not None and (now - group.last_at > self.window or now - group.first_at > self.max_hold):
             released = [self._release(key)]
@@ -82,9 +79,10 @@ class BurstWindow(Generic[Held]):
             self._groups.move_to_end(key)
         self.pending += 1
         if self.pending > self.max_pending:
-            released = [*released]
+            evicted = [*released]
             while self.pending > self.max_pending and self._groups:
-                released.append(self._release(next(iter(self._groups))))
+                evicted.append(self._release(next(iter(self._groups))))
+            return evicted
         return released
 
     def due(self, now: float) -> list[Released[Held]]:
@@ -139,7 +137,7 @@ class ClickHold(Generic[Held]):
         if self._timer is None:
             self._schedule()
 
-    def _hand_over(self, released: list[Released[Held]]) -> None:
+    def _hand_over(self, released: Sequence[Released[Held]]) -> None:
         release = self._release
         for items, verdict in released:
             for item in items:

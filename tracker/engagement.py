@@ -12,7 +12,6 @@ import itertools
 import os
 import re
 import time
-from datetime import UTC, datetime
 from json.encoder import encode_basestring
 
 from aiohttp import web
@@ -106,11 +105,6 @@ def json_now() -> str:
     if second != _Second.number:
         _Second.text, _Second.number = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)), second
     return f"{_Second.text}.{micro:06d}Z" if micro else f"{_Second.text}Z"
-
-
-def json_time(moment: datetime) -> str:
-    """A UTC time as pydantic writes it in JSON (what :func:`json_now` writes for now)."""
-    return moment.astimezone(UTC).isoformat()[:-6] + "Z"  # isoformat() ends in "+00:00"
 
 
 def engagement_message(
