@@ -127,17 +127,24 @@ class EventPublisher:
             return False
         return self.publish_encoded_later(outgoing(SUBJECTS[event.type], event.event_id, payload))
 
-    def publish_encoded_later(self, message: Outgoing) -> bool:
+    def admit(self, held_elsewhere: int = 0) -> bool:
+        """Whether one more event fits within the buffer limit, counting the ``held_elsewhere``
+        events its producer keeps for later (the tracker's held clicks) against the same
+        limit, so that what was admitted always fits when it arrives. A refused event is
+        counted as dropped."""
+        if len(self._buffer) + held_elsewhere < self._buffer_limit:
+            return True
+        self.dropped += 1
+        now = time.monotonic()
+        if now - self._drop_logged_at >= 10.0:  # one line per 10 s, not one per request
+            self._drop_logged_at = now
+            log.error("event buffer full (%d): %d events dropped so far", self._buffer_limit, self.dropped)
+        return False
+
+    def publish_encoded_later(self, message: Outgoing, *, admitted: bool = False) -> bool:
         """:meth:`publish_later` for an event its producer encoded itself (the tracker's pixel
-        and click events)."""
-        if len(self._buffer) >= self._buffer_limit:
-            self.dropped += 1
-            now = time.monotonic()
-            if now - self._drop_logged_at >= 10.0:  # one line per 10 s, not one per request
-                self._drop_logged_at = now
-                log.error(
-                    "event buffer full (%d): %d events dropped so far", self._buffer_limit, self.dropped
-                )
+        and click events); ``admitted`` when :meth:`admit` already made room for it."""
+        if not admitted and not self.admit():
             return False
         self._buffer.append(message)
         self._wakeup.set()

@@ -126,7 +126,9 @@ class Settings(BaseSettings):
     )
 
     event_buffer_limit: int = Field(
-        default=100_000, ge=1, description="Pixel/click events kept in memory while NATS is unreachable"
+        default=100_000,
+        ge=1,
+        description="Pixel/click events kept in memory, waiting for NATS or held for the click burst window",
     )
     shutdown_drain_seconds: float = Field(
         default=20.0,

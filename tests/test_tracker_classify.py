@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
 
 import aiohttp
@@ -12,7 +13,7 @@ from mailbeacon.events import Event
 from mailbeacon.signing import HONEYPOT_URL, click_url, honeypot_url, pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, running_tracker, stream_events
 from tests.support import SECRET, eventually
-from tracker.bursts import BurstWindow
+from tracker.bursts import BurstWindow, ClickHold
 from tracker.classify import RequestShape, classify
 
 TID = "5f0c6a56-2f7e-4b64-9a55-0d3c1c2f1e11"
@@ -95,6 +96,24 @@ def test_a_person_clicking_twice_is_not_a_burst() -> None:
     released += window.due(now=7.5)
     assert released == [(["click", "double click"], None), (["later"], None)]
     assert window.pending == 0
+
+
+async def test_a_busy_second_of_held_clicks_is_released_between_requests() -> None:
+    """Thousands of clicks fall due together on a busy tracker; releasing them all in one
+    turn of the event loop would stall every connection, so requests get turns in between."""
+    released: list[str] = []
+    hold: ClickHold[str] = ClickHold(lambda item, _verdict: released.append(item), window=0.05)
+    for number in range(1000):
+        hold.add(f"copy-{number}", "https://a.example/", f"click-{number}")
+    seen = [0]
+    async with asyncio.timeout(5):
+        while len(released) < 1000:
+            await asyncio.sleep(0)  # a turn of the loop, as a request handled meanwhile gets
+            seen.append(len(released))
+    steps = [later - earlier for earlier, later in itertools.pairwise(seen)]
+    assert max(steps) <= 256
+    assert released == [f"click-{number}" for number in range(1000)]  # oldest first, none lost
+    assert hold.pending == 0
 
 
 def test_honeypot_marks_the_whole_group_and_drain_releases_everything() -> None:

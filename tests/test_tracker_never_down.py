@@ -184,6 +184,48 @@ async def test_graceful_shutdown_drains_and_a_full_buffer_counts_drops(
     assert sorted(e.tracking_id or "" for e in stored) == sorted(ids[:40])
 
 
+async def test_held_clicks_count_against_the_buffer_limit_and_none_is_lost_at_shutdown(
+    tmp_path: Path, nats_server: EmbeddedNats
+) -> None:
+    """Clicks sitting out the burst window take their room in the buffer when they arrive:
+    a click that does not fit is counted as dropped then, and every click that was held
+    is stored when shutdown releases them into the buffer."""
+    settings = make_settings(
+        tmp_path,
+        nats_url=nats_server.url,
+        event_buffer_limit=40,
+        shutdown_drain_seconds=15,
+        click_burst_seconds=30,  # held until shutdown
+    )
+    async with aiohttp.ClientSession() as http:
+        tracker = StandaloneTracker(settings)
+        await tracker.start()
+        try:
+            await eventually(lambda: asyncio.sleep(0, tracker.publisher.connected))
+            await asyncio.to_thread(nats_server.stop)
+            site = settings.site_url
+            opened = [str(uuid.uuid4()) for _ in range(30)]
+            for tid in opened:
+                async with http.get(pixel_url(site, tid)) as response:
+                    assert response.status == 200
+            clicked = [str(uuid.uuid4()) for _ in range(20)]
+            for tid in clicked:
+                url = click_url(site, [SECRET.encode()], tid, "https://shop.example.com/")
+                async with http.get(url, allow_redirects=False) as response:
+                    assert response.status == 302  # the redirect never depends on room for the event
+            exposition = await metrics(http, tracker)
+            assert metric_value(exposition, "mailbeacon_tracker_buffered_events") == 30
+            assert metric_value(exposition, "mailbeacon_tracker_held_clicks") == 10
+            assert metric_value(exposition, "mailbeacon_tracker_dropped_events") == 10
+            await asyncio.to_thread(nats_server.start)
+        finally:
+            await tracker.stop()
+        assert tracker.publisher.dropped == 10  # releasing the held clicks dropped none of them
+    stored = await stream_events(nats_server.url)
+    assert Counter(e.type.value for e in stored) == {"opened": 30, "clicked": 10}
+    assert sorted(e.tracking_id or "" for e in stored) == sorted(opened + clicked[:10])
+
+
 async def test_cli_tracker_with_workers_shares_the_port_and_drains_on_sigterm(
     tmp_path: Path, nats_server: EmbeddedNats
 ) -> None:

@@ -27,6 +27,9 @@ Held = TypeVar("Held")
 # The items of one group, and the verdict on the group: None when it was no burst.
 Released = tuple[list[Held], classify.Verdict | None]
 
+# Groups released per event-loop turn: a second's worth of clicks on a busy tracker is
+# thousands, and publishing them takes a few microseconds each.
+_RELEASE_PER_TURN = 256
 _HONEYPOT_GROUP = classify.Verdict("honeypot", "clicked together with the hidden honeypot link")
 
 
@@ -85,12 +88,13 @@ class BurstWindow(Generic[Held]):
             return evicted
         return released
 
-    def due(self, now: float) -> list[Released[Held]]:
-        """Groups that saw no further click within the window, with their verdicts."""
+    def due(self, now: float, limit: int | None = None) -> list[Released[Held]]:
+        """Groups that saw no further click within the window, with their verdicts (the
+        ``limit`` oldest of them at most)."""
         released: list[Released[Held]] = []
         groups = self._groups
         window, max_hold = self.window, self.max_hold
-        while groups:
+        while groups and (limit is None or len(released) < limit):
             key = next(iter(groups))
             group = groups[key]
             if now - group.last_at < window and now - group.first_at < max_hold:
@@ -120,10 +124,11 @@ class ClickHold(Generic[Held]):
         release: Callable[[Held, classify.Verdict | None], object],
         window: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        max_pending: int = 100_000,
     ) -> None:
         self._release = release
         self._clock = clock
-        self.bursts: BurstWindow[Held] = BurstWindow(window)
+        self.bursts: BurstWindow[Held] = BurstWindow(window, max_pending=max_pending)
         self._timer: asyncio.TimerHandle | None = None
 
     @property
@@ -149,8 +154,13 @@ class ClickHold(Generic[Held]):
 
     def _tick(self) -> None:
         self._timer = None
-        self._hand_over(self.bursts.due(self._clock()))
-        if self.bursts.pending:
+        released = self.bursts.due(self._clock(), _RELEASE_PER_TURN)
+        self._hand_over(released)
+        if len(released) == _RELEASE_PER_TURN:
+            # More are due: release them in later turns of the loop, between requests, rather
+            # than stall every connection for the whole second's worth of a busy tracker.
+            self._timer = asyncio.get_running_loop().call_later(0, self._tick)
+        elif self.bursts.pending:
             self._schedule()
 
     def flush(self) -> None:

@@ -185,7 +185,9 @@ class Engagement:
     def __init__(self, settings: Settings, publisher: EventPublisher) -> None:
         self.settings = settings
         self.publisher = publisher
-        self.hold: ClickHold[HeldClick] = ClickHold(self._publish_click, window=settings.click_burst_seconds)
+        self.hold: ClickHold[HeldClick] = ClickHold(
+            self._publish_click, window=settings.click_burst_seconds, max_pending=settings.event_buffer_limit
+        )
         self.signatures = signing.ClickVerifier(settings.signing_keys())
         self.trusted = [ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies]
         self.machine_networks = [
@@ -230,7 +232,8 @@ class Engagement:
         self.publisher.publish_encoded_later(
             engagement_message(
                 EventType.CLICKED, tracking_id, ip, user_agent, verdict, "click", url, occurred_at
-            )
+            ),
+            admitted=True,  # its room was made when it was held
         )
 
     # Pixel and click never wait: plain functions, answered from the route's one coroutine.
@@ -239,9 +242,12 @@ class Engagement:
         if tracking_id is None:
             return json_error(400, "tracking id is not a UUID")
         ip, user_agent, verdict = self._classified(request, EventType.OPENED, None)
-        self.publisher.publish_encoded_later(
-            engagement_message(EventType.OPENED, tracking_id, ip, user_agent, verdict, "pixel")
-        )
+        # Held clicks count against the buffer limit too: they join the buffer when released.
+        if self.publisher.admit(self.hold.pending):
+            self.publisher.publish_encoded_later(
+                engagement_message(EventType.OPENED, tracking_id, ip, user_agent, verdict, "pixel"),
+                admitted=True,
+            )
         metrics.PIXEL_REQUESTS.inc()
         return web.Response(body=PIXEL_GIF, headers=_PIXEL_HEADERS.copy())
 
@@ -265,7 +271,8 @@ class Engagement:
             request, EventType.CLICKED, classify.honeypot() if honeypot else None
         )
         own = verdict if verdict.machine_kind is not None else None
-        self.hold.add(tracking_id, url, (tracking_id, url, json_now(), ip, user_agent, own))
+        if self.publisher.admit(self.hold.pending):
+            self.hold.add(tracking_id, url, (tracking_id, url, json_now(), ip, user_agent, own))
         if honeypot:
             metrics.REQUESTS.labels("click_honeypot").inc()
             return pages.honeypot()
