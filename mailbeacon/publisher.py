@@ -70,6 +70,7 @@ class EventPublisher:
         self._timeout = timeout
         self._buffer: deque[Outgoing] = deque()
         self._buffer_limit = buffer_limit
+        self._reserved = 0  # room reserved for events not handed over yet
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -127,12 +128,10 @@ class EventPublisher:
             return False
         return self.publish_encoded_later(outgoing(SUBJECTS[event.type], event.event_id, payload))
 
-    def admit(self, held_elsewhere: int = 0) -> bool:
-        """Whether one more event fits within the buffer limit, counting the ``held_elsewhere``
-        events its producer keeps for later (the tracker's held clicks) against the same
-        limit, so that what was admitted always fits when it arrives. A refused event is
-        counted as dropped."""
-        if len(self._buffer) + held_elsewhere < self._buffer_limit:
+    def _admit(self) -> bool:
+        """Whether one more event fits: buffered events and reserved room count against the
+        limit. A refused event is counted as dropped."""
+        if len(self._buffer) + self._reserved < self._buffer_limit:
             return True
         self.dropped += 1
         now = time.monotonic()
@@ -141,10 +140,22 @@ class EventPublisher:
             log.error("event buffer full (%d): %d events dropped so far", self._buffer_limit, self.dropped)
         return False
 
-    def publish_encoded_later(self, message: Outgoing, *, admitted: bool = False) -> bool:
+    def reserve(self) -> bool:
+        """Room for an event its producer keeps a while before handing it over with
+        ``publish_encoded_later(..., reserved=True)`` (a click held for the burst window), so
+        that it is refused, and counted as dropped, when it arrives rather than when it is
+        handed over. False when there is no room."""
+        if not self._admit():
+            return False
+        self._reserved += 1
+        return True
+
+    def publish_encoded_later(self, message: Outgoing, *, reserved: bool = False) -> bool:
         """:meth:`publish_later` for an event its producer encoded itself (the tracker's pixel
-        and click events); ``admitted`` when :meth:`admit` already made room for it."""
-        if not admitted and not self.admit():
+        and click events); ``reserved`` when :meth:`reserve` made its room."""
+        if reserved:
+            self._reserved -= 1
+        elif not self._admit():
             return False
         self._buffer.append(message)
         self._wakeup.set()

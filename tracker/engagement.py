@@ -233,7 +233,7 @@ class Engagement:
             engagement_message(
                 EventType.CLICKED, tracking_id, ip, user_agent, verdict, "click", url, occurred_at
             ),
-            admitted=True,  # its room was made when it was held
+            reserved=True,  # its room was reserved when it was held
         )
 
     # Pixel and click never wait: plain functions, answered from the route's one coroutine.
@@ -242,12 +242,9 @@ class Engagement:
         if tracking_id is None:
             return json_error(400, "tracking id is not a UUID")
         ip, user_agent, verdict = self._classified(request, EventType.OPENED, None)
-        # Held clicks count against the buffer limit too: they join the buffer when released.
-        if self.publisher.admit(self.hold.pending):
-            self.publisher.publish_encoded_later(
-                engagement_message(EventType.OPENED, tracking_id, ip, user_agent, verdict, "pixel"),
-                admitted=True,
-            )
+        self.publisher.publish_encoded_later(
+            engagement_message(EventType.OPENED, tracking_id, ip, user_agent, verdict, "pixel")
+        )
         metrics.PIXEL_REQUESTS.inc()
         return web.Response(body=PIXEL_GIF, headers=_PIXEL_HEADERS.copy())
 
@@ -271,7 +268,7 @@ class Engagement:
             request, EventType.CLICKED, classify.honeypot() if honeypot else None
         )
         own = verdict if verdict.machine_kind is not None else None
-        if self.publisher.admit(self.hold.pending):
+        if self.publisher.reserve():  # held clicks count against the buffer limit from now on
             self.hold.add(tracking_id, url, (tracking_id, url, json_now(), ip, user_agent, own))
         if honeypot:
             metrics.REQUESTS.labels("click_honeypot").inc()
