@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mailbeacon.events import Event
 from mailbeacon.signing import HONEYPOT_URL, click_url, honeypot_url, pixel_url
@@ -96,6 +99,80 @@ def test_a_person_clicking_twice_is_not_a_burst() -> None:
     released += window.due(now=7.5)
     assert released == [(["click", "double click"], None), (["later"], None)]
     assert window.pending == 0
+
+
+class WindowModel:
+    """The burst window's rules written plainly, to hold the real one to them."""
+
+    def __init__(self, window: float, max_hold: float) -> None:
+        self.window, self.max_hold = window, max_hold
+        self.groups: dict[str, dict[str, Any]] = {}  # least recently clicked first
+
+    def add(self, key: str, url: str, item: int, now: float) -> list[tuple[list[int], str | None]]:
+        released = []
+        group = self.groups.get(key)
+        if group and (now - group["last"] > self.window or now - group["first"] > self.max_hold):
+            released.append(self.release(key))
+            group = None
+        group = group or {"first": now, "urls": set(), "items": []}
+        group["last"] = now
+        group["urls"].add(url)
+        group["items"].append(item)
+        self.groups.pop(key, None)
+        self.groups[key] = group
+        return released
+
+    def due(self, now: float, limit: int) -> list[tuple[list[int], str | None]]:
+        released = []
+        for key, group in list(self.groups.items()):
+            if len(released) == limit or (
+                now - group["last"] < self.window and now - group["first"] < self.max_hold
+            ):
+                break
+            released.append(self.release(key))
+        return released
+
+    def release(self, key: str) -> tuple[list[int], str | None]:
+        group = self.groups.pop(key)
+        urls = group["urls"]
+        kind = None if len(urls) == 1 else "honeypot" if HONEYPOT_URL in urls else "burst"
+        return group["items"], kind
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["click", "click", "click", "due"]),
+            st.sampled_from([TID, OTHER_TID, "third-copy"]),
+            st.sampled_from(["https://a.example/", "https://b.example/", HONEYPOT_URL]),
+            st.floats(min_value=0, max_value=1.5),  # seconds since the step before
+        ),
+        max_size=60,
+    ),
+    window=st.sampled_from([0.5, 1.0, 3.0]),
+    limit=st.integers(min_value=1, max_value=3),
+)
+def test_the_burst_window_follows_its_rules(
+    steps: list[tuple[str, str, str, float]], window: float, limit: int
+) -> None:
+    """Any sequence of clicks and releases: the same groups, in the same order, with the
+    same verdicts as the plain rules."""
+    real: BurstWindow[int] = BurstWindow(window=window, max_hold=2.0)
+    model = WindowModel(window, max_hold=2.0)
+    now, got, expected = 100.0, [], []
+    for number, (step, key, url, pause) in enumerate(steps):
+        now += pause
+        if step == "click":
+            got += real.add(key, url, number, now)
+            expected += model.add(key, url, number, now)
+        else:
+            got += real.due(now, limit)
+            expected += model.due(now, limit)
+        assert real.pending == sum(len(group["items"]) for group in model.groups.values())
+    got += real.drain()
+    expected += [model.release(key) for key in list(model.groups)]
+    assert [(items, verdict and verdict.machine_kind) for items, verdict in got] == expected
 
 
 async def test_a_busy_second_of_held_clicks_is_released_between_requests() -> None:

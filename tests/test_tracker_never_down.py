@@ -28,6 +28,7 @@ from mailbeacon.embedded_nats import EmbeddedNats
 from mailbeacon.signing import click_url, pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, FakeSns, sendgrid_headers, stream_events, webhook_settings
 from tests.support import SECRET, eventually, free_port, make_settings, metric_value
+from tracker import arrivals
 from tracker import service as tracker_service
 from tracker.service import StandaloneTracker
 
@@ -44,6 +45,9 @@ async def standalone(tmp_path: Path, nats_url: str, **overrides: Any) -> AsyncIt
 
 
 async def metrics(http: aiohttp.ClientSession, tracker: StandaloneTracker) -> str:
+    # The events of requests answered so far reach the publisher within DELAY_SECONDS (on
+    # this loop: that timer is due before this sleep ends).
+    await asyncio.sleep(2 * arrivals.DELAY_SECONDS)
     async with http.get(f"http://127.0.0.1:{tracker.service.port}/metrics") as response:
         return await response.text()
 

@@ -13,27 +13,25 @@ answers paths and methods nobody serves with a JSON 404 or 405.
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 from aiohttp import web
 
 from mailbeacon.publisher import EventPublisher
 from mailbeacon.settings import Settings
 from mailbeacon.web import Handler, add_health_routes, json_error
-from tracker.bursts import ClickHold
 from tracker.engagement import NO_STORE, PIXEL_GIF, Engagement
 from tracker.esp.sns import HttpGet, https_get
 from tracker.metrics import REQUEST_LATENCY
 from tracker.openapi import openapi_document
 from tracker.webhooks import Webhooks
 
-__all__ = ["HOLD_KEY", "NO_STORE", "PIXEL_GIF", "PUBLISHER_KEY", "SETTINGS_KEY", "create_app"]
+__all__ = ["ENGAGEMENT_KEY", "NO_STORE", "PIXEL_GIF", "PUBLISHER_KEY", "SETTINGS_KEY", "create_app"]
 
 log = logging.getLogger(__name__)
 
 SETTINGS_KEY = web.AppKey("settings", Settings)
 PUBLISHER_KEY = web.AppKey("publisher", EventPublisher)
-HOLD_KEY: web.AppKey[ClickHold[Any]] = web.AppKey("click_hold", ClickHold)
+ENGAGEMENT_KEY = web.AppKey("engagement", Engagement)
 
 
 def failure_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
@@ -78,7 +76,7 @@ def create_app(
     app[SETTINGS_KEY] = settings
     app[PUBLISHER_KEY] = publisher
     engagement = Engagement(settings, publisher)
-    app[HOLD_KEY] = engagement.hold
+    app[ENGAGEMENT_KEY] = engagement
     webhooks = Webhooks(settings, publisher, sns_http_get)
     document = openapi_document(settings.site_url)
 

@@ -135,8 +135,9 @@ class ClickHold(Generic[Held]):
     def pending(self) -> int:
         return self.bursts.pending
 
-    def add(self, key: str, url: str, item: Held) -> None:
-        released = self.bursts.add(key, url, item, self._clock())
+    def add(self, key: str, url: str, item: Held, now: float | None = None) -> None:
+        """Hold ``item``, a click on ``url`` at ``now`` (the hold's clock; by default its current time)."""
+        released = self.bursts.add(key, url, item, self._clock() if now is None else now)
         if released:
             self._hand_over(released)
         if self._timer is None:

@@ -2,13 +2,17 @@
 
 These answer at once and never wait on NATS: their events go to the publisher's bounded
 buffer (clicks first sit out the scanner-burst window), so a recipient sees the image,
-the destination or the confirmation even while NATS is unreachable.
+the destination or the confirmation even while NATS is unreachable. Pixel and click
+handlers only check what decides the answer; judging the request and encoding its event
+happen a millisecond later, for all requests of that millisecond together
+(:mod:`tracker.arrivals`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 import itertools
+import logging
 import os
 import re
 import time
@@ -16,7 +20,7 @@ from json.encoder import encode_basestring
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from mailbeacon import signing
 from mailbeacon.events import (
@@ -33,6 +37,7 @@ from mailbeacon.publisher import SUBJECTS, EventPublisher
 from mailbeacon.settings import Settings
 from mailbeacon.web import json_error
 from tracker import classify, metrics, pages
+from tracker.arrivals import Arrivals
 from tracker.bursts import ClickHold
 from tracker.privacy import client_ip
 
@@ -85,6 +90,7 @@ class EventIds:
         return f"{self._prefix}{next(self._counter):012x}"
 
 
+log = logging.getLogger(__name__)
 new_engagement_id = EventIds()
 _SUBJECT_OPENED, _SUBJECT_CLICKED = SUBJECTS[EventType.OPENED], SUBJECTS[EventType.CLICKED]
 # The Nats-Msg-Id header of an engagement: its id is always 32 hex digits.
@@ -92,16 +98,22 @@ _HEADER_SIZE = len(f"{MSG_ID_HEADER}{'0' * 32}\r\n\r\n")
 
 
 class _Second:
-    """The second whose date and time of day :func:`json_now` last formatted."""
+    """The second whose date and time of day :func:`json_time` last formatted."""
 
     number = -1
     text = ""
 
 
 def json_now() -> str:
-    """Now, as pydantic writes a UTC time in JSON ("2026-11-28T04:16:54.763105Z"; no fraction
-    when it is zero). Formatted once a second: every pixel load and click is stamped."""
-    second, micro = divmod(round(time.time() * 1_000_000), 1_000_000)  # rounded as datetime rounds
+    """Now, as :func:`json_time` writes it."""
+    return json_time(time.time())
+
+
+def json_time(moment: float) -> str:
+    """A POSIX time as pydantic writes a UTC time in JSON ("2026-11-28T04:16:54.763105Z"; no
+    fraction when it is zero). The date and time of day are formatted once a second: every
+    pixel load and click is stamped."""
+    second, micro = divmod(round(moment * 1_000_000), 1_000_000)  # rounded as datetime rounds
     if second != _Second.number:
         _Second.text, _Second.number = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)), second
     return f"{_Second.text}.{micro:06d}Z" if micro else f"{_Second.text}Z"
@@ -123,7 +135,7 @@ def engagement_message(
     byte the serialization of the validated ``Event`` of the same values (tests hold it to
     that), at a fraction of the cost of building the model and serializing it. The tracker
     produced the id, the tracking id (canonical), the time (``occurred_at``, from
-    :func:`json_now`; now when not given) and the source itself;
+    :func:`json_time`; now when not given) and the source itself;
     text a client sent still gets the sanitation validation applies
     (:func:`mailbeacon.events.storable_text`: no NUL nor lone surrogate, column-sized).
     """
@@ -180,6 +192,11 @@ def encodable(text: str) -> str:
 # plain values: a busy tracker holds a second's worth of them.
 HeldClick = tuple[str, str, str, str | None, str | None, classify.Verdict | None]
 
+# A pixel load or click answered and not yet judged (see :mod:`tracker.arrivals`): tracking
+# id, destination (None for a pixel), wall-clock and monotonic time of arrival, method,
+# headers and socket peer. The headers are kept only until the arrivals are handed over.
+Arrival = tuple[str, str | None, float, float, str, CIMultiDictProxy[str], str | None]
+
 
 class Engagement:
     def __init__(self, settings: Settings, publisher: EventPublisher) -> None:
@@ -188,6 +205,7 @@ class Engagement:
         self.hold: ClickHold[HeldClick] = ClickHold(
             self._publish_click, window=settings.click_burst_seconds, max_pending=settings.event_buffer_limit
         )
+        self.arrivals: Arrivals[Arrival] = Arrivals(self._hand_over)
         self.signatures = signing.ClickVerifier(settings.signing_keys())
         self.trusted = [ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies]
         self.machine_networks = [
@@ -195,34 +213,75 @@ class Engagement:
         ]
         self._anonymize = settings.anonymize_ip
 
-    def _client(self, request: web.Request) -> tuple[str | None, str | None]:
+    @property
+    def held(self) -> int:
+        """Clicks and pixel loads answered whose events are not in the publisher's buffer yet."""
+        return self.hold.pending + self.arrivals.pending
+
+    def flush(self) -> None:
+        """Hand every event still held to the publisher (shutdown)."""
+        self.arrivals.flush()
+        self.hold.flush()
+
+    def _client(self, peer: str | None, headers: CIMultiDictProxy[str]) -> tuple[str | None, str | None]:
         """The real client address (for classification) and the one we may keep."""
-        address = request.remote
+        address = peer
         if self.trusted:
-            address = client_ip(address, request.headers.get("X-Forwarded-For"), self.trusted)
+            address = client_ip(address, headers.get("X-Forwarded-For"), self.trusted)
         kept = anonymize_ip(address) if address and self._anonymize else address
         return address, kept or None
 
     def _classified(
-        self, request: web.Request, event_type: EventType, verdict: classify.Verdict | None
+        self,
+        kind: classify.Engagement,
+        method: str,
+        headers: CIMultiDictProxy[str],
+        peer: str | None,
+        verdict: classify.Verdict | None,
     ) -> tuple[str | None, str | None, classify.Verdict]:
         """The address we keep, the user agent, and the verdict on this request (counted)."""
-        headers = request.headers
-        address, kept = self._client(request)
+        address, kept = self._client(peer, headers)
         user_agent = headers.get("User-Agent")
         if user_agent:
             user_agent = encodable(user_agent[:500])
         if verdict is None:
-            kind: classify.Engagement = "open" if event_type is EventType.OPENED else "click"
-            verdict = classify.judge(
-                kind, request.method, user_agent, address, headers, self.machine_networks
-            )
+            verdict = classify.judge(kind, method, user_agent, address, headers, self.machine_networks)
         if self._anonymize and address and verdict.evidence and address in verdict.evidence:
             # Evidence may quote the address it judged (Apple's network, MACHINE_IP_RANGES):
             # it leaves the tracker no more complete than the event's own ip.
             verdict = classify.Verdict(verdict.machine_kind, anonymize_text(verdict.evidence))
-        metrics.count_engagement(event_type, verdict.machine_kind or "human")
+        metrics.count_engagement(
+            EventType.OPENED if kind == "open" else EventType.CLICKED, verdict.machine_kind or "human"
+        )
         return kept, user_agent or None, verdict
+
+    def _hand_over(self, arrivals: list[Arrival]) -> None:
+        """Judge the arrivals: pixel events go to the publisher, clicks into the burst window."""
+        publish, hold = self.publisher.publish_encoded_later, self.hold
+        for arrival in arrivals:
+            tracking_id, url, wall, monotonic, method, headers, peer = arrival
+            try:
+                if url is None:
+                    ip, user_agent, verdict = self._classified("open", method, headers, peer, None)
+                    occurred_at = json_time(wall)
+                    publish(
+                        engagement_message(
+                            EventType.OPENED, tracking_id, ip, user_agent, verdict, "pixel", None, occurred_at
+                        )
+                    )
+                    continue
+                honeypot = classify.honeypot() if url == signing.HONEYPOT_URL else None
+                ip, user_agent, verdict = self._classified("click", method, headers, peer, honeypot)
+                if self.publisher.reserve():  # held clicks count against the buffer limit from now on
+                    own = verdict if verdict.machine_kind is not None else None
+                    hold.add(
+                        tracking_id, url, (tracking_id, url, json_time(wall), ip, user_agent, own), monotonic
+                    )
+            except Exception:  # one odd request must not cost the others their events
+                self.publisher.dropped += 1
+                log.exception(
+                    "dropping the event of a %s that could not be judged", "click" if url else "pixel load"
+                )
 
     def _publish_click(self, held: HeldClick, burst: classify.Verdict | None) -> None:
         """A click whose burst window is over: published with its final verdict."""
@@ -237,13 +296,13 @@ class Engagement:
         )
 
     # Pixel and click never wait: plain functions, answered from the route's one coroutine.
+    # They only check what decides the answer; the rest happens when the arrivals are handed over.
     def pixel(self, request: web.Request) -> web.StreamResponse:
         tracking_id = canonical_tracking_id(request.match_info["tracking_id"])
         if tracking_id is None:
             return json_error(400, "tracking id is not a UUID")
-        ip, user_agent, verdict = self._classified(request, EventType.OPENED, None)
-        self.publisher.publish_encoded_later(
-            engagement_message(EventType.OPENED, tracking_id, ip, user_agent, verdict, "pixel")
+        self.arrivals.add(
+            (tracking_id, None, time.time(), 0.0, request.method, request.headers, request.remote)
         )
         metrics.PIXEL_REQUESTS.inc()
         return web.Response(body=PIXEL_GIF, headers=_PIXEL_HEADERS.copy())
@@ -264,12 +323,9 @@ class Engagement:
         if not self.signatures.verify(tracking_id, url, signature):
             metrics.REQUESTS.labels("click_forged").inc()
             return pages.invalid_link("The link's signature does not match.")
-        ip, user_agent, verdict = self._classified(
-            request, EventType.CLICKED, classify.honeypot() if honeypot else None
+        self.arrivals.add(
+            (tracking_id, url, time.time(), time.monotonic(), request.method, request.headers, request.remote)
         )
-        own = verdict if verdict.machine_kind is not None else None
-        if self.publisher.reserve():  # held clicks count against the buffer limit from now on
-            self.hold.add(tracking_id, url, (tracking_id, url, json_now(), ip, user_agent, own))
         if honeypot:
             metrics.REQUESTS.labels("click_honeypot").inc()
             return pages.honeypot()
@@ -298,7 +354,7 @@ class Engagement:
             return pages.unsubscribe_refused(
                 "An unsubscribe request must carry List-Unsubscribe=One-Click (RFC 8058) or the form's button."
             )
-        _, kept = self._client(request)
+        _, kept = self._client(request.remote, request.headers)
         event = Event(
             # One unsubscribe per copy: a repeated POST (double click, retry) is the same event.
             event_id=derived_event_id("unsubscribe", tracking_id),

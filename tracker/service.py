@@ -28,7 +28,7 @@ from mailbeacon.settings import Settings, parse_listen
 from mailbeacon.signing import NoSigningKey
 from mailbeacon.web import bound_port, serve
 from tracker import metrics
-from tracker.app import HOLD_KEY, create_app
+from tracker.app import ENGAGEMENT_KEY, create_app
 from tracker.esp.sns import HttpGet, https_get
 
 log = logging.getLogger(__name__)
@@ -57,24 +57,24 @@ class TrackerService:
 
     async def start(self) -> None:
         self._app = create_app(self.settings, self.publisher, sns_http_get=self._sns_http_get)
-        hold = self._app[HOLD_KEY]
-        metrics.watch_publisher(self.publisher, lambda: hold.pending)
+        engagement = self._app[ENGAGEMENT_KEY]
+        metrics.watch_publisher(self.publisher, lambda: engagement.hold.pending)
         self._runner = await serve(self._app, self.settings.tracker_listen, reuse_port=self.reuse_port)
         self.port = bound_port(self._runner)
         log.info("tracker listening on port %s", self.port)
 
     @property
     def held(self) -> int:
-        """Click events still sitting out the scanner-burst window."""
-        return self._app[HOLD_KEY].pending if self._app is not None else 0
+        """Pixel and click events not handed to the publisher yet (clicks sit out the scanner-burst window)."""
+        return self._app[ENGAGEMENT_KEY].held if self._app is not None else 0
 
     async def stop(self) -> None:
-        """Stop accepting requests (in-flight ones finish), then hand held clicks to the publisher."""
+        """Stop accepting requests (in-flight ones finish), then hand held events to the publisher."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         if self._app is not None:
-            self._app[HOLD_KEY].flush()
+            self._app[ENGAGEMENT_KEY].flush()
             self._app = None
 
 

@@ -1,0 +1,85 @@
+"""Pixel loads and clicks are judged and encoded a millisecond after their answer, together.
+
+The handlers answer at once; their events reach the publisher in one pass per millisecond
+(cheaper: the work stays in the CPU's caches). Nothing answered may be lost on the way:
+not at shutdown, not when one request of a batch cannot be judged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from mailbeacon.signing import click_url, pixel_url
+from tests.esp_payloads.harness import BROWSER_UA, running_tracker, stream_events
+from tests.support import SECRET, eventually
+from tracker import classify
+from tracker.arrivals import DELAY_SECONDS, Arrivals
+
+
+async def test_arrivals_of_one_moment_are_handed_over_together_in_order() -> None:
+    batches: list[list[int]] = []
+    arrivals: Arrivals[int] = Arrivals(batches.append)
+    for item in range(5):
+        arrivals.add(item)
+    assert (batches, arrivals.pending) == ([], 5)  # the requests were answered; nothing judged yet
+    await asyncio.sleep(2 * DELAY_SECONDS)
+    arrivals.add(5)
+    await asyncio.sleep(2 * DELAY_SECONDS)
+    assert batches == [[0, 1, 2, 3, 4], [5]]
+    assert arrivals.pending == 0
+
+
+async def test_flush_hands_over_at_once_and_only_once() -> None:
+    batches: list[list[str]] = []
+    arrivals: Arrivals[str] = Arrivals(batches.append)
+    arrivals.add("pixel")
+    arrivals.flush()
+    assert batches == [["pixel"]]
+    await asyncio.sleep(2 * DELAY_SECONDS)  # the cancelled timer hands over nothing more
+    arrivals.flush()
+    assert batches == [["pixel"]]
+
+
+async def test_a_request_that_cannot_be_judged_costs_no_other_its_event(
+    tmp_path: Path, nats_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its answer went out already; its event is counted as dropped and logged, and the other
+    pixel loads and clicks judged in the same pass are stored."""
+    judge = classify.judge
+
+    def judge_unless_odd(
+        kind: classify.Engagement, method: str, user_agent: str | None, *rest: object
+    ) -> classify.Verdict:
+        if user_agent == "odd":
+            raise RuntimeError("simulated classification failure")
+        return judge(kind, method, user_agent, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(classify, "judge", judge_unless_odd)
+    ids = [str(uuid.uuid4()) for _ in range(4)]
+    async with running_tracker(tmp_path, nats_url, click_burst_seconds=0.05) as tracker:
+        site, keys = tracker.settings.site_url, [SECRET.encode()]
+        async with aiohttp.ClientSession() as http:
+
+            async def get(url: str, agent: str) -> int:
+                async with http.get(url, headers={"User-Agent": agent}, allow_redirects=False) as response:
+                    return response.status
+
+            answers = await asyncio.gather(
+                get(pixel_url(site, ids[0]), BROWSER_UA),
+                get(pixel_url(site, ids[1]), "odd"),
+                get(click_url(site, keys, ids[2], "https://shop.example.com/"), BROWSER_UA),
+                get(pixel_url(site, ids[3]), BROWSER_UA),
+            )
+        assert answers == [200, 200, 302, 200]
+        await eventually(lambda: asyncio.sleep(0, tracker.publisher.published == 3))
+        assert tracker.publisher.dropped == 1
+    stored = await stream_events(nats_url)
+    assert Counter(e.type.value for e in stored) == {"opened": 2, "clicked": 1}
+    assert sorted(e.tracking_id or "" for e in stored) == sorted([ids[0], ids[2], ids[3]])
+    assert "could not be judged" in caplog.text
