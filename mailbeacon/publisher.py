@@ -150,6 +150,18 @@ class EventPublisher:
         self._reserved += 1
         return True
 
+    @property
+    def reserved(self) -> int:
+        """Room reserved for events not handed over yet."""
+        return self._reserved
+
+    def discard(self, *, reserved: bool = False) -> None:
+        """An event its producer could not hand over after all (it could not be encoded):
+        counted as dropped, and its room, if ``reserved``, given back."""
+        if reserved:
+            self._reserved -= 1
+        self.dropped += 1
+
     def publish_encoded_later(self, message: Outgoing, *, reserved: bool = False) -> bool:
         """:meth:`publish_later` for an event its producer encoded itself (the tracker's pixel
         and click events); ``reserved`` when :meth:`reserve` made its room."""

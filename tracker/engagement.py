@@ -278,7 +278,7 @@ class Engagement:
                         tracking_id, url, (tracking_id, url, json_time(wall), ip, user_agent, own), monotonic
                     )
             except Exception:  # one odd request must not cost the others their events
-                self.publisher.dropped += 1
+                self.publisher.discard()
                 log.exception(
                     "dropping the event of a %s that could not be judged", "click" if url else "pixel load"
                 )
@@ -288,12 +288,15 @@ class Engagement:
         tracking_id, url, occurred_at, ip, user_agent, own = held
         # The request's own evidence (HEAD, scanner agent, honeypot) is more specific than the burst.
         verdict = own or burst or classify.HUMAN
-        self.publisher.publish_encoded_later(
-            engagement_message(
+        try:
+            message = engagement_message(
                 EventType.CLICKED, tracking_id, ip, user_agent, verdict, "click", url, occurred_at
-            ),
-            reserved=True,  # its room was reserved when it was held
-        )
+            )
+        except Exception:  # released with others: it must not cost them their events
+            self.publisher.discard(reserved=True)
+            log.exception("dropping a held click event that could not be encoded")
+            return
+        self.publisher.publish_encoded_later(message, reserved=True)  # its room was reserved when held
 
     # Pixel and click never wait: plain functions, answered from the route's one coroutine.
     # They only check what decides the answer; the rest happens when the arrivals are handed over.
