@@ -24,6 +24,17 @@ from tracker import classify, engagement
 from tracker.app import ENGAGEMENT_KEY
 from tracker.arrivals import DELAY_SECONDS, Arrivals
 
+_judge = classify.judge
+
+
+def judge_unless_odd(
+    kind: classify.Engagement, method: str, user_agent: str | None, *rest: object
+) -> classify.Verdict:
+    """The classifier, failing for requests whose user agent is "odd"."""
+    if user_agent == "odd":
+        raise RuntimeError("simulated classification failure")
+    return _judge(kind, method, user_agent, *rest)  # type: ignore[arg-type]
+
 
 async def test_arrivals_of_one_moment_are_handed_over_together_in_order() -> None:
     batches: list[list[int]] = []
@@ -54,15 +65,6 @@ async def test_a_request_that_cannot_be_judged_costs_no_other_its_event(
 ) -> None:
     """Its answer went out already; its event is counted as dropped and logged, and the other
     pixel loads and clicks judged in the same pass are stored."""
-    judge = classify.judge
-
-    def judge_unless_odd(
-        kind: classify.Engagement, method: str, user_agent: str | None, *rest: object
-    ) -> classify.Verdict:
-        if user_agent == "odd":
-            raise RuntimeError("simulated classification failure")
-        return judge(kind, method, user_agent, *rest)  # type: ignore[arg-type]
-
     monkeypatch.setattr(classify, "judge", judge_unless_odd)
     ids = [str(uuid.uuid4()) for _ in range(4)]
     async with running_tracker(tmp_path, nats_url, click_burst_seconds=0.05) as tracker:
@@ -95,19 +97,11 @@ async def test_failures_while_judging_or_releasing_give_back_their_room(
     handed over together: each costs its own event only, counted as dropped, and the room
     the click had reserved in the buffer is given back."""
     encode = engagement.engagement_message
-    judge = classify.judge
 
     def encode_unless_odd(event_type: object, tracking_id: str, *rest: object) -> object:
         if tracking_id == "00000000-0000-4000-8000-00000000000c":
             raise RuntimeError("simulated encoding failure")
         return encode(event_type, tracking_id, *rest)  # type: ignore[arg-type]
-
-    def judge_unless_odd(
-        kind: classify.Engagement, method: str, user_agent: str | None, *rest: object
-    ) -> classify.Verdict:
-        if user_agent == "odd":
-            raise RuntimeError("simulated classification failure")
-        return judge(kind, method, user_agent, *rest)  # type: ignore[arg-type]
 
     monkeypatch.setattr(engagement, "engagement_message", encode_unless_odd)
     monkeypatch.setattr(classify, "judge", judge_unless_odd)
