@@ -48,6 +48,6 @@ class Arrivals(Generic[Arrival]):
         """Hand over what is noted now (at shutdown, or before numbers are read)."""
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
         if self._items:
             self._run()
-        self._timer = None

@@ -193,8 +193,9 @@ def encodable(text: str) -> str:
 HeldClick = tuple[str, str, str, str | None, str | None, classify.Verdict | None]
 
 # A pixel load or click answered and not yet judged (see :mod:`tracker.arrivals`): tracking
-# id, destination (None for a pixel), wall-clock and monotonic time of arrival, method,
-# headers and socket peer. The headers are kept only until the arrivals are handed over.
+# id, destination (None for a pixel), wall-clock and monotonic time of arrival (the latter
+# for the burst window, so 0.0 for a pixel), method, headers and socket peer. The headers
+# are kept only until the arrivals are handed over.
 Arrival = tuple[str, str | None, float, float, str, CIMultiDictProxy[str], str | None]
 
 
