@@ -28,6 +28,17 @@ def normalize_ip(text: str) -> IPAddress | None:
     return address
 
 
+def is_loopback_host(host: str) -> bool:
+    """True when a listen host is reachable from this machine only (the rule of README
+    "Security model": open only on loopback). ``localhost`` counts; ``0.0.0.0``, ``::``,
+    an empty host (every interface) and any other name or address do not."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    address = normalize_ip(host)
+    return address is not None and address.is_loopback
+
+
 @functools.lru_cache(maxsize=8192)
 def anonymize_ip(text: str) -> str | None:
     """IPv4 to its /24 and IPv6 to its /48 (host part zeroed), as analytics tools commonly do.

@@ -251,6 +251,14 @@ class Settings(BaseSettings):
     def listen(self, which: Literal["smtp", "proxy_http", "tracker", "aggregator"]) -> tuple[str, int]:
         return parse_listen(getattr(self, f"{which}_listen"))
 
+    def listens_on_loopback(
+        self, which: Literal["smtp", "proxy_http", "tracker", "aggregator", "operator"]
+    ) -> bool:
+        """Whether a component's listen address is reachable from this machine only."""
+        from mailbeacon.netaddr import is_loopback_host
+
+        return is_loopback_host(parse_listen(getattr(self, f"{which}_listen"))[0])
+
     def aggregator_base_url(self) -> str:
         """Where the aggregator's API answers: AGGREGATOR_URL, else its listen address."""
         if self.aggregator_url:

@@ -64,6 +64,24 @@ class TestSettings:
         assert parse_listen("[::1]:8080") == ("::1", 8080)
         assert parse_listen("2525") == ("127.0.0.1", 2525)
 
+    @pytest.mark.parametrize(
+        ("listen", "loopback"),
+        [
+            ("127.0.0.1:8080", True),
+            ("127.0.0.2:8080", True),
+            ("[::1]:8080", True),
+            ("localhost:8080", True),
+            ("8080", True),  # a bare port binds 127.0.0.1
+            ("0.0.0.0:8080", False),
+            ("[::]:8080", False),
+            ("10.0.0.5:8080", False),
+            ("[::ffff:127.0.0.1]:8080", True),
+            ("tracker.example.com:8080", False),
+        ],
+    )
+    def test_only_loopback_listen_addresses_count_as_closed(self, listen: str, loopback: bool) -> None:
+        assert Settings(tracker_listen=listen).listens_on_loopback("tracker") is loopback
+
 
 class TestEvents:
     def test_round_trip_keeps_every_field(self) -> None:
