@@ -1,5 +1,7 @@
-"""Odd times in webhooks are the sender's mistake: a 400 with a reason (or, for one record of
-an ESP batch, the receive time), never a 5xx that makes a provider retry for days."""
+"""Times in webhooks: an authentic event is never refused for its time. The sender's time is
+kept however old it is; one that cannot be a time (unreadable, before 1990, more than a day
+ahead) gives way to the arrival time, with the stated one kept in ``metadata.stated_time``.
+Never a 4xx or 5xx that makes a provider retry for days."""
 
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from tests.esp_payloads.harness import (
 from tests.support import eventually
 from tracker.esp import sendgrid
 from tracker.esp.base import timestamp_or
-from tracker.generic_webhooks import WebhookError, parse_timestamp
+from tracker.generic_webhooks import WebhookError, event_time, parse_timestamp
 
 TID = "7a3e9c2d-4b1f-4e8a-9d6c-5f0b1a2c3d4e"
 
@@ -49,8 +51,24 @@ ODD_TIMESTAMPS: list[Any] = [
     "1e999",
     "2026-13-45T99:00:00Z",
 ]
-# Readable times no event of today can have: they would become a copy's first-seen time.
-IMPLAUSIBLE_TIMESTAMPS: list[Any] = [12345, -5, "1970-01-01T00:00:00Z", "2099-01-01T00:00:00Z"]
+# Readable times no event can have: they would become a copy's first-seen time.
+IMPLAUSIBLE_TIMESTAMPS: list[Any] = [
+    12345,
+    -5,
+    "1970-01-01T00:00:00Z",  # Unix 0
+    "0001-01-01T00:00:00Z",  # Go's and .NET's zero time
+    "1989-12-31T23:59:59Z",
+    "2099-01-01T00:00:00Z",
+]
+
+
+def stated(value: Any) -> Any:
+    """How metadata.stated_time keeps a value: text and JSON-safe numbers as they are."""
+    if isinstance(value, str) or (isinstance(value, int) and abs(value) < 2**53):
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return json.dumps(value)[:100]
 
 
 @pytest.mark.parametrize("value", ODD_TIMESTAMPS, ids=repr)
@@ -63,11 +81,31 @@ def test_parse_timestamp_refuses_with_a_webhook_error(value: Any) -> None:
 
 
 @pytest.mark.parametrize("value", IMPLAUSIBLE_TIMESTAMPS, ids=repr)
-def test_times_far_from_arrival_give_way_to_the_arrival_time(value: Any) -> None:
+def test_times_no_event_can_have_give_way_to_the_arrival_time(value: Any) -> None:
     received = datetime.now(UTC)
     assert timestamp_or(value, received) == received
-    yesterday = received - timedelta(days=1)
-    assert timestamp_or(yesterday.isoformat(), received) == yesterday  # late, but plausible
+    when = event_time(value, received)
+    assert when.occurred_at == received
+    assert when.metadata()["stated_time"] == value
+    assert when.metadata()["stated_time_problem"].endswith(
+        ("is before 1990", "is more than a day after its arrival")
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["2024-01-01T12:00:00Z", "1990-01-01T00:00:00Z", 1461095250, "2016-04-27T16:28:50.3963933-04:00"],
+    ids=repr,
+)
+def test_an_old_time_is_kept_however_old(value: Any) -> None:
+    """Importing last year's bounces from another system is a real use."""
+    received = datetime.now(UTC)
+    when = event_time(value, received)
+    assert when.occurred_at == parse_timestamp(value) < received - timedelta(days=366)
+    assert when.metadata() == {}
+    assert timestamp_or(value, received) == parse_timestamp(value)
+    soon = received + timedelta(hours=23)  # a sender's clock a little ahead
+    assert event_time(soon.isoformat(), received).occurred_at == soon
 
 
 def test_edges_of_the_calendar_that_exist_in_utc_are_times() -> None:
@@ -79,32 +117,39 @@ def test_edges_of_the_calendar_that_exist_in_utc_are_times() -> None:
 @pytest.mark.parametrize("value", ODD_TIMESTAMPS + IMPLAUSIBLE_TIMESTAMPS, ids=repr)
 async def test_odd_timestamps_over_http(tmp_path: Path, nats_url: str, value: Any) -> None:
     async with running_tracker(tmp_path, nats_url) as tracker, aiohttp.ClientSession() as http:
-        # The generic webhook describes one event: its time is wrong, so the request is.
+        before = datetime.now(UTC)
+        # The generic webhook describes one event: kept, at its arrival; a retry is the same event.
         body = json.dumps({"tracking_id": TID, "email": "ann@example.com", "timestamp": value}).encode()
-        async with http.post(
-            f"{tracker.url}/track/bounce/", data=body, headers={"Content-Type": "application/json"}
-        ) as response:
-            assert response.status == 400
-            answer = await response.json()
-        assert answer["status"] == "error" and "timestamp" in answer["error"]
+        for _ in range(2):
+            async with http.post(
+                f"{tracker.url}/track/bounce/", data=body, headers={"Content-Type": "application/json"}
+            ) as response:
+                assert response.status == 200, await response.text()
         # One record of a SendGrid batch: kept, at the time it was received.
         records = [
             {"event": "delivered", "email": "ann@example.com", "timestamp": now_ts(), "sg_event_id": "ok-1"},
             {"event": "delivered", "email": "bob@example.com", "timestamp": value, "sg_event_id": "odd-1"},
         ]
         batch = json.dumps(records).encode()
-        before = datetime.now(UTC)
         status, answer = await post(http, f"{tracker.url}/webhooks/sendgrid", batch, sendgrid_headers(batch))
         after = datetime.now(UTC)
         assert (status, answer["stored"]) == (200, 2)
 
-        async def both() -> list[Any]:
+        async def all_three() -> list[Any]:
             events = await stream_events(nats_url)
-            assert len(events) == 2
+            assert len(events) == 3
             return events
 
-        events = {e.recipient: e for e in await eventually(both)}
-    assert before - timedelta(seconds=1) <= events["bob@example.com"].occurred_at <= after
+        events = {(e.source, e.recipient): e for e in await eventually(all_three)}
+    ok = events[("webhook:sendgrid", "ann@example.com")]
+    assert "stated_time" not in ok.metadata
+    for odd in (
+        events[("webhook:generic", "ann@example.com")],
+        events[("webhook:sendgrid", "bob@example.com")],
+    ):
+        assert before - timedelta(seconds=1) <= odd.occurred_at <= after
+        assert odd.metadata["stated_time"] == stated(value)
+        assert odd.metadata["stated_time_problem"]
 
 
 def _signed(body: bytes, stamp: str) -> dict[str, str]:

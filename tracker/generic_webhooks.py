@@ -6,12 +6,16 @@ Shapes accepted (``tracking_id`` or ``email`` is required)::
                              "reason": "...", "timestamp": "2026-11-27T10:00:00Z"}
     POST /track/delivery/   {"tracking_id": "...", "email": "...", "timestamp": ...}
     POST /track/complaint/  {"tracking_id": "...", "email": "...", "reason": "...", "timestamp": ...}
+
+The time is the sender's (any age: history imported from another system keeps its dates);
+the arrival time replaces it only when it cannot be a time, see :func:`event_time`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -47,19 +51,63 @@ _TIMESTAMP_FORMS = "timestamp must be an ISO 8601 time or Unix seconds"
 _MILLISECONDS_FROM = 1e11
 
 
-# An event's time must be near its arrival: a delivery stamped 1970 or 2099 would become the
-# copy's first-seen time and stay there (first-seen keeps the earliest).
-MAX_EVENT_AGE = timedelta(days=366)
-MAX_EVENT_LEAD = timedelta(days=1)
+# When an event happened is the sender's to say, and an authentic event is never refused for
+# its time: importing last year's bounces from another system is a real use. Only a time that
+# cannot be when anything was sent or reported is replaced by the arrival time (the given one
+# is kept in ``metadata.stated_time``), because first-seen times keep the earliest: a delivery
+# "at" 1970 or 2099 would stay the copy's time for good.
+EARLIEST_EVENT = datetime(1990, 1, 1, tzinfo=UTC)  # catches Unix 0, Go's and .NET's year 1, counters
+MAX_EVENT_LEAD = timedelta(days=1)  # clock skew between the sender and us
 
 
 def implausible_time(moment: datetime, received_at: datetime) -> str | None:
     """Why ``moment`` cannot be when an event that arrived at ``received_at`` happened."""
     if moment > received_at + MAX_EVENT_LEAD:
-        return "is more than a day in the future"
-    if moment < received_at - MAX_EVENT_AGE:
-        return "is more than a year in the past"
+        return "is more than a day after its arrival"
+    if moment < EARLIEST_EVENT:
+        return "is before 1990"
     return None
+
+
+@dataclass(frozen=True)
+class EventTime:
+    """An event's time, and what the sender stated when that could not be used."""
+
+    occurred_at: datetime
+    stated: Any = None
+    problem: str | None = None
+
+    def metadata(self) -> dict[str, Any]:
+        """``stated_time`` and ``stated_time_problem`` when the stated time was replaced."""
+        if self.problem is None:
+            return {}
+        return {"stated_time": _as_stated(self.stated), "stated_time_problem": self.problem}
+
+
+def _as_stated(value: Any) -> Any:
+    """The given time as JSON keeps it: text and finite numbers as they are, anything else as text."""
+    if isinstance(value, str):
+        return value[:100]
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53:
+        return value
+    if isinstance(value, float) and math.isfinite(value):
+        return value
+    return json.dumps(value, default=str)[:100]  # NaN, 1e400, huge integers, objects
+
+
+def event_time(value: Any, received_at: datetime) -> EventTime:
+    """The time an event happened: ``value`` as stated, or ``received_at`` when none is given
+    or the given one is not a time or implausible (see :func:`implausible_time`)."""
+    if value is None or value == "":
+        return EventTime(received_at)
+    try:
+        moment = parse_timestamp(value)
+    except WebhookError as exc:  # every unreadable time becomes one
+        return EventTime(received_at, value, exc.reason)
+    problem = implausible_time(moment, received_at)
+    if problem:
+        return EventTime(received_at, value, f"{moment.isoformat()} {problem}")
+    return EventTime(moment)
 
 
 def parse_timestamp(value: Any) -> datetime:
@@ -134,19 +182,16 @@ def parse_generic(kind: str, body: bytes, received_at: datetime) -> tuple[Event,
         if bounce_kind not in ("hard", "soft"):
             raise WebhookError("bounce_type must be 'hard' or 'soft'")
     timestamp = payload.get("timestamp")
-    occurred_at = received_at
-    if timestamp not in (None, ""):
-        occurred_at = parse_timestamp(timestamp)
-        problem = implausible_time(occurred_at, received_at)
-        if problem:
-            raise WebhookError(f"timestamp {occurred_at.isoformat()} {problem}")
+    when = event_time(timestamp, received_at)
     reason = _text(payload, "reason")
     supplied_id = _text(payload, "event_id", 150)
     if supplied_id:
         event_id = f"generic:{supplied_id}"
-    elif timestamp not in (None, ""):
-        # The same report retried is the same event: derive the id from its content.
-        identity = json.dumps([kind, tracking_id, email, bounce_kind, reason, occurred_at.isoformat()])
+    elif timestamp is not None and timestamp != "":
+        # The same report retried is the same event: derive the id from its content (and from
+        # the time as stated when it was replaced: the arrival time differs on every retry).
+        stated = when.occurred_at.isoformat() if when.problem is None else _as_stated(timestamp)
+        identity = json.dumps([kind, tracking_id, email, bounce_kind, reason, stated])
         event_id = f"generic:{hashlib.sha256(identity.encode()).hexdigest()[:32]}"
     else:
         event_id = new_event_id()
@@ -155,10 +200,10 @@ def parse_generic(kind: str, body: bytes, received_at: datetime) -> tuple[Event,
         type=endpoint.event_type,
         tracking_id=tracking_id,
         recipient=email,
-        occurred_at=occurred_at,
+        occurred_at=when.occurred_at,
         bounce_kind=bounce_kind,
         reason=reason,
         source="webhook:generic",
-        metadata={"payload": payload},
+        metadata={"payload": payload, **when.metadata()},
     )
     return event, endpoint.answer

@@ -33,6 +33,24 @@ def _tracking_id() -> dict[str, Any]:
     }
 
 
+# The README's examples; any time is accepted as stated (see the README's "Event times").
+GENERIC_EXAMPLES: dict[str, Any] = {
+    "bounce": {
+        "summary": "POST /track/bounce/",
+        "value": {
+            "tracking_id": "7a3e9c2d-4b1f-4e8a-9d6c-5f0b1a2c3d4e",
+            "bounce_type": "hard",
+            "reason": "550 5.1.1 user unknown",
+            "timestamp": "2026-11-27T10:00:00Z",
+        },
+    },
+    "delivery": {
+        "summary": "POST /track/delivery/",
+        "value": {"tracking_id": "7a3e9c2d-4b1f-4e8a-9d6c-5f0b1a2c3d4e", "timestamp": "2024-01-01T12:00:00Z"},
+    },
+}
+
+
 def _webhook_responses(extra: dict[str, Any] | None = None) -> dict[str, Any]:
     responses = {
         "200": _json(
@@ -151,7 +169,12 @@ def _paths() -> dict[str, Any]:
             ],
             "requestBody": {
                 "required": True,
-                "content": {JSON: {"schema": {"$ref": "#/components/schemas/GenericReport"}}},
+                "content": {
+                    JSON: {
+                        "schema": {"$ref": "#/components/schemas/GenericReport"},
+                        "examples": GENERIC_EXAMPLES,
+                    }
+                },
             },
             "responses": {
                 "200": _json("Stored", {"$ref": "#/components/schemas/GenericAccepted"}),
@@ -205,6 +228,9 @@ def _paths() -> dict[str, Any]:
         "One event per request; user-variables carry tracking_id.",
         {"$ref": "#/components/schemas/MailgunWebhook"},
         [],
+    )
+    paths["/webhooks/mailgun"]["post"]["responses"]["406"] = _json(
+        "A legacy (form-encoded) Mailgun webhook: not supported, and Mailgun does not retry a 406"
     )
     paths["/webhooks/ses"] = _provider(
         "Amazon SES events through SNS (signature versions 1 and 2)",

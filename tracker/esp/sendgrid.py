@@ -39,26 +39,29 @@ from tracker.esp.base import (
     parse_timestamp,
     payload_digest,
     text,
-    timestamp_or,
     tracking_id_from,
 )
+from tracker.generic_webhooks import event_time
 
 SOURCE = "webhook:sendgrid"
 SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"
 TIMESTAMP_HEADER = "X-Twilio-Email-Event-Webhook-Timestamp"
 
-_SIMPLE: dict[str, EventType] = {
-    "delivered": EventType.DELIVERED,
-    "deferred": EventType.DEFERRED,
-    "dropped": EventType.FAILED,  # SendGrid never sent it (suppressed, invalid): the copy failed
-    "open": EventType.OPENED,
-    "click": EventType.CLICKED,
-    "spamreport": EventType.COMPLAINED,
+# SendGrid event → mailbeacon event, and why (anymail's mapping, and where we differ).
+# None: acknowledged, no event; so is any event not listed.
+EVENT_TYPES: dict[str, EventType | None] = {
+    "delivered": EventType.DELIVERED,  # the receiving server accepted it
+    "deferred": EventType.DEFERRED,  # a temporary refusal; SendGrid retries
+    "bounce": EventType.BOUNCED,  # type "bounce": hard; type "blocked": soft (reputation, content)
+    "dropped": EventType.FAILED,  # anymail: rejected; SendGrid never sent it (suppressed, invalid)
+    "open": EventType.OPENED,  # SendGrid's own pixel, if the app switched it back on
+    "click": EventType.CLICKED,  # SendGrid's own link tracking, likewise
+    "spamreport": EventType.COMPLAINED,  # a feedback-loop spam report
     "unsubscribe": EventType.UNSUBSCRIBED,
-    "group_unsubscribe": EventType.UNSUBSCRIBED,
-    "bounce": EventType.BOUNCED,
+    "group_unsubscribe": EventType.UNSUBSCRIBED,  # an unsubscribe group is still this sender's list
+    "processed": None,  # anymail: queued; the proxy's own `sent` already says so
+    "group_resubscribe": None,  # anymail: subscribed; no such event, our suppression stays until lifted
 }
-# processed, group_resubscribe and anything new are acknowledged and ignored.
 
 
 @functools.lru_cache(maxsize=4)
@@ -122,13 +125,13 @@ def _verdict(kind: classify.Engagement, record: dict[str, Any], context: ParseCo
 
 def _event(record: dict[str, Any], received_at: datetime, context: ParseContext) -> Event | None:
     name = str(record.get("event", "")).lower()
-    event_type = _SIMPLE.get(name)
+    event_type = EVENT_TYPES.get(name)
     recipient = address(record.get("email"))
     unique_args = mapping(record.get("unique_args"))
     tracking_id = tracking_id_from(record.get("tracking_id"), unique_args.get("tracking_id"))
     if event_type is None or (recipient is None and tracking_id is None):
         return None
-    occurred_at = timestamp_or(record.get("timestamp"), received_at)
+    when = event_time(record.get("timestamp"), received_at)
     natural_id = text(record.get("sg_event_id"), 200) or payload_digest(record)
     fields: dict[str, Any] = {}
     if event_type is EventType.BOUNCED:
@@ -151,11 +154,11 @@ def _event(record: dict[str, Any], received_at: datetime, context: ParseContext)
         [natural_id],
         event_type,
         record,
-        occurred_at=occurred_at,
+        occurred_at=when.occurred_at,
         tracking_id=tracking_id,
         recipient=recipient,
         verdict=verdict,
-        metadata=extra,
+        metadata={**extra, **when.metadata()},
         **fields,
     )
 

@@ -1,0 +1,69 @@
+"""The generic webhooks' documented examples work exactly as written: each example request of
+the README and of the OpenAPI document is posted to a running tracker with a real nats-server
+and answered as documented, and its event is stored with the time it states, however old."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.esp_payloads.harness import running_tracker, stream_events
+from tracker.generic_webhooks import parse_timestamp
+from tracker.openapi import openapi_document
+
+README = Path(__file__).parent.parent / "README.md"
+# curl -X POST http://127.0.0.1:8080/track/<kind>/ ... -d '<body>' then "# <answer>" on its own line.
+CURL = re.compile(
+    r"curl -X POST http://127\.0\.0\.1:8080(/track/[a-z]+/)[^\n]*\\\n\s*-d '([^']*)'\n# (\{[^\n]*\})"
+)
+ANSWERS = {"bounce": "Event recorded", "delivery": "Delivery recorded", "complaint": "Event recorded"}
+
+
+def readme_examples() -> list[tuple[str, str, dict[str, Any]]]:
+    tracker_section = README.read_text().split("\n## Tracker\n", 1)[1].split("\n## ", 1)[0]
+    return [(path, body, json.loads(answer)) for path, body, answer in CURL.findall(tracker_section)]
+
+
+def openapi_examples() -> list[tuple[str, str, dict[str, Any]]]:
+    operation = openapi_document("http://127.0.0.1")["paths"]["/track/{kind}/"]["post"]
+    examples = operation["requestBody"]["content"]["application/json"]["examples"]
+    return [
+        (f"/track/{kind}/", json.dumps(example["value"]), {"status": "success", "message": ANSWERS[kind]})
+        for kind, example in examples.items()
+    ]
+
+
+def test_the_documented_examples_are_found() -> None:
+    assert [path for path, _, _ in readme_examples()] == ["/track/bounce/", "/track/delivery/"]
+    assert [path for path, _, _ in openapi_examples()] == ["/track/bounce/", "/track/delivery/"]
+    # The delivery example states a time years before today.
+    assert any(
+        json.loads(body).get("timestamp") == "2024-01-01T12:00:00Z" for _, body, _ in readme_examples()
+    )
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "answer"),
+    [*readme_examples(), *openapi_examples()],
+    ids=[f"README {p}" for p, _, _ in readme_examples()] + [f"OpenAPI {p}" for p, _, _ in openapi_examples()],
+)
+async def test_documented_example_is_stored_as_written(
+    tmp_path: Path, nats_url: str, path: str, body: str, answer: dict[str, Any]
+) -> None:
+    async with running_tracker(tmp_path, nats_url) as tracker, aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{tracker.url}{path}", data=body.encode(), headers={"Content-Type": "application/json"}
+        ) as response:
+            assert (response.status, await response.json()) == (200, answer)
+    (stored,) = await stream_events(nats_url)
+    sent = json.loads(body)
+    assert stored.type.value == {"/track/bounce/": "bounced", "/track/delivery/": "delivered"}[path]
+    assert stored.tracking_id == sent["tracking_id"]
+    assert stored.occurred_at == parse_timestamp(sent["timestamp"])  # as stated, not the arrival
+    assert "stated_time" not in stored.metadata
+    assert stored.metadata["payload"] == sent
