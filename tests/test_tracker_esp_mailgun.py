@@ -12,6 +12,7 @@ from tests.esp_payloads.harness import (
     TRACKING_ID,
     load,
     mailgun_body,
+    mailgun_legacy_form,
     now_ts,
     post,
     running_tracker,
@@ -141,3 +142,92 @@ async def test_over_http_stores_events_and_acknowledges_what_it_cannot_use(
             "ignored": 1,
         }
     assert [e.type.value for e in await stream_events(nats_url)] == ["delivered", "bounced"]
+
+
+# Mailgun's last word after hours of temporary refusals: reason "old". The reply it gave up on
+# and Mailgun's description are both kept; the event may still say severity "temporary".
+GAVE_UP = {
+    **DOCUMENTED["failed_temporary"],
+    "id": "0ldR3tr1esExhausted",
+    "reason": "old",
+    "delivery-status": {
+        "attempt-no": 9,
+        "code": 452,
+        "message": "Too old",
+        "description": "4.2.2 The email account that you tried to reach is over quota.",
+        "session-seconds": 0.0,
+    },
+}
+
+
+@pytest.mark.parametrize("severity", ["temporary", "permanent"])
+@pytest.mark.parametrize(
+    "status",
+    [
+        GAVE_UP["delivery-status"],
+        {
+            **GAVE_UP["delivery-status"],
+            "message": "4.2.2 The email account that you tried to reach is over quota.",
+            "description": "Too old",
+        },
+    ],
+    ids=["description-says-why", "message-says-why"],
+)
+def test_retries_exhausted_is_a_soft_bounce_with_the_last_refusal(
+    severity: str, status: dict[str, object]
+) -> None:
+    (event,) = mailgun.parse(
+        webhook_request(mailgun_body({**GAVE_UP, "severity": severity, "delivery-status": status})),
+        ParseContext(),
+    ).events
+    assert (event.type.value, event.bounce_kind, event.recipient) == ("bounced", "soft", "cy@example.com")
+    assert event.reason is not None and event.reason.startswith("452 ")
+    assert "over quota" in event.reason and "Too old" in event.reason
+
+
+def test_a_reply_and_a_description_that_say_the_same_are_said_once() -> None:
+    status = {"code": 450, "message": "Greylisted", "description": "Greylisted"}
+    (event,) = mailgun.parse(
+        webhook_request(mailgun_body({**DOCUMENTED["failed_temporary"], "delivery-status": status})),
+        ParseContext(),
+    ).events
+    assert (event.type.value, event.reason) == ("deferred", "450 Greylisted")
+
+
+REJECTED = {
+    "event": "rejected",
+    "id": "r3J3ct3d0001",
+    "timestamp": 1764237609.1,
+    "reject": {"reason": "Sandbox subdomains are for test purposes only.", "description": ""},
+    "message": {
+        "headers": {"to": "Ann Example <Ann@Example.com>", "message-id": "20261127.1@mg.example.com"}
+    },
+}
+
+
+def test_rejected_names_its_recipient_by_the_to_header_as_anymail_does() -> None:
+    (event,) = mailgun.parse(webhook_request(mailgun_body(REJECTED)), ParseContext()).events
+    assert (event.type.value, event.recipient, event.tracking_id) == ("failed", "ann@example.com", None)
+    assert event.reason == "Sandbox subdomains are for test purposes only."
+    # Several addresses in To: which copy it was is unknown, so no address is guessed.
+    several = {**REJECTED, "message": {"headers": {"to": "ann@example.com, Ben <ben@example.com>"}}}
+    result = mailgun.parse(webhook_request(mailgun_body(several)), ParseContext())
+    assert (result.events, result.ignored) == ([], 1)
+    # The recipient Mailgun names wins over the header.
+    named = {**REJECTED, "recipient": "cy@example.com"}
+    (event,) = mailgun.parse(webhook_request(mailgun_body(named)), ParseContext()).events
+    assert event.recipient == "cy@example.com"
+
+
+async def test_legacy_form_webhooks_are_refused_with_the_answer_mailgun_does_not_retry(
+    tmp_path: Path, nats_url: str
+) -> None:
+    form = mailgun_legacy_form({"event": "delivered", "recipient": "ann@example.com"})
+    async with running_tracker(tmp_path, nats_url) as tracker, aiohttp.ClientSession() as http:
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        status, answer = await post(http, f"{tracker.url}/webhooks/mailgun", form, headers)
+        assert (status, answer) == (406, {"status": "error", "error": mailgun.LEGACY_REFUSED})
+        # Anything else that is not JSON is still a malformed body.
+        status, _ = await post(http, f"{tracker.url}/webhooks/mailgun", b"event=delivered", headers)
+        assert status == 400
+    assert await stream_events(nats_url) == []

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 from cryptography import x509
@@ -99,6 +100,14 @@ def mailgun_body(
     ).encode()
 
 
+def mailgun_legacy_form(fields: dict[str, Any], key: str = MAILGUN_KEY) -> bytes:
+    """A legacy (pre-2018) Mailgun webhook: form fields, with timestamp, token and signature
+    among them, signed afresh."""
+    stamp, token = str(now_ts()), uuid.uuid4().hex + uuid.uuid4().hex[:18]
+    signature = hmac.new(key.encode(), (stamp + token).encode(), hashlib.sha256).hexdigest()
+    return urlencode({**fields, "timestamp": stamp, "token": token, "signature": signature}).encode()
+
+
 # --- SNS: RSA signature over the documented string to sign, self-signed test certificate ------
 
 
@@ -169,6 +178,16 @@ def sns_notification(
     if subject is not None:
         message["Subject"] = subject
     return _sns_sign(message)
+
+
+def sns_resigned(message: dict[str, Any], topic: str = TOPIC) -> dict[str, Any]:
+    """A recorded SNS message as SNS would send it now: its fields kept, sent now (Timestamp),
+    with the test certificate and a fresh signature (and ``topic`` when it names none)."""
+    fresh = {key: value for key, value in message.items() if key != "Signature"}
+    fresh.setdefault("TopicArn", topic)
+    fresh.setdefault("SignatureVersion", "1")
+    fresh.update(Timestamp=sns_timestamp(), SigningCertURL=CERT_URL)
+    return _sns_sign(fresh)
 
 
 def sns_subscription_confirmation(topic: str = TOPIC, version: str = "1") -> dict[str, Any]:

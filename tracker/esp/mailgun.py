@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from email.utils import getaddresses
 from typing import Any
+from urllib.parse import parse_qs
 
 from mailbeacon.events import EventType
 from tracker import classify
@@ -31,29 +33,55 @@ from tracker.esp.base import (
     parse_timestamp,
     payload_digest,
     text,
-    timestamp_or,
     tracking_id_from,
 )
+from tracker.generic_webhooks import event_time
 
 SOURCE = "webhook:mailgun"
+LEGACY_REFUSED = (
+    "Mailgun legacy (form-encoded) webhooks are not supported: "
+    "use Mailgun's JSON webhooks (event-data) for this URL"
+)
 
-_SIMPLE: dict[str, EventType] = {
-    "delivered": EventType.DELIVERED,
-    "opened": EventType.OPENED,
-    "clicked": EventType.CLICKED,
-    "complained": EventType.COMPLAINED,
-    "unsubscribed": EventType.UNSUBSCRIBED,
-    "rejected": EventType.FAILED,  # Mailgun refused to send it at all
+# Mailgun event → mailbeacon event, and why (anymail's mapping, and where we differ).
+# None: acknowledged, no event. Events not listed (list_member_uploaded, anything new) too.
+EVENT_TYPES: dict[str, EventType | None] = {
+    "delivered": EventType.DELIVERED,  # the receiving server accepted it
+    "failed": EventType.BOUNCED,  # refined by _failure: deferred, soft bounce or failed
+    "rejected": EventType.FAILED,  # Mailgun refused to send it at all (anymail: rejected)
+    "opened": EventType.OPENED,  # Mailgun's own pixel, if the app switched it back on
+    "clicked": EventType.CLICKED,  # Mailgun's own link tracking, likewise
+    "complained": EventType.COMPLAINED,  # a feedback-loop spam report
+    "unsubscribed": EventType.UNSUBSCRIBED,  # Mailgun's unsubscribe link or header
+    "accepted": None,  # anymail: queued; the proxy's own `sent` already says so
+    "stored": None,  # inbound storage, not a delivery
 }
-# accepted, stored, list_member_uploaded and anything new are acknowledged and ignored.
 
 
 def expected_signature(key: str, timestamp: str, token: str) -> str:
     return hmac.new(key.encode(), f"{timestamp}{token}".encode(), hashlib.sha256).hexdigest()
 
 
+def _legacy_form(body: bytes) -> bool:
+    """Mailgun's legacy webhooks (before 2018) post form fields, signed in fields of their own:
+    urlencoded, or multipart when a message is attached."""
+    if body.startswith(b"--"):
+        return b'name="signature"' in body
+    try:
+        fields = parse_qs(body.decode("ascii"), max_num_fields=1000)
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return {"signature", "token", "timestamp"} <= fields.keys()
+
+
 def _envelope(body: bytes) -> dict[str, Any]:
-    payload = load_json(body)
+    try:
+        payload = load_json(body)
+    except WebhookError:
+        if _legacy_form(body):
+            # 406 is the one answer Mailgun never retries: this form will not be read later either.
+            raise WebhookError(LEGACY_REFUSED, 406) from None
+        raise
     if not isinstance(payload, dict):
         raise WebhookError("body must be a JSON object with 'signature' and 'event-data'")
     return payload
@@ -86,14 +114,19 @@ async def verify(request: WebhookRequest, context: VerifyContext) -> Authentic:
 
 
 def _failure(data: dict[str, Any]) -> tuple[EventType, dict[str, Any]]:
-    """``failed``: permanent is a bounce (or a send Mailgun suppressed), temporary a deferral."""
+    """``failed``: permanent is a bounce (or a send Mailgun suppressed), temporary a deferral.
+
+    ``reason: old`` is the last word after hours of temporary refusals: Mailgun gives up,
+    though the event may still say ``severity: temporary``. That is a soft bounce.
+    """
     reason = str(data.get("reason", "")).lower()
+    if reason == "old":
+        return EventType.BOUNCED, {"bounce_kind": "soft"}
     if str(data.get("severity", "")).lower() == "temporary":
         return EventType.DEFERRED, {}
     if reason.startswith("suppress-"):
-        return EventType.FAILED, {}  # not sent: the address is on a suppression list
-    # "old": Mailgun retried for hours and gave up on temporary refusals: a soft bounce.
-    return EventType.BOUNCED, {"bounce_kind": "soft" if reason == "old" else "hard"}
+        return EventType.FAILED, {}  # not sent: the address is on a suppression list (anymail: bounced)
+    return EventType.BOUNCED, {"bounce_kind": "hard"}
 
 
 def _verdict(kind: classify.Engagement, data: dict[str, Any], context: ParseContext) -> classify.Verdict:
@@ -109,13 +142,32 @@ def _verdict(kind: classify.Engagement, data: dict[str, Any], context: ParseCont
 
 
 def _reason(data: dict[str, Any]) -> str | None:
+    """The remote server's reply (``delivery-status.message``, after its code) and Mailgun's
+    own ``description`` (for ``reason: old`` the last refusal, e.g. "over quota"), each once."""
     status = mapping(data.get("delivery-status"))
     reject = mapping(data.get("reject"))
     code = text(status.get("code"), 10)
-    message = text(status.get("description")) or text(status.get("message")) or text(reject.get("reason"))
-    if message and code and not message.startswith(code):
-        return f"{code} {message}"
-    return message or text(data.get("reason"))
+    parts: list[str] = []
+    for value in (status.get("message"), status.get("description"), reject.get("reason")):
+        found = text(value)
+        if found and not any(found in part for part in parts):
+            parts.append(found)
+    if not parts:
+        return text(data.get("reason"))
+    joined = "; ".join(parts)
+    if code and not joined.startswith(code):
+        joined = f"{code} {joined}"
+    return joined[:2000]
+
+
+def _to_address(headers: dict[str, Any]) -> str | None:
+    """The one address of the ``To`` header (a display-name form too), as anymail reads a
+    ``rejected`` event that names no recipient; None when it names none or several."""
+    value = text(headers.get("to"), 2000)
+    if value is None:
+        return None
+    found = [addr for _, addr in getaddresses([value]) if "@" in addr]
+    return address(found[0]) if len(found) == 1 else None
 
 
 def parse(request: WebhookRequest, context: ParseContext) -> WebhookResult:
@@ -123,21 +175,20 @@ def parse(request: WebhookRequest, context: ParseContext) -> WebhookResult:
     if not isinstance(data, dict):
         raise WebhookError("missing event-data object")
     name = str(data.get("event", "")).lower()
-    fields: dict[str, Any] = {}
-    if name == "failed":
-        event_type, fields = _failure(data)
-    elif name in _SIMPLE:
-        event_type = _SIMPLE[name]
-    else:
+    mapped = EVENT_TYPES.get(name)
+    if mapped is None:
         return WebhookResult(note=f"event {name[:40]!r} ignored", ignored=1)
+    event_type, fields = _failure(data) if name == "failed" else (mapped, {})
     variables = mapping(data.get("user-variables"))
     message = mapping(data.get("message"))
     headers = mapping(message.get("headers"))
     tracking_id = tracking_id_from(variables.get("tracking_id"))
     recipient = address(data.get("recipient"))
+    if recipient is None and name == "rejected":
+        recipient = _to_address(headers)
     if tracking_id is None and recipient is None:
         return WebhookResult(note="event names no recipient", ignored=1)
-    occurred_at = timestamp_or(data.get("timestamp"), request.received_at)
+    when = event_time(data.get("timestamp"), request.received_at)
     if event_type in (EventType.BOUNCED, EventType.DEFERRED, EventType.FAILED, EventType.DELIVERED):
         fields["reason"] = _reason(data)
     verdict = None
@@ -154,11 +205,11 @@ def parse(request: WebhookRequest, context: ParseContext) -> WebhookResult:
         natural_id,
         event_type,
         data,
-        occurred_at=occurred_at,
+        occurred_at=when.occurred_at,
         tracking_id=tracking_id,
         recipient=recipient,
         verdict=verdict,
-        metadata={k: v for k, v in extra.items() if v},
+        metadata={**{k: v for k, v in extra.items() if v}, **when.metadata()},
         **fields,
     )
     return WebhookResult(events=[event])
