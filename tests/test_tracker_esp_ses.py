@@ -53,7 +53,8 @@ def parse(message: dict[str, object]) -> list[tuple[object, ...]]:
                 "ann@example.com",
                 TRACKING_ID,
                 None,
-                "smtp; 421 4.4.1 Unable to connect to remote host",
+                # Why SES waits (delayType), then what the receiving server said.
+                "TransientCommunicationFailure: smtp; 421 4.4.1 Unable to connect to remote host",
                 None,
             ),
         ),
@@ -83,6 +84,56 @@ def test_transient_identity_notification_bounces_every_recipient_soft() -> None:
         ("bounced", "a@example.com", None, "soft", "Transient/MailboxFull", None),
         ("bounced", "b@example.com", None, "soft", "Transient/MailboxFull", None),
     ]
+
+
+def test_a_delay_without_a_reply_still_says_why() -> None:
+    event = ses_event("DeliveryDelay")
+    event["deliveryDelay"] = {**event["deliveryDelay"], "delayType": "MailboxFull"}
+    event["deliveryDelay"]["delayedRecipients"] = [{"emailAddress": "ann@example.com", "status": "4.2.2"}]
+    assert parse(sns_notification(event))[0][4] == "MailboxFull"
+
+
+def _several_bounced(**mail: object) -> dict[str, object]:
+    event = ses_event("Bounce", **mail)
+    event["bounce"] = {
+        **event["bounce"],
+        "bouncedRecipients": [
+            {"emailAddress": "Ann@Example.com", "diagnosticCode": "smtp; 550 5.1.1 user unknown"},
+            {"emailAddress": "bob@example.com", "diagnosticCode": "smtp; 550 5.2.1 disabled"},
+            {"emailAddress": "cy@example.com"},
+        ],
+    }
+    return event
+
+
+def test_a_bounce_of_several_recipients_gives_the_tag_to_its_own_copy_only() -> None:
+    """The proxy sends one copy per recipient, each tagged with its own tracking id: the tag of
+    this message names Ann's copy. Bob and Cy belong to other copies, found by address."""
+    parsed = parse(sns_notification(_several_bounced()))  # destination: ["ann@example.com"]
+    assert [(recipient, tracking_id) for _, recipient, tracking_id, *_ in parsed] == [
+        ("ann@example.com", TRACKING_ID),
+        ("bob@example.com", None),
+        ("cy@example.com", None),
+    ]
+    assert [reason for *_, reason, _ in parsed] == [
+        "smtp; 550 5.1.1 user unknown",
+        "smtp; 550 5.2.1 disabled",
+        "Permanent/General",
+    ]
+    # Without a destination list, a tag cannot be given to one of several addresses.
+    unknown_copy = parse(sns_notification(_several_bounced(destination=[])))
+    assert [tracking_id for _, _, tracking_id, *_ in unknown_copy] == [None, None, None]
+    # A message sent to several addresses at once is nobody's copy in particular.
+    shared = parse(sns_notification(_several_bounced(destination=["ann@example.com", "bob@example.com"])))
+    assert [tracking_id for _, _, tracking_id, *_ in shared] == [None, None, None]
+
+
+def test_a_bounce_of_another_address_than_the_copys_is_not_given_the_tag() -> None:
+    event = ses_event("Bounce", destination=["ann@example.com"])
+    event["bounce"] = {**event["bounce"], "bouncedRecipients": [{"emailAddress": "forward@example.net"}]}
+    assert parse(sns_notification(event))[0][1:3] == ("forward@example.net", None)
+    event["mail"]["destination"] = []  # no destination given: the one address named is the copy's
+    assert parse(sns_notification(event))[0][1:3] == ("forward@example.net", TRACKING_ID)
 
 
 def test_tracking_id_falls_back_to_the_header_when_tags_are_absent() -> None:

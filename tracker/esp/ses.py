@@ -35,11 +35,27 @@ from tracker.esp.base import (
     timestamp_or,
     tracking_id_from,
 )
+from tracker.generic_webhooks import event_time
 
 SOURCE = "webhook:ses"
 MESSAGE_TYPES = ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation")
 TRACKING_HEADER = "x-mailbeacon-tracking-id"
 _BOUNCE_KINDS = {"permanent": "hard", "transient": "soft", "undetermined": "soft"}
+
+# SES eventType/notificationType → mailbeacon event, and why (anymail's mapping, and where we
+# differ). None: acknowledged, no event; so is any type not listed.
+EVENT_TYPES: dict[str, EventType | None] = {
+    "Delivery": EventType.DELIVERED,  # the receiving server accepted it
+    "Bounce": EventType.BOUNCED,  # Permanent: hard; Transient, Undetermined: soft
+    "Complaint": EventType.COMPLAINED,  # a feedback-loop report
+    "DeliveryDelay": EventType.DEFERRED,  # anymail: unknown; SES still retries, as a 4xx
+    "Reject": EventType.FAILED,  # SES refused to send it (virus) (anymail: rejected)
+    "Rendering Failure": EventType.FAILED,  # a template could not be rendered: nothing sent
+    "Open": EventType.OPENED,  # SES's own pixel, if the configuration set has it on
+    "Click": EventType.CLICKED,  # SES's own link tracking, likewise
+    "Send": None,  # anymail: sent; the proxy's own `sent` already says so
+    "Subscription": None,  # SES list-management preferences, not about this copy
+}
 
 
 def _envelope(request: WebhookRequest) -> dict[str, Any]:
@@ -93,47 +109,58 @@ def _recipients(entries: Iterable[Any], key: str | None = "emailAddress") -> lis
     return [(recipient, detail) for recipient, detail in found if recipient]
 
 
+def _copy_recipient(destinations: list[str], targets: list[tuple[str, dict[str, Any]]]) -> str | None:
+    """Whose copy this SES message is. The proxy sends one copy per recipient, so a message
+    with one destination is that recipient's; with no destination given, a single address the
+    event names. Several destinations: nobody's in particular."""
+    if len(destinations) == 1:
+        return destinations[0].lower()
+    if not destinations and len(targets) == 1:
+        return targets[0][0].lower()
+    return None
+
+
 def _ses_events(
     ses: dict[str, Any], envelope: dict[str, Any], received_at: datetime, context: ParseContext
 ) -> list[Event]:
     kind = str(ses.get("eventType") or ses.get("notificationType") or "")
+    event_type = EVENT_TYPES.get(kind)
+    if event_type is None:
+        return []  # Send, Subscription and anything new: nothing of ours to record
     mail = mapping(ses.get("mail"))
-    destinations = _recipients(mail.get("destination") or [], None)
+    destinations = [recipient for recipient, _ in _recipients(mail.get("destination") or [], None)]
     # The detail object is named after the type: "Bounce" → "bounce", "DeliveryDelay" → "deliveryDelay".
     detail = mapping(ses.get(kind[:1].lower() + kind[1:].replace(" ", "")))
     message_id = text(mail.get("messageId"), 200) or str(envelope.get("MessageId"))
     sns_id = str(envelope.get("MessageId"))
     fallback_time = timestamp_or(envelope.get("Timestamp"), received_at)
-    occurred_at = timestamp_or(detail.get("timestamp") or mail.get("timestamp"), fallback_time)
+    when = event_time(detail.get("timestamp") or mail.get("timestamp"), fallback_time)
     common: dict[str, Any] = {}
     verdict = None
-    reason: str | None
+    basis = sns_id
+    reason: str | None = None
+    targets: list[tuple[str, dict[str, Any]]] = [(recipient, {}) for recipient in destinations]
     if kind == "Bounce":
-        event_type = EventType.BOUNCED
         bounce_type = str(detail.get("bounceType", ""))
         common["bounce_kind"] = _BOUNCE_KINDS.get(bounce_type.lower(), "soft")
         targets = _recipients(detail.get("bouncedRecipients") or [])
         basis = text(detail.get("feedbackId"), 150) or sns_id
         reason = f"{bounce_type}/{detail.get('bounceSubType', '')}"
     elif kind == "Complaint":
-        event_type, basis = EventType.COMPLAINED, text(detail.get("feedbackId"), 150) or sns_id
+        basis = text(detail.get("feedbackId"), 150) or sns_id
         targets = _recipients(detail.get("complainedRecipients") or [])
         reason = text(detail.get("complaintFeedbackType")) or "complaint"
     elif kind == "Delivery":
-        event_type, basis = EventType.DELIVERED, f"{message_id}:delivery"
+        basis = f"{message_id}:delivery"
         targets = _recipients(detail.get("recipients") or [], None)
         reason = text(detail.get("smtpResponse"))
     elif kind == "DeliveryDelay":
-        event_type, basis = EventType.DEFERRED, sns_id
         targets = _recipients(detail.get("delayedRecipients") or [])
         reason = text(detail.get("delayType"))
     elif kind in ("Reject", "Rendering Failure"):
-        event_type, basis, targets = EventType.FAILED, sns_id, destinations
         failure = mapping(ses.get("failure")) if kind == "Rendering Failure" else detail
         reason = text(failure.get("reason")) or text(failure.get("errorMessage")) or kind
-    elif kind in ("Open", "Click"):
-        event_type = EventType.OPENED if kind == "Open" else EventType.CLICKED
-        basis, targets, reason = sns_id, destinations, None
+    else:  # Open, Click
         shape = classify.RequestShape(
             user_agent=text(detail.get("userAgent")), ip=text(detail.get("ipAddress"))
         )
@@ -141,21 +168,25 @@ def _ses_events(
         common.update(ip=text(detail.get("ipAddress"), 64), user_agent=text(detail.get("userAgent"), 500))
         if kind == "Click":
             common["url"] = text(detail.get("link"), 4000)
-    else:
-        return []  # Send, Subscription and anything new: nothing of ours to record
-    # The proxy sends one copy per recipient, so a tag names that copy only when it has one address.
-    tracking_id = _tracking_id(mail) if len(destinations) <= 1 else None
+    # The tag names one copy: only its recipient is attributed to it. Anyone else the event
+    # names (a bounce can list several) is found by address, like any address-only event.
+    tracking_id = _tracking_id(mail)
+    owner = _copy_recipient(destinations, targets) if tracking_id else None
     events = []
     for recipient, per_recipient in targets:
-        recipient_reason = text(per_recipient.get("diagnosticCode")) or reason
+        diagnostic = text(per_recipient.get("diagnosticCode"))
+        if kind == "DeliveryDelay" and reason and diagnostic:
+            recipient_reason: str | None = f"{reason}: {diagnostic}"  # why SES waits, and the reply
+        else:
+            recipient_reason = diagnostic or reason
         events.append(
             event_for(
                 SOURCE,
                 [basis, recipient],
                 event_type,
                 ses,
-                occurred_at=occurred_at,
-                tracking_id=tracking_id,
+                occurred_at=when.occurred_at,
+                tracking_id=tracking_id if recipient.lower() == owner else None,
                 recipient=recipient,
                 verdict=verdict,
                 reason=recipient_reason,
@@ -163,6 +194,7 @@ def _ses_events(
                     "message_id": message_id,
                     "sns_message_id": sns_id,
                     "topic": envelope.get("TopicArn"),
+                    **when.metadata(),
                 },
                 **common,
             )
