@@ -89,10 +89,42 @@ def test_opens_clicks_and_manual_unsubscribes() -> None:
         ParseContext(),
     ).events[0]
     assert opened.event_id == again.event_id != other.event_id
-    unsubscribed = parse(DOCUMENTED["SubscriptionChange"])
-    assert unsubscribed is not None and unsubscribed[1:4] == ("unsubscribed", "ann@example.com", TRACKING_ID)
-    hard_bounce_suppression = {**DOCUMENTED["SubscriptionChange"], "SuppressionReason": "HardBounce"}
-    assert parse(hard_bounce_suppression) is None  # already reported as the bounce itself
+
+
+@pytest.mark.parametrize(
+    ("suppression", "expected"),
+    [
+        ("ManualSuppression", ("unsubscribed", "ann@example.com", TRACKING_ID, None, None)),
+        # What made Postmark stop sending, as anymail maps it: the copy bounced, or its recipient complained.
+        ("HardBounce", ("bounced", "ann@example.com", TRACKING_ID, "hard", None)),
+        ("SpamComplaint", ("complained", "ann@example.com", TRACKING_ID, None, None)),
+        ("SomethingNew", None),
+    ],
+)
+def test_subscription_changes_that_suppress(suppression: str, expected: tuple[object, ...] | None) -> None:
+    parsed = parse({**DOCUMENTED["SubscriptionChange"], "SuppressionReason": suppression})
+    assert (parsed[1:] if parsed else None) == expected
+
+
+def test_a_manual_suppression_keeps_its_event_id() -> None:
+    """The id it had before bounce and complaint suppressions were mapped: a retry stays one event."""
+    parsed = parse(DOCUMENTED["SubscriptionChange"])
+    assert parsed is not None and parsed[0] == (
+        "webhook:postmark:883953f4-6105-42a2-a16a-77a8eac79483:unsubscribe:ann@example.com:"
+        "2026-11-27T10:53:34.416071Z"
+    )
+    bounced = parse({**DOCUMENTED["SubscriptionChange"], "SuppressionReason": "HardBounce"})
+    assert bounced is not None and bounced[0] != parsed[0]
+
+
+def test_a_suppression_says_why_and_a_reactivation_is_acknowledged_without_an_event() -> None:
+    record = {**DOCUMENTED["SubscriptionChange"], "SuppressionReason": "HardBounce"}
+    (event,) = postmark.parse(webhook_request(json.dumps(record).encode()), ParseContext()).events
+    assert event.reason == "Postmark suppressed the address: HardBounce (origin Recipient)"
+    # SuppressSending false (anymail: subscribed): mailbeacon has no such event.
+    for reactivation in (DOCUMENTED["Reactivation"], {**record, "SuppressSending": False}):
+        result = postmark.parse(webhook_request(json.dumps(reactivation).encode()), ParseContext())
+        assert (result.events, result.ignored) == ([], 1)
 
 
 @pytest.mark.parametrize(

@@ -29,31 +29,50 @@ from tracker.esp.base import (
     mapping,
     payload_digest,
     text,
-    timestamp_or,
     tracking_id_from,
 )
+from tracker.generic_webhooks import event_time
 
 SOURCE = "webhook:postmark"
 
-# Bounce record Type → (event type, bounce kind). Types that are not a delivery failure
-# (auto-replies, address changes, challenge mails, relay tests) are absent: ignored.
+# RecordType → event: Delivery delivered, Open opened, Click clicked (Postmark's own tracking,
+# if the app switched it back on); Bounce and SpamComplaint by their Type below;
+# SubscriptionChange by its SuppressionReason below; anything else (Inbound, new ones) ignored.
+
+# Bounce record Type → (event type, bounce kind), and why where anymail maps it otherwise.
+# Types that are not a delivery failure (AutoResponder, AddressChange, ChallengeVerification,
+# OpenRelayTest, Subscribe, Unknown) are absent: acknowledged, no event.
 BOUNCE_TYPES: dict[str, tuple[EventType, str | None]] = {
     "HardBounce": (EventType.BOUNCED, "hard"),
-    "BadEmailAddress": (EventType.BOUNCED, "hard"),
+    "BadEmailAddress": (EventType.BOUNCED, "hard"),  # anymail: rejected; the address does not exist
     "SoftBounce": (EventType.BOUNCED, "soft"),
-    "SpamNotification": (EventType.BOUNCED, "soft"),  # a filter refused it, not a person's complaint
+    "SpamNotification": (EventType.BOUNCED, "soft"),  # anymail: complained; a filter refused it, no person
     "VirusNotification": (EventType.BOUNCED, "soft"),
-    "Blocked": (EventType.BOUNCED, "soft"),  # the receiver blocked the sender, not the address
-    "DMARCPolicy": (EventType.BOUNCED, "soft"),
+    "Blocked": (
+        EventType.BOUNCED,
+        "soft",
+    ),  # anymail: rejected; the receiver blocked the sender, not the address
+    "DMARCPolicy": (EventType.BOUNCED, "soft"),  # anymail: rejected; the receiver refused it, as Blocked
     "Transient": (EventType.DEFERRED, None),
     "DnsError": (EventType.DEFERRED, None),
     "SpamComplaint": (EventType.COMPLAINED, None),
     "Unsubscribe": (EventType.UNSUBSCRIBED, None),
-    "ManuallyDeactivated": (EventType.FAILED, None),  # Postmark did not send to a deactivated address
-    "Unconfirmed": (EventType.FAILED, None),
+    "ManuallyDeactivated": (EventType.FAILED, None),  # anymail: rejected; Postmark did not send it
+    "Unconfirmed": (EventType.FAILED, None),  # anymail: rejected; likewise
     "SMTPApiError": (EventType.FAILED, None),
     "TemplateRenderingFailed": (EventType.FAILED, None),
 }
+
+# SubscriptionChange with SuppressSending: true → what made Postmark stop sending to the
+# address, as anymail maps it. Postmark reports the bounce or complaint itself too (if that
+# webhook is on); both name the same copy, which counts it once.
+SUPPRESSION_REASONS: dict[str, tuple[EventType, str | None]] = {
+    "HardBounce": (EventType.BOUNCED, "hard"),
+    "SpamComplaint": (EventType.COMPLAINED, None),
+    "ManualSuppression": (EventType.UNSUBSCRIBED, None),  # the recipient's link, or the sender's own
+}
+# SuppressSending: false (a reactivation; anymail: subscribed): acknowledged, no event.
+# mailbeacon has no such event, and its own suppression of the address stays until lifted.
 
 
 def credentials_match(header: str, expected: str) -> bool:
@@ -89,7 +108,7 @@ def parse(request: WebhookRequest, context: ParseContext) -> WebhookResult:
     kind = record["RecordType"]
     fields: dict[str, Any] = {}
     verdict = None
-    occurred_at = timestamp_or(
+    when = event_time(
         record.get("BouncedAt")
         or record.get("DeliveredAt")
         or record.get("ReceivedAt")
@@ -119,14 +138,20 @@ def parse(request: WebhookRequest, context: ParseContext) -> WebhookResult:
             fields["url"] = text(record.get("OriginalLink"), 4000)
         natural_id = [kind.lower(), payload_digest(record)]
     elif kind == "SubscriptionChange":
-        # Only a recipient's own suppression is an unsubscribe; bounce and complaint
-        # suppressions were reported as such, and reactivations are not ours to count.
-        if not (
-            record.get("SuppressSending") is True and record.get("SuppressionReason") == "ManualSuppression"
-        ):
+        suppression = str(record.get("SuppressionReason"))
+        mapped = SUPPRESSION_REASONS.get(suppression)
+        if record.get("SuppressSending") is not True or mapped is None:
             return WebhookResult(note="subscription change ignored", ignored=1)
-        event_type = EventType.UNSUBSCRIBED
-        natural_id = [message_id, "unsubscribe", recipient or "", text(record.get("ChangedAt"), 40) or ""]
+        event_type, bounce_kind = mapped
+        if bounce_kind:
+            fields["bounce_kind"] = bounce_kind
+        origin = text(record.get("Origin"), 40)
+        fields["reason"] = f"Postmark suppressed the address: {suppression}" + (
+            f" (origin {origin})" if origin else ""
+        )
+        # "unsubscribe" for a manual suppression: the id that kind had before bounces were mapped.
+        label = "unsubscribe" if event_type is EventType.UNSUBSCRIBED else f"suppression:{suppression}"
+        natural_id = [message_id, label, recipient or "", text(record.get("ChangedAt"), 40) or ""]
     else:
         return WebhookResult(note=f"record type {kind[:40]!r} ignored", ignored=1)
     metadata = mapping(record.get("Metadata"))
@@ -138,11 +163,11 @@ def parse(request: WebhookRequest, context: ParseContext) -> WebhookResult:
         natural_id,
         event_type,
         record,
-        occurred_at=occurred_at,
+        occurred_at=when.occurred_at,
         tracking_id=tracking_id,
         recipient=recipient,
         verdict=verdict,
-        metadata={"message_id": message_id} if message_id else {},
+        metadata={**({"message_id": message_id} if message_id else {}), **when.metadata()},
         **fields,
     )
     return WebhookResult(events=[event])
