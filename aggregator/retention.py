@@ -1,5 +1,9 @@
 """Retention: events older than a configured age are pruned while the statistics stay.
 
+An event is old when it both happened and arrived before the cutoff: an event imported with
+the time it happened long ago (a provider's history, a generic webhook's stated time) is
+kept for the retention period after it arrived, not pruned at the next run.
+
 Pruning moves events out of ``events`` into ``pruned_events`` in counted form, in the
 same transaction: per message, type, hour, human or machine, bounce kind and link, how
 many there were. That is everything a recount groups by, so ``refresh`` gives the same
@@ -31,7 +35,8 @@ async def _prune_chunk(db: Database, cutoff: datetime, limit: int) -> tuple[int,
         moment = cutoff if sql.postgres else sqlite_time(cutoff)
         removed = await sql.run(
             "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE occurred_at < :cutoff "
-            f"ORDER BY occurred_at LIMIT {int(limit)}{sql.lock_clause(skip_locked=True)}) "
+            f"AND received_at < :cutoff ORDER BY occurred_at LIMIT {int(limit)}"
+            f"{sql.lock_clause(skip_locked=True)}) "
             "RETURNING type, tracking_id, campaign, recipient, occurred_at, machine, bounce_kind, url, applied",
             {"cutoff": moment},
         )
@@ -72,7 +77,7 @@ async def _prune_chunk(db: Database, cutoff: datetime, limit: int) -> tuple[int,
 
 
 async def prune(db: Database, older_than: timedelta, now: datetime | None = None) -> int:
-    """Remove events that occurred more than ``older_than`` ago; returns how many."""
+    """Remove events that occurred and arrived more than ``older_than`` ago; returns how many."""
     cutoff = (now or utcnow()) - older_than
     total = 0
     while True:

@@ -16,7 +16,9 @@ from aggregator.retention import prune
 from mailbeacon.events import Event, EventType
 from mailbeacon.signing import HONEYPOT_URL
 
-NOW = datetime(2026, 9, 1, 12, tzinfo=UTC)
+# Events arrive now (received_at is the ingest's clock) and are pruned as seen from NOW, far
+# enough ahead that they all arrived before its cutoff.
+NOW = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(days=200)
 VOLATILE = {"updated_at", "recent_events"}
 
 
@@ -91,5 +93,51 @@ async def test_pruning_keeps_statistics_and_refresh(database_url: str) -> None:
         ]
         assert (refreshed["hard_bounced_count"], refreshed["soft_bounced_count"]) == (1, 3)
         assert await prune(db, timedelta(days=30), now=NOW) == 0  # nothing older left
+    finally:
+        await db.dispose()
+
+
+async def test_an_imported_old_event_is_kept_for_the_retention_after_it_arrived(database_url: str) -> None:
+    """History imported today (a bounce stated in 2024) keeps its time and counts where it
+    belongs; retention prunes it only once it also arrived longer ago than the retention."""
+    db = open_database(database_url)
+    await migrate(db)
+    campaign = f"import/c{uuid.uuid4().hex[:8]}"
+    tid = str(uuid.uuid4())
+    stated = datetime(2024, 1, 1, 12, tzinfo=UTC)
+    try:
+        await apply_batch(
+            db,
+            [
+                Event(
+                    event_id=uuid.uuid4().hex,
+                    type=EventType.SENT,
+                    tracking_id=tid,
+                    campaign=campaign,
+                    recipient="ann@example.com",
+                    occurred_at=stated - timedelta(minutes=1),
+                ),
+                Event(
+                    event_id=uuid.uuid4().hex,
+                    type=EventType.BOUNCED,
+                    tracking_id=tid,
+                    bounce_kind="hard",
+                    occurred_at=stated,
+                ),
+            ],
+        )
+        before = await statistics.refresh(db, campaign)
+        assert (before["bounced_count"], before["hard_bounced_count"]) == (1, 1)
+        assert await prune(db, timedelta(days=30)) == 0  # just arrived: kept
+        async with db.read_engine.connect() as conn:
+            kept = await conn.scalar(
+                select(func.count()).select_from(EVENTS).where(EVENTS.c.tracking_id == tid)
+            )
+        assert kept == 2
+        # Once it arrived longer ago than the retention, it goes like any old event; the numbers stay.
+        assert await prune(db, timedelta(days=30), now=datetime.now(UTC) + timedelta(days=31)) == 2
+        after = await statistics.refresh(db, campaign)
+        strip = lambda s: {k: v for k, v in s.items() if k not in VOLATILE}  # noqa: E731
+        assert strip(after) == strip(before)
     finally:
         await db.dispose()
