@@ -12,7 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.esp_payloads.harness import running_tracker, stream_events
+from tests.esp_payloads.harness import post, running_tracker, stream_events
 from tracker.generic_webhooks import parse_timestamp
 from tracker.openapi import openapi_document
 
@@ -56,10 +56,10 @@ async def test_documented_example_is_stored_as_written(
     tmp_path: Path, nats_url: str, path: str, body: str, answer: dict[str, Any]
 ) -> None:
     async with running_tracker(tmp_path, nats_url) as tracker, aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{tracker.url}{path}", data=body.encode(), headers={"Content-Type": "application/json"}
-        ) as response:
-            assert (response.status, await response.json()) == (200, answer)
+        status, answered = await post(
+            http, f"{tracker.url}{path}", body.encode(), {"Content-Type": "application/json"}
+        )
+        assert (status, answered) == (200, answer)
     (stored,) = await stream_events(nats_url)
     sent = json.loads(body)
     assert stored.type.value == {"/track/bounce/": "bounced", "/track/delivery/": "delivered"}[path]
