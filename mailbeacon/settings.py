@@ -134,7 +134,8 @@ class Settings(BaseSettings):
         default=20.0,
         ge=0,
         description="How long a stopping tracker keeps publishing its buffered events, "
-        "and a stopping proxy lets its relays in flight finish",
+        "and a stopping proxy lets its relays in flight finish; what is unpublished then "
+        "goes to DATA_DIR/spool for the next start",
     )
     click_burst_seconds: float = Field(
         default=1.0,
