@@ -12,7 +12,7 @@ import pytest
 from smtp_proxy.limits import AuthTarpit
 from tests.support import SmtpSink, eventually, metric_value
 from tests.test_proxy_relay import metrics
-from tests.test_proxy_smtp import html_message, proxy_running
+from tests.test_proxy_smtp import client_tls, html_message, make_certificate, proxy_running
 
 
 async def test_sessions_above_the_cap_get_421_and_a_freed_place_is_taken_again(
@@ -50,6 +50,34 @@ async def test_sessions_above_the_cap_get_421_and_a_freed_place_is_taken_again(
         for smtp in [*held, late]:
             await asyncio.to_thread(smtp.quit)
     assert sorted(m.recipients[0] for m in sink.messages) == ["ann@example.com", "ben@example.com"]
+
+
+async def test_a_session_upgraded_with_starttls_takes_one_place_and_gives_it_back(
+    tmp_path: Path, nats_url: str, sink: SmtpSink
+) -> None:
+    cert_file, key_file = make_certificate(tmp_path)
+    async with proxy_running(
+        tmp_path,
+        nats_url,
+        sink,
+        smtp_max_connections=1,
+        smtp_tls_cert_file=str(cert_file),
+        smtp_tls_key_file=str(key_file),
+    ) as proxy:
+
+        def over_tls(recipient: str) -> None:
+            with smtplib.SMTP("127.0.0.1", proxy.port, timeout=10) as smtp:
+                smtp.starttls(context=client_tls(cert_file))
+                smtp.send_message(html_message([recipient]))
+
+        for recipient in ("ann@example.com", "ben@example.com"):  # the second gets the place back
+            await asyncio.to_thread(over_tls, recipient)
+
+            async def place_free() -> bool:
+                return proxy.service.session_cap.active == 0
+
+            await eventually(place_free)
+    assert len(sink.messages) == 2
 
 
 def auth_plain(smtp: smtplib.SMTP, user: str, password: str) -> tuple[int, float]:
