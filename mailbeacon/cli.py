@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,23 +24,35 @@ from mailbeacon.jetstream import connect, ensure_suppression_bucket, provision, 
 from mailbeacon.publisher import EventPublisher
 from mailbeacon.runner import AllInOne, Component, nats_url_file, run_component, wait_for_signal
 from mailbeacon.settings import Settings
+from mailbeacon.spool import Spool
 from mailbeacon.suppressions import SuppressionList
 
 
 class _WithPublisher:
-    """A component plus the publisher and campaign mirror it was given, stopped in order."""
+    """A component plus the publisher and campaign mirror it was given, stopped in order.
 
-    def __init__(self, component: Component, publisher: EventPublisher, store: CampaignStore | None) -> None:
-        self.component, self.publisher, self.store = component, publisher, store
+    Its start publishes the events spooled at the last stop before the component takes
+    any work (the proxy connected to NATS already, so this takes moments); its stop gives
+    the component and then the publisher one drain deadline, SHUTDOWN_DRAIN_SECONDS, after
+    which what NATS has not taken is spooled (README "Never down").
+    """
+
+    def __init__(
+        self, component: Component, publisher: EventPublisher, store: CampaignStore | None, drain: float
+    ) -> None:
+        self.component, self.publisher, self.store, self.drain = component, publisher, store, drain
 
     async def start(self) -> None:
+        if self.publisher.load_spool():
+            await self.publisher.spool_published()
         if self.store is not None:
             await self.store.start()
         await self.component.start()
 
     async def stop(self) -> None:
+        deadline = time.monotonic() + self.drain
         await self.component.stop()
-        await self.publisher.close()
+        await self.publisher.close(drain_timeout=max(0.0, deadline - time.monotonic()))
         if self.store is not None:
             await self.store.stop()
 
@@ -48,12 +61,13 @@ async def _build_proxy(settings: Settings, nc: NATS) -> Component:
     from smtp_proxy.service import ProxyService
 
     kv = await provision(nc.jetstream(), settings)
-    publisher, store = EventPublisher(nc.jetstream()), CampaignStore(kv)
+    publisher = EventPublisher(nc.jetstream(), spool=Spool.under(settings.data_dir))
+    store = CampaignStore(kv)
     suppressions = None
     if settings.honour_unsubscribes:
         suppressions = SuppressionList(await ensure_suppression_bucket(nc.jetstream(), settings))
     proxy = ProxyService(settings, publisher, store, suppressions=suppressions)
-    return _WithPublisher(proxy, publisher, store)
+    return _WithPublisher(proxy, publisher, store, settings.shutdown_drain_seconds)
 
 
 async def _build_aggregator(settings: Settings, nc: NATS) -> Component:

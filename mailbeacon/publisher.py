@@ -2,6 +2,8 @@
 
 Buffered events are kept as ready protocol frames (:data:`mailbeacon.fast_batch.Outgoing`):
 each is encoded once, when it is buffered, however often a flush has to send it again.
+What is still unpublished when the publisher closes goes to the spool
+(:mod:`mailbeacon.spool`), and comes back first at the next start.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from mailbeacon.fast_batch import (
     publish_fast_batch,
     send_commands,
 )
+from mailbeacon.spool import Spool, SpoolLedger
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,12 @@ class EventPublisher:
     """
 
     def __init__(
-        self, js: JetStreamContext | None, *, buffer_limit: int = 100_000, timeout: float = 5.0
+        self,
+        js: JetStreamContext | None,
+        *,
+        buffer_limit: int = 100_000,
+        timeout: float = 5.0,
+        spool: Spool | None = None,
     ) -> None:
         self._js = js
         self._timeout = timeout
@@ -88,6 +96,13 @@ class EventPublisher:
         # Buffered events go out as fast batches (one acknowledgement per batch); when the
         # stream refuses them, event by event until this time (monotonic) to try again.
         self._fast_batches_after = 0.0
+        # Where unpublished events go at close, and the files taken from it at start while
+        # some of their events are not acknowledged yet.
+        self._spool = spool
+        self._ledger: SpoolLedger | None = None
+        self._spool_published = asyncio.Event()
+        self._spool_published.set()
+        self.spool_skipped = 0  # unreadable spool lines met at start
 
     @property
     def buffered(self) -> int:
@@ -195,6 +210,8 @@ class EventPublisher:
             self._refused.append(message)
         else:
             self.published += 1
+            if self._ledger is not None:
+                self._stored_spooled(message)
         if not self._inflight and self._all_acked is not None and not self._all_acked.done():
             self._all_acked.set_result(None)
 
@@ -271,6 +288,9 @@ class EventPublisher:
             self._buffer.extendleft(reversed(batch))
             raise
         self.published += stored
+        if self._ledger is not None:
+            for message in batch[:stored]:
+                self._stored_spooled(message)
         self._buffer.extendleft(reversed(batch[stored:]))
         return stored == len(batch)
 
@@ -304,17 +324,72 @@ class EventPublisher:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
-    async def close(self, drain_timeout: float = 10.0) -> None:
-        """Flush what is buffered (bounded by ``drain_timeout``), then stop the flusher."""
-        self._closing = True
+    # -- the spool ------------------------------------------------------------------------
+
+    def load_spool(self) -> int:
+        """Take the spool files no other process holds and put their frames at the front of
+        the buffer, ahead of any new event; the number of frames. Called before serving."""
+        if self._spool is None:
+            return 0
+        ledger = SpoolLedger(self._spool, self._spool.claim_all())
+        self.spool_skipped += ledger.skipped
+        frames = ledger.take_frames()
+        if not frames:
+            return 0
+        # Ahead of everything, and regardless of the limit: they were accepted before the stop.
+        # They count against it for new events, so memory (and the next spool) stays bounded.
+        self._buffer.extendleft(reversed(frames))
+        self._ledger = ledger
+        self._spool_published.clear()
+        log.info(
+            "publishing %d events kept in %d spool files at the last stop%s",
+            len(frames),
+            len(ledger.claims),
+            f" ({ledger.skipped} unreadable lines skipped)" if ledger.skipped else "",
+        )
         self._wakeup.set()
         if self._task is None:
+            self._task = asyncio.create_task(self._flush_forever(), name="event-publisher")
+        return len(frames)
+
+    async def spool_published(self) -> None:
+        """Returns once every frame :meth:`load_spool` took is acknowledged by JetStream."""
+        await self._spool_published.wait()
+
+    @property
+    def spooled(self) -> int:
+        """Frames from the spool not acknowledged yet."""
+        return self._ledger.remaining if self._ledger is not None else 0
+
+    def _stored_spooled(self, message: Outgoing) -> None:
+        assert self._ledger is not None
+        if self._ledger.stored(message):
+            self._ledger = None
+            self._spool_published.set()
+            log.info("the events of the spool are all published")
+
+    def _write_spool(self) -> None:
+        """At close: whatever is unpublished into one new spool file."""
+        if self._spool is None:
+            if self._buffer:
+                log.error("shutting down with %d unpublished events", len(self._buffer))
             return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), drain_timeout)
-        except TimeoutError:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task  # its batch in flight returns to the buffer, to be counted
-            log.error("shutting down with %d unpublished events", len(self._buffer))
-        self._task = None
+        if self._spool.keep(self._buffer, self._ledger):
+            self._buffer.clear()
+        self._ledger = None
+        self._spool_published.set()
+
+    async def close(self, drain_timeout: float = 10.0) -> None:
+        """Flush what is buffered, retrying until ``drain_timeout`` is over, then stop the
+        flusher and spool whatever is still unpublished."""
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), drain_timeout)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task  # its batch in flight returns to the buffer, to be spooled
+            self._task = None
+        self._write_spool()

@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from mailbeacon.jetstream import connect, ensure_suppression_bucket, provision
 from mailbeacon.outbox import Outbox
 from mailbeacon.publisher import EventPublisher
 from mailbeacon.settings import Settings, parse_listen
+from mailbeacon.spool import Spool
 from mailbeacon.suppressions import SuppressionList
 
 log = logging.getLogger(__name__)
@@ -105,7 +107,10 @@ class AllInOne:
         self.nc = await connect(nats_url, "mailbeacon-up")
         js = self.nc.jetstream()
         kv = await provision(js, settings)
-        self.publisher = EventPublisher(js)
+        self.publisher = EventPublisher(js, spool=Spool.under(settings.data_dir))
+        # What the last stop could not publish goes first, before anything is served.
+        if self.publisher.load_spool():
+            await self.publisher.spool_published()
         self.store = CampaignStore(kv)
         await self.store.start()
         aggregator = AggregatorService(settings, js, kv)
@@ -127,10 +132,12 @@ class AllInOne:
         )
 
     async def stop(self) -> None:
-        # Proxy and tracker first, then flush their events, then the aggregator.
+        # Proxy and tracker first, then flush their events (spooling what NATS does not take
+        # by the drain deadline), then the aggregator.
+        deadline = time.monotonic() + self.settings.shutdown_drain_seconds
         for component in reversed(self.components):
             if component is self.components[0] and self.publisher is not None:
-                await self.publisher.close()
+                await self.publisher.close(drain_timeout=max(0.0, deadline - time.monotonic()))
             try:
                 await component.stop()
             except Exception:
@@ -169,4 +176,17 @@ async def run_component(
         await wait_for_signal()
     finally:
         await component.stop()
-        await nc.drain()
+        await close_connection(nc)
+
+
+async def close_connection(nc: NATS) -> None:
+    """Drain the connection when NATS is there, else just close it (draining a connection
+    that is reconnecting raises): a stop with NATS down is an orderly stop too."""
+    try:
+        if nc.is_connected:
+            await asyncio.wait_for(nc.drain(), 5.0)
+    except Exception as exc:
+        log.info("NATS connection not drained (%s); closing it", exc)
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.close()

@@ -134,7 +134,8 @@ class Settings(BaseSettings):
         default=20.0,
         ge=0,
         description="How long a stopping tracker keeps publishing its buffered events, "
-        "and a stopping proxy lets its relays in flight finish",
+        "and a stopping proxy lets its relays in flight finish; what is unpublished then "
+        "goes to DATA_DIR/spool for the next start",
     )
     click_burst_seconds: float = Field(
         default=1.0,
@@ -163,6 +164,21 @@ class Settings(BaseSettings):
     smtp_tls_key_file: Path | None = None
     smtp_require_starttls: bool = False
     smtp_max_recipients: int = Field(default=100, ge=1)
+    smtp_max_connections: int = Field(
+        default=200,
+        ge=1,
+        description="SMTP sessions the proxy serves at once; a client above it gets 421 4.7.0 and is disconnected",
+    )
+    smtp_auth_failure_delay: float = Field(
+        default=1.0,
+        ge=0,
+        le=30,
+        description="Seconds before a failed SMTP AUTH attempt is answered; doubled for each further "
+        "failure in the same session (a tarpit). Successful AUTH is answered at once",
+    )
+    smtp_auth_max_failures: int = Field(
+        default=3, ge=1, description="Failed SMTP AUTH attempts that end the session with 421 4.7.0"
+    )
     smtp_command_timeout: float = Field(default=300.0, gt=0)
     smtp_data_timeout: float = Field(default=600.0, gt=0)
     upstream_pool_size: int = Field(default=8, ge=1)

@@ -13,7 +13,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -27,7 +28,7 @@ from smtp_proxy import metrics
 from smtp_proxy.auth import Networks
 from smtp_proxy.campaign_choice import CampaignChoice, choose_campaign
 from smtp_proxy.copies import CopyOptions, MessageCopies, untracked_content
-from smtp_proxy.mime import Part
+from smtp_proxy.mime import Buffer, Part
 from smtp_proxy.optout import TRACK_HEADER, RecipientOptOuts, TrackSwitches, switches_from_header
 from smtp_proxy.outcome import decide
 from smtp_proxy.submission import added_message_id, missing_headers
@@ -37,6 +38,11 @@ from smtp_proxy.upstream import CopyResult, OutgoingCopy, Upstream
 log = logging.getLogger(__name__)
 
 _SHUTTING_DOWN = "451 4.3.2 The proxy is shutting down, please try again later"
+# A message this large is prepared, and each copy rendered, in a worker thread, so the
+# event loop keeps greeting and serving other sessions (README "Limits"): rewriting
+# costs up to ~150 ms per MB of dense HTML, held in one piece. Below it the work takes a
+# few milliseconds and stays inline (a thread hop costs more than that for small mail).
+OFFLOAD_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,9 @@ class ProxyHandler:
         self.closing = False
         self._relays: set[asyncio.Task[str]] = set()
         self._unknown_logged: set[str] = set()
+        # One thread: rewrites of large messages take turns rather than compete with the
+        # event loop (and each other) for the GIL.
+        self._rewriter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mailbeacon-rewrite")
 
     # -- relay policy -------------------------------------------------------------------
 
@@ -215,7 +224,7 @@ class ProxyHandler:
                     metrics.SUPPRESSED.labels(reason).inc()
             tracking_ids = [str(uuid.uuid4()) for _ in relayed]
             copies = (
-                self._tracked_copies(raw, message, spec.tracking, relayed, tracking_ids, added)
+                await self._tracked_copies(raw, message, spec.tracking, relayed, tracking_ids, added)
                 if relayed
                 else []
             )
@@ -299,8 +308,9 @@ class ProxyHandler:
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        self._rewriter.shutdown(wait=False)  # a rewrite cut short above may still finish its turn
 
-    def _tracked_copies(
+    async def _tracked_copies(
         self,
         raw: bytes,
         message: Part,
@@ -311,12 +321,22 @@ class ProxyHandler:
     ) -> list[OutgoingCopy]:
         switches = switches_from_header(message.parsed.get(TRACK_HEADER))
         switches &= TrackSwitches(tracking.opens, tracking.clicks)
-        builder = MessageCopies(
-            raw, message, self.options.copies, tracking, switches, self.optouts, added_headers=added
-        )
+        options, optouts = self.options.copies, self.optouts
+
+        def prepare() -> MessageCopies:
+            return MessageCopies(raw, message, options, tracking, switches, optouts, added_headers=added)
+
+        if len(raw) < OFFLOAD_BYTES:
+            builder = prepare()
+            render: Callable[[str, str], Sequence[Buffer] | asyncio.Future[Sequence[Buffer]]]
+            render = builder.content
+        else:
+            loop = asyncio.get_running_loop()
+            builder = await loop.run_in_executor(self._rewriter, prepare)
+            render = lambda rcpt, tid: loop.run_in_executor(self._rewriter, builder.content, rcpt, tid)  # noqa: E731
         self._count_untracked(builder, switches, recipients)
         return [
-            OutgoingCopy(rcpt, lambda rcpt=rcpt, tid=tid: builder.content(rcpt, tid))  # type: ignore[misc]
+            OutgoingCopy(rcpt, lambda rcpt=rcpt, tid=tid: render(rcpt, tid))  # type: ignore[misc]
             for rcpt, tid in zip(recipients, tracking_ids, strict=True)
         ]
 

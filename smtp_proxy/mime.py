@@ -208,7 +208,7 @@ def split_multipart(body: Buffer, boundary: bytes) -> list[tuple[bool, memoryvie
 def decode_body(part: Part) -> bytes:
     encoding = part.transfer_encoding
     if encoding == "base64":
-        data = re.sub(rb"[^A-Za-z0-9+/]", b"", part.body)  # line breaks, padding, junk
+        data = b"".join(map(_base64_alphabet_only, _runs(part.body)))  # line breaks, padding, junk
         if len(data) % 4 == 1:
             data = data[:-1]  # a lone trailing character carries no whole byte
         return base64.b64decode(data + b"=" * (-len(data) % 4))
@@ -225,10 +225,47 @@ def encode_body(data: bytes, encoding: str, eol: bytes) -> bytes:
     if encoding == "base64":
         return _wrap(base64.b64encode(data), 76, eol)
     if encoding == "quoted-printable":
-        normalised = data.replace(b"\r\n", b"\n")
-        encoded = binascii.b2a_qp(normalised, istext=True)
-        return encoded.replace(b"\n", eol) if eol != b"\n" else encoded
+        runs = _line_runs(data)
+        return b"".join(_quoted_printable(run, eol, i < len(runs) - 1) for i, run in enumerate(runs))
     return data
+
+
+# Each of these C calls holds the GIL from start to end (binascii.b2a_qp: ~8 ms per MB),
+# so a rewrite running in a worker thread would stop the proxy's event loop for as long:
+# large bodies go through them in runs of about a megabyte (README "Limits").
+_RUN = 1 << 20
+_NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
+
+
+def _runs(data: Buffer) -> list[memoryview]:
+    view = memoryview(data)
+    return [view[start : start + _RUN] for start in range(0, len(view), _RUN)]
+
+
+def _base64_alphabet_only(run: Buffer) -> bytes:
+    return _NOT_BASE64.sub(b"", run)
+
+
+def _line_runs(data: bytes) -> list[bytes]:
+    """``data`` in runs of about ``_RUN`` bytes, each ending after a line break where there
+    is one (a line longer than a run is cut, never between CR and LF)."""
+    runs: list[bytes] = []
+    start = 0
+    while len(data) - start > _RUN:
+        end = data.rfind(b"\n", start, start + _RUN) + 1
+        if end <= start:
+            end = start + _RUN - (data[start + _RUN - 1] == 13)  # keep a CR with its LF
+        runs.append(data[start:end])
+        start = end
+    runs.append(data[start:])
+    return runs
+
+
+def _quoted_printable(run: bytes, eol: bytes, more: bool) -> bytes:
+    encoded = binascii.b2a_qp(run.replace(b"\r\n", b"\n"), istext=True)
+    if more and run[-1:] != b"\n":
+        encoded += b"=\n"  # the run ends inside a line: a soft line break joins it to the next
+    return encoded.replace(b"\n", eol) if eol != b"\n" else encoded
 
 
 def longest_line(data: bytes) -> int:

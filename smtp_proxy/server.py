@@ -8,16 +8,22 @@ budget and the relay (bounded by its own upstream timeouts and retry window) non
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import ssl
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
+from smtp_proxy import metrics
 from smtp_proxy.auth import Networks
+from smtp_proxy.limits import TOO_MANY_SESSIONS, AuthTarpit, SessionCap
 from smtp_proxy.session_log import auth_exchange
+
+log = logging.getLogger(__name__)
 
 _READ_SIZE = 256 * 1024
 _STUFFED_DOT = re.compile(rb"(?:^|(?<=\r\n))\.")
@@ -30,10 +36,16 @@ class ListenerPolicy:
     auth_networks: Networks  # may AUTH without TLS
     command_timeout: float
     data_timeout: float
+    auth_tarpit: AuthTarpit = field(default_factory=AuthTarpit)
+
+
+_refusals_logged_at = -60.0
 
 
 class ProxySMTP(SMTP):
-    def __init__(self, handler: Any, *, policy: ListenerPolicy, **kwargs: Any) -> None:
+    def __init__(
+        self, handler: Any, *, policy: ListenerPolicy, sessions: SessionCap | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(handler, timeout=policy.command_timeout, **kwargs)
         self.policy = policy
         self._auth_tls_default = kwargs.get("auth_require_tls", True)
@@ -43,8 +55,14 @@ class ProxySMTP(SMTP):
         # Cleared between a message's last line and our reply to it.
         self.not_answering = asyncio.Event()
         self.not_answering.set()
+        self._sessions = sessions
+        self._counted: bool | None = None  # None until the connection is made (STARTTLS makes it twice)
+        self._auth_failures = 0
+        self._credentials_refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._counted is None:
+            self._counted = self._sessions is None or self._sessions.enter()
         super().connection_made(transport)
         if self.session is not None and self.session.peer in self.policy.auth_networks:
             # A trusted network (loopback, the pod) may send credentials without STARTTLS.
@@ -52,10 +70,51 @@ class ProxySMTP(SMTP):
         else:
             self._auth_require_tls = self._auth_tls_default
 
+    def connection_lost(self, error: Exception | None) -> None:
+        if self._counted and self._sessions is not None:
+            self._sessions.leave()
+        self._counted = False
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        if self._counted:
+            await super()._handle_client()
+            return
+        # Over SMTP_MAX_CONNECTIONS: told so instead of greeted (RFC 5321 3.1), and let go.
+        metrics.REFUSED.labels("too_many_connections").inc()
+        global _refusals_logged_at
+        if time.monotonic() - _refusals_logged_at >= 60.0:  # one line a minute, not one per client
+            _refusals_logged_at = time.monotonic()
+            limit = self._sessions.limit if self._sessions is not None else 0
+            log.warning("SMTP sessions at their limit (%d): refusing new clients with 421", limit)
+        await self.push(TOO_MANY_SESSIONS)
+        if self.transport is not None:
+            self.transport.close()
+
+    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
+        result = super()._authenticate(mechanism, auth_data)
+        if result.success:
+            return result
+        # Refused credentials are answered by smtp_AUTH below, after the tarpit's delay.
+        self._credentials_refused = True
+        return AuthResult(success=False, handled=True)
+
     @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
+        self._credentials_refused = False
         with auth_exchange():  # nothing aiosmtpd logs meanwhile keeps its text
             await super().smtp_AUTH(arg)
+        if not self._credentials_refused:
+            return  # accepted at once, or a malformed exchange aiosmtpd answered itself
+        self._auth_failures += 1
+        tarpit = self.policy.auth_tarpit
+        # A guesser waits for every wrong answer and gets few per session.
+        await asyncio.sleep(tarpit.delay(self._auth_failures))
+        await self.push(tarpit.answer(self._auth_failures))
+        if tarpit.ends_session(self._auth_failures):
+            metrics.AUTH.labels("too_many_failures").inc()
+            if self.transport is not None:
+                self.transport.close()
 
     async def smtp_DATA(self, arg: str) -> None:
         """aiosmtpd's DATA, receiving into one buffer.

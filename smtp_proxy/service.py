@@ -18,6 +18,7 @@ from smtp_proxy.auth import Authenticator, Credentials, Networks
 from smtp_proxy.copies import CopyOptions
 from smtp_proxy.dkim_sign import DkimSigner
 from smtp_proxy.handler import ProxyHandler, ProxyOptions
+from smtp_proxy.limits import AuthTarpit, SessionCap
 from smtp_proxy.optout import RecipientOptOuts
 from smtp_proxy.server import ListenerPolicy, ProxySMTP, server_tls_context
 from smtp_proxy.session_log import configure_session_log
@@ -100,7 +101,9 @@ class ProxyService:
             auth_networks=Networks(settings.smtp_auth_networks),
             command_timeout=settings.smtp_command_timeout,
             data_timeout=settings.smtp_data_timeout,
+            auth_tarpit=AuthTarpit(settings.smtp_auth_failure_delay, settings.smtp_auth_max_failures),
         )
+        self.session_cap = SessionCap(settings.smtp_max_connections)
         self._serve_http = serve_http
         self._server: asyncio.Server | None = None
         self._sessions: weakref.WeakSet[ProxySMTP] = weakref.WeakSet()
@@ -111,6 +114,7 @@ class ProxyService:
         session = ProxySMTP(
             self.handler,
             policy=self.policy,
+            sessions=self.session_cap,
             hostname="mailbeacon",
             ident="mailbeacon proxy",
             data_size_limit=self.settings.max_message_bytes,

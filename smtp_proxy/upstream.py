@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiosmtplib
@@ -47,7 +48,14 @@ class CopyResult:
 @dataclass(frozen=True)
 class OutgoingCopy:
     recipient: str
-    content: Callable[[], Sequence[Buffer]]  # rendered just before sending, again on a retry
+    # Rendered just before sending, again on a retry; awaitable when the rendering runs
+    # elsewhere (a large message's rewrite, in a worker thread).
+    content: Callable[[], Sequence[Buffer] | Awaitable[Sequence[Buffer]]]
+
+
+async def _rendered(copy: OutgoingCopy) -> Sequence[Buffer]:
+    pieces = copy.content()
+    return await pieces if inspect.isawaitable(pieces) else pieces
 
 
 def _unavailable(recipient: str, why: str) -> CopyResult:
@@ -168,7 +176,7 @@ class Upstream:
         options = [o for o in mail_options if _supported(client, o)]
         encoding = "utf-8" if "SMTPUTF8" in options else "ascii"
         recipient = copy.recipient
-        pieces = copy.content()  # before MAIL, so nothing can fail half-way through DATA
+        pieces = await _rendered(copy)  # before MAIL, so nothing can fail half-way through DATA
         started = False
         try:
             await client.mail(sender, options=options, encoding=encoding)

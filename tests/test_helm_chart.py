@@ -253,10 +253,12 @@ def test_pods_are_hardened_probed_and_bounded(which: str, request: pytest.Fixtur
             probe_port = container["readinessProbe"]["httpGet"]["port"]
             assert probe_port in {p["name"] for p in container["ports"]}, name
             assert container["resources"]["requests"] and container["resources"]["limits"]["memory"], name
-            # Writable: /tmp alone. Anything else mounted is a Secret, read-only.
+            # Writable: /tmp, and the spool's own emptyDir under it. Anything else mounted is a
+            # Secret, read-only.
             mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
             assert "/tmp" in mounts and "readOnly" not in mounts["/tmp"], name
-            assert all(m.get("readOnly") is True for path, m in mounts.items() if path != "/tmp"), name
+            writable = {"/tmp", "/tmp/mailbeacon/spool"}
+            assert all(m.get("readOnly") is True for path, m in mounts.items() if path not in writable), name
             assert {m["name"] for m in container["volumeMounts"]} <= mounts_needed, name
         for volume in pod["volumes"]:
             assert set(volume) & {"emptyDir", "secret"}, (name, volume)  # no hostPath, no PVC

@@ -26,6 +26,7 @@ from mailbeacon.publisher import EventPublisher
 from mailbeacon.runner import wait_for_signal
 from mailbeacon.settings import Settings, parse_listen
 from mailbeacon.signing import NoSigningKey
+from mailbeacon.spool import Spool
 from mailbeacon.web import bound_port, serve
 from tracker import metrics
 from tracker.app import ENGAGEMENT_KEY, create_app
@@ -133,19 +134,26 @@ class StandaloneTracker:
         self, settings: Settings, *, reuse_port: bool = False, sns_http_get: HttpGet = https_get
     ) -> None:
         self.settings = settings
-        self.publisher = EventPublisher(None, buffer_limit=settings.event_buffer_limit)
+        self.publisher = EventPublisher(
+            None, buffer_limit=settings.event_buffer_limit, spool=Spool.under(settings.data_dir)
+        )
         self.service = TrackerService(
             settings, self.publisher, reuse_port=reuse_port, sns_http_get=sns_http_get
         )
         self.link = NatsLink(settings, self.publisher)
 
     async def start(self) -> None:
+        # Events the last stop spooled go into the buffer ahead of any new one, published
+        # first once NATS answers; serving does not wait for NATS.
+        self.publisher.load_spool()
         await self.service.start()
         self.link.start()
 
     async def stop(self) -> None:
+        """One drain deadline for both: finishing requests, then publishing (and spooling)."""
+        deadline = time.monotonic() + self.settings.shutdown_drain_seconds
         await self.service.stop()
-        await self.publisher.close(drain_timeout=self.settings.shutdown_drain_seconds)
+        await self.publisher.close(drain_timeout=max(0.0, deadline - time.monotonic()))
         await self.link.close()
 
 

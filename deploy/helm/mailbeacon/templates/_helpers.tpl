@@ -197,10 +197,15 @@ Parameters: image, natsUrl, siteUrl, secretName (a Secret with secret-keys and
 upstream-smtp), and optionally name ("mailbeacon-proxy"), upstreamSecretKey
 ("upstream-smtp"), upstreamProvider ("generic"), defaultCampaign, listen
 ("127.0.0.1:2525": only the app in the same pod can relay), httpPort (8025: health and
-metrics), tmpVolume ("mailbeacon-proxy-tmp"), anonymizeIp, honourUnsubscribes (true), logLevel,
+metrics), tmpVolume ("mailbeacon-proxy-tmp"), spoolVolume ("mailbeacon-proxy-spool": events
+a stop could not publish while NATS was unreachable, kept for the container's next start),
+maxConnections (200 SMTP sessions at once), authFailureDelaySeconds (1) and authMaxFailures (3)
+(the tarpit for failed SMTP AUTH), anonymizeIp, honourUnsubscribes (true), logLevel,
 resources, imagePullPolicy, extraEnv (a list of {name, value} or {name, valueFrom}, e.g. the
 MAILBEACON_DKIM_* settings), volumeMounts (extra read-only mounts, e.g. a DKIM key's Secret
-added to the pod's volumes). The app sends mail to 127.0.0.1:2525.
+added to the pod's volumes). The app sends mail to 127.0.0.1:2525. The pod's
+terminationGracePeriodSeconds (30 by default) must leave the proxy SHUTDOWN_DRAIN_SECONDS (20)
+and a few seconds more.
 */}}
 {{- define "mailbeacon.proxySidecar" -}}
 - name: {{ .name | default "mailbeacon-proxy" }}
@@ -230,6 +235,12 @@ added to the pod's volumes). The app sends mail to 127.0.0.1:2525.
       value: {{ .logLevel | default "INFO" | quote }}
     - name: MAILBEACON_DATA_DIR
       value: /tmp/mailbeacon
+    - name: MAILBEACON_SMTP_MAX_CONNECTIONS
+      value: {{ int64 (.maxConnections | default 200) | quote }}
+    - name: MAILBEACON_SMTP_AUTH_FAILURE_DELAY
+      value: {{ ternary .authFailureDelaySeconds 1 (hasKey . "authFailureDelaySeconds") | quote }}
+    - name: MAILBEACON_SMTP_AUTH_MAX_FAILURES
+      value: {{ int64 (.authMaxFailures | default 3) | quote }}
     - name: MAILBEACON_SECRET_KEYS
       valueFrom:
         secretKeyRef:
@@ -278,16 +289,25 @@ added to the pod's volumes). The app sends mail to 127.0.0.1:2525.
   volumeMounts:
     - name: {{ .tmpVolume | default "mailbeacon-proxy-tmp" }}
       mountPath: /tmp
+    # DATA_DIR/spool: survives a restart of the container, not the deletion of the pod.
+    - name: {{ .spoolVolume | default "mailbeacon-proxy-spool" }}
+      mountPath: /tmp/mailbeacon/spool
     {{- with .volumeMounts }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
 {{- end -}}
 
-{{/* The volume the sidecar's /tmp lives on; add it to the pod's volumes next to the sidecar. */}}
+{{/* The volumes of the sidecar's /tmp and spool; add them to the pod's volumes next to the
+sidecar. Optionally tmpVolume, spoolVolume (names, as given to the sidecar) and spoolSizeLimit
+("128Mi": about 1 KiB per event the proxy could not publish at a stop; above it the kubelet
+evicts the pod). */}}
 {{- define "mailbeacon.proxySidecarVolume" -}}
 - name: {{ .tmpVolume | default "mailbeacon-proxy-tmp" }}
   emptyDir:
     sizeLimit: 64Mi
+- name: {{ .spoolVolume | default "mailbeacon-proxy-spool" }}
+  emptyDir:
+    sizeLimit: {{ .spoolSizeLimit | default "128Mi" }}
 {{- end -}}
 
 {{/*
