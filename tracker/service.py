@@ -92,6 +92,7 @@ class TrackerService:
         engagement = self._app[ENGAGEMENT_KEY]
         metrics.watch_publisher(self.publisher, lambda: engagement.hold.pending)
         self.limits = connection_limits(self.settings)
+        metrics.watch_connections(self.limits)
         self._runner = await serve(
             self._app, self.settings.tracker_listen, reuse_port=self.reuse_port, limits=self.limits
         )
