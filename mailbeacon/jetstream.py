@@ -212,7 +212,12 @@ async def ensure_replay_bucket(js: JetStreamContext, settings: Settings) -> KeyV
     if (info.config.max_age or 0) < ttl:
         update = StreamConfig.from_response(info.config.as_dict())
         update.max_age = ttl
-        await js.update_stream(config=update)
+        try:
+            await js.update_stream(config=update)
+        except Exception as exc:
+            # A component not allowed to change it (a sidecar's narrower credentials) goes on.
+            log.warning("could not lengthen the replay guard's TTL to %ss (%s)", int(ttl), exc)
+            return kv
         log.info("replay guard keys now expire after %ss", int(ttl))
     return kv
 
