@@ -20,6 +20,8 @@ from typing import Any, NamedTuple, Protocol
 from pydantic import ValidationError
 
 from mailbeacon.events import _TEXT_LIMITS, Event, EventType, utcnow
+from mailbeacon.jsondepth import EVENT_ENVELOPE_DEPTH, nests_deeper_than
+from mailbeacon.settings import MAX_JSON_DEPTH_CEILING
 
 _TYPES = {t.value: t for t in EventType}
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -36,6 +38,7 @@ _TEXT_LIMITS_IN_ORDER = tuple(_TEXT_LIMITS[name] for name in _TEXT_FIELDS)
 _SOURCE_LIMIT = _TEXT_LIMITS["source"]
 _RECIPIENT_LIMIT = 320
 _FLAT = (str, int, bool, type(None))
+_DEPTH_LIMIT = MAX_JSON_DEPTH_CEILING + EVENT_ENVELOPE_DEPTH
 
 
 class EventFields(Protocol):
@@ -110,7 +113,7 @@ def _fast(data: bytes) -> Incoming | None:
         return None
     try:
         obj = _loads(data.decode())
-    except ValueError:  # UnicodeDecodeError is one
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError; depth: see decode()
         return None
     if type(obj) is not dict:
         return None
@@ -196,6 +199,11 @@ def decode(data: bytes) -> Incoming:
     fast = _fast(data)
     if fast is not None:
         return fast
+    # The contract's JSON reader, and whatever walks the metadata after it (surrogate
+    # checks, IP scrubbing), recurse: bound them before they run. Every event a tracker can
+    # take (MAX_JSON_DEPTH at most its ceiling, the record two levels down) passes.
+    if nests_deeper_than(data, _DEPTH_LIMIT):
+        raise InvalidEvent(f"event nests deeper than {_DEPTH_LIMIT} levels")
     try:
         e = Event.from_json(data)
     except (ValidationError, ValueError, OverflowError) as exc:

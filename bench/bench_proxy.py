@@ -35,7 +35,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 MESSAGES = int(os.environ.get("BENCH_PROXY_MESSAGES", "400"))
 CONCURRENCY = 8
 ROUNDS = 3
-SECRET = "bench-signing-key-0123456789"
+SECRET = "bench-signing-key-0123456789abcdefghij"
 BENCH_CAMPAIGN = "default/bench"  # what the messages' X-Campaign: bench names
 
 

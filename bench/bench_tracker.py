@@ -42,7 +42,7 @@ ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 # only after a few seconds, as a person's second click would, and not within the click
 # burst window (1 s), where its clicks would pile up in one held group as a scanner's do.
 COPIES = 100_000
-SECRET = "bench-signing-key-0123456789"
+SECRET = "bench-signing-key-0123456789abcdefghij"
 BROWSER_UA = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 GIF = (
     b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00"

@@ -23,7 +23,7 @@ from mailbeacon.campaigns import CampaignKey, InvalidCampaign, parse_manifests
 from mailbeacon.jetstream import connect, ensure_suppression_bucket, provision, redact_url
 from mailbeacon.publisher import EventPublisher
 from mailbeacon.runner import AllInOne, Component, nats_url_file, run_component, wait_for_signal
-from mailbeacon.settings import Settings
+from mailbeacon.settings import Settings, invalid_settings
 from mailbeacon.spool import Spool
 from mailbeacon.suppressions import SuppressionList
 
@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = Settings()
     except ValidationError as exc:
-        raise SystemExit(f"invalid configuration:\n{exc}") from exc
+        # One line per setting, without the value pydantic would quote (it may be a secret).
+        raise SystemExit(f"invalid configuration: {invalid_settings(exc)}") from exc
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -34,6 +34,12 @@ CONSUMER = "aggregator"
 KV_BUCKET = "mailbeacon_campaigns"
 # (campaign, recipient) pairs that must not get mail again: see mailbeacon.suppressions.
 SUPPRESSIONS_BUCKET = "mailbeacon_suppressions"
+# Signed webhook requests already taken, shared by every tracker worker and replica (the
+# tracker's replay guard); each key lives as long as its request could still be accepted.
+REPLAY_BUCKET = "mailbeacon_webhook_replay"
+# Clocks disagree a little: a request stamped this far ahead is still accepted, so it can be
+# replayed this much longer than the age window.
+CLOCK_SKEW_SECONDS = 300.0
 ALL_EVENTS = f"{SUBJECT_PREFIX}.>"
 # The aggregator may hold a batch for a while on a slow database; redelivery before
 # the commit would only cost a duplicate (dropped by event_id), never a wrong count.
@@ -185,9 +191,41 @@ async def ensure_suppression_bucket(js: JetStreamContext, settings: Settings) ->
     return await _ensure_bucket(js, settings, SUPPRESSIONS_BUCKET, history=1)
 
 
+def replay_window_seconds(settings: Settings) -> float:
+    """How long a signed webhook request can be accepted after it arrived: the longest age
+    window plus the clock skew allowed ahead of it."""
+    return max(settings.webhook_max_age_seconds, settings.sns_max_age_seconds) + CLOCK_SKEW_SECONDS
+
+
+async def ensure_replay_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
+    """The replay guard's bucket, its keys expiring after the replay window."""
+    ttl = replay_window_seconds(settings)
+    try:
+        kv = await js.key_value(REPLAY_BUCKET)
+    except BucketNotFoundError:
+        config = KeyValueConfig(bucket=REPLAY_BUCKET, history=1, ttl=ttl, replicas=settings.stream_replicas)
+        return await js.create_key_value(config=config)
+    # Only ever lengthened: a shorter TTL than some tracker's age window would let a replay
+    # through once its key expired, and two trackers told different windows must not take
+    # turns shortening it.
+    info = await js.stream_info(f"KV_{REPLAY_BUCKET}")
+    if (info.config.max_age or 0) < ttl:
+        update = StreamConfig.from_response(info.config.as_dict())
+        update.max_age = ttl
+        try:
+            await js.update_stream(config=update)
+        except Exception as exc:
+            # A component not allowed to change it (a sidecar's narrower credentials) goes on.
+            log.warning("could not lengthen the replay guard's TTL to %ss (%s)", int(ttl), exc)
+            return kv
+        log.info("replay guard keys now expire after %ss", int(ttl))
+    return kv
+
+
 async def provision(js: JetStreamContext, settings: Settings) -> KeyValue:
-    """Stream, consumer and both KV buckets; returns the campaign bucket."""
+    """Stream, consumer and the KV buckets; returns the campaign bucket."""
     await ensure_stream(js, settings)
     await ensure_consumer(js)
     await ensure_suppression_bucket(js, settings)
+    await ensure_replay_bucket(js, settings)
     return await ensure_campaign_bucket(js, settings)

@@ -116,6 +116,17 @@ class EventPublisher:
         nc = getattr(self._js, "_nc", None)  # nats-py keeps the client there; no public accessor
         return bool(getattr(nc, "is_connected", True))
 
+    @property
+    def jetstream(self) -> JetStreamContext | None:
+        """The JetStream context while connected (for KV buckets on the same connection), else None."""
+        return self._js if self.connected else None
+
+    @property
+    def max_payload(self) -> int | None:
+        """The largest message the connected NATS server takes (its ``max_payload``), else None."""
+        nc = getattr(self._js, "_nc", None) if self.connected else None
+        return int(nc.max_payload) if nc is not None else None
+
     def attach(self, js: JetStreamContext) -> None:
         """Give a publisher created without NATS its JetStream context; buffered events then flow."""
         self._js = js

@@ -26,7 +26,7 @@ from mailbeacon.embedded_nats import EmbeddedNats
 from mailbeacon.jetstream import connect, ensure_suppression_bucket, provision
 from mailbeacon.outbox import Outbox
 from mailbeacon.publisher import EventPublisher
-from mailbeacon.settings import Settings, parse_listen
+from mailbeacon.settings import MIN_SECRET_KEY_LENGTH, Settings, parse_listen
 from mailbeacon.spool import Spool
 from mailbeacon.suppressions import SuppressionList
 
@@ -52,7 +52,15 @@ def ensure_secret_key(settings: Settings) -> Settings:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_urlsafe(32))
-    return settings.model_copy(update={"secret_keys": [SecretStr(path.read_text().strip())]})
+    key = path.read_text().strip()
+    if len(key) < MIN_SECRET_KEY_LENGTH:
+        # Not replaced silently: links already sent were signed with it and would stop working.
+        raise SystemExit(
+            f"{path} holds a signing key shorter than {MIN_SECRET_KEY_LENGTH} characters: "
+            f"delete the file (a new key is generated; links already sent stop verifying) or set "
+            f"MAILBEACON_SECRET_KEYS to a key of at least {MIN_SECRET_KEY_LENGTH} characters"
+        )
+    return settings.model_copy(update={"secret_keys": [SecretStr(key)]})
 
 
 @dataclass

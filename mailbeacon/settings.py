@@ -12,10 +12,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 UpstreamProvider = Literal["generic", "sendgrid", "mailgun", "ses", "postmark"]
+# Click-signing keys shorter than this are refused at start (README "Configuration").
+MIN_SECRET_KEY_LENGTH = 32
+# The highest MAX_JSON_DEPTH may be set: events this deep (plus their envelope) stay well
+# inside what every JSON reader on the way accepts (pydantic's stops at 200 levels).
+MAX_JSON_DEPTH_CEILING = 128
 
 
 def parse_listen(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
@@ -30,6 +35,17 @@ def parse_listen(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError(f"listen address must look like host:port, got {value!r}")
     return host, int(port)
+
+
+def invalid_settings(exc: ValidationError) -> str:
+    """A refused configuration, one line per setting, naming its variable and never its value
+    (the value may be a secret)."""
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]).upper() if error["loc"] else "configuration"
+        name = field if field.startswith("MAILBEACON_") or not error["loc"] else f"MAILBEACON_{field}"
+        lines.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
+    return "\n".join(lines)
 
 
 def _split_list(value: object) -> object:
@@ -72,7 +88,19 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="CIDRs of proxies whose X-Forwarded-For is believed"
     )
-    max_webhook_bytes: int = Field(default=5 * 1024 * 1024, gt=0)
+    max_webhook_bytes: int = Field(
+        default=5 * 1024 * 1024,
+        gt=0,
+        description="Largest webhook body accepted (413 above); the tracker lowers it to what one "
+        "NATS message can carry (the server's max_payload less room for the event around the record)",
+    )
+    max_json_depth: int = Field(
+        default=64,
+        ge=8,
+        le=MAX_JSON_DEPTH_CEILING,
+        description="Deepest nesting of objects and arrays a webhook body (and an SNS notification's "
+        "Message) may have; deeper gets 400. The aggregator stores events this deep whatever its own value",
+    )
 
     smtp_listen: str = "127.0.0.1:2525"
     proxy_http_listen: str = "127.0.0.1:8025"
@@ -115,6 +143,11 @@ class Settings(BaseSettings):
     sns_cert_dir: Path | None = None
     postmark_basic_auth: SecretStr | None = None
     webhook_token: SecretStr | None = None
+    allow_unauthenticated_webhooks: bool = Field(
+        default=False,
+        description="Accept the generic and Postmark webhooks without WEBHOOK_TOKEN / POSTMARK_BASIC_AUTH "
+        "although the tracker listens beyond loopback (logged as a warning at start)",
+    )
     webhook_max_age_seconds: float = Field(
         default=600.0, gt=0, description="Oldest signed SendGrid/Mailgun webhook accepted (replay window)"
     )
@@ -124,11 +157,35 @@ class Settings(BaseSettings):
     sns_confirm_subscriptions: bool = Field(
         default=True, description="Confirm SNS subscriptions to the topics in SES_TOPIC_ARNS automatically"
     )
+    https_proxy: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MAILBEACON_HTTPS_PROXY", "HTTPS_PROXY", "https_proxy"),
+        description="Proxy for the tracker's outbound HTTPS (SNS certificates, subscription "
+        "confirmation), http://host:port; plain HTTPS_PROXY is read too",
+    )
+    no_proxy: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("MAILBEACON_NO_PROXY", "NO_PROXY", "no_proxy"),
+        description="Hosts reached without HTTPS_PROXY: names (a leading dot or none: the domain and "
+        "its subdomains), IP addresses or CIDRs, or *; plain NO_PROXY is read too",
+    )
 
     event_buffer_limit: int = Field(
         default=100_000,
         ge=1,
         description="Pixel/click events kept in memory, waiting for NATS or held for the click burst window",
+    )
+    tracker_header_timeout_seconds: float = Field(
+        default=10.0,
+        gt=0,
+        description="A connection to the tracker that has not sent a request's complete headers this "
+        "long after connecting, or after the first bytes of its next request, is closed",
+    )
+    tracker_max_connections: int = Field(
+        default=10_000,
+        ge=1,
+        description="Open connections per tracker process (lowered to fit the open-file limit); "
+        "above it a new connection is answered 503 and closed",
     )
     shutdown_drain_seconds: float = Field(
         default=20.0,
@@ -204,6 +261,7 @@ class Settings(BaseSettings):
         "smtp_auth_networks",
         "operator_namespaces",
         "machine_ip_ranges",
+        "no_proxy",
         mode="before",
     )
     @classmethod
@@ -215,6 +273,27 @@ class Settings(BaseSettings):
     def _networks(cls, value: list[str]) -> list[str]:
         for cidr in value:
             ipaddress.ip_network(cidr, strict=False)  # fail at start-up on a typo
+        return value
+
+    @field_validator("secret_keys")
+    @classmethod
+    def _secret_keys(cls, value: list[SecretStr]) -> list[SecretStr]:
+        # A short key can be guessed offline from one signed link, and then signs any redirect.
+        if any(len(key.get_secret_value()) < MIN_SECRET_KEY_LENGTH for key in value):
+            raise ValueError(
+                f"every key must be at least {MIN_SECRET_KEY_LENGTH} characters "
+                "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+            )
+        return value
+
+    @field_validator("https_proxy")
+    @classmethod
+    def _https_proxy(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("HTTPS_PROXY must be a proxy URL such as http://proxy.example:3128")
         return value
 
     @field_validator("site_url")

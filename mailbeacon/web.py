@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
+from mailbeacon.http_guard import ConnectionLimits, GuardedAppRunner
 from mailbeacon.settings import parse_listen
 
 log = logging.getLogger(__name__)
@@ -79,11 +80,17 @@ class _ClientMistakes(logging.Filter):
 _CLIENT_MISTAKES = _ClientMistakes()
 
 
-async def serve(app: web.Application, listen: str, *, reuse_port: bool = False) -> web.AppRunner:
-    """Start serving ``app`` on ``host:port``; the caller stops it with ``runner.cleanup()``."""
+async def serve(
+    app: web.Application, listen: str, *, reuse_port: bool = False, limits: ConnectionLimits | None = None
+) -> web.AppRunner:
+    """Start serving ``app`` on ``host:port``; the caller stops it with ``runner.cleanup()``.
+    With ``limits``, slow headers and connections above the cap are refused (``http_guard``)."""
     logging.getLogger("aiohttp.server").addFilter(_CLIENT_MISTAKES)  # once: filters are a set
     host, port = parse_listen(listen)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=5)
+    options: dict[str, Any] = {"access_log": None, "handle_signals": False, "shutdown_timeout": 5}
+    runner = (
+        web.AppRunner(app, **options) if limits is None else GuardedAppRunner(app, limits=limits, **options)
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
     await site.start()

@@ -15,7 +15,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailbeacon.settings import Settings
 
-SECRET = "test-signing-key-0123456789"
+SECRET = "test-signing-key-0123456789abcdefghij"
 
 
 def free_port() -> int:

@@ -201,3 +201,28 @@ def test_components_need_their_settings(tmp_path: Path) -> None:
     env["MAILBEACON_SITE_URL"] = "not a url"
     result = subprocess.run([*MAILBEACON, "up"], env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and "invalid configuration" in result.stderr
+
+
+def test_a_short_signing_key_stops_every_component_with_one_line(tmp_path: Path) -> None:
+    """The error names the setting and never quotes the key."""
+    env = cli_env(tmp_path, MAILBEACON_SECRET_KEYS="tooshort-key", MAILBEACON_NATS_URL="nats://127.0.0.1:1")
+    for command in ("tracker", "proxy", "up"):
+        result = subprocess.run([*MAILBEACON, command], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines() == [
+            "invalid configuration: MAILBEACON_SECRET_KEYS: every key must be at least 32 characters "
+            "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        ]
+
+
+def test_up_refuses_a_short_generated_key_file_instead_of_replacing_it(tmp_path: Path) -> None:
+    """Replacing the key would break every link already sent: `up` stops and says how to fix it."""
+    env = cli_env(tmp_path)
+    key_file = tmp_path / "data" / "secret.key"
+    key_file.parent.mkdir(parents=True)
+    key_file.write_text("short-old-key\n")
+    result = subprocess.run([*MAILBEACON, "up"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{key_file} holds a signing key shorter than 32 characters" in result.stderr
+    assert "MAILBEACON_SECRET_KEYS" in result.stderr and "short-old-key" not in result.stderr
+    assert key_file.read_text() == "short-old-key\n"  # left alone

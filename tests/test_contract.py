@@ -19,7 +19,7 @@ from mailbeacon.campaigns import (
     parse_manifests,
 )
 from mailbeacon.events import Event, EventType, derived_event_id, storable_text, subject_for
-from mailbeacon.settings import Settings, parse_listen
+from mailbeacon.settings import Settings, invalid_settings, parse_listen
 
 TID = "0b7e4c2a-4f7e-4d8e-9a51-3c1f0f7d2b11"
 
@@ -27,17 +27,23 @@ TID = "0b7e4c2a-4f7e-4d8e-9a51-3c1f0f7d2b11"
 class TestSettings:
     def test_prefixed_variables_and_site_url_fallback(self, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("SITE_URL", "https://track.example.com/")
-        monkeypatch.setenv("MAILBEACON_SECRET_KEYS", "new-key, old-key")
+        monkeypatch.setenv(
+            "MAILBEACON_SECRET_KEYS",
+            "new-key-0123456789abcdefghijklmnopq, old-key-0123456789abcdefghijklmnopq",
+        )
         monkeypatch.setenv("MAILBEACON_TRUSTED_PROXIES", "10.0.0.0/8,192.168.0.0/16")
         settings = Settings()
         assert settings.site_url == "https://track.example.com"
-        assert settings.signing_keys() == [b"new-key", b"old-key"]
+        assert settings.signing_keys() == [
+            b"new-key-0123456789abcdefghijklmnopq",
+            b"old-key-0123456789abcdefghijklmnopq",
+        ]
         assert settings.trusted_proxies == ["10.0.0.0/8", "192.168.0.0/16"]
         monkeypatch.setenv("MAILBEACON_SITE_URL", "https://t.example.org")
         assert Settings().site_url == "https://t.example.org"  # the prefixed name wins
 
     def test_secrets_are_not_printed(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        monkeypatch.setenv("MAILBEACON_SECRET_KEYS", "s3cr3t-signing")
+        monkeypatch.setenv("MAILBEACON_SECRET_KEYS", "s3cr3t-signing-0123456789abcdefghij")
         monkeypatch.setenv("MAILBEACON_UPSTREAM_SMTP", "smtp://user:pa55word@relay.example.com:587")
         monkeypatch.setenv("MAILBEACON_DATABASE_URL", "postgresql://app:dbpa55@db/mail")
         shown = repr(Settings()) + str(Settings().model_dump())
@@ -56,6 +62,32 @@ class TestSettings:
     )
     def test_bad_values_fail_at_start(self, monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
         monkeypatch.setenv(name, value)
+        with pytest.raises(ValidationError):
+            Settings()
+
+    @pytest.mark.parametrize("keys", ["short", "a" * 31, f"{'n' * 40},old-short-key"])
+    def test_signing_keys_shorter_than_32_characters_are_refused(
+        self, monkeypatch: pytest.MonkeyPatch, keys: str
+    ) -> None:
+        """A short key can be found offline from one signed link; every key counts, old ones too."""
+        monkeypatch.setenv("MAILBEACON_SECRET_KEYS", keys)
+        with pytest.raises(ValidationError) as refused:
+            Settings()
+        shown = invalid_settings(refused.value)
+        assert shown.startswith("MAILBEACON_SECRET_KEYS: every key must be at least 32 characters")
+        assert "\n" not in shown and "short" not in shown  # one line, never the key itself
+        monkeypatch.setenv("MAILBEACON_SECRET_KEYS", "k" * 32)
+        assert Settings().signing_keys() == [b"k" * 32]
+
+    def test_outbound_proxy_is_read_from_the_usual_variables(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setenv("https_proxy", "http://proxy.internal:3128")
+        monkeypatch.setenv("NO_PROXY", "localhost, .internal,10.0.0.0/8")
+        settings = Settings()
+        assert settings.https_proxy == "http://proxy.internal:3128"
+        assert settings.no_proxy == ["localhost", ".internal", "10.0.0.0/8"]
+        monkeypatch.setenv("MAILBEACON_HTTPS_PROXY", "http://egress:8080")  # the prefixed name wins
+        assert Settings().https_proxy == "http://egress:8080"
+        monkeypatch.setenv("MAILBEACON_HTTPS_PROXY", "socks5://egress:1080")
         with pytest.raises(ValidationError):
             Settings()
 

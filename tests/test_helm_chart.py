@@ -465,7 +465,9 @@ def test_chart_made_secret_holds_given_values_or_a_generated_key() -> None:
     given = manifests(
         render(
             {
-                "secrets": {"secretKeys": ["new-key-0123456789", "old-key-0123456789"]},
+                "secrets": {
+                    "secretKeys": ["new-key-0123456789abcdefghijklmnop", "old-key-0123456789abcdefghijklmnop"]
+                },
                 "database": {"url": "postgresql://mb:pw@db:5432/mb"},
             }
         )
@@ -473,7 +475,7 @@ def test_chart_made_secret_holds_given_values_or_a_generated_key() -> None:
     secret = by_kind(given, "Secret")["mb-mailbeacon"]
     decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
     assert decoded == {
-        "secret-keys": "new-key-0123456789,old-key-0123456789",
+        "secret-keys": "new-key-0123456789abcdefghijklmnop,old-key-0123456789abcdefghijklmnop",
         "database-url": "postgresql://mb:pw@db:5432/mb",
     }
     generated = by_kind(manifests(render()), "Secret")["mb-mailbeacon"]
@@ -537,6 +539,10 @@ def test_notes_tell_what_to_do_next() -> None:
         ({"nats": {"url": "http://nats:4222"}}, "/nats/url"),
         ({"siteUrl": "track.example.com"}, "/siteUrl"),
         ({"secrets": {"secretKeys": ["short"]}}, "/secrets/secretKeys/0"),
+        ({"secrets": {"secretKeys": ["k" * 31]}}, "/secrets/secretKeys/0"),
+        ({"tracker": {"maxConnections": 0}}, "/tracker/maxConnections"),
+        ({"tracker": {"headerTimeoutSeconds": 0}}, "/tracker/headerTimeoutSeconds"),
+        ({"tracker": {"webhooks": {"maxJsonDepth": 1000}}}, "/tracker/webhooks/maxJsonDepth"),
         ({"secrets": {"upstreamSmtp": "mail.example.com:25"}}, "/secrets/upstreamSmtp"),
         ({"database": {"url": "mysql://db/mb"}}, "/database/url"),
         ({"proxy": {"upstreamProvider": "sendmail"}}, "/proxy/upstreamProvider"),

@@ -1,9 +1,10 @@
 """The chart never puts forgeable webhooks on the internet, and the tracker behind its Ingress
 sees the recipients' addresses, not the ingress controller's.
 
-The tracker checks the generic webhooks' token and Postmark's basic auth only when one is
-configured (DESIGN.md: handy on a laptop). The chart closes that gap where it matters: with the
-Ingress enabled it refuses to render without those credentials unless the operator opts out.
+The tracker in its pod listens beyond loopback, so it refuses the generic webhooks without
+their token and Postmark's without its basic auth (README "ESP webhooks"), unless
+tracker.webhooks.allowUnauthenticated. With the Ingress enabled the chart goes further: it
+refuses to render without those credentials unless the operator opts out.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from mailbeacon.signing import pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, running_tracker, stream_events
 from tests.support import eventually
 from tests.test_helm_chart import RELAY, Manifest, by_kind, env_of, helm_python, manifests, render, validate
+from tracker.webhook_limits import credentials_required, missing_credentials
 
 INGRESS: dict[str, Any] = {"ingress": {"enabled": True, "className": "nginx"}}
 TOKEN = "4f7c0c1e9b2d4a51a8e3f6b7c9d0e1f2"
@@ -100,13 +102,37 @@ def test_exposed_webhooks_without_credentials_refuse_to_render(
     assert complaint in message and "tracker.webhooks.allowUnauthenticated=true" in message
 
 
-def test_without_the_ingress_the_laptop_contract_stands() -> None:
-    """Inside the cluster only, no credential is required and none is demanded of the pods."""
+def test_without_the_ingress_the_pods_start_and_the_tracker_refuses_unauthenticated_webhooks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Inside the cluster only, no credential is demanded of the pods: they start, and the
+    tracker (on 0.0.0.0) answers the generic and Postmark webhooks 503 until one is set."""
     docs = manifests(render())
     env = tracker_env(docs)
     assert env["MAILBEACON_WEBHOOK_TOKEN"]["secretKeyRef"]["optional"] is True
     assert env["MAILBEACON_POSTMARK_BASIC_AUTH"]["secretKeyRef"]["optional"] is True
     assert "webhook-token" not in by_kind(docs, "Secret")["mb-mailbeacon"]["data"]
+    settings = settings_from(resolved_env(docs), monkeypatch)
+    assert not settings.allow_unauthenticated_webhooks and credentials_required(settings)
+    assert any("MAILBEACON_WEBHOOK_TOKEN" in route for route in missing_credentials(settings))
+
+
+def test_the_opt_out_and_the_limits_reach_the_tracker(monkeypatch: pytest.MonkeyPatch) -> None:
+    values = {
+        "tracker": {
+            "webhooks": {"allowUnauthenticated": True, "maxJsonDepth": 32},
+            "headerTimeoutSeconds": 5,
+            "maxConnections": 2000,
+        }
+    }
+    settings = settings_from(resolved_env(manifests(render(values))), monkeypatch)
+    assert settings.allow_unauthenticated_webhooks and not credentials_required(settings)
+    assert settings.max_json_depth == 32
+    assert settings.tracker_header_timeout_seconds == 5
+    assert settings.tracker_max_connections == 2000
+    defaults = settings_from(resolved_env(manifests(render())), monkeypatch)
+    assert (defaults.max_json_depth, defaults.tracker_header_timeout_seconds) == (64, 10)
+    assert defaults.tracker_max_connections == 10_000
 
 
 def test_token_reaches_the_secret_and_the_tracker_requires_it() -> None:

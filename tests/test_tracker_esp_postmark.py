@@ -160,7 +160,17 @@ async def test_basic_auth_when_configured(tmp_path: Path) -> None:
         with pytest.raises(WebhookError) as refused:
             await postmark.verify(webhook_request(body, headers), configured)
         assert refused.value.status == 401
+    # Without credentials: open on loopback, refused (503, naming the setting) beyond it
+    # unless the operator opted out.
     assert await postmark.verify(webhook_request(body), verify_context(tmp_path, postmark_basic_auth=None))
+    exposed = verify_context(tmp_path, postmark_basic_auth=None, tracker_listen="0.0.0.0:8080")
+    with pytest.raises(WebhookError) as unconfigured:
+        await postmark.verify(webhook_request(body), exposed)
+    assert unconfigured.value.status == 503 and "MAILBEACON_POSTMARK_BASIC_AUTH" in unconfigured.value.reason
+    opted_out = verify_context(
+        tmp_path, postmark_basic_auth=None, tracker_listen="0.0.0.0:8080", allow_unauthenticated_webhooks=True
+    )
+    assert await postmark.verify(webhook_request(body), opted_out)
 
 
 async def test_over_http(tmp_path: Path, nats_url: str) -> None:

@@ -176,13 +176,16 @@ async def test_sendgrid_replay_is_keyed_on_what_was_signed_not_the_signature(tmp
     stamp = now_ts()
     first, second = sendgrid_headers(body, stamp), sendgrid_headers(body, stamp)
     assert first != second  # two different, equally valid signatures
-    context.replays.commit((await sendgrid.verify(webhook_request(body, first), context)).replay_key)
-    with pytest.raises(WebhookError) as refused:
-        await sendgrid.verify(webhook_request(body, second), context)
-    assert refused.value.status == 403
+    first_key = (await sendgrid.verify(webhook_request(body, first), context)).replay_key
+    assert (
+        first_key and (await sendgrid.verify(webhook_request(body, second), context)).replay_key == first_key
+    )
     # A different body signed for the same second is a different request.
     other = body.replace(b"r1", b"r2")
-    assert (await sendgrid.verify(webhook_request(other, sendgrid_headers(other, stamp)), context)).replay_key
+    other_key = (
+        await sendgrid.verify(webhook_request(other, sendgrid_headers(other, stamp)), context)
+    ).replay_key
+    assert other_key and other_key != first_key
 
 
 def test_values_the_event_contract_refuses_are_a_400_with_the_field() -> None:

@@ -20,7 +20,7 @@ from mailbeacon.publisher import EventPublisher
 from mailbeacon.settings import Settings
 from mailbeacon.web import Handler, add_health_routes, json_error
 from tracker.engagement import NO_STORE, PIXEL_GIF, Engagement
-from tracker.esp.sns import HttpGet, https_get
+from tracker.esp.sns import HttpGet, https_getter
 from tracker.metrics import REQUEST_LATENCY
 from tracker.openapi import openapi_document
 from tracker.webhooks import Webhooks
@@ -69,15 +69,17 @@ async def nothing_here(request: web.Request) -> web.StreamResponse:
 
 
 def create_app(
-    settings: Settings, publisher: EventPublisher, *, sns_http_get: HttpGet = https_get
+    settings: Settings, publisher: EventPublisher, *, sns_http_get: HttpGet | None = None
 ) -> web.Application:
-    """``sns_http_get`` is the one outbound HTTP call (SNS certificates, subscription confirmation)."""
+    """``sns_http_get`` is the one outbound HTTP call (SNS certificates, subscription confirmation);
+    by default over HTTPS_PROXY / NO_PROXY as the settings say."""
     app = web.Application(client_max_size=settings.max_webhook_bytes)
     app[SETTINGS_KEY] = settings
     app[PUBLISHER_KEY] = publisher
     engagement = Engagement(settings, publisher)
     app[ENGAGEMENT_KEY] = engagement
-    webhooks = Webhooks(settings, publisher, sns_http_get)
+    outbound = sns_http_get or https_getter(settings.https_proxy, settings.no_proxy)
+    webhooks = Webhooks(settings, publisher, outbound)
     document = openapi_document(settings.site_url)
 
     async def openapi(_: web.Request) -> web.Response:

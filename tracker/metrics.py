@@ -12,6 +12,7 @@ from prometheus_client import REGISTRY, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mailbeacon.http_guard import ConnectionLimits
 from mailbeacon.publisher import EventPublisher
 
 
@@ -59,6 +60,15 @@ DROPPED = Gauge("mailbeacon_tracker_dropped_events", "Events dropped because the
 PUBLISHED = Gauge("mailbeacon_tracker_published_events", "Events JetStream acknowledged since start")
 NATS_CONNECTED = Gauge("mailbeacon_tracker_nats_connected", "1 while the tracker's NATS connection is up")
 HELD_CLICKS = Gauge("mailbeacon_tracker_held_clicks", "Click events held for the scanner-burst window")
+CONNECTIONS = Gauge("mailbeacon_tracker_connections", "Open client connections of this tracker process")
+CONNECTIONS_REFUSED = Gauge(
+    "mailbeacon_tracker_connections_refused",
+    "Connections answered 503 above TRACKER_MAX_CONNECTIONS since start",
+)
+CONNECTIONS_TIMED_OUT = Gauge(
+    "mailbeacon_tracker_connections_timed_out",
+    "Connections closed for not sending request headers within TRACKER_HEADER_TIMEOUT_SECONDS since start",
+)
 ENGAGEMENTS = LoopCounter(
     "mailbeacon_tracker_engagements",
     "Opens and clicks by verdict (machine_kind, or 'human')",
@@ -98,6 +108,12 @@ def watch_publisher(publisher: EventPublisher, held: Callable[[], int] = lambda:
     PUBLISHED.set_function(lambda: publisher.published)
     NATS_CONNECTED.set_function(lambda: 1 if publisher.connected else 0)
     HELD_CLICKS.set_function(held)
+
+
+def watch_connections(limits: ConnectionLimits) -> None:
+    CONNECTIONS.set_function(lambda: limits.open)
+    CONNECTIONS_REFUSED.set_function(lambda: limits.refused)
+    CONNECTIONS_TIMED_OUT.set_function(lambda: limits.timed_out)
 
 
 def outcome_of(status: int) -> str:

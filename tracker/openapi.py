@@ -57,11 +57,11 @@ def _webhook_responses(extra: dict[str, Any] | None = None) -> dict[str, Any]:
             "Stored in JetStream (or authentic but unusable, and acknowledged)",
             {"$ref": "#/components/schemas/WebhookAccepted"},
         ),
-        "400": _json("Malformed body"),
+        "400": _json("Malformed body, or JSON nested deeper than MAX_JSON_DEPTH"),
         "401": _json("Missing or wrong signature / credentials"),
-        "403": _json("Stale timestamp, replayed request or topic not allowed"),
-        "413": _json("Body larger than MAX_WEBHOOK_BYTES"),
-        "503": _json("Not configured, or the event store is unavailable: retry later"),
+        "403": _json("Stale timestamp, replayed request (same key, another body) or topic not allowed"),
+        "413": _json("Body or event larger than MAX_WEBHOOK_BYTES or one NATS message"),
+        "503": _json("Not configured, or the event store or replay guard is unavailable: retry later"),
     }
     responses.update(extra or {})
     return responses
@@ -178,11 +178,13 @@ def _paths() -> dict[str, Any]:
             },
             "responses": {
                 "200": _json("Stored", {"$ref": "#/components/schemas/GenericAccepted"}),
-                "400": _json("Malformed report"),
+                "400": _json("Malformed report, or JSON nested deeper than MAX_JSON_DEPTH"),
                 "401": _json("Missing or wrong WEBHOOK_TOKEN"),
                 "404": _json("Not one of bounce, delivery, complaint"),
                 "413": _json("Body too large"),
-                "503": _json("Event store unavailable: retry later"),
+                "503": _json(
+                    "WEBHOOK_TOKEN not configured off loopback, or event store unavailable: retry later"
+                ),
             },
         }
     }

@@ -21,6 +21,7 @@ from multiprocessing.process import BaseProcess
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
+from mailbeacon.http_guard import ConnectionLimits, descriptor_limit, effective_max_connections
 from mailbeacon.jetstream import connect, provision, redact_url
 from mailbeacon.publisher import EventPublisher
 from mailbeacon.runner import wait_for_signal
@@ -28,13 +29,43 @@ from mailbeacon.settings import Settings, parse_listen
 from mailbeacon.signing import NoSigningKey
 from mailbeacon.spool import Spool
 from mailbeacon.web import bound_port, serve
-from tracker import metrics
+from tracker import metrics, webhook_limits
 from tracker.app import ENGAGEMENT_KEY, create_app
-from tracker.esp.sns import HttpGet, https_get
+from tracker.esp.sns import HttpGet
 
 log = logging.getLogger(__name__)
 
 PROVISION_CHECK_SECONDS = 10.0
+
+
+def connection_limits(settings: Settings) -> ConnectionLimits:
+    """TRACKER_HEADER_TIMEOUT_SECONDS, and TRACKER_MAX_CONNECTIONS as the open-file limit allows."""
+    fds = descriptor_limit()
+    cap = effective_max_connections(settings.tracker_max_connections, fds)
+    if cap < settings.tracker_max_connections:
+        log.warning(
+            "MAILBEACON_TRACKER_MAX_CONNECTIONS=%d does not fit the open-file limit (%s): at most %d "
+            "connections per process (raise `ulimit -n` for more)",
+            settings.tracker_max_connections,
+            fds,
+            cap,
+        )
+    return ConnectionLimits(header_timeout=settings.tracker_header_timeout_seconds, max_connections=cap)
+
+
+def warn_about_webhooks(settings: Settings) -> None:
+    """Once at start: webhook routes that refuse for want of credentials, and the opt-out."""
+    missing = webhook_limits.missing_credentials(settings)
+    if missing:
+        log.warning("webhooks refused (503) until their credentials are set: %s", "; ".join(missing))
+    exposed = webhook_limits.unauthenticated(settings)
+    if exposed:
+        log.warning(
+            "MAILBEACON_ALLOW_UNAUTHENTICATED_WEBHOOKS=true: %s accept anyone's requests although the "
+            "tracker listens on %s: forged bounces and complaints stop real mail",
+            ", ".join(exposed),
+            settings.tracker_listen,
+        )
 
 
 class TrackerService:
@@ -44,7 +75,7 @@ class TrackerService:
         publisher: EventPublisher,
         *,
         reuse_port: bool = False,
-        sns_http_get: HttpGet = https_get,
+        sns_http_get: HttpGet | None = None,
     ) -> None:
         if not settings.secret_keys:
             raise NoSigningKey("MAILBEACON_SECRET_KEYS is not set: the tracker cannot verify click links")
@@ -55,14 +86,20 @@ class TrackerService:
         self._app: web.Application | None = None
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
+        self.limits: ConnectionLimits | None = None
 
     async def start(self) -> None:
         self._app = create_app(self.settings, self.publisher, sns_http_get=self._sns_http_get)
         engagement = self._app[ENGAGEMENT_KEY]
         metrics.watch_publisher(self.publisher, lambda: engagement.hold.pending)
-        self._runner = await serve(self._app, self.settings.tracker_listen, reuse_port=self.reuse_port)
+        self.limits = connection_limits(self.settings)
+        metrics.watch_connections(self.limits)
+        self._runner = await serve(
+            self._app, self.settings.tracker_listen, reuse_port=self.reuse_port, limits=self.limits
+        )
         self.port = bound_port(self._runner)
         log.info("tracker listening on port %s", self.port)
+        warn_about_webhooks(self.settings)
 
     @property
     def held(self) -> int:
@@ -131,7 +168,7 @@ class StandaloneTracker:
     """One tracker process: serves at once, connects to NATS in the background, drains on stop."""
 
     def __init__(
-        self, settings: Settings, *, reuse_port: bool = False, sns_http_get: HttpGet = https_get
+        self, settings: Settings, *, reuse_port: bool = False, sns_http_get: HttpGet | None = None
     ) -> None:
         self.settings = settings
         self.publisher = EventPublisher(

@@ -1,9 +1,11 @@
 """Webhook endpoints: the generic JSON ones and ``POST /webhooks/{provider}``.
 
 A webhook is answered 2xx only after JetStream acknowledged every event it carried;
-otherwise 503, so the provider retries and nothing is lost. Signatures are checked
-before the body is interpreted; an authentic request we cannot use is still
-acknowledged so the provider stops retrying it.
+otherwise 503, so the provider retries and nothing is lost. Credentials, size and depth
+are checked before the body is read as JSON (``tracker.webhook_limits``), signatures
+before it is interpreted, and a signed request's replay key in the bucket every worker
+shares (``tracker.replay``); an authentic request we cannot use is still acknowledged so
+the provider stops retrying it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from nats.errors import MaxPayloadError
+from nats.js import JetStreamContext
 from pydantic import ValidationError
 
 from mailbeacon.events import Event, utcnow
@@ -22,11 +26,12 @@ from mailbeacon.netaddr import anonymize_ip, anonymize_text, scrub_ips
 from mailbeacon.publisher import EventPublisher
 from mailbeacon.settings import Settings
 from mailbeacon.web import json_error
-from tracker import metrics
+from tracker import metrics, webhook_limits
 from tracker.esp import ADAPTERS, Adapter
-from tracker.esp.base import ParseContext, ReplayGuard, VerifyContext, WebhookRequest
-from tracker.esp.sns import Certificates, HttpGet, https_get
+from tracker.esp.base import ParseContext, VerifyContext, WebhookRequest
+from tracker.esp.sns import Certificates, HttpGet
 from tracker.generic_webhooks import WebhookError, parse_generic
+from tracker.replay import Claim, ReplayGuardUnavailable, SharedReplayGuard
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +49,18 @@ def invalid_event(exc: ValidationError) -> web.Response:
 
 
 class Webhooks:
-    def __init__(
-        self, settings: Settings, publisher: EventPublisher, sns_http_get: HttpGet = https_get
-    ) -> None:
+    def __init__(self, settings: Settings, publisher: EventPublisher, sns_http_get: HttpGet) -> None:
         self.settings = settings
         self.publisher = publisher
-        self.replays = ReplayGuard(max(settings.webhook_max_age_seconds, settings.sns_max_age_seconds) + 300)
+        self.credentials_required = webhook_limits.credentials_required(settings)
+        self.replays = SharedReplayGuard(settings, self._jetstream)
         self.certificates = Certificates(settings.sns_cert_dir, sns_http_get)
         machine = [ipaddress.ip_network(cidr, strict=False) for cidr in settings.machine_ip_ranges]
-        self.parse_context = ParseContext(machine_networks=machine)
+        self.parse_context = ParseContext(machine_networks=machine, max_json_depth=settings.max_json_depth)
+
+    def _jetstream(self) -> JetStreamContext | None:
+        # The replay guard's bucket is reached over the publisher's connection.
+        return self.publisher.jetstream
 
     def _private(self, event: Event) -> Event:
         """Anonymize addresses before anything leaves the tracker, the raw payload included."""
@@ -69,10 +77,15 @@ class Webhooks:
         )
 
     async def _store(self, events: list[Event]) -> None:
+        max_payload = self.publisher.max_payload
+        for event in events:
+            webhook_limits.check_event_size(len(event.to_json()), max_payload)
         results: list[Any] = await asyncio.gather(
             *(self.publisher.publish(event) for event in events), return_exceptions=True
         )
         failures = [result for result in results if isinstance(result, BaseException)]
+        if any(isinstance(failure, MaxPayloadError) for failure in failures):
+            raise webhook_limits.too_large(max(len(event.to_json()) for event in events), max_payload or 0)
         if failures:
             log.warning(
                 "%d of %d webhook events not stored (%s); asking to retry",
@@ -83,12 +96,19 @@ class Webhooks:
             raise StoreUnavailable
 
     async def _body(self, request: web.Request) -> bytes:
-        if request.content_length is not None and request.content_length > self.settings.max_webhook_bytes:
-            raise WebhookError(f"body larger than {self.settings.max_webhook_bytes} bytes", 413)
+        """The body, once it is no larger than one event can carry and nests no deeper than
+        MAX_JSON_DEPTH (JSON readers recurse)."""
+        limit = webhook_limits.body_limit(self.settings, self.publisher.max_payload)
+        if request.content_length is not None and request.content_length > limit:
+            raise webhook_limits.too_large(request.content_length, limit)
         try:
-            return await request.read()
+            body = await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
-            raise WebhookError(f"body larger than {self.settings.max_webhook_bytes} bytes", 413) from exc
+            raise webhook_limits.too_large(self.settings.max_webhook_bytes + 1, limit) from exc
+        if len(body) > limit:
+            raise webhook_limits.too_large(len(body), limit)
+        webhook_limits.check_depth(body, self.settings)
+        return body
 
     def _token_ok(self, request: web.Request) -> bool:
         token = self.settings.webhook_token
@@ -112,6 +132,8 @@ class Webhooks:
 
     async def _generic(self, request: web.Request) -> web.Response:
         kind = request.match_info["kind"]
+        if self.settings.webhook_token is None and self.credentials_required:
+            return json_error(503, "generic webhooks are not configured: set MAILBEACON_WEBHOOK_TOKEN")
         if not self._token_ok(request):
             return json_error(401, "missing or wrong webhook token")
         try:
@@ -138,14 +160,16 @@ class Webhooks:
         return response
 
     async def _provider(self, name: str, adapter: Adapter, request: web.Request) -> web.Response:
-        replay_key: str | None = None
-        stored = False
         try:
             hook = WebhookRequest(
                 headers=request.headers, body=await self._body(request), received_at=utcnow()
             )
-            context = VerifyContext(self.settings, hook.received_at, self.replays, self.certificates.load)
+            context = VerifyContext(
+                self.settings, hook.received_at, self.certificates.load, self.credentials_required
+            )
             replay_key = (await adapter.verify(hook, context)).replay_key
+            if replay_key and await self.replays.claim(replay_key, hook.body) is Claim.REPLAY:
+                raise WebhookError("this signed request was already received with another body (replay)", 403)
             result = adapter.parse(hook, self.parse_context)
             if result.confirm_url is not None:
                 if not self.settings.sns_confirm_subscriptions:
@@ -156,7 +180,6 @@ class Webhooks:
                 log.info("confirmed an SNS subscription")
             events = [self._private(event) for event in result.events]
             await self._store(events)
-            stored = True
         except WebhookError as exc:
             if exc.status in (401, 403):
                 log.warning("%s webhook refused: %s", name, exc.reason)
@@ -166,12 +189,12 @@ class Webhooks:
             return response
         except ValidationError as exc:
             return invalid_event(exc)
+        except ReplayGuardUnavailable as exc:
+            # Never accepted unchecked: the provider retries once NATS answers again.
+            log.warning("%s webhook: replay guard unavailable (%s); asking to retry", name, exc)
+            return json_error(503, "replay guard unavailable, retry later")
         except StoreUnavailable:
             return json_error(503, "event store unavailable, retry later")
-        finally:
-            # Only an acknowledged request counts as seen; the provider's retry of a failed one is welcome.
-            if replay_key:
-                (self.replays.commit if stored else self.replays.release)(replay_key)
         for event in events:
             metrics.WEBHOOK_EVENTS.labels(name, event.type.value).inc()
         return web.json_response(

@@ -347,10 +347,11 @@ def webhook_request(
     )
 
 
-def verify_context(tmp_path: Path, **overrides: Any) -> Any:
-    from tracker.esp.base import ReplayGuard, VerifyContext
+def verify_context(tmp_path: Path, fetcher: FakeSns | None = None, **overrides: Any) -> Any:
+    from tracker.esp.base import VerifyContext
     from tracker.esp.sns import Certificates
+    from tracker.webhook_limits import credentials_required
 
-    settings = Settings(**{"secret_keys": "k", **webhook_settings(tmp_path, **overrides)})
-    certificates = Certificates(settings.sns_cert_dir, FakeSns().get)
-    return VerifyContext(settings, datetime.now(UTC), ReplayGuard(3600), certificates.load)
+    settings = Settings(**{"secret_keys": "k" * 32, **webhook_settings(tmp_path, **overrides)})
+    certificates = Certificates(settings.sns_cert_dir, (fetcher or FakeSns()).get)
+    return VerifyContext(settings, datetime.now(UTC), certificates.load, credentials_required(settings))

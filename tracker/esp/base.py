@@ -6,8 +6,8 @@ An adapter is a module with two functions::
     def parse(request: WebhookRequest, context: ParseContext) -> WebhookResult
 
 ``verify`` decides whether the request really comes from the provider (401 for a missing
-or wrong signature, 403 for a stale or replayed one, 503 while the provider's secret is
-not configured); ``parse`` turns an authentic body into events (400 when malformed).
+or wrong signature, 403 for a stale one, 503 while the provider's secret is not
+configured) and names the request's replay key; ``parse`` turns an authentic body into events (400 when malformed).
 Neither touches the network except the SNS certificate lookup, which goes through the
 context so tests and operators can provide certificates ahead of time.
 """
@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,7 +29,6 @@ from tracker.generic_webhooks import WebhookError, implausible_time, parse_times
 __all__ = [
     "Authentic",
     "ParseContext",
-    "ReplayGuard",
     "VerifyContext",
     "WebhookError",
     "WebhookRequest",
@@ -53,7 +50,8 @@ class WebhookRequest:
 
 @dataclass(frozen=True)
 class Authentic:
-    """A verified request. ``replay_key`` is remembered once the request was acknowledged."""
+    """A verified request. ``replay_key`` names what makes a signed request unique; the
+    shared replay guard (``tracker.replay``) refuses it when it comes back with another body."""
 
     replay_key: str | None = None
 
@@ -66,45 +64,6 @@ class WebhookResult:
     confirm_url: str | None = None  # SNS: the SubscribeURL to visit
 
 
-class ReplayGuard:
-    """Remembers acknowledged signatures for ``ttl`` seconds so a captured request cannot be replayed.
-
-    A key is *claimed* while its request is processed and *committed* after the answer
-    was 2xx; a failed request releases it so the provider's retry is accepted.
-    """
-
-    def __init__(self, ttl: float, max_entries: int = 200_000, clock: Callable[[], float] = time.monotonic):
-        self.ttl = ttl
-        self.max_entries = max_entries
-        self._clock = clock
-        self._seen: OrderedDict[str, float] = OrderedDict()
-        self._claimed: set[str] = set()
-
-    def claim(self, key: str) -> bool:
-        self._expire()
-        if key in self._seen or key in self._claimed:
-            return False
-        self._claimed.add(key)
-        return True
-
-    def commit(self, key: str) -> None:
-        self._claimed.discard(key)
-        self._seen[key] = self._clock()
-        while len(self._seen) > self.max_entries:
-            self._seen.popitem(last=False)
-
-    def release(self, key: str) -> None:
-        self._claimed.discard(key)
-
-    def _expire(self) -> None:
-        cutoff = self._clock() - self.ttl
-        while self._seen:
-            key, seen_at = next(iter(self._seen.items()))
-            if seen_at >= cutoff:
-                break
-            del self._seen[key]
-
-
 CertificateLoader = Callable[[str], Awaitable[bytes]]
 
 
@@ -112,13 +71,16 @@ CertificateLoader = Callable[[str], Awaitable[bytes]]
 class VerifyContext:
     settings: Settings
     now: datetime
-    replays: ReplayGuard
     load_certificate: CertificateLoader  # SNS: PEM bytes for a SigningCertURL
+    # Off loopback, webhooks that can go without credentials (Postmark) must have them,
+    # unless ALLOW_UNAUTHENTICATED_WEBHOOKS (README "ESP webhooks").
+    credentials_required: bool = True
 
 
 @dataclass(frozen=True)
 class ParseContext:
     machine_networks: Sequence[classify.Network] = ()
+    max_json_depth: int = 64  # for JSON inside the body (an SNS notification's Message)
 
 
 def load_json(body: bytes) -> Any:

@@ -1,7 +1,8 @@
 """Postmark webhooks: one JSON record per request, kind in ``RecordType``.
 
 Postmark signs nothing; the webhook URL is protected by HTTP basic auth
-(``POSTMARK_BASIC_AUTH`` = ``user:password``, checked when configured). Our
+(``POSTMARK_BASIC_AUTH`` = ``user:password``; required unless the tracker listens on
+loopback only or ``ALLOW_UNAUTHENTICATED_WEBHOOKS`` is set). Our
 ``tracking_id`` arrives in ``Metadata`` (from the ``X-PM-Metadata-tracking_id`` header).
 Bounce records carry their own ``ID``; opens and clicks have none, so their id is a digest
 of the record, which a retried delivery repeats.
@@ -27,6 +28,7 @@ from tracker.esp.base import (
     event_for,
     load_json,
     mapping,
+    not_configured,
     payload_digest,
     text,
     tracking_id_from,
@@ -88,9 +90,11 @@ def credentials_match(header: str, expected: str) -> bool:
 
 async def verify(request: WebhookRequest, context: VerifyContext) -> Authentic:
     expected = context.settings.postmark_basic_auth
-    if expected is not None and not credentials_match(
-        request.headers.get("Authorization", ""), expected.get_secret_value()
-    ):
+    if expected is None:
+        if context.credentials_required:
+            raise not_configured("Postmark", "POSTMARK_BASIC_AUTH")
+        return Authentic()  # on loopback (or the explicit opt-out): open, as on a laptop
+    if not credentials_match(request.headers.get("Authorization", ""), expected.get_secret_value()):
         raise WebhookError("missing or wrong basic auth credentials", 401)
     return Authentic()
 

@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from mailbeacon.events import Event, EventType
+from mailbeacon.jsondepth import nests_deeper_than
 from tracker import classify
 from tracker.esp import sns
 from tracker.esp.base import (
@@ -78,20 +79,18 @@ async def verify(request: WebhookRequest, context: VerifyContext) -> Authentic:
     message = _envelope(request)
     if str(message.get("SignatureVersion", "")) not in ("1", "2") or not message.get("Signature"):
         raise WebhookError("SNS message is not signed (SignatureVersion 1 or 2)", 401)
+    # Before anything is fetched: a stranger's topic must not make us download certificates.
+    if message.get("TopicArn") not in topics:
+        raise WebhookError("SNS topic is not in MAILBEACON_SES_TOPIC_ARNS", 403)
     certificate = await context.load_certificate(str(message.get("SigningCertURL", "")))
     if not sns.signature_valid(message, certificate):
         raise WebhookError("SNS signature does not match", 401)
-    if message.get("TopicArn") not in topics:
-        raise WebhookError("SNS topic is not in MAILBEACON_SES_TOPIC_ARNS", 403)
     try:
         sent_at = parse_timestamp(message.get("Timestamp"))
     except WebhookError as exc:
         raise WebhookError("SNS Timestamp is not a time", 400) from exc
     check_freshness(sent_at, context.now, context.settings.sns_max_age_seconds, "SNS message")
-    replay_key = f"sns:{message.get('MessageId')}"
-    if not context.replays.claim(replay_key):
-        raise WebhookError("this SNS message was already received (replay)", 403)
-    return Authentic(replay_key)
+    return Authentic(f"sns:{message.get('MessageId')}")
 
 
 def _tracking_id(mail: dict[str, Any]) -> str | None:
@@ -211,8 +210,11 @@ def parse(request: WebhookRequest, context: ParseContext) -> WebhookResult:
         )
     if kind == "UnsubscribeConfirmation":
         return WebhookResult(note="unsubscribe confirmation ignored", ignored=1)
+    message = str(envelope.get("Message", ""))
+    if nests_deeper_than(message, context.max_json_depth):  # checked before the recursive reader
+        raise WebhookError(f"SNS Message nests JSON deeper than {context.max_json_depth} levels")
     try:
-        ses = json.loads(str(envelope.get("Message", "")))
+        ses = json.loads(message)
     except ValueError:
         ses = None
     if not isinstance(ses, dict):

@@ -4,16 +4,18 @@ SNS signs a canonical text built from some of the message's fields with the priv
 of a certificate it publishes at ``SigningCertURL``. We accept that URL only when it is
 https on an ``sns.<region>.amazonaws.com`` host, take the certificate from
 ``SNS_CERT_DIR`` when the operator provided it ahead of time (named by the URL's last
-path segment), else fetch it once and keep it in memory.
+path segment), else fetch it once and keep it in memory. Fetches go through HTTPS_PROXY
+(unless NO_PROXY names the host).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
@@ -24,6 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from mailbeacon.netaddr import normalize_ip
 from tracker.generic_webhooks import WebhookError
 
 log = logging.getLogger(__name__)
@@ -90,25 +93,62 @@ def signature_valid(message: Mapping[str, Any], certificate_pem: bytes) -> bool:
     return True
 
 
-async def https_get(url: str) -> bytes:
-    """GET from AWS over verified TLS, small bodies only; the only outbound call the tracker makes."""
-    timeout = aiohttp.ClientTimeout(total=10)
-    async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
-        session.get(url, allow_redirects=False) as response,
-    ):
-        if response.status != 200:
-            raise OSError(f"{url} answered {response.status}")
-        body = await response.content.read(_MAX_CERT_BYTES + 1)
-        if len(body) > _MAX_CERT_BYTES:
-            raise OSError(f"{url} answered more than {_MAX_CERT_BYTES} bytes")
-        return body
+def bypasses_proxy(host: str, no_proxy: Sequence[str]) -> bool:
+    """Whether ``host`` is reached directly by NO_PROXY: ``*``; an IP address or CIDR holding it
+    (when the host is an address); or a domain, with or without a leading dot or ``*.``,
+    that is the host or one of its parents."""
+    host = host.lower().rstrip(".").strip("[]")
+    address = normalize_ip(host)
+    for entry in (item.strip().lower() for item in no_proxy):
+        if entry == "*":
+            return True
+        if not entry:
+            continue
+        try:
+            network = ipaddress.ip_network(entry.strip("[]"), strict=False)
+        except ValueError:
+            domain = entry.removeprefix("*").lstrip(".").rstrip(".")
+            if domain and (host == domain or host.endswith("." + domain)):
+                return True
+            continue
+        if address is not None and address in network:
+            return True
+    return False
+
+
+def proxy_for(url: str, proxy: str | None, no_proxy: Sequence[str] = ()) -> str | None:
+    """The proxy a request to ``url`` goes through (HTTPS_PROXY unless NO_PROXY names its host)."""
+    if not proxy:
+        return None
+    host = urlsplit(url).hostname or ""
+    return None if bypasses_proxy(host, no_proxy) else proxy
+
+
+def https_getter(proxy: str | None = None, no_proxy: Sequence[str] = ()) -> HttpGet:
+    """The tracker's one outbound call: GET from AWS over verified TLS, small bodies only,
+    through ``proxy`` (HTTPS_PROXY, by CONNECT) unless ``no_proxy`` names the host. The proxy
+    is given per request from the settings: the environment is not read here."""
+
+    async def https_get(url: str) -> bytes:
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(url, allow_redirects=False, proxy=proxy_for(url, proxy, no_proxy)) as response,
+        ):
+            if response.status != 200:
+                raise OSError(f"{url} answered {response.status}")
+            body = await response.content.read(_MAX_CERT_BYTES + 1)
+            if len(body) > _MAX_CERT_BYTES:
+                raise OSError(f"{url} answered more than {_MAX_CERT_BYTES} bytes")
+            return body
+
+    return https_get
 
 
 class Certificates:
     """Signing certificates by URL: provided in a directory, or fetched once and cached."""
 
-    def __init__(self, directory: Path | None, http_get: HttpGet = https_get) -> None:
+    def __init__(self, directory: Path | None, http_get: HttpGet) -> None:
         self.directory = directory
         self._http_get = http_get
         self._cache: dict[str, bytes] = {}
