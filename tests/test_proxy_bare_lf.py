@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from mailbeacon import signing
 from smtp_proxy.data_reader import DataReader
+from smtp_proxy.data_stream import smtp_data
 from tests.support import SECRET, SmtpSink
 from tests.test_proxy_smtp import proxy_running
 
@@ -138,6 +139,14 @@ def test_any_bytes_in_any_chunks_read_as_the_line_rules_say(pieces: list[bytes],
         assert reader.too_long and after == expected[1]
     else:
         assert (content, after) == expected
+
+
+def test_upstream_gets_crlf_only_and_crs_before_a_lf_are_its_line_break() -> None:
+    # A bare CR kept as text on the way in is a line break on the way out; CRs right before
+    # a LF are part of that one line break (Postfix strips them), not an empty line that
+    # would end the header block early for the upstream alone.
+    pieces = [b"Subject: x\r\r\nTo: b@example.com\r\n", b"\r\nbody\r\r\na\rb\r.\r\n"]
+    assert b"".join(smtp_data(pieces)) == b"Subject: x\r\nTo: b@example.com\r\n\r\nbody\r\na\r\nb\r\n..\r\n"
 
 
 # -- through a real proxy --------------------------------------------------------------------
