@@ -6,7 +6,7 @@ header block that strict readers end early. Copies are made as the proxy makes t
 from __future__ import annotations
 
 from email import policy
-from email.message import Message
+from email.message import EmailMessage
 from email.parser import BytesParser
 
 import pytest
@@ -35,8 +35,10 @@ def copy_of(raw: bytes, **campaign: object) -> bytes:
     return copy
 
 
-def read(data: bytes) -> Message:
-    return BytesParser(policy=policy.default).parsebytes(data)
+def read(data: bytes) -> EmailMessage:
+    message = BytesParser(policy=policy.default).parsebytes(data)
+    assert isinstance(message, EmailMessage)
+    return message
 
 
 def body_of(data: bytes) -> bytes:
@@ -124,7 +126,8 @@ def test_digest_parts_without_a_content_type_are_messages_not_text() -> None:
     assert body_of(copy) == body_of(DIGEST)  # nothing to track: no text part to convert
     parts = list(read(copy).iter_parts())
     assert [p.get_content_type() for p in parts] == ["message/rfc822", "message/rfc822"]
-    inner = parts[0].get_payload()[0]
+    inner = parts[0].get_content()  # the encapsulated message, parsed
+    assert isinstance(inner, EmailMessage)
     assert inner["Subject"] == "one" and inner.get_content() == "see https://shop.example.com/one"
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import re
 import smtplib
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from email import policy
 from email.message import Message
@@ -79,14 +78,13 @@ SIGNED_TYPES = frozenset(
 
 
 @pytest.fixture(scope="module")
-def nats_url() -> Iterator[str]:
-    with tempfile.TemporaryDirectory() as directory:
-        server = EmbeddedNats(Path(directory))
-        server.start()
-        try:
-            yield server.url
-        finally:
-            server.stop()
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = EmbeddedNats(tmp_path_factory.mktemp("nats"))
+    server.start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -99,12 +97,13 @@ async def sink() -> AsyncIterator[SmtpSink]:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def proxy(nats_url: str, sink: SmtpSink) -> AsyncIterator[RunningProxy]:
-    with tempfile.TemporaryDirectory() as directory:
-        async with proxy_running(
-            Path(directory), nats_url, sink, site_url=SITE_URL, default_campaign="default/corpus"
-        ) as running:
-            yield running
+async def proxy(
+    nats_url: str, sink: SmtpSink, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RunningProxy]:
+    async with proxy_running(
+        tmp_path_factory.mktemp("proxy"), nats_url, sink, site_url=SITE_URL, default_campaign="default/corpus"
+    ) as running:
+        yield running
 
 
 # -- what the proxy receives and what an independent reader makes of it ------------------------
@@ -125,7 +124,7 @@ def leaves(message: Message) -> list[Message]:
     """Non-multipart parts in order, encapsulated messages' included."""
     payload = message.get_payload()
     if isinstance(payload, list):
-        return [leaf for part in payload for leaf in leaves(part)]
+        return [leaf for part in payload if isinstance(part, Message) for leaf in leaves(part)]
     return [message]
 
 
@@ -150,13 +149,14 @@ def fingerprint(part: Message, headers: bool) -> tuple[object, ...]:
 
 def encapsulated(message: Message) -> list[tuple[object, ...]]:
     """Every message/rfc822 part (digest parts included): its header fields and its leaves."""
-    found = []
+    found: list[tuple[object, ...]] = []
     for part in message.walk():
         if part.get_content_type() == "message/rfc822":
-            inner = part.get_payload()
-            assert isinstance(inner, list) and len(inner) == 1
+            payload = part.get_payload()
+            assert isinstance(payload, list) and len(payload) == 1 and isinstance(payload[0], Message)
+            inner = payload[0]
             found.append(
-                (list(inner[0].raw_items()), [fingerprint(leaf, headers=True) for leaf in leaves(inner[0])])
+                (list(inner.raw_items()), [fingerprint(leaf, headers=True) for leaf in leaves(inner)])
             )
     return found
 
