@@ -56,10 +56,15 @@ class DataReader:
         for the message once it is refused.
         """
         data = self._window + chunk
+        # One scan finds the first dot that starts a line after a CRLF: without one there
+        # is neither an end nor a doubled dot (after a CRLF) to look for.
+        dot = data.find(b"\r\n.")
         if self._after_crlf and data.startswith(b".\r\n"):
             end, rest = 0, 3
+        elif dot < 0:
+            end = rest = -1
         else:
-            found = data.find(b"\r\n.\r\n")
+            found = data.find(b"\r\n.\r\n", dot)
             end, rest = (found + 2, found + 5) if found >= 0 else (-1, -1)
         after: bytes | None = None
         if end >= 0:
@@ -75,22 +80,25 @@ class DataReader:
                 self.too_long, self._after_crlf, self._window = True, False, self._window[-1:]
         if self.refused or not lines:
             return b"", after
-        return self._complete(lines), after
+        return self._complete(lines, lines[:1] == b"." or 0 <= dot < len(lines) - 2), after
 
-    def _complete(self, lines: bytes) -> bytes:
-        """Whole lines: normalised, checked and unstuffed (b"" once the message is refused)."""
+    def _complete(self, lines: bytes, dotted: bool) -> bytes:
+        """Whole lines: normalised, checked and unstuffed (b"" once the message is refused).
+
+        ``dotted``: whether a line after a CRLF (or the first) starts with a dot.
+        """
         crlf = lines.count(b"\r\n")
         if lines.count(b"\n") != crlf:
             # LF only (smtplib sending as_bytes()) is a plain replace; a mix needs the regex.
             lines = lines.replace(b"\n", b"\r\n") if crlf == 0 else _BARE_LF.sub(b"\r\n", lines)
+            dotted = lines.startswith(b".") or b"\r\n." in lines
         if self._may_be_too_long(lines) and max(map(len, lines.split(b"\r\n"))) > self.max_line:
             self.too_long = True
             return b""
         if self.max_size and self.size + len(lines) > self.max_size:
             self.too_much = True
             return b""
-        # RFC 5321 4.5.2: a leading dot was doubled by the client.
-        if lines.startswith(b".") or b"\r\n." in lines:
+        if dotted:  # RFC 5321 4.5.2: a leading dot was doubled by the client
             lines = _STUFFED_DOT.sub(b"", lines)
         self.size += len(lines)
         return lines
