@@ -169,6 +169,7 @@ def lf_only_message() -> tuple[EmailMessage, list[str], bytes]:
         for i in range(200)
     ]
     markup = "<html><body>\n" + "\n".join(paragraphs) + "\n</body></html>\n"
+    assert len(markup) > 50_000
     message = EmailMessage()
     message["From"] = "news@shop.example.com"
     message["To"] = "ann@example.com"
