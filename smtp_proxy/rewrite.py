@@ -161,12 +161,14 @@ class PreparedMessage:
         if not message.separator:
             raise RewriteError("message has no body")
         fields = mime.header_lines(message.headers)
-        if any(b":" not in field for field in fields[mime.mbox_line(fields) :] if field.strip()):
-            # Readers disagree on where such a header block ends: leave the message alone.
-            raise RewriteError("malformed header block")
-        strict_end = mime.strict_end(fields)
-        if strict_end is not None and fields[strict_end][:1] in (b" ", b"\t"):
-            raise RewriteError("the header block starts with a folded line")  # ours would fold into it
+        strict_end = mime.strict_end(fields)  # every field before it is a field to every reader
+        if strict_end is not None:
+            rest = fields[strict_end:]
+            if any(b":" not in field for field in rest if field.strip()):
+                # Readers disagree on where such a header block ends: leave the message alone.
+                raise RewriteError("malformed header block")
+            if rest[0][:1] in (b" ", b"\t"):
+                raise RewriteError("the header block starts with a folded line")  # ours would fold into it
         self.message = message
         self.eol = message.eol
         self.protected = protected
