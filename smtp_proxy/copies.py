@@ -94,6 +94,11 @@ class MessageCopies:
     def left_untracked_for_dkim(self) -> bool:
         return self.prepared is not None and self.dkim_signed and not self.resign
 
+    @property
+    def left_untracked_signed(self) -> bool:
+        """S/MIME or PGP/MIME signed or encrypted: the body goes out as it came."""
+        return self.prepared is not None and self.prepared.signed
+
     def _fallback(self, exc: Exception) -> Sequence[Buffer]:
         if self.render_error is None:  # one count and one log line per message, however many copies
             self.render_error = exc
@@ -112,9 +117,9 @@ class MessageCopies:
             return self._as_received()
         options = self.options
         try:
+            fields = self.correlation.fields(tracking_id)
             if self.left_untracked_for_dkim:
-                headers, body = prepared.untouched()
-                headers.append(prepared.tracking_header(tracking_id))
+                headers, body = prepared.untouched(tracking_id, fields)
             else:
                 switches = _NOTHING if recipient.lower() in self.optouts else self.switches
                 tracking = CopyTracking(
@@ -125,8 +130,7 @@ class MessageCopies:
                     track_clicks=switches.clicks,
                     honeypot=options.honeypot,
                 )
-                headers, body = prepared.render(tracking)
-            headers.append(self.correlation.fields(tracking_id))
+                headers, body = prepared.render(tracking, fields)
             if self.added_headers:
                 headers.insert(0, self.added_headers)
             if self.resign and options.dkim_signer is not None:

@@ -16,7 +16,9 @@ import aiosmtplib
 
 from smtp_proxy.mime import Buffer
 
-_LINE_ENDINGS = re.compile(rb"\r\n|\n|\r(?!\n)")
+# CRs before a LF belong to the line break (as Postfix reads them); any other bare CR
+# becomes a line break too, so no upstream can read one as part of an end of DATA.
+_LINE_ENDINGS = re.compile(rb"\r*\n|\r")
 _LEADING_DOT = re.compile(rb"(?m)^\.")
 _CHUNK = 256 * 1024
 

@@ -343,7 +343,9 @@ class ProxyHandler:
     def _count_untracked(
         self, builder: MessageCopies, switches: TrackSwitches, recipients: Sequence[str]
     ) -> None:
-        if builder.left_untracked_for_dkim:
+        if builder.left_untracked_signed:
+            metrics.UNTRACKED.labels("signed").inc()
+        elif builder.left_untracked_for_dkim:
             metrics.UNTRACKED.labels("dkim_signed").inc()
         elif not (switches.opens or switches.clicks):
             metrics.UNTRACKED.labels("tracking_off").inc()

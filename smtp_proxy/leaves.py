@@ -22,6 +22,8 @@ _MAX_LINE = 998  # RFC 5322 line limit for 7bit/8bit bodies
 # re-encoded; every other charset is scanned byte for byte (as latin-1), so no byte of
 # the HTML outside the rewritten values can change.
 _STATEFUL_CODECS = ("iso2022", "utf_16", "utf_32", "utf_7", "hz")
+# Text signed or encrypted in place (RFC 4880 cleartext signature, ASCII armour).
+_INLINE_PGP = ("-----BEGIN PGP SIGNED MESSAGE-----", "-----BEGIN PGP MESSAGE-----")
 
 
 class RewriteError(ValueError):
@@ -100,10 +102,15 @@ class TextLeaf:
     def __init__(self, part: Part, policy: LinkPolicy) -> None:
         self.part = part
         codec, _ = _codec(part.charset)
-        self.template: HtmlTemplate = scan_text(mime.decode_body(part).decode(codec, "replace"), policy)
+        text = mime.decode_body(part).decode(codec, "replace")
+        self.empty = not text.strip()
+        self.inline_pgp = any(armour in text for armour in _INLINE_PGP)
+        self.template: HtmlTemplate = scan_text(text, policy)
         self.boundary = f"=_mailbeacon_{uuid.uuid4().hex}"
         eol = part.eol
-        self._text_alternative = f"--{self.boundary}".encode() + eol + part.to_bytes().rstrip(b"\r\n") + eol
+        # The part as it was, its last line break included: the one before the delimiter
+        # belongs to the delimiter (RFC 2046 5.1.1), so the text keeps every byte.
+        self._text_alternative = f"--{self.boundary}".encode() + eol + part.to_bytes() + eol
         self._headers = f'Content-Type: multipart/alternative; boundary="{self.boundary}"'.encode() + eol
 
     def render(self, fill: Fill) -> tuple[bytes, Buffer] | None:

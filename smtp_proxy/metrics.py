@@ -22,7 +22,7 @@ SUPPRESSED = Counter(
 UNTRACKED = Counter(
     "mailbeacon_proxy_untracked_messages_total",
     "Messages or copies relayed without tracking, by why",
-    ["why"],  # no_campaign, dkim_signed, tracking_off, recipient_opt_out
+    ["why"],  # no_campaign, unknown_campaign, dkim_signed, signed, tracking_off, recipient_opt_out
 )
 REWRITE_FAILURES = Counter(
     "mailbeacon_proxy_rewrite_failures_total", "Messages relayed unchanged because rewriting failed"

@@ -32,22 +32,24 @@ class Part:
     headers: bytes  # the header block, each line with its own line ending
     separator: bytes  # the blank line between headers and body
     body: memoryview
+    # The type without a Content-Type field: message/rfc822 in a multipart/digest (RFC 2046 5.1.5).
+    default_type: str = "text/plain"
 
     @classmethod
-    def parse(cls, raw: Buffer) -> Part:
+    def parse(cls, raw: Buffer, default_type: str = "text/plain") -> Part:
         view = memoryview(raw)
         head = bytes(view[:2])
         if head == b"\r\n" or head[:1] == b"\n":
             eol = b"\r\n" if head == b"\r\n" else b"\n"
-            return cls(b"", eol, view[len(eol) :])
+            return cls(b"", eol, view[len(eol) :], default_type)
         match = _HEADER_END.search(view)
         if match is None:
-            return cls(bytes(view), b"", view[len(view) :])
+            return cls(bytes(view), b"", view[len(view) :], default_type)
         start = match.start()
         first_eol = 2 if view[start] == 13 else 1
         headers = bytes(view[: start + first_eol])
         separator = bytes(view[start + first_eol : match.end()])
-        return cls(headers, separator, view[match.end() :])
+        return cls(headers, separator, view[match.end() :], default_type)
 
     @cached_property
     def parsed(self) -> Message:
@@ -90,9 +92,9 @@ class Part:
     def content_type(self) -> str:
         value = self._content_fields.get("content-type")
         if value is None:
-            return "text/plain"
+            return self.default_type
         content_type = value.split(";", 1)[0].strip().lower()
-        return content_type if content_type.count("/") == 1 else "text/plain"
+        return content_type if content_type.count("/") == 1 else "text/plain"  # RFC 2045 5.2
 
     @property
     def is_attachment(self) -> bool:
@@ -133,6 +135,36 @@ def header_lines(block: bytes) -> list[bytes]:
     if position > start:
         fields.append(block[start:position])
     return fields
+
+
+# A field as RFC 5322 writes it: printable ASCII but the colon, then the colon. Strict
+# readers (Python's email among them) take the first line that is not one (nor folded
+# onto one) for the start of the body.
+_STRICT_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
+
+
+def mbox_line(fields: list[bytes]) -> int:
+    """1 when the block starts with an mbox "From " line (readers take it for the envelope,
+    as Python's and Ruby's do, and it stays where it is), else 0."""
+    return 1 if fields and fields[0].startswith(b"From ") else 0
+
+
+def strict_end(fields: list[bytes]) -> int | None:
+    """The index of the first field a strict reader would not read as one, or None."""
+    for index in range(mbox_line(fields), len(fields)):
+        if not _STRICT_FIELD.match(fields[index]):
+            return index
+    return None
+
+
+def split_at_strict_end(block: bytes) -> tuple[bytes, bytes]:
+    """The header block cut where a strict reader's header block ends (the rest may be b"")."""
+    fields = header_lines(block)
+    end = strict_end(fields)
+    if end is None:
+        return block, b""
+    cut = sum(map(len, fields[:end]))
+    return block[:cut], block[cut:]
 
 
 def field_name(field: bytes) -> str:

@@ -4,10 +4,10 @@ Pure: bytes in, bytes out. :class:`PreparedMessage` splits the message and scans
 HTML once; :meth:`PreparedMessage.render` then fills in one recipient's tracking id,
 signed links, pixel and honeypot. HTML parts get the tracking; a message without HTML
 gets an HTML alternative made from its text; every other part, attachments above all,
-is passed through as slices of the received bytes. Every change to the header block
-that does not depend on the recipient is made once here, so a copy costs no scan of
-the headers however large they are. The caller relays the original unchanged when
-preparing raises.
+is passed through as slices of the received bytes. Signed or encrypted mail keeps its
+body as it is. Every change to the header block that does not depend on the recipient
+is made once here, so a copy costs no scan of the headers however large they are. The
+caller relays the original unchanged when preparing raises.
 """
 
 from __future__ import annotations
@@ -33,6 +33,20 @@ _CONTENT_FIELDS = frozenset(
 _UNSUBSCRIBE_FIELDS = frozenset({"list-unsubscribe", "list-unsubscribe-post"})
 _ANGLE_URL = re.compile(r"<\s*(https?://[^>\s]+)\s*>", re.IGNORECASE)
 _DKIM_H_TAG = re.compile(r"(?:^|;)\s*h\s*=\s*([^;]*)", re.IGNORECASE)
+# A signature covers its part byte for byte (RFC 1847, S/MIME, PGP/MIME), an encrypted part
+# cannot be read: a message that carries one anywhere keeps its body untouched.
+SIGNED_TYPES = frozenset(
+    {
+        "multipart/signed",
+        "multipart/encrypted",
+        "application/pkcs7-mime",
+        "application/x-pkcs7-mime",
+        "application/pkcs7-signature",
+        "application/x-pkcs7-signature",
+        "application/pgp-signature",
+        "application/pgp-encrypted",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -57,14 +71,25 @@ class _Scan:
     leaves: list[Leaf] = field(default_factory=list)
 
 
+class _Signed(Exception):
+    """The message carries a signed or encrypted part: its body must not change."""
+
+
 def _leaf(part: Part, scan: _Scan) -> Leaf | None:
+    if part.content_type in SIGNED_TYPES:
+        raise _Signed(part.content_type)
     if part.is_attachment:
         return None
     if part.content_type == "text/html":
         return HtmlLeaf(part, scan.policy)
     if part.content_type == "text/plain" and scan.convert_text:
+        leaf = TextLeaf(part, scan.policy)
+        if leaf.inline_pgp:
+            raise _Signed("inline PGP")  # an HTML alternative would show it unverifiable
+        if leaf.empty:
+            return None  # nothing to show, so nothing to track: a later text part may be
         scan.convert_text = False
-        return TextLeaf(part, scan.policy)
+        return leaf
     return None
 
 
@@ -74,9 +99,10 @@ def _body_segments(part: Part, scan: _Scan) -> list[Segment] | None:
         return None
     segments: list[Segment] = []
     changed = False
+    default_type = "message/rfc822" if part.content_type == "multipart/digest" else "text/plain"
     for is_part, data in mime.split_multipart(part.body, part.boundary):
         if is_part:
-            child = Part.parse(data)
+            child = Part.parse(data, default_type)
             leaf = _leaf(child, scan)
             if leaf is not None:
                 scan.leaves.append(leaf)
@@ -116,6 +142,10 @@ class PreparedMessage:
     own (provider correlation) or none (the app's signature when the proxy re-signs).
     With ``unsubscribe_header`` a copy gets the proxy's RFC 8058 ``List-Unsubscribe``,
     unless the app wrote its own: that one stays, so the app keeps its requests.
+
+    What the proxy adds goes where every reader finds it: at the end of the header block,
+    or before the first line a strict reader (RFC 5322's field syntax) takes for the start
+    of the body; that line and the rest follow as ``header_tail``, byte for byte.
     """
 
     def __init__(
@@ -131,9 +161,14 @@ class PreparedMessage:
         if not message.separator:
             raise RewriteError("message has no body")
         fields = mime.header_lines(message.headers)
-        if any(b":" not in field for field in fields if field.strip()):
-            # Readers disagree on where such a header block ends: leave the message alone.
-            raise RewriteError("malformed header block")
+        strict_end = mime.strict_end(fields)  # every field before it is a field to every reader
+        if strict_end is not None:
+            rest = fields[strict_end:]
+            if any(b":" not in field for field in rest if field.strip()):
+                # Readers disagree on where such a header block ends: leave the message alone.
+                raise RewriteError("malformed header block")
+            if rest[0][:1] in (b" ", b"\t"):
+                raise RewriteError("the header block starts with a folded line")  # ours would fold into it
         self.message = message
         self.eol = message.eol
         self.protected = protected
@@ -147,6 +182,10 @@ class PreparedMessage:
         self.headers = mime.remove_headers(
             message.headers, set(CONTROL_HEADERS | drop), CONTROL_PREFIXES, protected
         )
+        self.header_tail = b""
+        self._cut_header_block = strict_end is not None
+        if self._cut_header_block:
+            self.headers, self.header_tail = mime.split_at_strict_end(self.headers)
         policy = LinkPolicy(
             is_ours=lambda url: signing.is_tracking_url(site_url, url),
             skip_globs=skip_links,
@@ -156,12 +195,18 @@ class PreparedMessage:
         # replaces, and a text part turned into an alternative takes nothing else along.
         content = b"".join(f for f in fields if mime.field_name(f) in _CONTENT_FIELDS)
         self._root_part = Part(content, message.separator, message.body)
-        scan = _Scan(policy, convert_text=False)
-        self.root_leaf, self.segments = self._scan(scan)
-        if not scan.leaves:
-            # No HTML anywhere: the first text part gets an HTML alternative instead.
-            scan = _Scan(policy, convert_text=True)
+        self.signed = False
+        try:
+            scan = _Scan(policy, convert_text=False)
             self.root_leaf, self.segments = self._scan(scan)
+            if not scan.leaves:
+                # No HTML anywhere: the first text part gets an HTML alternative instead.
+                scan = _Scan(policy, convert_text=True)
+                self.root_leaf, self.segments = self._scan(scan)
+        except _Signed:
+            # Nothing below the header block changes: no pixel, no links, no alternative.
+            self.signed, scan = True, _Scan(policy, convert_text=False)
+            self.root_leaf, self.segments = None, None
         self.leaves = scan.leaves
 
     def _scan(self, scan: _Scan) -> tuple[Leaf | None, list[Segment] | None]:
@@ -177,24 +222,30 @@ class PreparedMessage:
         return [url for leaf in self.leaves for url in leaf.template.links]
 
     @cached_property
-    def _root_headers(self) -> bytes:
-        """The header block less the content fields, which the rendered leaf brings along."""
-        headers = mime.remove_headers(self.headers, set(_CONTENT_FIELDS), keep=self.protected)
+    def _root_headers(self) -> tuple[bytes, bytes]:
+        """The header block less the content fields, which the rendered leaf brings along
+        (cut as ``headers`` and ``header_tail`` are)."""
+        block = self.headers + self.header_tail
+        headers = mime.remove_headers(block, set(_CONTENT_FIELDS), keep=self.protected)
+        tail = b""
+        if self._cut_header_block:
+            headers, tail = mime.split_at_strict_end(headers)
         if isinstance(self.root_leaf, TextLeaf) and not self._has_mime_version:
             headers += b"MIME-Version: 1.0" + self.eol
-        return headers
+        return headers, tail
 
-    def _root(self, fill: Fill) -> tuple[list[bytes], Iterator[Buffer]]:
+    def _root(self, fill: Fill) -> tuple[list[bytes], bytes, Iterator[Buffer]]:
         message = self.message
         if self.root_leaf is not None:
             rendered = self.root_leaf.render(fill)
             if rendered is None:
-                return [self.headers], iter((message.body,))
+                return [self.headers], self.header_tail, iter((message.body,))
             content_headers, body = rendered
-            return [self._root_headers, content_headers], iter((body,))
+            headers, tail = self._root_headers
+            return [headers, content_headers], tail, iter((body,))
         if self.segments is None:
-            return [self.headers], iter((message.body,))
-        return [self.headers], self._segments(fill)
+            return [self.headers], self.header_tail, iter((message.body,))
+        return [self.headers], self.header_tail, self._segments(fill)
 
     def _segments(self, fill: Fill) -> Iterator[Buffer]:
         assert self.segments is not None
@@ -210,8 +261,11 @@ class PreparedMessage:
                 headers, body = rendered
                 yield from (headers, part.separator or self.eol, body)
 
-    def render(self, tracking: CopyTracking) -> tuple[list[bytes], Iterator[Buffer]]:
-        """One copy's header block (as pieces, the last ending in its line break) and body pieces."""
+    def render(self, tracking: CopyTracking, fields: bytes = b"") -> tuple[list[bytes], Iterator[Buffer]]:
+        """One copy's header block (as pieces, the last ending in its line break) and body pieces.
+
+        ``fields`` are further header lines of the copy's (the provider's correlation).
+        """
         wrap = None
         if tracking.track_clicks:
             site, keys, tid = tracking.site_url, tracking.keys, tracking.tracking_id
@@ -223,7 +277,7 @@ class PreparedMessage:
             )
         if tracking.track_opens:
             extra += pixel_tag(signing.pixel_url(tracking.site_url, tracking.tracking_id))
-        headers, body = self._root(Fill(wrap, extra))
+        headers, tail, body = self._root(Fill(wrap, extra))
         headers.append(self.tracking_header(tracking.tracking_id))
         if self.adds_unsubscribe:
             url = signing.unsubscribe_url(tracking.site_url, tracking.tracking_id)
@@ -231,14 +285,21 @@ class PreparedMessage:
                 f"List-Unsubscribe: <{url}>".encode() + self.eol
                 + b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" + self.eol
             )  # fmt: skip
+        headers.append(fields)
+        if tail:
+            headers.append(tail)
         return headers, body
 
     def tracking_header(self, tracking_id: str) -> bytes:
         return f"{TRACKING_HEADER}: {tracking_id}".encode() + self.eol
 
-    def untouched(self) -> tuple[list[bytes], Iterator[Buffer]]:
-        """The message as received, less the proxy's control headers (signed ones stay)."""
-        return [self.headers], iter((self.message.body,))
+    def untouched(self, tracking_id: str, fields: bytes = b"") -> tuple[list[bytes], Iterator[Buffer]]:
+        """The message as received, less the proxy's control headers (signed ones stay), with
+        the copy's tracking id and ``fields``."""
+        headers = [self.headers, self.tracking_header(tracking_id), fields]
+        if self.header_tail:
+            headers.append(self.header_tail)
+        return headers, iter((self.message.body,))
 
     @property
     def separator(self) -> bytes:

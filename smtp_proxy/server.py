@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -20,13 +19,13 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
 from smtp_proxy import metrics
 from smtp_proxy.auth import Networks
+from smtp_proxy.data_reader import DataReader
 from smtp_proxy.limits import TOO_MANY_SESSIONS, AuthTarpit, SessionCap
 from smtp_proxy.session_log import auth_exchange
 
 log = logging.getLogger(__name__)
 
 _READ_SIZE = 256 * 1024
-_STUFFED_DOT = re.compile(rb"(?:^|(?<=\r\n))\.")
 # The longest line (without its CRLF) aiosmtpd accepts: RFC 5321's 998 octets plus slack.
 _MAX_LINE = 999
 
@@ -167,47 +166,22 @@ class ProxySMTP(SMTP):
     async def _receive(self) -> tuple[bytearray | None, bool, bool]:
         """Read DATA up to the lone dot, in socket-sized chunks rather than line by line."""
         content = bytearray()
-        limit = self.data_size_limit
-        too_long = too_much = False
-        window = b""  # the start of a line not yet complete
-        mid_line = False  # window is the tail of an overlong line, not a line start
+        data = DataReader(_MAX_LINE, self.data_size_limit or 0)
         while self.transport is not None:
             chunk = await self._reader.read(_READ_SIZE)
             if not chunk:
-                return None, too_long, too_much
-            data = window + chunk
-            if data.startswith(b".\r\n") and not mid_line:
-                end, rest = 0, 3
+                return None, data.too_long, data.too_much
+            lines, after = data.feed(chunk)
+            if data.refused:
+                content = bytearray()  # it will be refused: free the memory now
             else:
-                found = data.find(b"\r\n.\r\n")
-                end, rest = (found + 2, found + 5) if found >= 0 else (-1, -1)
-            if end >= 0:
-                lines, window = data[:end], b""
-                if rest < len(data):
+                content += lines
+            if after is not None:
+                if after:
                     # Sent ahead of our reply (pipelining): leave it for the command loop.
-                    self._reader._buffer[:0] = data[rest:]  # type: ignore[attr-defined]
-            else:
-                cut = data.rfind(b"\r\n") + 2 if b"\r\n" in data else 0
-                lines, window = data[:cut], data[cut:]
-                mid_line = mid_line and cut == 0
-                if len(window) > self.line_length_limit:
-                    # Keep only a CR that a LF may follow; the terminator needs a line start.
-                    too_long, mid_line, window = True, True, window[-1:]
-            if not (too_long or too_much):
-                if len(lines) > _MAX_LINE and max(map(len, lines.split(b"\r\n"))) > _MAX_LINE:
-                    too_long = True
-                elif limit and len(content) + len(lines) > limit:
-                    too_much = True
-                else:
-                    # RFC 5321 4.5.2: a leading dot was doubled by the client.
-                    if lines.startswith(b".") or b"\r\n." in lines:
-                        lines = _STUFFED_DOT.sub(b"", lines)
-                    content += lines
-                if too_long or too_much:
-                    content = bytearray()  # it will be refused: free the memory now
-            if end >= 0:
-                return content, too_long, too_much
-        return None, too_long, too_much
+                    self._reader._buffer[:0] = after  # type: ignore[attr-defined]
+                return content, data.too_long, data.too_much
+        return None, data.too_long, data.too_much
 
     async def _call_handler_hook(self, command: str, *args: Any) -> Any:
         if command != "DATA":

@@ -32,11 +32,14 @@ def missing_headers(raw: Buffer, envelope_sender: str, now: datetime) -> bytes:
 
     Returned as a piece of their own rather than a new message: a 25 MB message is not
     copied for two header lines. Nothing for a DKIM-signed message (a signature may cover
-    a header by its absence, and adding one would break it), nor for one whose header
-    block never ends (it is relayed unchanged, as unparsable).
+    a header by its absence, and adding one would break it), for one whose header block
+    never ends (it is relayed unchanged, as unparsable), nor for one that starts with an
+    mbox "From " line.
     """
     end = _HEADER_END.search(raw)
-    if end is None:
+    if end is None or raw[:5] == b"From ":
+        # No header block, or an mbox "From " line first: a line in front of that one
+        # would make strict readers start the body there.
         return b""
     head = bytes(raw[: end.end()])
     if _DKIM.search(head):
