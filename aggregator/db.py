@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import stat
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,6 +17,8 @@ from sqlalchemy import event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+log = logging.getLogger(__name__)
 
 
 def async_url(url: str) -> str:
@@ -28,8 +33,38 @@ def async_url(url: str) -> str:
 
 
 def sqlite_url(data_dir: Path) -> str:
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return f"sqlite:///{(data_dir / 'mailbeacon.db').resolve()}"
+
+
+def protect_sqlite_file(path: Path) -> None:
+    """The database holds recipients' addresses, IPs and user agents: the file (and the
+    -wal and -shm files SQLite makes with the file's own mode) readable by this user only,
+    and its directory closed to other users."""
+    try:
+        _close_to_others(path.parent)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # also an older file made 0644 by an earlier release
+        finally:
+            os.close(fd)
+        for suffix in ("-wal", "-shm", "-journal"):
+            side = path.with_name(path.name + suffix)
+            if side.exists():
+                side.chmod(0o600)
+    except OSError as exc:  # not ours to change (a mounted volume): SQLite says more if it matters
+        log.warning("could not restrict access to the database file %s: %s", path, exc.strerror)
+
+
+def _close_to_others(directory: Path) -> None:
+    if not directory.exists():
+        directory.mkdir(mode=0o700, parents=True)
+        return
+    mode = directory.stat()
+    # Only a directory of our own, and never a shared one like /tmp (sticky bit).
+    if mode.st_uid == os.geteuid() and not mode.st_mode & stat.S_ISVTX and mode.st_mode & 0o007:
+        directory.chmod(stat.S_IMODE(mode.st_mode) & ~0o007)
+        log.info("closed %s to other users: it holds the database", directory)
 
 
 def _switch_to_wal(cursor: Any) -> None:
@@ -105,6 +140,9 @@ class Database:
 def open_database(url: str) -> Database:
     driver_url = async_url(url)
     if driver_url.startswith("sqlite"):
+        database = make_url(url).database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            protect_sqlite_file(Path(database))
         writer = create_async_engine(driver_url, connect_args={"timeout": 30})
         reader = create_async_engine(driver_url, connect_args={"timeout": 30})
         for engine in (writer, reader):

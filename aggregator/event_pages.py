@@ -60,6 +60,7 @@ async def _events_page(request: web.Request, campaign: str | None, action: str, 
         )
     except queries.BadQuery as exc:
         return layout(
+            request,
             title,
             f"<h1>{escape(title)}</h1><p>{escape(str(exc))}</p><p><a href='{escape(action)}'>Show all</a></p>",
             400,
@@ -88,13 +89,13 @@ async def _events_page(request: web.Request, campaign: str | None, action: str, 
         f'<h1>{escape(title)}</h1><div class="bar-row">{back}{csv}</div>'
         f"{_filters_form(action, flt, request.query)}{table}{more}"
     )
-    return layout(title, body)
+    return layout(request, title, body)
 
 
 async def campaign_events_page(request: web.Request) -> web.Response:
     campaign = campaign_from(request)
     if not await statistics.campaign_exists(request.app[DB_KEY], campaign):
-        return not_found(f"There is no campaign {campaign}.")
+        return not_found(request, f"There is no campaign {campaign}.")
     return await _events_page(request, campaign, f"/campaigns/{campaign}/events/", f"Events of {campaign}")
 
 
@@ -106,9 +107,9 @@ async def message_page(request: web.Request) -> web.Response:
     try:
         m = await queries.message_timeline(request.app[DB_KEY], request.match_info["tracking_id"])
     except queries.BadQuery as exc:
-        return layout("Message", f"<h1>Message</h1><p>{escape(str(exc))}</p>", 400)
+        return layout(request, "Message", f"<h1>Message</h1><p>{escape(str(exc))}</p>", 400)
     if m is None:
-        return not_found("No message has this tracking id.")
+        return not_found(request, "No message has this tracking id.")
     facts = [
         ("Recipient", m["recipient"] or "(not known yet)"),
         ("Campaign", m["campaign"] or ""),
@@ -134,7 +135,7 @@ async def message_page(request: web.Request) -> web.Response:
         f"<h1>Message {escape(m['tracking_id'])}</h1>{link}<div class=wrap><table>{rows}</table></div>"
         f"<h2>Timeline</h2>{timeline(m['events'])}"
     )
-    return layout("Message", body)
+    return layout(request, "Message", body)
 
 
 def add_event_page_routes(app: web.Application) -> None:

@@ -99,18 +99,27 @@ async def outbox_list(request: web.Request) -> web.Response:
         "<div class=wrap><table><thead><tr><th>Subject</th><th>To</th><th>From</th><th>Tracking id</th>"
         f"</tr></thead><tbody>{rows}</tbody></table></div>"
     )
-    return layout("Outbox", body)
+    return layout(request, "Outbox", body)
+
+
+# A relayed message as its recipients' mail clients would show it: its own styles and remote
+# images (the tracking pixel) load; no script runs (sandbox, an opaque origin), and only this
+# site's outbox page may frame it.
+MESSAGE_CSP = (
+    "default-src 'none'; img-src * data:; style-src * 'unsafe-inline'; font-src * data:; "
+    "sandbox allow-popups allow-popups-to-escape-sandbox; frame-ancestors 'self'"
+)
 
 
 async def outbox_message(request: web.Request) -> web.Response:
     path = _file(request)
     message = await asyncio.to_thread(_load, path)
-    html = _html_of(message) or "<p>(no text body)</p>"
-    # Shown in a sandbox without scripts: the pixel loads and links open, nothing else runs.
+    # The body is a document of its own (/body): inside this page (srcdoc) it would fall
+    # under this page's Content-Security-Policy, which refuses its styles and images.
     frame = (
-        '<iframe title="message" style="width:100%;height:70vh;border:1px solid #e3e8ef;background:#fff" '
+        '<iframe class="message-frame" title="message" '
         'sandbox="allow-popups allow-popups-to-escape-sandbox" '
-        f'srcdoc="{escape(html, quote=True)}"></iframe>'
+        f'src="/outbox/{escape(path.name)}/body"></iframe>'
     )
     fields = "".join(
         f"<tr><th>{name}</th><td>{escape(header_text(message, name))}</td></tr>"
@@ -120,7 +129,15 @@ async def outbox_message(request: web.Request) -> web.Response:
         f"<h1>{escape(header_text(message, 'Subject') or '(no subject)')}</h1><table>{fields}</table><p>"
         f'<a href="/outbox/{escape(path.name)}/raw">Download .eml</a></p>{frame}'
     )
-    return layout("Outbox message", body)
+    return layout(request, "Outbox message", body)
+
+
+async def outbox_body(request: web.Request) -> web.Response:
+    path = _file(request)
+    message = await asyncio.to_thread(_load, path)
+    html = _html_of(message) or "<p>(no text body)</p>"
+    headers = {"Content-Security-Policy": MESSAGE_CSP, "X-Frame-Options": "SAMEORIGIN"}
+    return web.Response(text=html, content_type="text/html", headers=headers)
 
 
 async def outbox_raw(request: web.Request) -> web.StreamResponse:
@@ -133,3 +150,4 @@ def add_outbox_routes(app: web.Application, directory: Path) -> None:
     app.router.add_get("/outbox/", outbox_list)
     app.router.add_get("/outbox/{name}", outbox_message)
     app.router.add_get("/outbox/{name}/raw", outbox_raw)
+    app.router.add_get("/outbox/{name}/body", outbox_body)

@@ -7,6 +7,7 @@ and scripts can read them without scraping the layout.
 
 from __future__ import annotations
 
+import hashlib
 from html import escape
 from typing import Any
 
@@ -14,6 +15,8 @@ from aiohttp import web
 
 from aggregator import statistics
 from aggregator.api import DB_KEY, campaign_from
+from aggregator.auth.context import CSRF_FIELD, PageAuth, page_auth
+from aggregator.auth.login import LOGOUT_PATH, STYLESHEET_PATH
 
 STYLE = """
 :root{--fg:#1d2430;--muted:#5d6b7e;--line:#e3e8ef;--bg:#f6f8fb;--card:#fff;--accent:#2f6fde}
@@ -30,11 +33,12 @@ h1{font-size:1.4rem;margin:.3rem 0 .8rem;word-break:break-word}h2{font-size:1.1r
 table{width:100%;border-collapse:collapse;background:var(--card);border:1px solid var(--line)}
 th,td{text-align:left;padding:.45rem .6rem;border-bottom:1px solid var(--line);vertical-align:top}
 td.num,th.num{text-align:right;white-space:nowrap}.wrap{overflow-x:auto}td.url{word-break:break-all}
-.share{background:var(--accent);opacity:.25;height:.5rem;border-radius:.2rem;margin-top:.2rem}
+.share{display:block;width:100%;height:.5rem;margin-top:.2rem}.share rect{fill:var(--accent);opacity:.25}
 .chart{background:var(--card);border:1px solid var(--line);border-radius:.5rem;padding:.5rem}
 .chart svg{width:100%;height:auto;display:block}.chart .total{fill:#9db8ee}.chart .human{fill:var(--accent)}
 .legend{font-size:.85rem;color:var(--muted)}.legend i{display:inline-block;width:.8rem;height:.8rem;
-border-radius:.15rem;margin:0 .3rem 0 .8rem;vertical-align:-.1rem}
+border-radius:.15rem;margin:0 .3rem 0 .8rem;vertical-align:-.1rem}.legend i.total{background:#9db8ee}
+.legend i.human{background:#2f6fde}
 .timeline{list-style:none;margin:0;padding:0;background:var(--card);border:1px solid var(--line);border-radius:.5rem}
 .timeline li{padding:.5rem .75rem .5rem 1.6rem;border-bottom:1px solid var(--line);position:relative}
 .timeline li:before{content:"";position:absolute;left:.6rem;top:.85rem;width:.55rem;height:.55rem;
@@ -50,21 +54,58 @@ font-size:1rem;text-decoration:none;cursor:pointer;display:inline-block}.button.
 background:var(--card);border:1px solid var(--line);border-radius:.5rem;padding:.75rem;margin-bottom:1rem}
 form.filters fieldset{border:0;padding:0;margin:0;display:flex;flex-wrap:wrap;gap:.2rem .8rem}
 form.filters label{font-size:.9rem}input[type=date]{font:inherit;padding:.3rem}
+header .badge{color:#fff}header form.logout{margin:0 0 0 auto}header form.logout button{background:none;
+border:1px solid #fff;padding:.15rem .6rem;font-size:.9rem}form.login{display:flex;flex-direction:column;gap:.5rem;
+max-width:24rem;background:var(--card);border:1px solid var(--line);border-radius:.5rem;padding:1rem}
+form.login input{font:inherit;padding:.4rem}.error{color:#c81e1e}
+.message-frame{width:100%;height:70vh;border:1px solid var(--line);background:#fff}
 @media (max-width:40rem){main{padding:.6rem}.hide-narrow{display:none}.card .value{font-size:1.35rem}}
 """
 
 
-def layout(title: str, body: str, status: int = 200) -> web.Response:
+def _header(page: PageAuth) -> str:
+    """The navigation, and for a login session who is in and a way out."""
+    links = (
+        '<a href="/campaigns/"><strong>mailbeacon</strong></a><a href="/campaigns/">Campaigns</a>'
+        '<a href="/events/">All events</a><a href="/outbox/">Outbox</a>'
+    )
+    if not page.can_change:
+        links += '<span class="badge" title="this token may only read">read-only</span>'
+    if page.can_log_out:
+        links += (
+            f'<form class="logout" method="post" action="{LOGOUT_PATH}">{csrf_input(page)}'
+            '<button type="submit">Log out</button></form>'
+        )
+    return links
+
+
+def csrf_input(page: PageAuth) -> str:
+    return f'<input type="hidden" name="{CSRF_FIELD}" value="{escape(page.csrf)}">'
+
+
+def layout(request: web.Request, title: str, body: str, status: int = 200) -> web.Response:
+    """A page of the site: its stylesheet is a file of its own (``STYLESHEET_PATH``), as the
+    Content-Security-Policy allows no inline style."""
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">
-<title>{escape(title)} · mailbeacon</title><style>{STYLE}</style></head>
-<body><header><a href="/campaigns/"><strong>mailbeacon</strong></a><a href="/campaigns/">Campaigns</a>
-<a href="/events/">All events</a><a href="/outbox/">Outbox</a></header><main>{body}</main></body></html>"""
+<title>{escape(title)} · mailbeacon</title><link rel="stylesheet" href="{STYLESHEET_PATH}"></head>
+<body><header>{_header(page_auth(request))}</header><main>{body}</main></body></html>"""
     return web.Response(text=page, content_type="text/html", status=status)
 
 
-def not_found(what: str) -> web.Response:
-    return layout("Not found", f"<h1>Not found</h1><p>{escape(what)}</p>", status=404)
+def not_found(request: web.Request, what: str) -> web.Response:
+    return layout(request, "Not found", f"<h1>Not found</h1><p>{escape(what)}</p>", status=404)
+
+
+_STYLE_TAG = '"' + hashlib.sha256(STYLE.encode()).hexdigest()[:16] + '"'
+
+
+async def stylesheet(request: web.Request) -> web.Response:
+    """The pages' CSS; revalidated on each visit (an ETag), so an upgrade restyles at once."""
+    headers = {"ETag": _STYLE_TAG, "Cache-Control": "no-cache"}
+    if request.headers.get("If-None-Match") == _STYLE_TAG:
+        return web.Response(status=304, headers=headers)
+    return web.Response(text=STYLE, content_type="text/css", headers=headers)
 
 
 def card(label: str, metric: str, value: int, rate: float | None = None, rate_label: str = "") -> str:
@@ -99,7 +140,7 @@ async def campaign_list(request: web.Request) -> web.Response:
         "<th class='num hide-narrow'>Delivered</th><th class=num>Open rate</th><th class=num>Click rate</th>"
         f"<th class='num hide-narrow'>Bounce rate</th></tr></thead><tbody>{rows}</tbody></table></div>"
     )
-    return layout("Campaigns", body)
+    return layout(request, "Campaigns", body)
 
 
 def key_metrics(s: dict[str, Any]) -> str:
@@ -154,11 +195,20 @@ def human_vs_total(s: dict[str, Any]) -> str:
     )
 
 
+def share_bar(part: int, whole: int) -> str:
+    """A bar as long as ``part`` of ``whole``: an SVG rectangle, whose width is an attribute,
+    because the Content-Security-Policy refuses inline ``style`` (no 'unsafe-inline')."""
+    return (
+        '<svg class="share" viewBox="0 0 100 1" preserveAspectRatio="none" aria-hidden="true">'
+        f'<rect width="{100 * part / whole:.1f}" height="1"/></svg>'
+    )
+
+
 def top_links(s: dict[str, Any]) -> str:
     links = s["top_links"]
     peak = max((link["total_clicks"] for link in links), default=0) or 1
     rows = "".join(
-        f'<tr><td class="url">{escape(link["url"])}<div class="share" style="width:{100 * link["total_clicks"] / peak:.1f}%"></div></td>'
+        f'<tr><td class="url">{escape(link["url"])}{share_bar(link["total_clicks"], peak)}</td>'
         f'<td class="num">{link["total_clicks"]:,}</td><td class="num">{link["unique_clicks"]:,}</td></tr>'
         for link in links
     )
@@ -198,7 +248,7 @@ def opens_chart(points: list[dict[str, Any]], hourly: bool) -> str:
     return (
         f'<div class="chart"><svg viewBox="0 0 {width} {height}" role="img" '
         f'aria-label="Opens per {key}">{"".join(shapes)}{axis}</svg>'
-        '<div class="legend"><i style="background:#9db8ee"></i>all opens<i style="background:#2f6fde"></i>by people</div></div>'
+        '<div class="legend"><i class="total"></i>all opens<i class="human"></i>by people</div></div>'
     )
 
 
@@ -226,11 +276,22 @@ def timeline(events: list[dict[str, Any]]) -> str:
     )
 
 
+def refresh_button(page: PageAuth, base: str) -> str:
+    """The "Refresh statistics" form with its CSRF token; none for read-only access."""
+    if not page.can_change:
+        return ""
+    return (
+        f'<form method="post" action="{base}/refresh/">{csrf_input(page)}'
+        '<button type="submit">Refresh statistics</button></form>'
+    )
+
+
 async def campaign_page(request: web.Request) -> web.Response:
     db = request.app[DB_KEY]
+    page = page_auth(request)
     campaign = campaign_from(request)
     if not await statistics.campaign_exists(db, campaign):
-        return not_found(f"There is no campaign {campaign}.")
+        return not_found(request, f"There is no campaign {campaign}.")
     hourly = request.query.get("hourly") == "true"
     s = await statistics.read_statistics(db, campaign, hourly=hourly)
     base = f"/campaigns/{escape(campaign)}"
@@ -246,7 +307,7 @@ async def campaign_page(request: web.Request) -> web.Response:
     )
     body = (
         f"<h1>{escape(campaign)}</h1>{notice}<div class=bar-row>"
-        f'<form method="post" action="{base}/refresh/"><button type="submit">Refresh statistics</button></form>'
+        f"{refresh_button(page, base)}"
         f'<a class="button plain" href="{base}/events/">Events</a>'
         f'<a class="button plain" href="/api/campaigns/{escape(campaign)}/export.csv">Export CSV</a>'
         f'<span class="muted">updated {escape(s["updated_at"] or "never")}</span></div>'
@@ -256,14 +317,14 @@ async def campaign_page(request: web.Request) -> web.Response:
         f"<h2>Opens over time <small class=muted>({toggle})</small></h2>{opens_chart(s['opens_over_time'], hourly)}"
         f"<h2>Recent events</h2>{timeline(s['recent_events'])}"
     )
-    return layout(campaign, body)
+    return layout(request, campaign, body)
 
 
 async def refresh_form(request: web.Request) -> web.Response:
     db = request.app[DB_KEY]
     campaign = campaign_from(request)
     if not await statistics.campaign_exists(db, campaign):
-        return not_found(f"There is no campaign {campaign}.")
+        return not_found(request, f"There is no campaign {campaign}.")
     await statistics.refresh(db, campaign)
     raise web.HTTPSeeOther(f"/campaigns/{campaign}/statistics/?refreshed=1")
 
@@ -275,6 +336,7 @@ def add_page_routes(app: web.Application) -> None:
         raise web.HTTPFound("/campaigns/")
 
     app.router.add_get("/", home)
+    app.router.add_get(STYLESHEET_PATH, stylesheet)
     app.router.add_get("/campaigns/", campaign_list)
     app.router.add_get("/campaigns/{ns}/{name}/statistics/", campaign_page)
     app.router.add_post("/campaigns/{ns}/{name}/refresh/", refresh_form)

@@ -14,6 +14,8 @@ from nats.js.kv import KeyValue
 
 from aggregator import metrics
 from aggregator.api import DB_KEY, add_api_routes
+from aggregator.auth.policy import AuthConfigError, AuthPolicy, policy_from_settings
+from aggregator.auth.web import guard, install
 from aggregator.consumer import EventConsumer
 from aggregator.db import Database, open_database, sqlite_url
 from aggregator.migrate import ensure_schema
@@ -41,8 +43,21 @@ def database_url(settings: Settings) -> str:
     return settings.database_url_value() or sqlite_url(settings.data_dir)
 
 
-def create_app(db: Database, outbox_dir: Path | None, ready: bool | None = None) -> web.Application:
-    app = web.Application(middlewares=[json_errors])
+def auth_policy(settings: Settings) -> AuthPolicy:
+    """The aggregator's access policy; a one-line SystemExit when the settings would leave it
+    open beyond loopback or contradict each other (README "Aggregator: authentication")."""
+    try:
+        return policy_from_settings(settings)
+    except AuthConfigError as exc:
+        raise SystemExit(f"mailbeacon aggregator: {exc}") from None
+
+
+def create_app(
+    db: Database, outbox_dir: Path | None, ready: bool | None = None, auth: AuthPolicy | None = None
+) -> web.Application:
+    """The API and pages; ``auth`` None is the loopback default: open, nothing configured."""
+    app = web.Application(middlewares=[json_errors, guard])
+    install(app, auth or AuthPolicy())
     app[DB_KEY] = db
     add_api_routes(app)
     add_page_routes(app)
@@ -50,9 +65,11 @@ def create_app(db: Database, outbox_dir: Path | None, ready: bool | None = None)
         add_outbox_routes(app, outbox_dir)
     else:
 
-        async def no_outbox(_: web.Request) -> web.Response:
+        async def no_outbox(request: web.Request) -> web.Response:
             return layout(
-                "Outbox", "<h1>Outbox</h1><p>Mail is relayed to the real upstream (UPSTREAM_SMTP).</p>"
+                request,
+                "Outbox",
+                "<h1>Outbox</h1><p>Mail is relayed to the real upstream (UPSTREAM_SMTP).</p>",
             )
 
         app.router.add_get("/outbox/", no_outbox)
@@ -63,12 +80,14 @@ class AggregatorService:
     def __init__(self, settings: Settings, js: JetStreamContext, kv: KeyValue | None) -> None:
         self.settings = settings
         self.js = js
+        self.auth = auth_policy(settings)  # before anything is opened: a refusal leaves nothing behind
         self.db = open_database(database_url(settings))
         # Campaign keys whose spec has privacy.anonymizeIp, kept current from the KV bucket.
         self.anonymized: set[str] = set()
         self.consumer = EventConsumer(js, self.db, settings.ingest_batch_size, anonymized=self.anonymized)
         self.campaigns = CampaignStore(kv, on_change=self._campaign_changed) if kv is not None else None
         self.suppressions: SuppressionRecorder | None = None
+        self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.port: int | None = None
@@ -109,7 +128,13 @@ class AggregatorService:
                     self.settings.stream_max_age_days,
                 )
             self._tasks.append(asyncio.create_task(self._retention(keep), name="aggregator-retention"))
-        app = create_app(self.db, self.settings.outbox_dir)
+        if self.auth.opted_out:
+            log.warning(
+                "MAILBEACON_API_AUTH=none: the aggregator's API and pages (recipients, addresses, "
+                "statistics) are open to anyone who reaches %s",
+                self.settings.aggregator_listen,
+            )
+        self.app = app = create_app(self.db, self.settings.outbox_dir, auth=self.auth)
         add_health_routes(app, ready=lambda: self.consumer.healthy)
         self._runner = await serve(app, self.settings.aggregator_listen)
         self.port = bound_port(self._runner)

@@ -126,13 +126,35 @@ async def _apply(settings: Settings, text: str) -> None:
         await nc.close()
 
 
+def _refused(code: int, token: str | None, base: str) -> str:
+    """One line for an aggregator that refused the CLI's credentials: which setting to set."""
+    if code == 403:
+        return (
+            f"error: the aggregator at {base} refused the request (403): the token may only read; "
+            "set MAILBEACON_API_TOKEN to one of the aggregator's MAILBEACON_API_TOKENS"
+        )
+    if token is None:
+        return (
+            f"error: the aggregator at {base} requires a token (401): set MAILBEACON_API_TOKEN "
+            "to one of its MAILBEACON_API_TOKENS or MAILBEACON_API_READ_TOKENS"
+        )
+    return (
+        f"error: the aggregator at {base} does not accept the token (401): check MAILBEACON_API_TOKEN "
+        "(or MAILBEACON_API_TOKENS) against the aggregator's tokens"
+    )
+
+
 def _aggregator_get(settings: Settings, path: str, method: str = "GET") -> Any:
     base = settings.aggregator_base_url()
-    request = urllib.request.Request(f"{base}{path}", method=method)
+    token = settings.aggregator_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"{base}{path}", method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)
     except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise SystemExit(_refused(exc.code, token, base)) from None
         raise SystemExit(f"error: {exc.code} {exc.read().decode(errors='replace')}") from exc
     except urllib.error.URLError as exc:
         raise SystemExit(f"error: aggregator not reachable at {base} ({exc.reason})") from exc
@@ -247,6 +269,10 @@ def main(argv: list[str] | None = None) -> None:
         # runs ("Running upgrade ...") are what an operator wants to see.
         logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     command = args.command
+    if command in ("up", "aggregator"):
+        from aggregator.service import auth_policy
+
+        auth_policy(settings)  # an aggregator that would be open beyond loopback stops here, before NATS
     if command == "up":
         asyncio.run(_up(settings))
     elif command == "proxy":

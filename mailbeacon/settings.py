@@ -8,6 +8,7 @@ accepted as a fallback because the original tracking guide used it.
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -113,6 +114,31 @@ class Settings(BaseSettings):
     aggregator_url: str | None = Field(
         default=None,
         description="Base URL the operator reads campaign statistics from; unset means AGGREGATOR_LISTEN",
+    )
+    # Aggregator API and pages: who may read and change (README "Aggregator: authentication").
+    api_tokens: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer tokens with full access to the aggregator's API and pages, comma-separated "
+        "(at least 24 characters each); enforced also on loopback once set",
+    )
+    api_read_tokens: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list,
+        description="Bearer tokens that may only read (GET) the aggregator's API and pages, comma-separated",
+    )
+    auth_proxy_header: str | None = Field(
+        default=None,
+        description="Header naming the user an authenticating proxy (oauth2-proxy: X-Forwarded-Email) "
+        "vouches for; believed only from TRUSTED_PROXIES, and gives full access",
+    )
+    api_auth: Literal["auto", "none"] = Field(
+        default="auto",
+        description="none serves the aggregator's API and pages to anyone, also off loopback (logged "
+        "as a warning); auto requires the tokens or the proxy header off loopback",
+    )
+    api_token: SecretStr | None = Field(
+        default=None,
+        description="Token the CLI and the operator send to the aggregator; unset means the first of "
+        "API_TOKENS (the operator: of API_READ_TOKENS first)",
     )
     operator_status_interval: float = Field(
         default=30.0, gt=0, description="Seconds between copies of a campaign's statistics into its status"
@@ -262,6 +288,8 @@ class Settings(BaseSettings):
         "operator_namespaces",
         "machine_ip_ranges",
         "no_proxy",
+        "api_tokens",
+        "api_read_tokens",
         mode="before",
     )
     @classmethod
@@ -314,6 +342,16 @@ class Settings(BaseSettings):
             raise ValueError("AGGREGATOR_URL must be an absolute http(s) URL")
         return value.rstrip("/")
 
+    @field_validator("auth_proxy_header")
+    @classmethod
+    def _header_name(cls, value: str | None) -> str | None:
+        value = (value or "").strip()
+        if not value:
+            return None
+        if not re.fullmatch(r"[A-Za-z0-9-]+", value):
+            raise ValueError("AUTH_PROXY_HEADER must be a header name such as X-Forwarded-Email")
+        return value
+
     @field_validator(
         "smtp_listen", "proxy_http_listen", "tracker_listen", "aggregator_listen", "operator_listen"
     )
@@ -342,6 +380,19 @@ class Settings(BaseSettings):
 
     def upstream_smtp_value(self) -> str | None:
         return self.upstream_smtp.get_secret_value() if self.upstream_smtp else None
+
+    def aggregator_token(self, *, read_only: bool = False) -> str | None:
+        """The token a client of the aggregator sends: API_TOKEN, else the first configured
+        token, a read-only one first when ``read_only`` (the operator only reads)."""
+        if self.api_token is not None and self.api_token.get_secret_value():
+            return self.api_token.get_secret_value()
+        lists = (
+            (self.api_read_tokens, self.api_tokens) if read_only else (self.api_tokens, self.api_read_tokens)
+        )
+        for tokens in lists:
+            if tokens:
+                return tokens[0].get_secret_value()
+        return None
 
     def listen(self, which: Literal["smtp", "proxy_http", "tracker", "aggregator"]) -> tuple[str, int]:
         return parse_listen(getattr(self, f"{which}_listen"))

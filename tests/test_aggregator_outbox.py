@@ -68,4 +68,11 @@ async def test_outbox_lists_and_shows_messages_with_odd_headers(
         async with http.get(f"{base}/outbox/{name}.eml") as response:
             assert response.status == 200, name
             shown = await response.text()
-        assert "Hello" in shown and "<b>there" not in shown.split("srcdoc", 1)[0], name
+        assert f'src="/outbox/{name}.eml/body"' in shown and "<b>there" not in shown, name
+        # The body is a sandboxed document of its own, framed by the outbox page only.
+        async with http.get(f"{base}/outbox/{name}.eml/body") as response:
+            assert response.status == 200, name
+            body = await response.text()
+            policy = response.headers["Content-Security-Policy"]
+        assert "Hello" in body and "<b>there" not in body, name  # plain text stays text
+        assert "sandbox" in policy and "frame-ancestors 'self'" in policy and "script-src" not in policy

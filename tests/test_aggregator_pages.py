@@ -3,11 +3,14 @@
 The statistics page shows the right numbers, the "Refresh statistics" button recomputes
 them, the events page's filters and pagination filter, a recipient links to its message
 timeline, everything works without JavaScript, and screenshots (desktop and phone) are
-saved under tests/artifacts/ for people to look at.
+saved under tests/artifacts/ for people to look at. Every page renders under its
+Content-Security-Policy without a violation (a refused stylesheet or style attribute would
+silently unstyle it), and a token-protected aggregator is used through its login form.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import uuid
 from collections.abc import AsyncIterator
@@ -19,6 +22,7 @@ import pytest
 from aiohttp import web
 from sqlalchemy import text
 
+from aggregator.auth.policy import Access, AuthPolicy, Credential
 from aggregator.db import Database, open_database
 from aggregator.ingest import apply_batch
 from aggregator.migrate import migrate
@@ -101,14 +105,16 @@ EXPECTED = {
 }
 
 
-@pytest.fixture
-async def site(tmp_path: Path) -> AsyncIterator[tuple[str, Database, list[str]]]:
+@contextlib.asynccontextmanager
+async def serving(
+    tmp_path: Path, outbox: Path | None = None, auth: AuthPolicy | None = None
+) -> AsyncIterator[tuple[str, Database, list[str]]]:
     db = open_database(f"sqlite:///{tmp_path / 'pages.db'}")
     await migrate(db)
     events, ids = seed_events()
     await apply_batch(db, events[:20])
     await apply_batch(db, events[20:])
-    runner = web.AppRunner(create_app(db, None))
+    runner = web.AppRunner(create_app(db, outbox, auth=auth))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     try:
@@ -116,6 +122,12 @@ async def site(tmp_path: Path) -> AsyncIterator[tuple[str, Database, list[str]]]
     finally:
         await runner.cleanup()
         await db.dispose()
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[tuple[str, Database, list[str]]]:
+    async with serving(tmp_path) as served:
+        yield served
 
 
 @pytest.fixture
@@ -130,6 +142,22 @@ async def browser() -> AsyncIterator[Any]:
             await chromium.close()
 
 
+def csp_violations(page: Any) -> list[str]:
+    """Chromium reports what a Content-Security-Policy blocked on the console: collected here."""
+    found: list[str] = []
+    page.on(
+        "console",
+        lambda message: found.append(message.text) if "Content Security Policy" in message.text else None,
+    )
+    return found
+
+
+async def styled(page: Any) -> bool:
+    """Whether the site's stylesheet applies (the header's colour comes only from it)."""
+    colour = await page.evaluate("getComputedStyle(document.querySelector('header')).backgroundColor")
+    return bool(colour == "rgb(20, 33, 61)")
+
+
 async def metrics_on(page: Any) -> dict[str, str]:
     values = {}
     for element in await page.query_selector_all("[data-metric]"):
@@ -142,9 +170,16 @@ async def test_statistics_page_numbers_and_refresh(
 ) -> None:
     base, db, ids = site
     page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    violations = csp_violations(page)
     await page.goto(f"{base}/campaigns/")
     await page.click(f"text={CAMPAIGN}")
     assert page.url == f"{base}/campaigns/{CAMPAIGN}/statistics/"
+    assert await styled(page)
+    # The bars of the top links are SVG (no style attribute): the longest fills its cell.
+    widths = [
+        await bar.get_attribute("width") for bar in await page.query_selector_all("#top-links svg.share rect")
+    ]
+    assert widths == ["100.0", "50.0"]
     shown = await metrics_on(page)
     assert {k: shown[k] for k in EXPECTED} == EXPECTED
     links = await page.locator("#top-links tbody tr").all_inner_texts()
@@ -178,11 +213,13 @@ async def test_statistics_page_numbers_and_refresh(
     width = await phone.evaluate("document.documentElement.scrollWidth")
     assert width <= 390, "the page must not scroll sideways on a phone"
     await phone.screenshot(path=str(ARTIFACTS / "statistics-phone.png"), full_page=True)
+    assert violations == []
 
 
 async def test_events_page_filters_and_pages(site: tuple[str, Database, list[str]], browser: Any) -> None:
     base, _, _ = site
     page = await browser.new_page()
+    violations = csp_violations(page)
     await page.goto(f"{base}/campaigns/{CAMPAIGN}/events/")
     rows = page.locator("#events tbody tr")
     assert await rows.count() == 50  # one page of 68 events
@@ -204,12 +241,14 @@ async def test_events_page_filters_and_pages(site: tuple[str, Database, list[str
     await page.click("text=Filter")
     assert await page.locator("#events tbody .badge").all_inner_texts() == ["opened", "opened"]
     await page.screenshot(path=str(ARTIFACTS / "events-filtered.png"), full_page=True)
+    assert await styled(page) and violations == []
 
 
 async def test_pages_work_without_javascript(site: tuple[str, Database, list[str]], browser: Any) -> None:
     base, _, _ = site
     context = await browser.new_context(java_script_enabled=False)
     page = await context.new_page()
+    violations = csp_violations(page)
     await page.goto(f"{base}/campaigns/{CAMPAIGN}/statistics/")
     assert (await metrics_on(page))["delivered_count"] == "5"
     assert await page.locator(".chart svg").count() == 1
@@ -218,3 +257,50 @@ async def test_pages_work_without_javascript(site: tuple[str, Database, list[str
     await page.goto(f"{base}/events/?type=unsubscribed")
     assert await page.locator("#events tbody .badge").all_inner_texts() == ["unsubscribed"]
     await context.close()
+    assert violations == []
+
+
+TOKEN = "page-test-token-0123456789abcdef"
+NEWSLETTER = (
+    b"From: shop@example.com\r\nDelivered-To: ann@example.com\r\nSubject: Spring sale\r\n"
+    b"MIME-Version: 1.0\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+    b"<html><head><style>h1{color:rgb(200, 30, 30)}</style></head><body><h1>Spring sale</h1>"
+    b'<p style="font-size:20px">Everything must go.</p></body></html>\r\n'
+)
+
+
+async def test_log_in_refresh_and_log_out_in_the_browser(tmp_path: Path, browser: Any) -> None:
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    (outbox / "sale.eml").write_bytes(NEWSLETTER)
+    policy = AuthPolicy((Credential(TOKEN.encode(), Access.FULL),))
+    async with serving(tmp_path, outbox, policy) as (base, _, _):
+        page = await browser.new_page()
+        violations = csp_violations(page)
+        response = await page.goto(f"{base}/campaigns/{CAMPAIGN}/statistics/")
+        assert response is not None and response.status == 401
+        assert await styled(page)  # the login page too
+        await page.fill("input[name=token]", TOKEN + "-wrong")
+        await page.click("form.login button")
+        assert await page.locator(".error").inner_text() == "That token is not valid."
+        await page.fill("input[name=token]", TOKEN)
+        await page.click("form.login button")
+        assert page.url == f"{base}/campaigns/{CAMPAIGN}/statistics/"  # back to the page asked for
+        assert (await metrics_on(page))["sent_count"] == "6"
+        await page.click("text=Refresh statistics")  # a POST with the session's CSRF token
+        await page.wait_for_selector(".notice")
+        await page.screenshot(path=str(ARTIFACTS / "statistics-logged-in.png"), full_page=True)
+
+        # The outbox shows a message with its own styles in a sandboxed frame of its own.
+        await page.goto(f"{base}/outbox/sale.eml")
+        frame = page.frame_locator("iframe.message-frame")
+        heading = frame.locator("h1")
+        assert await heading.inner_text() == "Spring sale"
+        assert await heading.evaluate("h => getComputedStyle(h).color") == "rgb(200, 30, 30)"
+        assert await frame.locator("p").evaluate("p => getComputedStyle(p).fontSize") == "20px"
+
+        await page.click("form.logout button")
+        assert page.url == f"{base}/login"
+        await page.goto(f"{base}/events/")
+        assert await page.locator("input[name=token]").count() == 1  # logged out
+        assert violations == []

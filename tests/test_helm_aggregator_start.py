@@ -2,6 +2,7 @@
 
 A new PostgreSQL (or the SQLite fallback on an emptyDir) has no schema, and an aggregator
 refuses to run on a schema it does not know: the chart's default must bring it to life.
+It listens on every interface, as in its pod, with the token from the chart's Secret.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import aiohttp
 import pytest
 
 from tests.support import free_port, wait_http_ok
-from tests.test_helm_chart import env_of, manifests, render
+from tests.test_helm_aggregator_auth import resolved
+from tests.test_helm_chart import API_TOKEN, manifests, render
 
 pytest.importorskip("helm_python")
 
@@ -25,14 +27,14 @@ pytest.importorskip("helm_python")
 def aggregator_environment(
     values: dict[str, Any], tmp_path: Path, nats_url: str, port: int
 ) -> dict[str, str]:
-    rendered = env_of(manifests(render(values)), "mb-mailbeacon-aggregator")
-    env = {name: value for name, value in rendered.items() if isinstance(value, str)}
+    env = resolved(manifests(render(values)), "mb-mailbeacon-aggregator")
+    assert env["MAILBEACON_AGGREGATOR_LISTEN"] == "0.0.0.0:8090"
     env.update(
         {
             # Where this machine differs from a pod: a single-node NATS, a free port, a data dir.
             "MAILBEACON_NATS_URL": nats_url,
             "MAILBEACON_STREAM_REPLICAS": "1",
-            "MAILBEACON_AGGREGATOR_LISTEN": f"127.0.0.1:{port}",
+            "MAILBEACON_AGGREGATOR_LISTEN": f"0.0.0.0:{port}",
             "MAILBEACON_DATA_DIR": str(tmp_path / "data"),
             "PATH": os.environ.get("PATH", ""),
             "HOME": str(tmp_path),
@@ -56,11 +58,12 @@ async def test_default_chart_aggregator_migrates_a_fresh_database_and_serves(
     )
     try:
         await wait_http_ok(f"http://127.0.0.1:{port}/readyz", within=30)
-        async with (
-            aiohttp.ClientSession() as http,
-            http.get(f"http://127.0.0.1:{port}/api/campaigns") as response,
-        ):
-            assert response.status == 200
+        url = f"http://127.0.0.1:{port}/api/campaigns"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(url) as response:
+                assert response.status == 401  # auth on by default
+            async with http.get(url, headers={"Authorization": f"Bearer {API_TOKEN}"}) as response:
+                assert response.status == 200
     finally:
         if process.returncode is None:
             process.terminate()

@@ -31,9 +31,33 @@ NAMESPACE = "mailbeacon"
 Manifest = dict[str, Any]
 
 
-def render(values: dict[str, Any] | None = None, name: str = "mb") -> dict[str, str]:
+# The chart refuses to render without credentials for the aggregator's API and pages
+# (test_the_aggregator_needs_credentials_by_default); tests about other things give it this
+# token unless their values say how the aggregator is protected.
+API_TOKEN = "chart-test-api-token-0123456789abcdef"
+WITH_TOKEN: dict[str, Any] = {"secrets": {"apiTokens": [API_TOKEN]}}
+
+
+def _protects_aggregator(values: dict[str, Any]) -> bool:
+    secrets = values.get("secrets", {})
+    aggregator = values.get("aggregator", {})
+    return bool(
+        {"apiTokens", "apiReadTokens", "existingSecret"} & set(secrets)
+        or "auth" in aggregator
+        or aggregator.get("enabled") is False
+    )
+
+
+def with_token(values: dict[str, Any]) -> dict[str, Any]:
+    if _protects_aggregator(values):
+        return values
+    return {**values, "secrets": {**values.get("secrets", {}), **WITH_TOKEN["secrets"]}}
+
+
+def render(values: dict[str, Any] | None = None, name: str = "mb", *, token: bool = True) -> dict[str, str]:
     chart = helm_python.Chart.load(str(CHART))
-    return dict(chart.render(values or {}, name=name, namespace=NAMESPACE))
+    values = values or {}
+    return dict(chart.render(with_token(values) if token else values, name=name, namespace=NAMESPACE))
 
 
 def manifests(rendered: dict[str, str]) -> list[Manifest]:
@@ -184,7 +208,7 @@ def validate(doc: Manifest) -> None:
         kubernetes_validate.validate(doc, version, strict=True)
 
 
-@pytest.mark.parametrize("values", [{}, PRODUCTION], ids=["default", "production"])
+@pytest.mark.parametrize("values", [WITH_TOKEN, PRODUCTION], ids=["default", "production"])
 def test_chart_lints_clean(values: dict[str, Any]) -> None:
     report = helm_python.lint(str(CHART), values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
     assert report["errors"] == [] and report["messages"] == [], report
@@ -477,6 +501,7 @@ def test_chart_made_secret_holds_given_values_or_a_generated_key() -> None:
     assert decoded == {
         "secret-keys": "new-key-0123456789abcdefghijklmnop,old-key-0123456789abcdefghijklmnop",
         "database-url": "postgresql://mb:pw@db:5432/mb",
+        "api-tokens": API_TOKEN,
     }
     generated = by_kind(manifests(render()), "Secret")["mb-mailbeacon"]
     assert len(base64.b64decode(generated["data"]["secret-keys"])) == 48

@@ -126,7 +126,11 @@ class CampaignOperator:
         self.nc = await connect(self.settings.nats_url, "mailbeacon-operator")
         self.store = CampaignStore(await ensure_campaign_bucket(self.nc.jetstream(), self.settings))
         self.http = aiohttp.ClientSession()
-        self.statistics = StatisticsClient(self.settings.aggregator_base_url(), self.http)
+        self.statistics = StatisticsClient(
+            self.settings.aggregator_base_url(),
+            self.http,
+            token=self.settings.aggregator_token(read_only=True),  # it only reads
+        )
         log.info(
             "campaign operator ready: statistics from %s every %ss",
             self.statistics.base_url,
