@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import stat
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -39,10 +38,11 @@ def sqlite_url(data_dir: Path) -> str:
 
 def protect_sqlite_file(path: Path) -> None:
     """The database holds recipients' addresses, IPs and user agents: the file (and the
-    -wal and -shm files SQLite makes with the file's own mode) readable by this user only,
-    and its directory closed to other users."""
+    -wal and -shm files SQLite makes with the file's own mode) readable by this user only.
+    A directory made for it is this user's alone; an existing one is left as it is (it may be
+    the working directory or a home: not ours to change, and the files are closed anyway)."""
     try:
-        _close_to_others(path.parent)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             os.fchmod(fd, 0o600)  # also an older file made 0644 by an earlier release
@@ -54,17 +54,6 @@ def protect_sqlite_file(path: Path) -> None:
                 side.chmod(0o600)
     except OSError as exc:  # not ours to change (a mounted volume): SQLite says more if it matters
         log.warning("could not restrict access to the database file %s: %s", path, exc.strerror)
-
-
-def _close_to_others(directory: Path) -> None:
-    if not directory.exists():
-        directory.mkdir(mode=0o700, parents=True)
-        return
-    mode = directory.stat()
-    # Only a directory of our own, and never a shared one like /tmp (sticky bit).
-    if mode.st_uid == os.geteuid() and not mode.st_mode & stat.S_ISVTX and mode.st_mode & 0o007:
-        directory.chmod(stat.S_IMODE(mode.st_mode) & ~0o007)
-        log.info("closed %s to other users: it holds the database", directory)
 
 
 def _switch_to_wal(cursor: Any) -> None:
