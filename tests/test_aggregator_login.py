@@ -113,7 +113,11 @@ async def test_login_logout_and_the_session_cookie(start: Start, browser: aiohtt
     token = hidden(page, "csrf_token")
     with_session = cookie_header(mailbeacon_session=session, mailbeacon_csrf=csrf_cookie.value)
     # The refresh form posts with the session's CSRF token, and only with it.
-    for refused in ({}, {"csrf_token": csrf_cookie.value}, {"csrf_token": token[:-1] + "0"}):
+    for refused in (
+        {},
+        {"csrf_token": csrf_cookie.value},
+        {"csrf_token": token[:-1] + ("1" if token.endswith("0") else "0")},
+    ):
         status, _, page = await send(
             browser, "POST", running.base + REFRESH_FORM, data=refused, headers=with_session
         )
