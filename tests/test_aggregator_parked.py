@@ -33,7 +33,7 @@ from aggregator.migrate import migrate
 from aggregator.models import EVENTS
 from aggregator.parked import bound_parked, drop_over_limit, expire_parked
 from aggregator.prepare import prepare
-from aggregator.times import as_utc
+from aggregator.times import as_utc, sqlite_time
 from mailbeacon.events import Event, EventType, utcnow
 from mailbeacon.runner import AllInOne
 from tests.support import eventually, make_settings, metric_value
@@ -423,3 +423,67 @@ async def test_adoption_looks_at_recent_parked_events_and_now_and_then_at_all(db
     assert await count_parked(db) == 1
     assert (await adopt_parked(db)).applied == 1
     assert await count_parked(db) == 0
+
+
+async def test_adoption_gives_address_only_events_only_to_copies_relayed_in_time(db: Database) -> None:
+    """Adoption's SQL bound (the event's time plus five minutes) agrees with the rule on both
+    databases: a copy relayed three minutes after the event takes it, one six minutes after
+    does not."""
+    at = utcnow()
+    early, late = (
+        webhook(EventType.DELIVERED, "quin@example.com", at),
+        webhook(EventType.DELIVERED, "ray@example.com", at),
+    )
+    await apply_batch(db, [early, late])
+    async with db.writing() as conn:
+        for address, minutes in (("quin@example.com", 3), ("ray@example.com", 6)):
+            sent_at = at + timedelta(minutes=minutes)
+            await conn.execute(
+                text(
+                    "INSERT INTO messages (tracking_id, campaign, recipient, status, sent_at, open_count, "
+                    "click_count) VALUES (:tid, 'adopt/skew', :r, 'sent', :at, 0, 0)"
+                ),
+                {
+                    "tid": str(uuid.uuid4()),
+                    "r": address,
+                    "at": sent_at if db.dialect == "postgresql" else sqlite_time(sent_at),
+                },
+            )
+    assert (await adopt_parked(db)).applied == 1
+    taken, left = await stored(db, early.event_id), await stored(db, late.event_id)
+    assert taken is not None and taken["applied"] and left is not None and not left["applied"]
+
+
+async def test_the_expiry_clock_follows_the_stream_while_ingest_catches_up(
+    nc: NATS, database_url: str
+) -> None:
+    """After an outage the aggregator works through a backlog: its expiry clock is the
+    stream time it has reached, not the wall clock, until it has caught up."""
+    db = open_database(database_url)
+    await migrate(db)
+    js = nc.jetstream()
+    events = [pixel(str(uuid.uuid4())) for _ in range(40)]
+    for e in events:
+        await js.publish(e.subject, e.to_json(), headers={"Nats-Msg-Id": e.event_id})
+    published = datetime.now(UTC)
+    await asyncio.sleep(2.0)  # the backlog is two seconds old when ingest starts
+    consumer = EventConsumer(js, db, batch_size=5, pipeline=1, lanes=1)
+    clocks: list[datetime | None] = []
+
+    async def note(_: object) -> None:
+        clocks.append(consumer.ingested_until())
+
+    consumer.before_ack = note
+    try:
+        await consumer.start()
+        await eventually(lambda: stored(db, events[-1].event_id))
+        behind = [t for t in clocks if t is not None]
+        assert behind and min(behind) <= published, clocks
+        await eventually(lambda: _near_now(consumer.ingested_until()))
+    finally:
+        await consumer.stop()
+        await db.dispose()
+
+
+async def _near_now(moment: datetime | None) -> bool:
+    return moment is not None and abs(moment - datetime.now(UTC)) < timedelta(seconds=1)
