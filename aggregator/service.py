@@ -138,7 +138,7 @@ class AggregatorService:
             await asyncio.sleep(RETENTION_EVERY_SECONDS)
 
     async def _bound_parked(self) -> None:
-        """Expire and cap parked events (aggregator.parked), every replica in turn."""
+        """Expire and cap parked events (aggregator.parked); replicas doing it at once delete the same ones."""
         ttl = timedelta(hours=self.settings.parked_event_ttl_hours)
         while True:
             await asyncio.sleep(PARKED_EVERY_SECONDS)
