@@ -28,6 +28,7 @@ from typing import Any, Literal, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from aggregator.attribution import CLOCK_SKEW
 from aggregator.times import sqlite_time
 
 T = TypeVar("T")
@@ -150,6 +151,25 @@ class Bulk:
         order or the tracking-id index; PostgreSQL picks the partial index by itself.
         """
         return "events" if self.postgres else "events INDEXED BY ix_events_parked"
+
+    @property
+    def waiting_events(self) -> str:
+        """``events`` read through the partial index of parked events that wait for a
+        message, oldest first (``ix_events_parked_since``)."""
+        return "events" if self.postgres else "events INDEXED BY ix_events_parked_since"
+
+    def latest_relay(self, occurred_at: str, received_at: str) -> str:
+        """SQL for :func:`aggregator.attribution.latest_relay` of an address-only event's time
+        (its stated time, at the latest its arrival, which is its ``received_at``).
+
+        SQLite's date functions keep milliseconds: the bound is rounded up by up to 1.5 ms, so
+        as a filter in front of :meth:`aggregator.transaction.Transaction.resolve` it never
+        leaves out an event that may belong to a copy.
+        """
+        seconds = int(CLOCK_SKEW.total_seconds())
+        if self.postgres:
+            return f"(LEAST({occurred_at}, {received_at}) + interval '{seconds} seconds')"
+        return f"(strftime('%Y-%m-%d %H:%M:%f', min({occurred_at}, {received_at}), '+{seconds} seconds') || '999')"
 
     def source(
         self, columns: Sequence[Column], rows: Sequence[Sequence[Any]], *, ready: bool = False

@@ -18,7 +18,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -32,11 +32,19 @@ from aggregator.feed import ACK, TERM, Delivery, PullFeed, delivery_info, nak
 from aggregator.ingest import adopt_parked, apply_prepared, count_parked, look_up_stored
 from aggregator.prepare import Prepared, prepare, prepare_yielding
 from aggregator.privacy import NOBODY, Anonymized
+from mailbeacon.events import utcnow
 from mailbeacon.jetstream import CONSUMER, STREAM
 
 log = logging.getLogger(__name__)
 
 ADOPT_EVERY_SECONDS = 2.0
+# Each adoption looks at the events parked since the previous one began, less this margin
+# (replicas' clocks, batches prepared a while before they commit); once a minute at all of
+# them (one skipped because another transaction held it may be older). The parked count
+# for the gauge is refreshed every few rounds: both read up to PARKED_EVENT_LIMIT rows.
+ADOPT_MARGIN = timedelta(seconds=60)
+ADOPT_ALL_EVERY_SECONDS = 60.0
+COUNT_PARKED_EVERY_SECONDS = 10.0
 MAX_RETRY_DELAY_SECONDS = 30.0
 # Events decoded between two chances for the batch in the database to go on.
 DECODE_SLICE = 32
@@ -51,6 +59,19 @@ def _refuses_the_value(failure: Exception) -> bool:
     reason = getattr(failure, "orig", None) or failure
     state = getattr(reason, "sqlstate", None) or getattr(reason, "pgcode", None)
     return isinstance(failure, DataError) or (isinstance(state, str) and state.startswith("22"))
+
+
+def arrivals(events: Sequence[Incoming], replies: Sequence[bytes]) -> dict[str, datetime]:
+    """When the stream stored each address-only event: JetStream's own time, from the
+    acknowledgement subject, which no publisher can set (it bounds the event's time, see
+    :mod:`aggregator.attribution`). Other events need no arrival: this costs one test each."""
+    arrived: dict[str, datetime] = {}
+    for event, reply in zip(events, replies, strict=True):
+        if event.tracking_id is None and event.recipient is not None:
+            info = delivery_info(reply)
+            if info is not None:
+                arrived[event.event_id] = info.stored_at
+    return arrived
 
 
 def _why(failure: Exception) -> str:
@@ -110,6 +131,11 @@ class EventConsumer:
         self._redelivery_due = 0.0
         self.db_ok = True
         self.processed = 0
+        self._adopted_since: datetime | None = None  # the window of the next adoption
+        self._adopted_all = self._counted = -float("inf")  # monotonic times
+        # How far ingest has got in the stream, for the expiry of parked events.
+        self._caught_up = False
+        self._stored_until: datetime | None = None
         # Runs after a batch committed and before it is acknowledged (suppressions); when it
         # fails, the batch is redelivered and the hook runs again on the duplicates.
         self.before_ack: Callable[[Sequence[Incoming]], Awaitable[None]] | None = None
@@ -117,6 +143,14 @@ class EventConsumer:
     @property
     def healthy(self) -> bool:
         return self.feed.connected and self.db_ok
+
+    def ingested_until(self) -> datetime | None:
+        """Up to when the stream's events are stored: now, when the stream held nothing more
+        at the last look; else the arrival of the newest event stored; None before either is
+        known (just started). Parked events expire by this clock (:mod:`aggregator.parked`),
+        so an aggregator catching up on a backlog (after an outage longer than the TTL)
+        never expires an event whose copy's ``sent`` is still waiting in the stream."""
+        return utcnow() if self._caught_up and self.feed.connected else self._stored_until
 
     async def start(self) -> None:
         await self.feed.start()
@@ -129,6 +163,8 @@ class EventConsumer:
                 while len(self._in_flight) >= self.pipeline:
                     await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
                 taken = await self.feed.take(wait=0.5)
+                if not taken and self.feed.connected:
+                    self._caught_up = True
                 if taken:
                     loop = asyncio.get_running_loop()
                     turns: list[asyncio.Future[None]] = [loop.create_future() for _ in range(self._chains)]
@@ -195,7 +231,8 @@ class EventConsumer:
     ) -> None:
         """Prepare events while the batches they must follow are stored, then store them."""
         try:
-            batch = await prepare_yielding(events, self.db.dialect == "postgresql") if events else None
+            postgres = self.db.dialect == "postgresql"
+            batch = await prepare_yielding(events, postgres, arrivals(events, replies)) if events else None
             if batch is not None:
                 with contextlib.suppress(Exception):  # only a shortcut: the transaction looks up itself
                     await look_up_stored(self.db, batch)
@@ -242,7 +279,8 @@ class EventConsumer:
         skip = set(held)
         events = [event for n, event in enumerate(events) if n not in skip]
         replies = [reply for n, reply in enumerate(replies) if n not in skip]
-        return (prepare(events, self.db.dialect == "postgresql") if events else None), events, replies
+        rest = prepare(events, self.db.dialect == "postgresql", arrivals(events, replies)) if events else None
+        return rest, events, replies
 
     async def _decode(self, taken: list[Delivery]) -> tuple[list[Incoming], list[bytes]]:
         """The valid events with their acknowledgement subjects; malformed ones are terminated."""
@@ -326,7 +364,7 @@ class EventConsumer:
         """Store and acknowledge the batch (``batch``: the events prepared); the exception if
         its transaction failed (nothing stored)."""
         if batch is None:
-            batch = prepare(events, self.db.dialect == "postgresql")
+            batch = prepare(events, self.db.dialect == "postgresql", arrivals(events, replies))
         try:
             started = time.perf_counter()
             result = await apply_prepared(self.db, batch, self.anonymized)
@@ -349,6 +387,9 @@ class EventConsumer:
         if info is not None:
             metrics.LAG.set(info.pending)
             metrics.LAG_SECONDS.set(max(0.0, (datetime.now(UTC) - info.stored_at).total_seconds()))
+            self._caught_up = info.pending == 0
+            if self._stored_until is None or info.stored_at > self._stored_until:
+                self._stored_until = info.stored_at
         return None
 
     async def _database_answers(self) -> bool:
@@ -375,10 +416,18 @@ class EventConsumer:
         await asyncio.sleep(0.5)
 
     async def _adopt(self) -> None:
+        now, started = time.monotonic(), utcnow()
+        everything = now - self._adopted_all >= ADOPT_ALL_EVERY_SECONDS or self._adopted_since is None
         try:
-            result = await adopt_parked(self.db, anonymized=self.anonymized)
+            since = None if everything else self._adopted_since
+            result = await adopt_parked(self.db, anonymized=self.anonymized, since=since)
             metrics.record_batch(result, 0)
-            metrics.PARKED.set(await count_parked(self.db))
+            self._adopted_since = started - ADOPT_MARGIN
+            if everything:
+                self._adopted_all = now
+            if now - self._counted >= COUNT_PARKED_EVERY_SECONDS:
+                metrics.PARKED.set(await count_parked(self.db))
+                self._counted = now
         except Exception as exc:
             log.warning("adopting parked events failed: %s", exc)
 

@@ -6,7 +6,8 @@ One batch is one transaction of a fixed number of statements, whatever its size:
    RETURNING``: only the transaction that really created a message counts it).
 2. The other events are resolved to their message: by tracking id, or for an
    address-only webhook the most recent message sent to that address by the time of
-   the event (else the most recent one). On PostgreSQL these messages are locked here,
+   the event, never later than its arrival (else one sent up to five minutes after it;
+   else none: see :mod:`aggregator.attribution`). On PostgreSQL these messages are locked here,
    in one statement, in tracking-id order. Campaigns whose spec asks for it get the
    event's IP anonymized now that its campaign is known.
 3. All events are inserted, and only the ones new to the table count, so a redelivered or
@@ -44,11 +45,15 @@ The statements live in :mod:`aggregator.transaction` (events) and :mod:`aggregat
 from __future__ import annotations
 
 from collections.abc import Iterable
+from datetime import datetime
+from typing import Any
 
+from aggregator.attribution import CLOCK_SKEW
 from aggregator.bulk import Bulk
 from aggregator.db import Database
 from aggregator.decode import EventFields
 from aggregator.effects import Applied, Plan, plan
+from aggregator.parked import waiting
 from aggregator.prepare import (
     APPLIED,
     BOUNCE_KIND,
@@ -60,6 +65,7 @@ from aggregator.prepare import (
 )
 from aggregator.privacy import NOBODY, Anonymized, anonymize_row
 from aggregator.tally import BatchResult
+from aggregator.times import sqlite_time
 from aggregator.transaction import Transaction
 from mailbeacon.events import EventType
 
@@ -103,7 +109,7 @@ async def apply_prepared(db: Database, batch: Prepared, anonymized: Anonymized =
                 if tid:
                     target = by_id.get(tid)
                 elif e.recipient:
-                    target = by_address.get((e.recipient, e.occurred_at))
+                    target = by_address.get(batch.address_of[e.event_id])
                 else:
                     target = None  # names no message at all: kept for the record, never applied
                 if target is not None:
@@ -144,8 +150,18 @@ async def apply_prepared(db: Database, batch: Prepared, anonymized: Anonymized =
             branches = [("events", where, params)]
             addresses = sorted({r for _, r in tx.new_recipients})
             if addresses:
+                # Only events that arrived at most CLOCK_SKEW before the earliest of these
+                # copies can be theirs: an address flooded with older ones costs nothing here.
                 where, params = tx.sql.one_of("recipient", addresses)
-                branches.append((tx.sql.parked_events, f"{where} AND tracking_id IS NULL", params))
+                since = min(batch.creators[tid].occurred_at for tid in created) - CLOCK_SKEW
+                params["since"] = since if tx.sql.postgres else sqlite_time(since)
+                branches.append(
+                    (
+                        tx.sql.parked_events,
+                        f"{where} AND tracking_id IS NULL AND received_at >= :since",
+                        params,
+                    )
+                )
             adopted = await tx.claim_parked(branches)
             effects += adopted
             plan(adopted, into=planned)
@@ -169,23 +185,32 @@ async def look_up_stored(db: Database, batch: Prepared) -> None:
         batch.stored = {row[0] for row in await sql.run(f"SELECT event_id FROM events WHERE {where}", params)}
 
 
-async def adopt_parked(db: Database, limit: int = 2000, anonymized: Anonymized = NOBODY) -> BatchResult:
-    """Apply parked events whose message has meanwhile been stored (by any replica)."""
+async def adopt_parked(
+    db: Database, limit: int = 2000, anonymized: Anonymized = NOBODY, since: datetime | None = None
+) -> BatchResult:
+    """Apply parked events whose message has meanwhile been stored (by any replica).
+
+    ``since``: only those parked (``received_at``) since then, found through the index by
+    age instead of looking at every parked event (there may be a million: a flood of pixels
+    for made-up copies).
+    """
     async with db.writing() as conn:
         tx = Transaction(await Bulk.of(conn, db.dialect), anonymized=anonymized)
         await tx.sql.planning_for_few_rows()
-        effects = await tx.claim_parked(
-            [
-                (
-                    tx.sql.parked_events,
-                    "(EXISTS (SELECT 1 FROM messages m WHERE m.tracking_id = events.tracking_id) OR "
-                    "(events.tracking_id IS NULL "
-                    "AND EXISTS (SELECT 1 FROM messages m WHERE m.recipient = events.recipient)))",
-                    {},
-                )
-            ],
-            limit=limit,
+        # An address-only event only when a copy relayed early enough exists: those relayed
+        # later never take it, and must not fill every round's ``limit`` (aggregator.attribution).
+        bound = tx.sql.latest_relay("events.occurred_at", "events.received_at")
+        table = tx.sql.parked_events
+        where = (
+            "(EXISTS (SELECT 1 FROM messages m WHERE m.tracking_id = events.tracking_id) OR "
+            "(events.tracking_id IS NULL AND EXISTS (SELECT 1 FROM messages m "
+            f"WHERE m.recipient = events.recipient AND m.status = 'sent' AND m.sent_at <= {bound})))"
         )
+        params: dict[str, Any] = {}
+        if since is not None:
+            table, where = tx.sql.waiting_events, f"{where} AND received_at >= :since"
+            params["since"] = since if tx.sql.postgres else sqlite_time(since)
+        effects = await tx.claim_parked([(table, where, params)], limit=limit)
         if effects:
             await tx.apply(effects)
             await tx.flush()
@@ -202,8 +227,5 @@ async def count_parked(db: Database) -> int:
     async with db.read_engine.begin() as conn:
         sql = await Bulk.of(conn, db.dialect)
         await sql.planning_for_few_rows()
-        rows = await sql.run(
-            f"SELECT count(*) FROM {sql.parked_events} WHERE applied = {sql.false} "
-            "AND type NOT IN ('sent', 'failed') AND (tracking_id IS NOT NULL OR recipient IS NOT NULL)"
-        )
+        rows = await sql.run(f"SELECT count(*) FROM {sql.waiting_events} WHERE {waiting(sql.false)}")
     return int(rows[0][0])

@@ -48,6 +48,16 @@ LAG_SECONDS = Gauge(
     "mailbeacon_aggregator_ingest_lag_seconds", "Age of the newest stored event when its batch committed"
 )
 PARKED = Gauge("mailbeacon_aggregator_parked_events", "Stored events waiting for their message")
+PARKED_EXPIRED = Counter(
+    "mailbeacon_aggregator_parked_events_expired_total",
+    "Parked events deleted after waiting PARKED_EVENT_TTL_HOURS for their message (they never counted)",
+    ["type"],
+)
+PARKED_DROPPED = Counter(
+    "mailbeacon_aggregator_parked_events_dropped_total",
+    "Oldest parked events deleted beyond PARKED_EVENT_LIMIT (they never counted)",
+    ["type"],
+)
 
 
 def record_batch(result: BatchResult, received: int) -> None:

@@ -16,6 +16,8 @@ from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, Strin
 from sqlmodel import Field, SQLModel
 
 _ID = 36  # a canonical UUID
+# The predicate of ix_events_parked_since; queries repeat it word for word to use the index.
+PARKED_SINCE_WHERE = "applied = {false} AND type NOT IN ('sent', 'failed')"
 
 
 def _ts(**kwargs: Any) -> Any:
@@ -101,12 +103,23 @@ class EventRow(SQLModel, table=True):
         Index("ix_events_campaign_time", "campaign", "occurred_at", "id"),
         Index("ix_events_type_time", "type", "occurred_at", "id"),
         Index("ix_events_time", "occurred_at", "id"),
-        # Parked events (waiting for their message) are few; a partial index finds them fast.
+        # Parked events (waiting for their message) are few; partial indexes find them fast:
+        # by address and arrival (address-only events, aggregator.attribution), and by age
+        # for expiry and the cap (aggregator.parked; sent/failed kept only for the record are
+        # left out, so they are never scanned past).
         Index(
             "ix_events_parked",
             "recipient",
+            "received_at",
             sqlite_where=text("applied = 0"),
             postgresql_where=text("applied = false"),
+        ),
+        Index(
+            "ix_events_parked_since",
+            "received_at",
+            "id",
+            sqlite_where=text(PARKED_SINCE_WHERE.format(false=0)),
+            postgresql_where=text(PARKED_SINCE_WHERE.format(false="false")),
         ),
     )
 
@@ -120,6 +133,8 @@ class EventRow(SQLModel, table=True):
     campaign: str | None = Field(default=None, max_length=320)
     recipient: str | None = Field(default=None, max_length=320)
     occurred_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    # When the aggregator stored the event; for an address-only one, when the stream stored
+    # it (its arrival, which bounds its time: aggregator.attribution). Parked events age by it.
     received_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     ip: str | None = Field(default=None, max_length=64)
     user_agent: str | None = Field(default=None, sa_column=Column(Text))
@@ -211,6 +226,7 @@ __all__ = [
     "LINKS",
     "MESSAGES",
     "MESSAGE_LINKS",
+    "PARKED_SINCE_WHERE",
     "PRUNED",
     "RECIPIENTS",
     "STATS",

@@ -14,12 +14,13 @@ time the write lock is held.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from operator import attrgetter
 from typing import Any
 
+from aggregator.attribution import event_time
 from aggregator.bulk import json_text
 from aggregator.decode import EventFields
 from aggregator.times import sqlite_time
@@ -44,24 +45,33 @@ class Prepared:
     creators: dict[str, EventFields]  # tracking id -> the first sent/failed event naming it
     message_rows: list[tuple[Any, ...]]  # the messages those events would create, by tracking id
     tracking_ids: list[str]  # messages named by the other events
-    addresses: list[tuple[str, datetime]]  # (recipient, occurred_at) of address-only events
+    addresses: list[tuple[str, datetime]]  # (recipient, attributed time) of address-only events
+    address_of: dict[str, tuple[str, datetime]]  # event id -> its entry in ``addresses``
     received_at: datetime
     # Ids among ``events`` already stored, when looked up before the transaction (PostgreSQL).
     stored: set[str] | None = None
 
 
-def prepare(events: Sequence[EventFields], postgres: bool) -> Prepared:
-    """The batch ready for :func:`aggregator.ingest.apply_prepared` on the given database."""
-    steps = _preparing(events, postgres)
+def prepare(
+    events: Sequence[EventFields], postgres: bool, arrivals: Mapping[str, datetime] | None = None
+) -> Prepared:
+    """The batch ready for :func:`aggregator.ingest.apply_prepared` on the given database.
+
+    ``arrivals``: when the stream stored each address-only event (by event id); an event
+    missing there arrived now, as far as this aggregator knows.
+    """
+    steps = _preparing(events, postgres, arrivals)
     while (batch := _next_step(steps)) is None:
         pass
     return batch
 
 
-async def prepare_yielding(events: Sequence[EventFields], postgres: bool) -> Prepared:
+async def prepare_yielding(
+    events: Sequence[EventFields], postgres: bool, arrivals: Mapping[str, datetime] | None = None
+) -> Prepared:
     """:func:`prepare`, letting other tasks run every few hundred events (the consumer
     prepares a batch while the previous one's transaction waits for this loop)."""
-    steps = _preparing(events, postgres)
+    steps = _preparing(events, postgres, arrivals)
     while True:
         batch = _next_step(steps)
         if batch is not None:
@@ -78,7 +88,9 @@ def _next_step(steps: Generator[None, None, Prepared]) -> Prepared | None:
     return None
 
 
-def _preparing(events: Sequence[EventFields], postgres: bool) -> Generator[None, None, Prepared]:
+def _preparing(
+    events: Sequence[EventFields], postgres: bool, arrivals: Mapping[str, datetime] | None
+) -> Generator[None, None, Prepared]:
     """The work of :func:`prepare`, pausing (yielding) every ``_SLICE`` rows."""
     unique: dict[str, EventFields] = {}
     creators: dict[str, EventFields] = {}
@@ -96,17 +108,22 @@ def _preparing(events: Sequence[EventFields], postgres: bool) -> Generator[None,
     received: Any = now if postgres else sqlite_time(now)
     rows: list[list[Any]] = []
     tracking_ids: set[str] = set()
-    addresses: set[tuple[str, datetime]] = set()
+    address_of: dict[str, tuple[str, datetime]] = {}
     value = _VALUE
     for n, e in enumerate(batch, 1):
         if n % _SLICE == 0:
             yield
         kind = e.type
+        row_received = received
         if kind is not _SENT and kind is not _FAILED:
             if e.tracking_id:
                 tracking_ids.add(e.tracking_id)
             elif e.recipient:
-                addresses.add((e.recipient, e.occurred_at))
+                # Attributed by its time, at the latest its arrival (see aggregator.attribution);
+                # the arrival is stored as its received_at, for when it is claimed parked.
+                arrived = min(arrivals.get(e.event_id, now), now) if arrivals else now
+                address_of[e.event_id] = (e.recipient, event_time(e.occurred_at, arrived))
+                row_received = arrived if postgres else sqlite_time(arrived)
         metadata = e.metadata
         rows.append(
             [
@@ -116,7 +133,7 @@ def _preparing(events: Sequence[EventFields], postgres: bool) -> Generator[None,
                 e.campaign,
                 e.recipient,
                 e.occurred_at if postgres else sqlite_time(e.occurred_at),
-                received,
+                row_received,
                 e.ip,
                 e.user_agent,
                 e.url,
@@ -138,5 +155,13 @@ def _preparing(events: Sequence[EventFields], postgres: bool) -> Generator[None,
             (tid, e.campaign or UNKNOWN_CAMPAIGN, e.recipient or "", message_id, value[e.type], sent_at)
         )
     return Prepared(
-        batch, repeats, rows, creators, message_rows, sorted(tracking_ids), sorted(addresses), now
+        batch,
+        repeats,
+        rows,
+        creators,
+        message_rows,
+        sorted(tracking_ids),
+        sorted(set(address_of.values())),
+        address_of,
+        now,
     )

@@ -22,6 +22,7 @@ from aggregator.migrate import ensure_schema
 from aggregator.models import CAMPAIGNS
 from aggregator.outbox_pages import add_outbox_routes
 from aggregator.pages import add_page_routes, layout
+from aggregator.parked import bound_parked
 from aggregator.retention import prune
 from aggregator.statistics import list_campaigns
 from aggregator.suppressions import SuppressionRecorder
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 STATISTICS_METRICS_SECONDS = 10.0
 RETENTION_EVERY_SECONDS = 3600.0
+PARKED_EVERY_SECONDS = 30.0
 
 
 def database_url(settings: Settings) -> str:
@@ -116,7 +118,10 @@ class AggregatorService:
         await self.suppressions.start()
         self.consumer.before_ack = self.suppressions.record
         await self.consumer.start()
-        self._tasks = [asyncio.create_task(self._publish_statistics(), name="aggregator-statistics-metrics")]
+        self._tasks = [
+            asyncio.create_task(self._publish_statistics(), name="aggregator-statistics-metrics"),
+            asyncio.create_task(self._bound_parked(), name="aggregator-parked-events"),
+        ]
         if self.settings.event_retention_days is not None:
             keep = timedelta(days=self.settings.event_retention_days)
             if self.settings.event_retention_days <= self.settings.stream_max_age_days:
@@ -156,6 +161,18 @@ class AggregatorService:
             except Exception as exc:
                 log.warning("pruning old events failed: %s", exc)
             await asyncio.sleep(RETENTION_EVERY_SECONDS)
+
+    async def _bound_parked(self) -> None:
+        """Expire and cap parked events (aggregator.parked); replicas doing it at once delete the same ones."""
+        ttl = timedelta(hours=self.settings.parked_event_ttl_hours)
+        while True:
+            await asyncio.sleep(PARKED_EVERY_SECONDS)
+            try:
+                await bound_parked(
+                    self.db, ttl, self.settings.parked_event_limit, self.consumer.ingested_until()
+                )
+            except Exception as exc:
+                log.warning("expiring parked events failed: %s", exc)
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, NamedTuple
 
+from aggregator.attribution import event_time, latest_relay
 from aggregator.bulk import Bulk, Column, overlapped
 from aggregator.effects import Applied
 from aggregator.prepare import UNKNOWN_CAMPAIGN, Prepared
@@ -53,6 +54,7 @@ class _Parked(NamedTuple):
     tracking_id: str | None
     recipient: str | None
     occurred_at: datetime
+    received_at: datetime
     machine: Any
     bounce_kind: str | None
     url: str | None
@@ -111,14 +113,16 @@ class Transaction(Tally):
     async def resolve(
         self, tracking_ids: Iterable[str], addressed: Iterable[tuple[str, datetime]], *, wait: bool = True
     ) -> tuple[dict[str, Target], dict[tuple[str, datetime], Target]]:
-        """Messages by tracking id, and for each ``(address, occurred_at)`` of an address-only
-        event its message, locked for this batch.
+        """Messages by tracking id, and for each ``(address, time)`` of an address-only
+        event (its time as :func:`aggregator.attribution.event_time` gives it) its message,
+        locked for this batch.
 
         An address-only event (a provider's webhook naming just the recipient) belongs to
         the most recent message relayed to that address (never a copy the upstream refused
-        or the proxy withheld: no provider reports on those) no later than the event happened;
-        when there is none (clocks disagree, or the copy is older than the event says),
-        to the most recent one at all.
+        or the proxy withheld: no provider reports on those) no later than the event's time;
+        when there is none (clocks disagree a little), to the most recent one relayed up to
+        :data:`aggregator.attribution.CLOCK_SKEW` after it; else to none (it waits, parked).
+        Both lookups read ``ix_messages_recipient_sent`` backwards from a bound.
 
         On PostgreSQL every message the batch will update is locked here, in one statement
         in tracking-id order, so concurrent batches never deadlock on each other. With
@@ -128,8 +132,8 @@ class Transaction(Tally):
         pairs = sorted(set(addressed))
         if pairs:
             v = self.sql.source(
-                [("i", "int"), ("recipient", "text"), ("at", "ts")],
-                [(i, address, at) for i, (address, at) in enumerate(pairs)],
+                [("i", "int"), ("recipient", "text"), ("at", "ts"), ("bound", "ts")],
+                [(i, address, at, latest_relay(at)) for i, (address, at) in enumerate(pairs)],
             )
             latest = "ORDER BY m.sent_at DESC, m.tracking_id DESC LIMIT 1"
             rows = await self.sql.run(
@@ -137,7 +141,7 @@ class Transaction(Tally):
                 f"(SELECT m.tracking_id FROM messages m WHERE m.recipient = {v['recipient']} "
                 f"AND m.status = 'sent' AND m.sent_at <= {v['at']} {latest}), "
                 f"(SELECT m.tracking_id FROM messages m WHERE m.recipient = {v['recipient']} "
-                f"AND m.status = 'sent' {latest})) "
+                f"AND m.status = 'sent' AND m.sent_at <= {v['bound']} {latest})) "
                 f"FROM {v.sql}",
                 v.params,
             )
@@ -243,8 +247,8 @@ class Transaction(Tally):
         for table, where, params in branches:
             # Each branch on its own (an OR would not use the right index on SQLite).
             rows += await sql.run(
-                "SELECT id, type, tracking_id, recipient, occurred_at, machine, bounce_kind, url, ip, "
-                "user_agent, reason, metadata "
+                "SELECT id, type, tracking_id, recipient, occurred_at, received_at, machine, bounce_kind, "
+                "url, ip, user_agent, reason, metadata "
                 f"FROM {table} WHERE applied = {sql.false} AND type NOT IN ('sent', 'failed') "
                 f"AND {where}"
                 + (f" LIMIT {int(limit)}" if limit else "")
@@ -253,13 +257,15 @@ class Transaction(Tally):
             )
         if not rows:
             return []
-        parked = [
-            _Parked(r[0], r[1], r[2], r[3], as_utc(r[4]), r[5], r[6], r[7], r[8], r[9], r[10], r[11])
-            for r in rows
-        ]
+        parked = [_Parked._make((*r[:4], as_utc(r[4]), as_utc(r[5]), *r[6:])) for r in rows]
+        # An address-only event's received_at is its arrival (aggregator.prepare).
         by_id, by_address = await self.resolve(
             (r.tracking_id for r in parked if r.tracking_id),
-            ((r.recipient, r.occurred_at) for r in parked if not r.tracking_id and r.recipient),
+            (
+                (r.recipient, event_time(r.occurred_at, r.received_at))
+                for r in parked
+                if not r.tracking_id and r.recipient
+            ),
             wait=False,
         )
         chosen: list[tuple[_Parked, Target]] = []
@@ -267,7 +273,7 @@ class Transaction(Tally):
             if r.tracking_id:
                 target = by_id.get(r.tracking_id)
             else:
-                target = by_address.get((r.recipient or "", r.occurred_at))
+                target = by_address.get((r.recipient or "", event_time(r.occurred_at, r.received_at)))
             if target is not None:
                 chosen.append((r, target))
         if not chosen:

@@ -161,6 +161,17 @@ class Settings(BaseSettings):
     event_retention_days: float | None = Field(
         default=None, gt=0, description="Stored events older than this are pruned; statistics stay"
     )
+    parked_event_ttl_hours: float = Field(
+        default=72.0,
+        ge=1,
+        description="Events waiting for a copy mailbeacon has not seen (parked) are deleted after this "
+        "many hours; they never counted",
+    )
+    parked_event_limit: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="At most this many parked events are kept; beyond it the oldest are deleted",
+    )
     max_message_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
 
     sendgrid_public_key: SecretStr | None = None

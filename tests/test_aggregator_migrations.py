@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from sqlmodel import SQLModel
 
 from aggregator import statistics
 from aggregator.db import open_database
+from aggregator.ingest import apply_batch, count_parked
 from aggregator.migrate import (
     SchemaOutOfDate,
     current_revision,
@@ -29,6 +30,8 @@ from aggregator.migrate import (
     head_revision,
     migrate,
 )
+from aggregator.parked import expire_parked
+from mailbeacon.events import Event, EventType
 
 
 def _differences(connection: Any) -> list[Any]:
@@ -50,6 +53,7 @@ async def test_migrations_build_the_models_schema(database_url: str) -> None:
             "ix_events_campaign_time",
             "ix_events_type_time",
             "ix_events_parked",
+            "ix_events_parked_since",
         } <= indexes
     finally:
         await db.dispose()
@@ -66,6 +70,50 @@ async def test_down_and_up_again(database_url: str) -> None:
         assert await downgrade(db, "base") is None
         await migrate(db)
         assert await current_revision(db) == head_revision()
+    finally:
+        await db.dispose()
+
+
+async def test_parked_events_stored_before_their_bounds_are_found_after_the_upgrade(
+    database_url: str,
+) -> None:
+    """0003 rebuilds the parked index by (address, arrival) and adds one by age: events
+    parked under 0002 are counted, claimed by a copy relayed in time, and expire."""
+    db = open_database(database_url)
+    at: Any = datetime.now(UTC)
+    stamp: Any = at if db.dialect == "postgresql" else at.replace(tzinfo=None).isoformat(sep=" ")
+    try:
+        await migrate(db, "0002")
+        async with db.engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO events (event_id, type, tracking_id, campaign, recipient, occurred_at, received_at, "
+                    "machine, source, applied) VALUES ('old-open', 'opened', :tid, NULL, NULL, :at, :at, false, "
+                    "'pixel', false), ('old-bounce', 'bounced', NULL, NULL, 'ann@example.com', :at, :at, false, "
+                    "'webhook:generic', false)"
+                ),
+                {"tid": str(uuid.uuid4()), "at": stamp},
+            )
+        await migrate(db)
+        assert await count_parked(db) == 2
+        await apply_batch(
+            db,
+            [
+                Event(
+                    event_id="new-sent",
+                    type=EventType.SENT,
+                    tracking_id=str(uuid.uuid4()),
+                    campaign="up/graded",
+                    recipient="ann@example.com",
+                    occurred_at=at,
+                )
+            ],
+        )
+        assert await count_parked(db) == 1  # the bounce went to the copy relayed by its time
+        assert (await statistics.read_statistics(db, "up/graded"))["bounced_count"] == 1
+        assert await expire_parked(db, datetime.now(UTC) + timedelta(seconds=1)) == {"opened": 1}
+        assert await downgrade(db, "0002") == "0002"
+        await migrate(db)
     finally:
         await db.dispose()
 

@@ -5,8 +5,10 @@ The recount below shares no code with the aggregator. It follows the documented
 semantics: a message exists once its first ``sent``/``failed`` event is stored; an
 address-only webhook belongs to the most recent message to that address, among those
 known when its batch is stored, sent no later than the event happened (else the most
-recent one at all); events whose message is unknown wait (parked) and are applied when it
-appears; every event counts once however often it is delivered.
+recent one sent up to five minutes after it; else none: it waits); events whose message is
+unknown wait (parked) and are applied when it appears; every event counts once however
+often it is delivered. (The events here happened months before they arrive, so their
+arrival never bounds their time.)
 """
 
 from __future__ import annotations
@@ -155,7 +157,8 @@ class Model:
         # Only relayed copies: a provider reports nothing about one it never got.
         mine = [m for m in self.messages.values() if m.recipient == recipient and m.status == "sent"]
         before = [m for m in mine if m.sent_at <= at]
-        return max(before or mine, key=lambda m: (m.sent_at, m.tracking_id), default=None)
+        skewed = [m for m in mine if m.sent_at <= at + timedelta(minutes=5)]
+        return max(before or skewed, key=lambda m: (m.sent_at, m.tracking_id), default=None)
 
     def _target(self, e: Event) -> Message | None:
         if e.tracking_id is not None:

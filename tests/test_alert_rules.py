@@ -193,6 +193,15 @@ def test_pipeline_alerts_count_replicas_right(tmp_path: Path) -> None:
             "series": 'mailbeacon_tracker_dropped_events{namespace="mailbeacon",pod="tracker-a"}',
             "values": "0x20 5x20",
         },
+        # A flood of pixels for made-up copies: each replica drops parked events in its turn.
+        *(
+            {
+                "series": f'mailbeacon_aggregator_parked_events_dropped_total{{type="opened",'
+                f'job="mailbeacon-aggregator",instance="{i}"}}',
+                "values": "0x20 0+10x20",
+            }
+            for i in REPLICAS
+        ),
     ]
     expected = [
         {
@@ -217,6 +226,20 @@ def test_pipeline_alerts_count_replicas_right(tmp_path: Path) -> None:
                     "exp_annotations": {
                         "summary": "15% of relayed copies fail upstream",
                         "description": descriptions()["MailbeaconProxyUpstreamErrors"],
+                    },
+                }
+            ],
+        },
+        {"eval_time": "15m", "alertname": "MailbeaconParkedEventsDropped", "exp_alerts": []},
+        {
+            "eval_time": "40m",
+            "alertname": "MailbeaconParkedEventsDropped",
+            "exp_alerts": [
+                {
+                    "exp_labels": {"severity": "warning", **TEAM},
+                    "exp_annotations": {
+                        "summary": "The aggregator deleted 300 parked events beyond its limit in 15 minutes",
+                        "description": descriptions()["MailbeaconParkedEventsDropped"],
                     },
                 }
             ],

@@ -10,6 +10,7 @@ import email
 import smtplib
 import uuid
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from email.message import EmailMessage
 from email.policy import default as default_policy
 from pathlib import Path
@@ -20,9 +21,10 @@ import pytest
 from prometheus_client import generate_latest
 
 from aggregator.service import AggregatorService
+from aggregator.suppressions import CHECK_PARKED_SECONDS
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, CampaignSpec, TrackingSwitches
-from mailbeacon.events import Event, EventType
+from mailbeacon.events import Event, EventType, utcnow
 from mailbeacon.jetstream import SUPPRESSIONS_BUCKET, connect, ensure_suppression_bucket, provision
 from mailbeacon.publisher import EventPublisher
 from mailbeacon.runner import AllInOne
@@ -234,6 +236,49 @@ async def test_a_complaint_stops_mail_and_a_restarted_proxy_still_knows(
     # Untracked mail (no campaign) is never held back.
     code, _ = await asyncio.to_thread(_send, system.smtp_port, b"Subject: hi\r\n\r\nhello\r\n", [ANN])
     assert code == 250 and sink.messages[-1].recipients == [ANN]
+
+
+async def test_a_complaint_for_an_address_never_mailed_stops_no_later_mail(
+    tmp_path: Path, nats_url: str, sink: SmtpSink, database_url: str
+) -> None:
+    """Issue 14, finding 2: an address-only complaint for an address not mailed yet waited
+    parked and went to that address's first copy, withholding every later one. A complaint
+    names the copy relayed by its time (five minutes of clock skew allowed): none here."""
+    cal = "cal@example.com"
+    async with running_system(tmp_path, nats_url, sink, database_url) as system:
+        stated = (utcnow() - timedelta(minutes=10)).isoformat()
+        parked_before = parked_total()
+        async with system.http.post(
+            f"{system.tracker}/track/complaint/", json={"email": cal, "timestamp": stated}
+        ) as response:
+            assert response.status == 200
+
+        async def parked() -> bool:
+            return parked_total() - parked_before == 1
+
+        await eventually(parked)
+        code, _ = await send(system.smtp_port, NEWSLETTER, [cal])
+        assert code == 250
+
+        async def stored_sent() -> bool:
+            url = f"{system.aggregator}/api/campaigns/{NEWSLETTER}/events"
+            async with system.http.get(url, params={"type": "sent"}) as response:
+                return any(e["recipient"] == cal for e in (await response.json())["events"])
+
+        await eventually(stored_sent)
+        await asyncio.sleep(CHECK_PARKED_SECONDS + 1.0)  # a suppression would be recorded by now
+        suppressions = system.proxy.suppressions
+        assert suppressions is not None and suppressions.reason(str(NEWSLETTER), cal) is None
+        code, _ = await send(system.smtp_port, NEWSLETTER, [cal])
+        assert code == 250 and [m.recipients for m in sink.messages] == [[cal], [cal]]
+
+        async def statistics() -> dict[str, Any] | None:
+            url = f"{system.aggregator}/api/campaigns/{NEWSLETTER}/statistics"
+            async with system.http.get(url) as response:
+                stats: dict[str, Any] = await response.json()
+            return stats if stats["sent_count"] == 2 else None
+
+        assert (await eventually(statistics))["complained_count"] == 0
 
 
 async def test_parked_redelivered_and_lost_suppressions_are_recorded(system: System, sink: SmtpSink) -> None:

@@ -431,7 +431,13 @@ def test_component_settings_reach_their_pods() -> None:
             "shutdownDrainSeconds": 45,
             "extraEnv": [{"name": "MAILBEACON_CLICK_BURST_SECONDS", "value": "2"}],
         },
-        "aggregator": {"migrateOnStart": False, "eventRetentionDays": 90, "batchSize": 1000},
+        "aggregator": {
+            "migrateOnStart": False,
+            "eventRetentionDays": 90,
+            "batchSize": 1000,
+            "parkedEventTtlHours": 24,
+            "parkedEventLimit": 2500000,
+        },
         "operator": {"extraEnv": [{"name": "MAILBEACON_LOG_LEVEL", "value": "DEBUG"}]},
         "proxy": {
             "enabled": True,
@@ -457,6 +463,8 @@ def test_component_settings_reach_their_pods() -> None:
     assert aggregator["MAILBEACON_MIGRATE_ON_START"] == "false"
     assert aggregator["MAILBEACON_EVENT_RETENTION_DAYS"] == "90"
     assert aggregator["MAILBEACON_INGEST_BATCH_SIZE"] == "1000"
+    assert aggregator["MAILBEACON_PARKED_EVENT_TTL_HOURS"] == "24"
+    assert aggregator["MAILBEACON_PARKED_EVENT_LIMIT"] == "2500000"  # not 2.5e+06
     proxy = env_of(docs, "mb-mailbeacon-proxy")
     # Every component of the release provisions the stream alike, whichever starts first.
     for deployment in ("tracker", "aggregator", "operator", "proxy"):
@@ -483,6 +491,14 @@ def test_aggregator_migrates_a_fresh_database_by_default(default_docs: list[Mani
     """A fresh PostgreSQL has no schema, and an aggregator refuses a schema it does not know."""
     assert env_of(default_docs, "mb-mailbeacon-aggregator")["MAILBEACON_MIGRATE_ON_START"] == "true"
     assert "MAILBEACON_EVENT_RETENTION_DAYS" not in env_of(default_docs, "mb-mailbeacon-aggregator")
+
+
+def test_parked_events_are_bounded_by_default(default_docs: list[Manifest]) -> None:
+    env = env_of(default_docs, "mb-mailbeacon-aggregator")
+    assert (env["MAILBEACON_PARKED_EVENT_TTL_HOURS"], env["MAILBEACON_PARKED_EVENT_LIMIT"]) == (
+        "72",
+        "1000000",
+    )
 
 
 def test_chart_made_secret_holds_given_values_or_a_generated_key() -> None:
@@ -599,6 +615,8 @@ def test_notes_tell_what_to_do_next() -> None:
         ({"tracker": {"extraEnv": [{"value": "x"}]}}, "/tracker/extraEnv/0"),
         ({"aggregator": {"migrateOnStart": "always"}}, "/aggregator/migrateOnStart"),
         ({"aggregator": {"eventRetentionDays": -1}}, "/aggregator/eventRetentionDays"),
+        ({"aggregator": {"parkedEventTtlHours": 0.5}}, "/aggregator/parkedEventTtlHours"),
+        ({"aggregator": {"parkedEventLimit": 0}}, "/aggregator/parkedEventLimit"),
         ({"metrics": {"prometheusRule": {"complaintRatePercent": 101}}}, "complaintRatePercent"),
         ({"metrics": {"prometheusRule": {"minVolume": 0}}}, "/metrics/prometheusRule/minVolume"),
     ],
