@@ -14,9 +14,12 @@ over raw ``(ack subject, payload)`` pairs, with no header parsing and no per-mes
 objects; for URLs it cannot serve (TLS) the feed uses the nats-py client instead.
 
 Status replies end a request: 404/408 (nothing more, or expired), 409 (the server
-refused it, e.g. the consumer was deleted; logged). A request lost to a reconnect is
-forgotten with the connection, or when its ``expires`` has passed, so the feed never
-waits for it forever.
+refused it, e.g. the consumer was deleted or its leader changed) and 503 (nobody serves the
+consumer: in a NATS cluster, while its replicas elect a new leader after a node failed).
+After a refusal the next request waits, a little longer after each refusal in a row (up
+to :data:`REFUSAL_PAUSE_MAX`): asked again at once, the server refuses as fast as it is
+asked. A request lost to a reconnect is forgotten with the connection, or when its
+``expires`` has passed, so the feed never waits for it forever.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ Delivery = tuple[bytes, bytes]
 
 ACK = b"+ACK"
 TERM = b"+TERM"
+
+# Seconds before a pull request follows a refused one, doubling per refusal in a row: a
+# leader election in a NATS cluster takes a few seconds, and the feed goes on within about
+# a second of its end.
+REFUSAL_PAUSE_MIN = 0.1
+REFUSAL_PAUSE_MAX = 1.0
 
 
 def nak(delay: float) -> bytes:
@@ -188,6 +197,9 @@ class PullFeed:
         self._link: _WireLink | _NatsPyLink | None = None
         self._arrived = asyncio.Event()
         self.refusals = 0
+        self._refused_in_a_row = 0
+        self._pause = 0.0
+        self._resume_at = 0.0  # monotonic time before which no pull request is sent
 
     @property
     def connected(self) -> bool:
@@ -229,9 +241,10 @@ class PullFeed:
             if status == b"100" or status is None:  # a heartbeat, or nothing a pull request sends
                 return
             self._requests.pop(subject[len(self._inbox) :], None)
-            if status not in (b"404", b"408"):
-                self.refusals += 1
-                log.warning("JetStream refused a pull request: %s", status.decode(errors="replace"))
+            if status in (b"404", b"408"):
+                self._served()
+            else:
+                self._refused(status)
             self._arrived.set()
             return
         # The server fills one consumer's waiting requests first come, first served.
@@ -245,10 +258,30 @@ class PullFeed:
         self._buffer.append((reply, payload))
         self._arrived.set()
 
+    def _refused(self, status: bytes) -> None:
+        self.refusals += 1
+        self._refused_in_a_row += 1
+        self._pause = min(max(self._pause * 2, REFUSAL_PAUSE_MIN), REFUSAL_PAUSE_MAX)
+        self._resume_at = time.monotonic() + self._pause
+        if self._refused_in_a_row == 1:  # one line per outage, not one per request
+            log.warning(
+                "JetStream refused a pull request: %s; asking again after a pause growing to %.1f s",
+                status.decode(errors="replace"),
+                REFUSAL_PAUSE_MAX,
+            )
+
+    def _served(self) -> None:
+        if self._refused_in_a_row:
+            log.info("JetStream serves pull requests again (%d refused)", self._refused_in_a_row)
+            self._refused_in_a_row = 0
+        self._pause = self._resume_at = 0.0
+
     async def _top_up(self) -> None:
         if self._link is None or not self._link.connected:
             return
         now = time.monotonic()
+        if now < self._resume_at:
+            return
         for name in [n for n, r in self._requests.items() if r.deadline < now]:
             del self._requests[name]
         outstanding = sum(r.remaining for r in self._requests.values()) + len(self._buffer)
@@ -272,6 +305,8 @@ class PullFeed:
                 await asyncio.wait_for(self._arrived.wait(), wait)
             if not self._buffer:
                 return []
+        if self._pause:
+            self._served()
         taken, self._buffer = self._buffer[: self.batch], self._buffer[self.batch :]
         await self._top_up()
         return taken

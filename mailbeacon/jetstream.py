@@ -46,8 +46,18 @@ ALL_EVENTS = f"{SUBJECT_PREFIX}.>"
 CONSUMER_ACK_WAIT_SECONDS = 60.0
 
 
+def server_urls(url: str) -> list[str]:
+    """NATS_URL as a list of servers: one URL, or a cluster's URLs separated by commas
+    (as the NATS CLI and the Go client take them; nats-py wants a list)."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
 def redact_url(url: str) -> str:
-    """The URL without its password or token, for logs and terminals."""
+    """The URL (or comma-separated URLs) without passwords or tokens, for logs and terminals."""
+    return ",".join(_redact_one(part) for part in server_urls(url))
+
+
+def _redact_one(url: str) -> str:
     parts = urlsplit(url)
     if not (parts.username or parts.password):
         return url
@@ -71,10 +81,12 @@ async def connect(url: str, name: str) -> NATS:
             log.warning("nats: disconnected from %s", shown)
 
     async def on_reconnect() -> None:
-        log.info("nats: reconnected to %s", shown)
+        # In a cluster this may be another server of the list than the one that was lost.
+        current = client.connected_url
+        log.info("nats: reconnected to %s", _redact_one(current.geturl()) if current else shown)
 
     await client.connect(
-        servers=[url],
+        servers=server_urls(url),
         name=name,
         connect_timeout=2,
         # Half a second between attempts: pixel/click buffers drain soon after NATS is back.

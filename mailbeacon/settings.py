@@ -69,7 +69,10 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("MAILBEACON_SITE_URL", "SITE_URL", "site_url"),
         description="Public base URL of the tracker, used in pixel, click and unsubscribe links",
     )
-    nats_url: str | None = Field(default=None, description="NATS server; unset means embedded nats-server")
+    nats_url: str | None = Field(
+        default=None,
+        description="NATS server URL, or a cluster's URLs separated by commas; unset means embedded nats-server",
+    )
     database_url: SecretStr | None = Field(default=None, description="SQL database; unset means SQLite")
     secret_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
-from nats.js.api import ConsumerInfo
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo
 from prometheus_client import generate_latest
 
 from aggregator.consumer import EventConsumer
@@ -138,6 +138,35 @@ async def test_feed_reconnects_after_the_server_restarts(nats_server: EmbeddedNa
 
 async def _is(value: bool) -> bool:
     return value
+
+
+@pytest.mark.parametrize("lean", [True, False], ids=["lean", "nats-py"])
+async def test_refused_pull_requests_are_asked_again_with_a_pause(
+    nc: NATS, lean: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No one serves a consumer whose leader is being elected (a NATS node failed): every
+    pull request is answered 503 at once. The feed must not ask again as fast as it is
+    refused (thousands of requests and warnings a second), and must go on when it is served."""
+    name = "elected-later"
+    feed = PullFeed(nc, STREAM, name, batch=10, lean=lean)
+    await feed.start()
+    try:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + 1.5
+        while loop.time() < until:
+            assert await feed.take(wait=0.02) == []  # as the consumer's loop asks
+        assert 3 <= feed.refusals <= 8  # about one a second once the pause is at its longest
+        refusals = [r for r in caplog.records if "refused a pull request" in r.getMessage()]
+        assert len(refusals) == 1 and "503" in refusals[0].getMessage()
+
+        config = ConsumerConfig(
+            durable_name=name, ack_policy=AckPolicy.EXPLICIT, filter_subject="mailbeacon.events.>"
+        )
+        await nc.jetstream().add_consumer(STREAM, config=config)
+        await publish(nc, [event()])
+        assert len(await take_all(feed, 1, within=3)) == 1  # served again within the longest pause
+    finally:
+        await feed.stop()
 
 
 async def test_consumer_terminates_malformed_messages_and_stores_the_rest(nc: NATS, tmp_path: Path) -> None:

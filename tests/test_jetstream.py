@@ -11,9 +11,9 @@ from nats.aio.client import Client as NATS
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, CampaignSpec
 from mailbeacon.events import Event, EventType, new_event_id
-from mailbeacon.jetstream import CONSUMER, KV_BUCKET, STREAM, connect, provision
+from mailbeacon.jetstream import CONSUMER, KV_BUCKET, STREAM, connect, provision, redact_url
 from mailbeacon.publisher import EventPublisher
-from tests.support import eventually, make_settings
+from tests.support import eventually, free_port, make_settings
 
 TID = "0b7e4c2a-4f7e-4d8e-9a51-3c1f0f7d2b11"
 
@@ -106,3 +106,20 @@ async def test_closing_our_own_connection_is_not_reported_as_a_disconnect(
     with caplog.at_level(logging.INFO, logger="mailbeacon.jetstream"):
         await client.close()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+async def test_a_comma_separated_url_names_a_cluster(nats_url: str) -> None:
+    """MAILBEACON_NATS_URL may list a cluster's servers, as the NATS CLI takes them: a server
+    of the list that is down is skipped, and logs never show a password of any of them."""
+    down = f"nats://127.0.0.1:{free_port()}"
+    for url in (f"{down},{nats_url}", f" {nats_url} , {down} "):
+        client = await connect(url, "cluster-test")
+        try:
+            assert client.connected_url is not None
+            assert client.connected_url.geturl() == nats_url
+            assert len(client.servers) == 2
+        finally:
+            await client.close()
+    assert redact_url("nats://a:pw1@n1:4222,nats://tok@n2:4222,nats://n3:4222") == (
+        "nats://***@n1:4222,nats://***@n2:4222,nats://n3:4222"
+    )
