@@ -234,6 +234,15 @@ class Settings(BaseSettings):
         "and a stopping proxy lets its relays in flight finish; what is unpublished then "
         "goes to DATA_DIR/spool for the next start",
     )
+    shutdown_delay_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=300,
+        description="Seconds the tracker, the aggregator and a proxy keep serving after SIGTERM while "
+        "their /readyz answers 503, so Service endpoints and load balancers stop sending them work "
+        "before they stop listening (the Helm chart sets it); a second signal ends the wait. 0 (the "
+        "default, for `mailbeacon up` and Ctrl-C) stops at once",
+    )
     click_burst_seconds: float = Field(
         default=1.0,
         gt=0,
