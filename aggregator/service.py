@@ -93,6 +93,7 @@ class AggregatorService:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.port: int | None = None
+        self.stopping = False
 
     async def _campaign_changed(self, key: CampaignKey, spec: CampaignSpec | None) -> None:
         if spec is not None and spec.privacy.anonymize_ip:
@@ -140,7 +141,7 @@ class AggregatorService:
                 self.settings.aggregator_listen,
             )
         self.app = app = create_app(self.db, self.settings.outbox_dir, auth=self.auth)
-        add_health_routes(app, ready=lambda: self.consumer.healthy)
+        add_health_routes(app, ready=lambda: self.consumer.healthy and not self.stopping)
         self._runner = await serve(app, self.settings.aggregator_listen)
         self.port = bound_port(self._runner)
         log.info("aggregator listening on port %s", self.port)
@@ -173,6 +174,10 @@ class AggregatorService:
                 )
             except Exception as exc:
                 log.warning("expiring parked events failed: %s", exc)
+
+    def begin_stopping(self) -> None:
+        """/readyz answers 503 from now on; the API, the pages and ingest go on until ``stop``."""
+        self.stopping = True
 
     async def stop(self) -> None:
         for task in self._tasks:

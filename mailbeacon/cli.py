@@ -49,6 +49,9 @@ class _WithPublisher:
             await self.store.start()
         await self.component.start()
 
+    def begin_stopping(self) -> None:
+        self.component.begin_stopping()
+
     async def stop(self) -> None:
         deadline = time.monotonic() + self.drain
         await self.component.stop()
@@ -96,7 +99,7 @@ async def _up(settings: Settings) -> None:
             f"Try it:  {_this_python()} -m mailbeacon.sendtest --smtp {addresses.smtp}\n",
             flush=True,
         )
-        await wait_for_signal()
+        await wait_for_signal(settings.shutdown_delay_seconds, system.begin_stopping)
         print("\nstopping...", flush=True)
     finally:
         await system.stop()

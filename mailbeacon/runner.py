@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 class Component(Protocol):
     async def start(self) -> None: ...
+    def begin_stopping(self) -> None:
+        """SIGTERM came: /readyz answers 503 from now on, serving goes on until ``stop``."""
+
     async def stop(self) -> None: ...
 
 
@@ -139,6 +142,10 @@ class AllInOne:
             outbox=self.outbox.directory if self.outbox else None,
         )
 
+    def begin_stopping(self) -> None:
+        for component in self.components:
+            component.begin_stopping()
+
     async def stop(self) -> None:
         # Proxy and tracker first, then flush their events (spooling what NATS does not take
         # by the drain deadline), then the aggregator.
@@ -163,12 +170,24 @@ class AllInOne:
             nats_url_file(self.settings).unlink(missing_ok=True)
 
 
-async def wait_for_signal() -> None:
-    stop = asyncio.Event()
+async def wait_for_signal(delay: float = 0.0, stopping: Callable[[], None] | None = None) -> None:
+    """Return once SIGTERM or SIGINT arrives; with a ``delay`` (SHUTDOWN_DELAY_SECONDS), first call
+    ``stopping`` (readiness turns 503) and keep serving for ``delay`` seconds, or until a second
+    signal: Service endpoints and load balancers take a moment to stop sending requests to a
+    terminating pod, and a listener closed at once would refuse them (README "Zero-drop rollouts")."""
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, signalled.set)
+    await signalled.wait()
+    if delay <= 0:
+        return
+    signalled.clear()
+    if stopping is not None:
+        stopping()
+    log.info("stopping: /readyz answers 503; still serving for %g s (SHUTDOWN_DELAY_SECONDS)", delay)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(signalled.wait(), delay)
 
 
 async def run_component(
@@ -181,7 +200,7 @@ async def run_component(
     component = await build(settings, nc)
     await component.start()
     try:
-        await wait_for_signal()
+        await wait_for_signal(settings.shutdown_delay_seconds, component.begin_stopping)
     finally:
         await component.stop()
         await close_connection(nc)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
@@ -149,6 +149,35 @@ class Settings(BaseSettings):
     operator_namespaces: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Namespaces whose Campaigns the operator serves; empty means all"
     )
+    # Sidecar injection by annotation, served by the operator (README "Injection by annotation").
+    injection_listen: str | None = Field(
+        default=None,
+        description="host:port of the operator's sidecar-injection webhook (HTTPS), e.g. 0.0.0.0:9443; "
+        "unset: no webhook",
+    )
+    injection_template: dict[str, Any] | None = Field(
+        default=None,
+        description="The sidecar the webhook adds, as JSON {initContainer, volumes, appEnv}: the Helm "
+        "chart renders it from the mailbeacon-sidecar library chart, so it equals what app charts include",
+    )
+    injection_cert_file: Path | None = Field(
+        default=None,
+        description="The webhook's certificate (PEM, e.g. cert-manager's tls.crt), re-read when it "
+        "changes; unset: the operator makes one at each start",
+    )
+    injection_key_file: Path | None = Field(
+        default=None, description="The private key of INJECTION_CERT_FILE"
+    )
+    injection_dns_names: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Names the operator's own webhook certificate is made for: the webhook Service's "
+        "DNS names, comma-separated",
+    )
+    injection_webhook_configuration: str | None = Field(
+        default=None,
+        description="MutatingWebhookConfiguration whose caBundle the operator sets to the CA of the "
+        "certificate it made (without INJECTION_CERT_FILE)",
+    )
 
     stream_max_age_days: float = Field(default=30.0, gt=0)
     stream_duplicate_window_seconds: float = Field(default=600.0, gt=0)
@@ -234,6 +263,15 @@ class Settings(BaseSettings):
         "and a stopping proxy lets its relays in flight finish; what is unpublished then "
         "goes to DATA_DIR/spool for the next start",
     )
+    shutdown_delay_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=300,
+        description="Seconds the tracker, the aggregator and a proxy keep serving after SIGTERM while "
+        "their /readyz answers 503, so Service endpoints and load balancers stop sending them work "
+        "before they stop listening (the Helm chart sets it); a second signal ends the wait. 0 (the "
+        "default, for `mailbeacon up` and Ctrl-C) stops at once",
+    )
     click_burst_seconds: float = Field(
         default=1.0,
         gt=0,
@@ -304,6 +342,7 @@ class Settings(BaseSettings):
         "no_proxy",
         "api_tokens",
         "api_read_tokens",
+        "injection_dns_names",
         mode="before",
     )
     @classmethod
@@ -372,6 +411,14 @@ class Settings(BaseSettings):
     @classmethod
     def _listen(cls, value: str) -> str:
         parse_listen(value)  # fail at start-up, not at bind time
+        return value
+
+    @field_validator("injection_listen")
+    @classmethod
+    def _optional_listen(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        parse_listen(value)
         return value
 
     @field_validator("default_campaign")

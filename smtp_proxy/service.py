@@ -109,6 +109,7 @@ class ProxyService:
         self._sessions: weakref.WeakSet[ProxySMTP] = weakref.WeakSet()
         self._http: web.AppRunner | None = None
         self.port: int | None = None
+        self.stopping = False
 
     def _smtp(self) -> ProxySMTP:
         session = ProxySMTP(
@@ -140,7 +141,7 @@ class ProxyService:
         self.port = self._server.sockets[0].getsockname()[1]
         if self._serve_http:
             app = web.Application()
-            add_health_routes(app, ready=lambda: self._server is not None and self._server.is_serving())
+            add_health_routes(app, ready=self._ready)
             self._http = await serve(app, self.settings.proxy_http_listen)
         log.info(
             "SMTP proxy listening on %s:%s (STARTTLS %s, AUTH %s), relaying to %r",
@@ -150,6 +151,14 @@ class ProxyService:
             "on" if self.credentials else "off",
             self.upstream.config,
         )
+
+    def _ready(self) -> bool:
+        return self._server is not None and self._server.is_serving() and not self.stopping
+
+    def begin_stopping(self) -> None:
+        """SIGTERM came: /readyz answers 503 while sessions are still accepted (the endpoints
+        take a moment to drop the pod); ``stop`` then stops listening."""
+        self.stopping = True
 
     async def stop(self) -> None:
         """Stop listening, let the relays in flight end and hand their events over, then close.

@@ -83,6 +83,15 @@ class ResourceType:
 
 NAMESPACES = ResourceType("", "v1", "namespaces", "Namespace", namespaced=False)
 EVENTS = ResourceType("", "v1", "events", "Event", namespaced=True)
+# Served on request (``FakeKubernetes(builtins=[...])``): no schema, stored as given.
+PODS = ResourceType("", "v1", "pods", "Pod", namespaced=True)
+MUTATING_WEBHOOK_CONFIGURATIONS = ResourceType(
+    "admissionregistration.k8s.io",
+    "v1",
+    "mutatingwebhookconfigurations",
+    "MutatingWebhookConfiguration",
+    namespaced=False,
+)
 
 
 def resource_from_crd(crd: Mapping[str, Any]) -> ResourceType:
@@ -126,9 +135,10 @@ class FakeKubernetes:
     namespaces: list[str] = field(default_factory=lambda: ["default"])
     pruned: list[str] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)
+    builtins: list[ResourceType] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.types = [NAMESPACES, EVENTS, *(resource_from_crd(crd) for crd in self.crds)]
+        self.types = [NAMESPACES, EVENTS, *self.builtins, *(resource_from_crd(crd) for crd in self.crds)]
         self.objects: dict[tuple[str, str, str | None, str], JSON] = {}
         self.history: list[Change] = []
         self.rv = 0

@@ -458,7 +458,7 @@ def test_component_settings_reach_their_pods() -> None:
     assert tracker["MAILBEACON_SHUTDOWN_DRAIN_SECONDS"] == "45"
     assert tracker["MAILBEACON_CLICK_BURST_SECONDS"] == "2"
     pod = by_kind(docs, "Deployment")["mb-mailbeacon-tracker"]["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] == 55  # the drain fits in the grace period
+    assert pod["terminationGracePeriodSeconds"] == 60  # the delay (5) and the drain fit in the grace period
     aggregator = env_of(docs, "mb-mailbeacon-aggregator")
     assert aggregator["MAILBEACON_MIGRATE_ON_START"] == "false"
     assert aggregator["MAILBEACON_EVENT_RETENTION_DAYS"] == "90"

@@ -261,4 +261,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> CampaignOpe
         interval=settings.operator_status_interval,
         initial_delay=min(1.0, settings.operator_status_interval),
     )(operator.refresh_status)
+    if settings.injection_listen:
+        from campaign_operator.injection_webhook import register_injection
+
+        register_injection(registry, settings)  # README "Injection by annotation"
     return operator
