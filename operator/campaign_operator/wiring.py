@@ -120,7 +120,7 @@ class CampaignOperator:
         if not self.settings.nats_url:
             raise kopf.PermanentError("MAILBEACON_NATS_URL is required: the operator writes specs to NATS")
         app = web.Application()
-        add_health_routes(app, ready=lambda: self.ready)
+        add_health_routes(app, ready=lambda: self.ready, registry=metrics.REGISTRY)
         self.health = await serve(app, self.settings.operator_listen)
         self.health_port = bound_port(self.health)
         self.nc = await connect(self.settings.nats_url, "mailbeacon-operator")
