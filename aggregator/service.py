@@ -102,6 +102,7 @@ class AggregatorService:
             self.anonymized.discard(str(key))
         if spec is None:
             return  # a deleted Campaign keeps its statistics
+        metrics.campaign_seen(str(key))  # its event counters exist from now on, at zero
         insert = self.db.insert
         async with self.db.writing() as conn:
             await conn.execute(
@@ -141,7 +142,9 @@ class AggregatorService:
                 self.settings.aggregator_listen,
             )
         self.app = app = create_app(self.db, self.settings.outbox_dir, auth=self.auth)
-        add_health_routes(app, ready=lambda: self.consumer.healthy and not self.stopping)
+        add_health_routes(
+            app, ready=lambda: self.consumer.healthy and not self.stopping, registry=metrics.REGISTRY
+        )
         self._runner = await serve(app, self.settings.aggregator_listen)
         self.port = bound_port(self._runner)
         log.info("aggregator listening on port %s", self.port)

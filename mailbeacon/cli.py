@@ -95,7 +95,9 @@ async def _up(settings: Settings) -> None:
                 if addresses.outbox
                 else ""
             )
-            + f"  NATS                       {redact_url(addresses.nats)}\n\n"
+            + f"  Prometheus metrics         {addresses.proxy_http}/metrics (proxy), "
+            f"{addresses.tracker}/metrics (tracker), {addresses.aggregator}/metrics (aggregator)\n"
+            f"  NATS                       {redact_url(addresses.nats)}\n\n"
             f"Try it:  {_this_python()} -m mailbeacon.sendtest --smtp {addresses.smtp}\n",
             flush=True,
         )

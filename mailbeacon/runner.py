@@ -73,6 +73,7 @@ class Addresses:
     aggregator: str
     nats: str
     outbox: Path | None
+    proxy_http: str = ""  # the proxy's /healthz, /readyz and /metrics
 
 
 def _http(listen: str, port: int | None) -> str:
@@ -127,9 +128,9 @@ class AllInOne:
         aggregator = AggregatorService(settings, js, kv)
         tracker = TrackerService(settings, self.publisher)
         suppressions = SuppressionList(await ensure_suppression_bucket(js, settings))
-        proxy = ProxyService(
-            settings, self.publisher, self.store, serve_http=False, suppressions=suppressions
-        )
+        # Each component serves its own /metrics on its own port (the proxy's on PROXY_HTTP_LISTEN):
+        # one scrape target per component, as in a cluster, so no sum counts an event twice.
+        proxy = ProxyService(settings, self.publisher, self.store, suppressions=suppressions)
         for component in (aggregator, tracker, proxy):
             await component.start()
             self.components.append(component)
@@ -140,6 +141,7 @@ class AllInOne:
             aggregator=_http(settings.aggregator_listen, aggregator.port),
             nats=nats_url,
             outbox=self.outbox.directory if self.outbox else None,
+            proxy_http=_http(settings.proxy_http_listen, proxy.http_port),
         )
 
     def begin_stopping(self) -> None:

@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo
 from prometheus_client import generate_latest
 
+from aggregator import metrics as aggregator_metrics
 from aggregator.consumer import EventConsumer
 from aggregator.db import Database, open_database
 from aggregator.feed import ACK, TERM, Delivery, PullFeed, delivery_info, nak
@@ -35,7 +36,9 @@ from tests.test_aggregator_crash import CAMPAIGNS, generate, recount
 
 
 def invalid_events() -> float:
-    return metric_value(generate_latest().decode(), "mailbeacon_aggregator_invalid_events_total")
+    return metric_value(
+        generate_latest(aggregator_metrics.REGISTRY).decode(), "mailbeacon_aggregator_invalid_events_total"
+    )
 
 
 def event(kind: str = "opened", **fields: object) -> dict[str, object]:
@@ -314,7 +317,9 @@ async def test_consumer_lanes_store_each_message_after_its_sent(nc: NATS, databa
 
 
 def _parked_total() -> float:
-    return metric_value(generate_latest().decode(), "mailbeacon_aggregator_events_parked_total")
+    return metric_value(
+        generate_latest(aggregator_metrics.REGISTRY).decode(), "mailbeacon_aggregator_events_parked_total"
+    )
 
 
 async def test_address_only_event_waits_for_the_lane_creating_its_message(

@@ -22,7 +22,7 @@ from mailbeacon.settings import Settings
 from mailbeacon.web import Handler, add_health_routes, json_error
 from tracker.engagement import NO_STORE, PIXEL_GIF, Engagement
 from tracker.esp.sns import HttpGet, https_getter
-from tracker.metrics import REQUEST_LATENCY
+from tracker.metrics import REGISTRY, REQUEST_LATENCY
 from tracker.openapi import openapi_document
 from tracker.webhooks import Webhooks
 
@@ -108,7 +108,7 @@ def create_app(
     app.router.add_get("/openapi.json", guarded(openapi))
     # The shared health and metrics routes, guarded like the others.
     health = web.Application()
-    add_health_routes(health, ready=ready)
+    add_health_routes(health, ready=ready, registry=REGISTRY)
     for route in health.router.routes():
         app.router.add_route(route.method, route.resource.canonical, guarded(route.handler))  # type: ignore[union-attr]
     # [\s\S]: "." would miss a path with a decoded newline, which aiohttp then answers as text.

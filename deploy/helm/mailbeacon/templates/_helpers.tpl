@@ -194,7 +194,8 @@ run the proxy as a native sidecar (README "A Job with the native sidecar"). */}}
 
 {{/*
 The PromQL pieces of one reputation guardrail, as YAML (dict "guardrail" "complaint"|"bounce"
-"rule" .Values.metrics.prometheusRule):
+"rule" .Values.metrics.prometheusRule "aggregator" and "operator": their series' label
+matchers, mailbeacon.scrapeSelector):
   rate       the campaign's rate in percent, computed from the counts (not the rounded rate)
   threshold  the campaign's threshold from the operator, else the chart's default
   volume     the campaign has enough copies (sent for bounces, delivered for complaints)
@@ -204,11 +205,11 @@ The PromQL pieces of one reputation guardrail, as YAML (dict "guardrail" "compla
 {{- $count := ternary "complained" "bounced" $complaint -}}
 {{- $base := ternary "delivered" "sent" $complaint -}}
 {{- $default := ternary .rule.complaintRatePercent .rule.bounceRatePercent $complaint -}}
-{{- $messages := "max by (campaign) (mailbeacon_campaign_messages{state=%q})" -}}
+{{- $messages := printf "max by (namespace, campaign) (mailbeacon_campaign_messages{%s,state=%%q})" .aggregator -}}
 {{- $volume := printf $messages $base -}}
 rate: {{ printf "(100 * %s / %s)" (printf $messages $count) $volume | quote }}
-threshold: {{ printf "(max by (campaign) (mailbeacon_campaign_guardrail_threshold_percent{guardrail=\"%s_rate\"}) or on (campaign) 0 * %s + %v)" .guardrail $volume $default | quote }}
-volume: {{ printf "%s >= (max by (campaign) (mailbeacon_campaign_guardrail_min_volume) or on (campaign) 0 * %s + %v)" $volume $volume .rule.minVolume | quote }}
+threshold: {{ printf "(max by (namespace, campaign) (mailbeacon_campaign_guardrail_threshold_percent{%s,guardrail=\"%s_rate\"}) or on (namespace, campaign) 0 * %s + %v)" .operator .guardrail $volume $default | quote }}
+volume: {{ printf "%s >= (max by (namespace, campaign) (mailbeacon_campaign_guardrail_min_volume{%s}) or on (namespace, campaign) 0 * %s + %v)" $volume .operator $volume .rule.minVolume | quote }}
 critical: {{ ternary "Recipients mark this campaign's mail as spam at or above its threshold (0.3 % is the large mailbox providers' limit for bulk senders): they start filtering the sender. The Campaign's ComplaintRateHigh condition and Events say more; with guardrails.autoPause the operator has paused it." "Too many of this campaign's copies bounce: the list needs cleaning before providers throttle the sender. The Campaign's BounceRateHigh condition and Events say more; with guardrails.autoPause the operator has paused it." $complaint | quote }}
 warning: {{ ternary "The complaint rate approaches the campaign's guardrail; review the list and the content before it trips." "The bounce rate approaches the campaign's guardrail; clean the list before it trips." $complaint | quote }}
 {{- end -}}
