@@ -224,6 +224,7 @@ def test_no_metric_is_exported_by_two_components() -> None:
         "mailbeacon_campaign_paused",
         "mailbeacon_operator_auto_pauses",
         "mailbeacon_operator_statistics_errors",
+        "mailbeacon_operator_injections",
     }
 
 

@@ -27,10 +27,10 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
 from kopf.testing import KopfRunner
-from prometheus_client import REGISTRY
 
 from campaign_operator.injection import DEFAULT_CAMPAIGN, INJECT, UPSTREAM_SECRET
 from campaign_operator.injection_webhook import WEBHOOK_ID
+from campaign_operator.metrics import REGISTRY
 from campaign_operator.webhook_tls import make_certificate
 from campaign_operator.wiring import register
 from mailbeacon.settings import Settings

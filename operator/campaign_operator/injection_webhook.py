@@ -20,9 +20,9 @@ from typing import Any
 
 import aiohttp
 import kopf
-from prometheus_client import Counter
 
 from campaign_operator.injection import Injection, SidecarTemplate, inject
+from campaign_operator.metrics import INJECTIONS
 from campaign_operator.webhook_tls import ca_bundle_patch, make_certificate
 from mailbeacon.settings import Settings, parse_listen
 
@@ -30,13 +30,6 @@ log = logging.getLogger(__name__)
 
 WEBHOOK_ID = "inject-proxy"  # the URL path the MutatingWebhookConfiguration calls
 CONFIGURATIONS = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations"
-
-INJECTIONS = Counter(
-    "mailbeacon_operator_injections_total",
-    "Pods seen by the injection webhook, by outcome (injected, completed, already_injected, "
-    "not_requested, invalid_annotation, error)",
-    ["outcome"],
-)
 
 
 class InjectionWebhook:

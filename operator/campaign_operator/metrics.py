@@ -65,6 +65,25 @@ STATISTICS_ERRORS = Counter(
     registry=REGISTRY,
 )
 
+# Pods seen by the injection webhook. Every outcome exists from the start, at 0, so a rare
+# one (an invalid annotation, an error) shows in rate() from its first occurrence.
+INJECTION_OUTCOMES = (
+    "injected",
+    "completed",
+    "already_injected",
+    "not_requested",
+    "invalid_annotation",
+    "error",
+)
+INJECTIONS = Counter(
+    "mailbeacon_operator_injections_total",
+    "Pods seen by the injection webhook, by outcome (" + ", ".join(INJECTION_OUTCOMES) + ")",
+    ["outcome"],
+    registry=REGISTRY,
+)
+for _outcome in INJECTION_OUTCOMES:
+    INJECTIONS.labels(_outcome)
+
 
 def guardrail_label(condition_type: str) -> str:
     return "bounce_rate" if condition_type == BOUNCE_RATE_HIGH else "complaint_rate"
