@@ -40,10 +40,12 @@ app.kubernetes.io/part-of: mailbeacon
 {{- end -}}
 
 {{- define "mailbeacon.image" -}}
+{{- $repository := .Values.image.repository -}}
+{{- with .Values.image.registry }}{{ $repository = printf "%s/%s" (trimSuffix "/" .) $repository }}{{ end -}}
 {{- if .Values.image.digest -}}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- printf "%s@%s" $repository .Values.image.digest -}}
 {{- else -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 {{- end -}}
 
@@ -102,7 +104,8 @@ the shared proxy relays through Postmark. Only then does the Ingress route it. *
 {{/* Environment every component gets. */}}
 {{- define "mailbeacon.commonEnv" -}}
 - name: MAILBEACON_NATS_URL
-  value: {{ .Values.nats.url | quote }}
+  value: {{ include "mailbeacon.natsUrl" . | quote }}
+{{- include "mailbeacon.natsEnv" . }}
 - name: MAILBEACON_STREAM_REPLICAS
   value: {{ .Values.nats.streamReplicas | quote }}
 - name: MAILBEACON_STREAM_MAX_AGE_DAYS
@@ -146,10 +149,10 @@ nodeSelector:
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .values.affinity }}
-affinity:
-  {{- toYaml . | nindent 2 }}
+{{- with .values.priorityClassName }}
+priorityClassName: {{ . }}
 {{- end }}
+{{- include "mailbeacon.scheduling" . }}
 volumes:
   # The root filesystem is read-only; Python and the components write only here.
   - name: tmp
@@ -158,24 +161,47 @@ volumes:
 {{- with .extraVolumes }}
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- include "mailbeacon.natsVolumes" .root | nindent 2 }}
+{{- with .values.extraVolumes }}
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
 
-{{/* Probes on the component's health endpoints: (dict "port" "http") */}}
+{{/* A pod template's labels: the component's, plus its podLabels (the chart's win on a clash). */}}
+{{- define "mailbeacon.podLabels" -}}
+{{- toYaml (merge (include "mailbeacon.labels" . | fromYaml) (.values.podLabels | default dict)) }}
+{{- end -}}
+
+{{/* A container's volume mounts besides /tmp: NATS credentials and TLS, then extraVolumeMounts.
+(dict "root" $ "values" .Values.tracker) */}}
+{{- define "mailbeacon.extraMounts" -}}
+{{- include "mailbeacon.natsVolumeMounts" .root }}
+{{- with .values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Probes on the component's health endpoints, with the component's overrides (its
+livenessProbe, readinessProbe, startupProbe values): (dict "port" "http" "values" .Values.tracker) */}}
 {{- define "mailbeacon.probes" -}}
+{{- $v := .values | default dict -}}
 startupProbe:
-  httpGet: {path: /healthz, port: {{ .port }}}
-  periodSeconds: 2
-  failureThreshold: 30
+  {{- include "mailbeacon.probe" (dict "default" (dict "httpGet" (dict "path" "/healthz" "port" .port) "periodSeconds" 2 "failureThreshold" 30) "override" $v.startupProbe) | nindent 2 }}
 livenessProbe:
-  httpGet: {path: /healthz, port: {{ .port }}}
-  periodSeconds: 10
-  timeoutSeconds: 3
-  failureThreshold: 3
+  {{- include "mailbeacon.probe" (dict "default" (dict "httpGet" (dict "path" "/healthz" "port" .port) "periodSeconds" 10 "timeoutSeconds" 3 "failureThreshold" 3) "override" $v.livenessProbe) | nindent 2 }}
 readinessProbe:
-  httpGet: {path: /readyz, port: {{ .port }}}
-  periodSeconds: 5
-  timeoutSeconds: 3
-  failureThreshold: 2
+  {{- include "mailbeacon.probe" (dict "default" (dict "httpGet" (dict "path" "/readyz" "port" .port) "periodSeconds" 5 "timeoutSeconds" 3 "failureThreshold" 2) "override" $v.readinessProbe) | nindent 2 }}
+{{- end -}}
+
+{{/* One probe: the override's fields over the default's; an override with its own handler (exec,
+tcpSocket, grpc, httpGet) replaces the default's httpGet. (dict "default" dict "override" dict) */}}
+{{- define "mailbeacon.probe" -}}
+{{- $override := deepCopy (.override | default dict) -}}
+{{- $default := deepCopy .default -}}
+{{- if or $override.exec $override.tcpSocket $override.grpc $override.httpGet -}}
+{{- $_ := unset $default "httpGet" -}}
+{{- end -}}
+{{- toYaml (merge $override $default) -}}
 {{- end -}}
 
 {{/*
@@ -261,18 +287,13 @@ and a few seconds more.
     - name: proxy-http
       containerPort: {{ .httpPort | default 8025 | int }}
       protocol: TCP
+  {{- /* Optional startupProbe, livenessProbe, readinessProbe: fields merged over these. */}}
   startupProbe:
-    httpGet: {path: /healthz, port: proxy-http}
-    periodSeconds: 2
-    failureThreshold: 30
+    {{- include "mailbeacon.probe" (dict "default" (dict "httpGet" (dict "path" "/healthz" "port" "proxy-http") "periodSeconds" 2 "failureThreshold" 30) "override" .startupProbe) | nindent 4 }}
   livenessProbe:
-    httpGet: {path: /healthz, port: proxy-http}
-    periodSeconds: 10
-    timeoutSeconds: 3
+    {{- include "mailbeacon.probe" (dict "default" (dict "httpGet" (dict "path" "/healthz" "port" "proxy-http") "periodSeconds" 10 "timeoutSeconds" 3) "override" .livenessProbe) | nindent 4 }}
   readinessProbe:
-    httpGet: {path: /readyz, port: proxy-http}
-    periodSeconds: 5
-    timeoutSeconds: 3
+    {{- include "mailbeacon.probe" (dict "default" (dict "httpGet" (dict "path" "/readyz" "port" "proxy-http") "periodSeconds" 5 "timeoutSeconds" 3) "override" .readinessProbe) | nindent 4 }}
   resources:
     {{- toYaml (.resources | default (dict "requests" (dict "cpu" "50m" "memory" "96Mi") "limits" (dict "memory" "256Mi"))) | nindent 4 }}
   securityContext:
