@@ -159,19 +159,21 @@ class WireConnection:
             if not line.startswith(b"INFO "):
                 raise ConnectionError(f"not a NATS server: {line[:80]!r}")
             info = json.loads(line[5:])
-            if info.get("tls_required"):
+            wants_tls = server.tls or self._login.tls_configured
+            secured = bool(info.get("tls_required") or (wants_tls and info.get("tls_available")))
+            if secured:
                 # As nats-py does: the INFO comes in clear, then the TLS handshake.
                 context = self._login.ssl_context(required=True)
                 assert context is not None
                 await asyncio.wait_for(
                     writer.start_tls(context, server_hostname=server.host), self._connect_timeout
                 )
-            elif server.tls or self._login.tls_configured:
+            elif wants_tls:
                 raise ConnectionError("TLS is configured for NATS, but the server does not offer it")
             options: dict[str, object] = {
                 "verbose": False,
                 "pedantic": False,
-                "tls_required": bool(info.get("tls_required")),
+                "tls_required": secured,
                 "name": self._name,
                 "lang": "python3",
                 "version": "mailbeacon-wire",

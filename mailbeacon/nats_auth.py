@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from mailbeacon.settings import Settings
 
 _CREDS_BLOCK = r"-{3,}BEGIN {}-{3,}\s*\n\s*(\S+)"
@@ -66,6 +68,10 @@ def public_key(seed: bytes) -> str:
         key.wipe()
 
 
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
 @dataclass(frozen=True)
 class NatsLogin:
     """One way to log in (or none) and the TLS files; empty means plain and anonymous."""
@@ -81,11 +87,10 @@ class NatsLogin:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> NatsLogin:
-        secret = lambda value: value.get_secret_value() if value is not None else None  # noqa: E731
         return cls(
             user=settings.nats_user,
-            password=secret(settings.nats_password),
-            token=secret(settings.nats_token),
+            password=_secret(settings.nats_password),
+            token=_secret(settings.nats_token),
             nkey_seed_file=settings.nats_nkey_seed_file,
             creds_file=settings.nats_creds_file,
             ca_file=settings.nats_ca_file,

@@ -15,10 +15,13 @@ handlers find: the pod's service account in a cluster, else KUBECONFIG.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import ssl
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -96,14 +99,21 @@ class Kube:
 
 
 def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
+    """TLS to the API server: its CA (a file, or a kubeconfig's base64 data) and a client
+    certificate when the credentials have one."""
     if info.insecure:
         return False
-    context = ssl.create_default_context(
-        cafile=info.ca_path,  # type: ignore[arg-type]
-        cadata=info.ca_data.decode() if isinstance(info.ca_data, bytes) else info.ca_data,
-    )
+    ca_data = base64.b64decode(info.ca_data).decode() if info.ca_data else None
+    context = ssl.create_default_context(cafile=info.ca_path, cadata=ca_data)  # type: ignore[arg-type]
     if info.certificate_path and info.private_key_path:
         context.load_cert_chain(info.certificate_path, info.private_key_path)  # type: ignore[arg-type]
+    elif info.certificate_data and info.private_key_data:
+        # ssl loads certificates from files only: a private directory for the moment it reads them.
+        with tempfile.TemporaryDirectory() as directory:
+            cert, key = Path(directory, "client.crt"), Path(directory, "client.key")
+            cert.write_bytes(base64.b64decode(info.certificate_data))
+            key.write_bytes(base64.b64decode(info.private_key_data))
+            context.load_cert_chain(cert, key)
     return context
 
 
