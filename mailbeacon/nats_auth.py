@@ -21,7 +21,10 @@ from pydantic import SecretStr
 
 from mailbeacon.settings import Settings
 
-_CREDS_BLOCK = r"-{3,}BEGIN {}-{3,}\s*\n\s*(\S+)"
+
+def _creds_block(name: str) -> re.Pattern[str]:
+    """The line after ``-----BEGIN <name>-----`` in a .creds file."""
+    return re.compile(rf"-{{3,}}BEGIN {name}-{{3,}}\s*\n\s*(\S+)")
 
 
 class NatsLoginError(ValueError):
@@ -40,8 +43,8 @@ def _read(path: Path, what: str) -> str:
 def read_creds(path: Path) -> tuple[str, bytes]:
     """The user JWT and nkey seed of a ``.creds`` file (as ``nsc`` writes them)."""
     text = _read(path, "credentials file")
-    jwt = re.search(_CREDS_BLOCK.format("NATS USER JWT"), text)
-    seed = re.search(_CREDS_BLOCK.format("USER NKEY SEED"), text)
+    jwt = _creds_block("NATS USER JWT").search(text)
+    seed = _creds_block("USER NKEY SEED").search(text)
     if jwt is None or seed is None:
         raise NatsLoginError(f"{path} is not a NATS .creds file (no user JWT and nkey seed in it)")
     return jwt.group(1), seed.group(1).encode()

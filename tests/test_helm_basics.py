@@ -8,7 +8,6 @@ import asyncio
 import importlib.util
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -144,11 +143,13 @@ def test_every_value_has_a_row_with_a_description() -> None:
     ]
 
 
-def test_the_generator_notices_a_stale_table(tmp_path: Path) -> None:
+def test_the_generator_notices_a_stale_table() -> None:
     values_doc = _values_doc()
     readme = (CHART / "README.md").read_text()
-    stale = readme.replace("`secrets.secretKeys`", "`secrets.oldName`")
+    head, marker, table = readme.partition(values_doc.START)
+    stale = head + marker + table.replace("| `secrets.secretKeys` |", "| `secrets.oldName` |")
     assert stale != readme and values_doc.generated_readme(stale) == readme
+    assert values_doc.main(["--check"]) == 0  # what a CI step or pre-commit hook would run
 
 
 # --- escape hatches -------------------------------------------------------------------------------

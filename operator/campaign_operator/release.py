@@ -104,9 +104,9 @@ def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext | bool:
     if info.insecure:
         return False
     ca_data = base64.b64decode(info.ca_data).decode() if info.ca_data else None
-    context = ssl.create_default_context(cafile=info.ca_path, cadata=ca_data)  # type: ignore[arg-type]
+    context = ssl.create_default_context(cafile=info.ca_path, cadata=ca_data)
     if info.certificate_path and info.private_key_path:
-        context.load_cert_chain(info.certificate_path, info.private_key_path)  # type: ignore[arg-type]
+        context.load_cert_chain(info.certificate_path, info.private_key_path)
     elif info.certificate_data and info.private_key_data:
         # ssl loads certificates from files only: a private directory for the moment it reads them.
         with tempfile.TemporaryDirectory() as directory:
@@ -176,7 +176,8 @@ def _campaigns_path(namespace: str | None, name: str = "") -> str:
 async def release_campaigns(kube: Kube, namespaces: list[str]) -> Released:
     """Take the operator's finalizer off every Campaign in ``namespaces`` (empty: all)."""
     result = Released()
-    for namespace in namespaces or [None]:
+    scopes: list[str | None] = list(namespaces) or [None]
+    for namespace in scopes:
         listing = await kube.ok("GET", _campaigns_path(namespace))
         for campaign in listing.get("items") or []:
             meta = campaign["metadata"]
