@@ -30,6 +30,7 @@ from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, CampaignSpec
 from mailbeacon.events import utcnow
 from mailbeacon.jetstream import ensure_suppression_bucket
+from mailbeacon.nats_auth import NatsLogin
 from mailbeacon.settings import Settings
 from mailbeacon.suppressions import SuppressionList
 from mailbeacon.web import add_health_routes, bound_port, json_errors, serve
@@ -86,7 +87,13 @@ class AggregatorService:
         self.db = open_database(database_url(settings))
         # Campaign keys whose spec has privacy.anonymizeIp, kept current from the KV bucket.
         self.anonymized: set[str] = set()
-        self.consumer = EventConsumer(js, self.db, settings.ingest_batch_size, anonymized=self.anonymized)
+        self.consumer = EventConsumer(
+            js,
+            self.db,
+            settings.ingest_batch_size,
+            anonymized=self.anonymized,
+            login=NatsLogin.from_settings(settings),
+        )
         self.campaigns = CampaignStore(kv, on_change=self._campaign_changed) if kv is not None else None
         self.suppressions: SuppressionRecorder | None = None
         self.app: web.Application | None = None

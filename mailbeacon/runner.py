@@ -24,6 +24,7 @@ from pydantic import SecretStr
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.embedded_nats import EmbeddedNats
 from mailbeacon.jetstream import connect, ensure_suppression_bucket, provision
+from mailbeacon.nats_auth import NatsLogin
 from mailbeacon.outbox import Outbox
 from mailbeacon.publisher import EventPublisher
 from mailbeacon.settings import MIN_SECRET_KEY_LENGTH, Settings, parse_listen
@@ -116,7 +117,7 @@ class AllInOne:
             await self.outbox.start()
             updates |= {"upstream_smtp": SecretStr(self.outbox.url), "outbox_dir": self.outbox.directory}
         settings = settings.model_copy(update=updates)
-        self.nc = await connect(nats_url, "mailbeacon-up")
+        self.nc = await connect(nats_url, "mailbeacon-up", NatsLogin.from_settings(settings))
         js = self.nc.jetstream()
         kv = await provision(js, settings)
         self.publisher = EventPublisher(js, spool=Spool.under(settings.data_dir))
@@ -198,7 +199,7 @@ async def run_component(
     """One component as its container runs it: connect, provision, serve until SIGTERM."""
     if not settings.nats_url:
         raise SystemExit(f"mailbeacon {name}: MAILBEACON_NATS_URL is required (or use `mailbeacon up`)")
-    nc = await connect(settings.nats_url, f"mailbeacon-{name}")
+    nc = await connect(settings.nats_url, f"mailbeacon-{name}", NatsLogin.from_settings(settings))
     component = await build(settings, nc)
     await component.start()
     try:

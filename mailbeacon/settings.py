@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 UpstreamProvider = Literal["generic", "sendgrid", "mailgun", "ses", "postmark"]
@@ -72,6 +72,26 @@ class Settings(BaseSettings):
     nats_url: str | None = Field(
         default=None,
         description="NATS server URL, or a cluster's URLs separated by commas; unset means embedded nats-server",
+    )
+    # NATS login and TLS as connect options (README "Kubernetes", NATS credentials): unlike
+    # credentials in NATS_URL they apply to every server of a cluster, learned ones included.
+    nats_user: str | None = Field(default=None, description="NATS user name (with NATS_PASSWORD)")
+    nats_password: SecretStr | None = Field(default=None, description="NATS password of NATS_USER")
+    nats_token: SecretStr | None = Field(default=None, description="NATS authentication token")
+    nats_nkey_seed_file: Path | None = Field(
+        default=None, description="File holding the NATS user's nkey seed (SU...): nkey authentication"
+    )
+    nats_creds_file: Path | None = Field(
+        default=None, description="NATS .creds file (user JWT and nkey seed), for NATS in operator/JWT mode"
+    )
+    nats_ca_file: Path | None = Field(
+        default=None, description="CA bundle (PEM) the NATS servers' certificates are verified against; TLS"
+    )
+    nats_tls_cert_file: Path | None = Field(
+        default=None, description="Client certificate (PEM) presented to NATS, with NATS_TLS_KEY_FILE"
+    )
+    nats_tls_key_file: Path | None = Field(
+        default=None, description="Private key (PEM) of NATS_TLS_CERT_FILE"
     )
     database_url: SecretStr | None = Field(default=None, description="SQL database; unset means SQLite")
     secret_keys: Annotated[list[SecretStr], NoDecode] = Field(
@@ -429,6 +449,27 @@ class Settings(BaseSettings):
         from mailbeacon.campaigns import CampaignKey
 
         return str(CampaignKey.parse(value))
+
+    @model_validator(mode="after")
+    def _nats_login(self) -> Settings:
+        # One way to log in: NATS refuses a CONNECT mixing them, and a half-given pair is a typo.
+        methods = [
+            name
+            for name, given in (
+                ("NATS_USER/NATS_PASSWORD", self.nats_user or self.nats_password),
+                ("NATS_TOKEN", self.nats_token),
+                ("NATS_NKEY_SEED_FILE", self.nats_nkey_seed_file),
+                ("NATS_CREDS_FILE", self.nats_creds_file),
+            )
+            if given
+        ]
+        if len(methods) > 1:
+            raise ValueError(f"set one NATS login, not {' and '.join(methods)}")
+        if bool(self.nats_user) != bool(self.nats_password):
+            raise ValueError("MAILBEACON_NATS_USER and MAILBEACON_NATS_PASSWORD go together")
+        if bool(self.nats_tls_cert_file) != bool(self.nats_tls_key_file):
+            raise ValueError("MAILBEACON_NATS_TLS_CERT_FILE and MAILBEACON_NATS_TLS_KEY_FILE go together")
+        return self
 
     def signing_keys(self) -> list[bytes]:
         return [key.get_secret_value().encode() for key in self.secret_keys]

@@ -214,8 +214,10 @@ def test_server_urls_are_read_like_nats_py() -> None:
     )
     assert Server.from_url("nats://s3cret@nats.example") == Server("nats.example", 4222, token="s3cret")
     assert Server.from_url("nats.example:4000") == Server("nats.example", 4000)
+    # tls:// is spoken too (the TLS handshake after INFO: tests/test_nats_auth.py); WebSocket is not.
+    assert Server.from_url("tls://nats.example:4222") == Server("nats.example", 4222, tls=True)
     with pytest.raises(Unsupported):
-        Server.from_url("tls://nats.example:4222")
+        Server.from_url("wss://nats.example:443")
 
 
 @pytest.fixture

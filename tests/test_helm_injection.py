@@ -34,7 +34,7 @@ helm_python = pytest.importorskip("helm_python")
 NATIVE_SIDECAR_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
 INJECTION = {"operator": {"injection": {"enabled": True}}}
 VALUES: dict[str, Any] = {
-    "image": {"repository": "registry.example.com/mailbeacon", "tag": "0.1.0"},
+    "image": {"registry": "registry.example.com", "repository": "mailbeacon", "tag": "0.1.0"},
     "nats": {"url": "nats://nats.nats.svc:4222", "streamReplicas": 1, "streamMaxAgeDays": 14},
     "siteUrl": "https://t.shop.example",
     "config": {"anonymizeIp": True, "logLevel": "WARNING"},

@@ -24,6 +24,7 @@ from nats.aio.client import Client as NATS
 
 from mailbeacon.http_guard import ConnectionLimits, descriptor_limit, effective_max_connections
 from mailbeacon.jetstream import connect, provision, redact_url
+from mailbeacon.nats_auth import NatsLogin
 from mailbeacon.publisher import EventPublisher
 from mailbeacon.runner import wait_for_signal
 from mailbeacon.settings import Settings, parse_listen
@@ -142,7 +143,9 @@ class NatsLink:
         while True:
             try:
                 # connect() retries unreachable servers forever; provisioning may still fail.
-                self.nc = self.nc or await connect(url, "mailbeacon-tracker")
+                self.nc = self.nc or await connect(
+                    url, "mailbeacon-tracker", NatsLogin.from_settings(self.settings)
+                )
                 await provision(self.nc.jetstream(), self.settings)
             except Exception as exc:
                 log.warning("NATS not ready (%s); pixel and click events are buffered meanwhile", exc)

@@ -28,6 +28,7 @@ from campaign_operator.status import Headline, InvalidStatistics, numbers_change
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, CampaignSpec
 from mailbeacon.jetstream import connect, ensure_campaign_bucket
+from mailbeacon.nats_auth import NatsLogin
 from mailbeacon.settings import Settings
 from mailbeacon.web import add_health_routes, bound_port, serve
 
@@ -130,7 +131,9 @@ class CampaignOperator:
         add_health_routes(app, ready=lambda: self.ready, registry=metrics.REGISTRY)
         self.health = await serve(app, self.settings.operator_listen)
         self.health_port = bound_port(self.health)
-        self.nc = await connect(self.settings.nats_url, "mailbeacon-operator")
+        self.nc = await connect(
+            self.settings.nats_url, "mailbeacon-operator", NatsLogin.from_settings(self.settings)
+        )
         self.store = CampaignStore(await ensure_campaign_bucket(self.nc.jetstream(), self.settings))
         self.http = aiohttp.ClientSession()
         self.statistics = StatisticsClient(

@@ -23,6 +23,10 @@ Parameters (a dict); only image, natsUrl, siteUrl and secretName are required:
   extraEnv            more env entries ({name, value} or {name, valueFrom}), e.g. MAILBEACON_DKIM_*
   volumeMounts        more read-only mounts (e.g. a DKIM key's Secret added to the pod's volumes)
   preStopSleepSeconds the kubelet's native preStop sleep (Kubernetes 1.30+); unset: none
+  startupProbe, livenessProbe, readinessProbe  fields merged over the defaults below (one with
+                      its own handler, e.g. exec or tcpSocket, replaces the default httpGet)
+  NATS credentials    MAILBEACON_NATS_USER/_PASSWORD/_TOKEN (secretKeyRef) through extraEnv, and
+                      _NATS_NKEY_SEED_FILE/_CREDS_FILE/_CA_FILE files through volumeMounts
   restartPolicy       "Always" makes an init container a native sidecar (use the initContainer template)
 The startupProbe answers once the proxy listens for SMTP (it connects to NATS first). A stop
 lets relays in flight finish for SHUTDOWN_DRAIN_SECONDS (20): the pod's
@@ -86,17 +90,11 @@ terminationGracePeriodSeconds (30 by default) must leave that and a few seconds 
       containerPort: {{ .httpPort | default 8025 | int }}
       protocol: TCP
   startupProbe:
-    httpGet: {path: /healthz, port: proxy-http}
-    periodSeconds: 2
-    failureThreshold: 30
+    {{- include "mailbeacon-sidecar.probe" (dict "default" (dict "httpGet" (dict "path" "/healthz" "port" "proxy-http") "periodSeconds" 2 "failureThreshold" 30) "override" .startupProbe) | nindent 4 }}
   livenessProbe:
-    httpGet: {path: /healthz, port: proxy-http}
-    periodSeconds: 10
-    timeoutSeconds: 3
+    {{- include "mailbeacon-sidecar.probe" (dict "default" (dict "httpGet" (dict "path" "/healthz" "port" "proxy-http") "periodSeconds" 10 "timeoutSeconds" 3) "override" .livenessProbe) | nindent 4 }}
   readinessProbe:
-    httpGet: {path: /readyz, port: proxy-http}
-    periodSeconds: 5
-    timeoutSeconds: 3
+    {{- include "mailbeacon-sidecar.probe" (dict "default" (dict "httpGet" (dict "path" "/readyz" "port" "proxy-http") "periodSeconds" 5 "timeoutSeconds" 3) "override" .readinessProbe) | nindent 4 }}
   {{- with .preStopSleepSeconds }}
   lifecycle:
     preStop:
@@ -125,4 +123,16 @@ terminationGracePeriodSeconds (30 by default) must leave that and a few seconds 
     {{- with .volumeMounts }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
+{{- end -}}
+
+
+{{/* One probe: the override's fields over the default's; an override with its own handler
+(exec, tcpSocket, grpc, httpGet) replaces the default's httpGet. (dict "default" dict "override" dict) */}}
+{{- define "mailbeacon-sidecar.probe" -}}
+{{- $override := deepCopy (.override | default dict) -}}
+{{- $default := deepCopy .default -}}
+{{- if or $override.exec $override.tcpSocket $override.grpc $override.httpGet -}}
+{{- $_ := unset $default "httpGet" -}}
+{{- end -}}
+{{- toYaml (merge $override $default) -}}
 {{- end -}}

@@ -40,10 +40,12 @@ app.kubernetes.io/part-of: mailbeacon
 {{- end -}}
 
 {{- define "mailbeacon.image" -}}
+{{- $repository := .Values.image.repository -}}
+{{- with .Values.image.registry }}{{ $repository = printf "%s/%s" (trimSuffix "/" .) $repository }}{{ end -}}
 {{- if .Values.image.digest -}}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- printf "%s@%s" $repository .Values.image.digest -}}
 {{- else -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 {{- end -}}
 
@@ -102,7 +104,8 @@ the shared proxy relays through Postmark. Only then does the Ingress route it. *
 {{/* Environment every component gets. */}}
 {{- define "mailbeacon.commonEnv" -}}
 - name: MAILBEACON_NATS_URL
-  value: {{ .Values.nats.url | quote }}
+  value: {{ include "mailbeacon.natsUrl" . | quote }}
+{{- include "mailbeacon.natsEnv" . }}
 - name: MAILBEACON_STREAM_REPLICAS
   value: {{ .Values.nats.streamReplicas | quote }}
 - name: MAILBEACON_STREAM_MAX_AGE_DAYS
@@ -146,10 +149,10 @@ nodeSelector:
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .values.affinity }}
-affinity:
-  {{- toYaml . | nindent 2 }}
+{{- with .values.priorityClassName }}
+priorityClassName: {{ . }}
 {{- end }}
+{{- include "mailbeacon.scheduling" . }}
 volumes:
   # The root filesystem is read-only; Python and the components write only here.
   - name: tmp
@@ -158,24 +161,41 @@ volumes:
 {{- with .extraVolumes }}
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- include "mailbeacon.natsVolumes" .root | nindent 2 }}
+{{- with .values.extraVolumes }}
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
 
-{{/* Probes on the component's health endpoints: (dict "port" "http") */}}
+{{/* A pod template's labels: the component's, plus its podLabels (the chart's win on a clash). */}}
+{{- define "mailbeacon.podLabels" -}}
+{{- toYaml (merge (include "mailbeacon.labels" . | fromYaml) (.values.podLabels | default dict)) }}
+{{- end -}}
+
+{{/* A container's volume mounts besides /tmp: NATS credentials and TLS, then extraVolumeMounts.
+(dict "root" $ "values" .Values.tracker) */}}
+{{- define "mailbeacon.extraMounts" -}}
+{{- include "mailbeacon.natsVolumeMounts" .root }}
+{{- with .values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Probes on the component's health endpoints, with the component's overrides (its
+livenessProbe, readinessProbe, startupProbe values): (dict "port" "http" "values" .Values.tracker) */}}
 {{- define "mailbeacon.probes" -}}
+{{- $v := .values | default dict -}}
 startupProbe:
-  httpGet: {path: /healthz, port: {{ .port }}}
-  periodSeconds: 2
-  failureThreshold: 30
+  {{- include "mailbeacon.probe" (dict "default" (dict "httpGet" (dict "path" "/healthz" "port" .port) "periodSeconds" 2 "failureThreshold" 30) "override" $v.startupProbe) | nindent 2 }}
 livenessProbe:
-  httpGet: {path: /healthz, port: {{ .port }}}
-  periodSeconds: 10
-  timeoutSeconds: 3
-  failureThreshold: 3
+  {{- include "mailbeacon.probe" (dict "default" (dict "httpGet" (dict "path" "/healthz" "port" .port) "periodSeconds" 10 "timeoutSeconds" 3 "failureThreshold" 3) "override" $v.livenessProbe) | nindent 2 }}
 readinessProbe:
-  httpGet: {path: /readyz, port: {{ .port }}}
-  periodSeconds: 5
-  timeoutSeconds: 3
-  failureThreshold: 2
+  {{- include "mailbeacon.probe" (dict "default" (dict "httpGet" (dict "path" "/readyz" "port" .port) "periodSeconds" 5 "timeoutSeconds" 3 "failureThreshold" 2) "override" $v.readinessProbe) | nindent 2 }}
+{{- end -}}
+
+{{/* One probe: the override's fields over the default's (the library chart's one definition). */}}
+{{- define "mailbeacon.probe" -}}
+{{- include "mailbeacon-sidecar.probe" . -}}
 {{- end -}}
 
 {{/* The SMTP proxy as a container, for an app's pod (a plain sidecar) or the shared proxy
