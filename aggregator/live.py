@@ -67,11 +67,16 @@ def parse_zone(value: str | None) -> str | None:
 
 # The time zone of the heatmap is computed by the statistics read (its ``tz`` argument);
 # a read without one is asked without it, in UTC.
-_READ_TAKES_TZ = "tz" in inspect.signature(statistics.read_statistics).parameters
+READ_TAKES_TZ = "tz" in inspect.signature(statistics.read_statistics).parameters
+
+
+def zone_applied(view: View) -> str | None:
+    """The time zone the statistics read computes the heatmap in for ``view`` (None: UTC)."""
+    return view.tz if READ_TAKES_TZ else None
 
 
 async def read_view(db: Database, campaign: str, view: View) -> dict[str, Any]:
-    if view.tz is not None and _READ_TAKES_TZ:
+    if view.tz is not None and READ_TAKES_TZ:
         return await statistics.read_statistics(db, campaign, hourly=view.hourly, tz=view.tz)  # type: ignore[call-arg,unused-ignore]
     return await statistics.read_statistics(db, campaign, hourly=view.hourly)
 
