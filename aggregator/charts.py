@@ -45,12 +45,13 @@ def slot_start(label: str) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
-def label_ticks(slots: int, steps: tuple[int, ...], most: int) -> list[int]:
-    """Which slots get a label: every k-th from the first, k the smallest step giving at most
-    ``most`` labels; the last slot too (its own label, never a repeat of the first), unless
-    it would crowd the label before it."""
+def label_ticks(slots: int, steps: tuple[int, ...], most: int, phase: int | None = None) -> list[int]:
+    """Which slots get a label: the first, then every k-th (k the smallest step giving at
+    most ``most`` labels) counted from ``phase`` (an hour axis: from midnight), and the last
+    (its own label, never a repeat of the first); a label too close to the one before is left out."""
     step = next((k for k in steps if math.ceil(slots / k) <= most), steps[-1])
-    ticks = list(range(0, slots, step))
+    start = 0 if phase is None else phase % step
+    ticks = [0, *(i for i in range(start, slots, step) if i >= step * 0.6)]
     if slots > 1 and ticks[-1] != slots - 1:
         if slots - 1 - ticks[-1] < step * 0.6 and len(ticks) > 1:
             ticks.pop()
@@ -76,14 +77,14 @@ class Timeline:
     def moment(self, index: int) -> datetime:
         return self.start + index * self.unit
 
-    def label(self, index: int, first: bool) -> tuple[str, str]:
+    def label(self, index: int, first: bool, last: bool = False) -> tuple[str, str]:
         """Two lines under a tick: ``Mar 2`` (and the year under the first), or ``09:00`` and
-        the day under the first and under midnight."""
+        the day under the first, the last and midnight."""
         at = self.moment(index)
         day = f"{at:%b} {at.day}"
         if not self.hourly:
             return day, (str(at.year) if first else "")
-        return f"{at:%H:%M}", (day if first or at.hour == 0 else "")
+        return f"{at:%H:%M}", (day if first or last or at.hour == 0 else "")
 
 
 def timeline_of(moments: list[datetime], hourly: bool) -> Timeline | None:
@@ -166,12 +167,19 @@ def _bars_svg(
         parts.append("</g>")
     most = max(2, int(frame.plot_width // (70 if span.hourly else 56)))
     baseline = frame.top + frame.plot_height
-    for position, index in enumerate(label_ticks(span.slots, HOUR_STEPS if span.hourly else DAY_STEPS, most)):
+    if span.hourly:
+        ticks = label_ticks(span.slots, HOUR_STEPS, most, phase=-span.start.hour)
+    else:
+        ticks = label_ticks(span.slots, DAY_STEPS, most)
+    for index in ticks:
         x = frame.left + (index + 0.5) * slot
         parts.append(
             f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{baseline}" y2="{baseline + 4}" stroke="{MUTED}"/>'
         )
-        upper, lower = span.label(index, position == 0)
+        upper, lower = span.label(index, index == ticks[0], index == ticks[-1])
+        # A label at either end stays inside the chart (about 0.6 em a character).
+        half = max(len(upper), len(lower)) * frame.font * 0.3
+        x = min(max(x, frame.left + half), frame.width - 2 - half)
         parts.append(_text(x, baseline + 6 + frame.font, upper, frame.font))
         if lower:
             parts.append(_text(x, baseline + 8 + 2 * frame.font, lower, frame.font))

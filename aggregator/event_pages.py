@@ -44,9 +44,9 @@ def _rows(events: list[dict[str, Any]], with_campaign: bool) -> str:
         )
         campaign = f'<td class="hide-narrow">{escape(e["campaign"] or "")}</td>' if with_campaign else ""
         rows.append(
-            f'<tr class="event"><td class="num">{moment(e["occurred_at"])}</td>'
+            f'<tr class="event"><td class="num when">{moment(e["occurred_at"])}</td>'
             f'<td><span class="badge t-{escape(e["type"])}">{escape(e["type"])}</span>{machine_badge(e)}{waiting}</td>'
-            f'{campaign}<td>{who}</td><td class="url hide-narrow">{escape(event_detail(e))}</td></tr>'
+            f'{campaign}<td class="who">{who}</td><td class="url hide-narrow">{escape(event_detail(e))}</td></tr>'
         )
     return "".join(rows)
 
@@ -103,6 +103,12 @@ async def all_events_page(request: web.Request) -> web.Response:
     return await _events_page(request, None, "/events/", "All events")
 
 
+def campaign_link(campaign: str | None) -> str:
+    if not campaign:
+        return ""
+    return f'<a href="/campaigns/{escape(campaign)}/statistics/">{escape(campaign)}</a>'
+
+
 def furthest_state(m: dict[str, Any]) -> str:
     """How far the copy got, from the first-seen times: a copy opened and clicked is
     "clicked", not the "sent" its row's status keeps. A complaint or unsubscribe is the last
@@ -144,7 +150,7 @@ async def message_page(request: web.Request) -> web.Response:
     kind = state.split(" ", 1)[0]
     facts: list[tuple[str, str | None]] = [
         ("Recipient", escape(m["recipient"] or "(not known yet)")),
-        ("Campaign", escape(m["campaign"] or "")),
+        ("Campaign", campaign_link(m["campaign"])),
         ("Status", f'<span class="state t-{escape(kind)}" data-metric="state">{escape(state)}</span>'),
         ("Message-ID", escape(m["message_id"] or "")),
         ("Sent", moment(m["sent_at"])),
@@ -162,15 +168,9 @@ async def message_page(request: web.Request) -> web.Response:
         ("Opens / clicks", f"{m['open_count']} / {m['click_count']}"),
     ]
     rows = "".join(f"<tr><th scope=row>{escape(k)}</th><td>{v}</td></tr>" for k, v in facts if v)
-    campaign = m["campaign"]
-    link = (
-        f'<p><a href="/campaigns/{escape(campaign)}/statistics/">{escape(campaign)}</a></p>'
-        if campaign
-        else ""
-    )
     body = (
-        f"<h1>Message {escape(m['tracking_id'])}</h1>{link}<div class=wrap><table id=facts>{rows}</table></div>"
-        f"<h2>Timeline</h2>{timeline(m['events'])}"
+        f"<h1>Message {escape(m['tracking_id'])}</h1><div class=wrap><table id=facts>{rows}</table></div>"
+        f"<h2>Timeline</h2>{timeline(m['events'], one_message=True)}"
     )
     return layout(request, "Message", body)
 

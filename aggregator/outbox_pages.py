@@ -141,23 +141,27 @@ async def outbox_list(request: web.Request) -> web.Response:
     headers = await asyncio.to_thread(lambda: [(p, _load(p)) for p in files])
     tracked = {p: header_text(m, TRACKING_HEADER).strip() for p, m in headers}
     campaigns = await campaigns_of(request, list(tracked.values()))
-    rows = (
-        "".join(
-            f'<tr><td class="num">{escape(sent_date(m, p))}</td>'
-            f'<td><a href="/outbox/{escape(p.name)}">{escape(header_text(m, "Subject") or "(no subject)")}</a>'
-            f"{' <span class=muted>(' + str(len(attachments(m))) + ' attached)</span>' if attachments(m) else ''}</td>"
-            f"<td>{_campaign_link(campaigns.get(tracked[p]))}</td>"
+
+    def row(p: Path, m: Message) -> str:
+        date, campaign, attached = sent_date(m, p), campaigns.get(tracked[p]), len(attachments(m))
+        files = f" <span class=muted>· {attached} attached</span>" if attached else ""
+        return (
+            f'<tr><td class="num hide-narrow">{escape(date)}</td>'
+            f'<td><a href="/outbox/{escape(p.name)}">{escape(header_text(m, "Subject") or "(no subject)")}</a>{files}'
+            f'<div class="show-narrow muted small">{escape(date)} · {escape(campaign or "no campaign")}</div></td>'
+            f'<td class="hide-narrow">{_campaign_link(campaign)}</td>'
             f'<td class="addresses">{escape(header_text(m, "Delivered-To"))}</td>'
             f'<td class="addresses hide-narrow">{escape(header_text(m, "From"))}</td></tr>'
-            for p, m in headers
         )
-        or '<tr><td colspan="5" class="muted">Nothing relayed yet.</td></tr>'
+
+    rows = "".join(row(p, m) for p, m in headers) or (
+        '<tr><td colspan="5" class="muted">Nothing relayed yet.</td></tr>'
     )
     body = (
         f"<h1>Outbox</h1><p class=muted>Messages the proxy relayed, one copy per recipient, newest first, "
         f"kept in {escape(str(directory))}.</p>"
-        "<div class=wrap><table id=outbox><thead><tr><th class=num scope=col>Date</th><th scope=col>Subject</th>"
-        "<th scope=col>Campaign</th><th scope=col>Recipient</th><th class=hide-narrow scope=col>From</th>"
+        "<div class=wrap><table id=outbox><thead><tr><th class='num hide-narrow' scope=col>Date</th>"
+        "<th scope=col>Subject</th><th class=hide-narrow scope=col>Campaign</th><th scope=col>Recipient</th><th class=hide-narrow scope=col>From</th>"
         f"</tr></thead><tbody>{rows}</tbody></table></div>"
     )
     return layout(request, "Outbox", body)

@@ -114,15 +114,19 @@ def event_detail(e: dict[str, Any]) -> str:
     return str(e["detail"] or "")
 
 
-def timeline(events: list[dict[str, Any]]) -> str:
+def _who(e: dict[str, Any]) -> str:
+    if e["tracking_id"]:
+        return f'<a href="/messages/{escape(e["tracking_id"])}/">{escape(e["recipient"] or e["tracking_id"])}</a> '
+    return escape(e["recipient"] or "")
+
+
+def timeline(events: list[dict[str, Any]], one_message: bool = False) -> str:
+    """Events newest or oldest first as given; ``one_message``: all of one copy, so each line
+    leaves out whose it is."""
     items = "".join(
         f'<li class="t-{escape(e["type"])}"><span class="what">{escape(e["type"])}</span>{machine_badge(e)} '
         f'<span class="when">{moment(e["occurred_at"])}</span><br>'
-        + (
-            f'<a href="/messages/{escape(e["tracking_id"])}/">{escape(e["recipient"] or e["tracking_id"])}</a> '
-            if e["tracking_id"]
-            else escape(e["recipient"] or "")
-        )
+        + ("" if one_message else _who(e))
         + f'<span class="detail muted">{escape(event_detail(e))}</span></li>'
         for e in events
     )
@@ -159,13 +163,20 @@ async def first_sent(db: Database) -> dict[str, str | None]:
         return {key: iso_utc(at) for key, at in rows.all()}
 
 
-def _rate_cell(c: dict[str, Any], human: str, everything: str) -> str:
+def _rate_cell(c: dict[str, Any], human: str, everything: str, css: str = "") -> str:
     if not c["delivered_count"]:
-        return f'<td class="num muted" title="{sections.NO_DELIVERY}">{sections.NONE}</td>'
+        return f'<td class="num muted {css}" title="{sections.NO_DELIVERY}">{sections.NONE}</td>'
     return (
-        f'<td class="num">{sections.percent(c[human])}'
+        f'<td class="num {css}">{sections.percent(c[human])}'
         f' <span class="muted hide-narrow">(all {sections.percent(c[everything])})</span></td>'
     )
+
+
+def _narrow_rate(c: dict[str, Any], human: str) -> str:
+    """On a phone the click rate column gives way; the rate goes under the count."""
+    if not c["delivered_count"]:
+        return ""
+    return f'<div class="show-narrow muted small">{sections.percent(c[human])}</div>'
 
 
 async def campaign_list(request: web.Request) -> web.Response:
@@ -173,12 +184,13 @@ async def campaign_list(request: web.Request) -> web.Response:
     campaigns = await statistics.list_campaigns(db)
     started = await first_sent(db)
     rows = "".join(
-        f'<tr><th scope=row><a href="/campaigns/{escape(c["campaign"])}/statistics/">{escape(c["campaign"])}</a></th>'
-        f'<td class="hide-narrow">{moment(started.get(c["campaign"])) or "<span class=muted>not yet</span>"}</td>'
+        f'<tr><th scope=row><a href="/campaigns/{escape(c["campaign"])}/statistics/">{escape(c["campaign"])}</a>'
+        f'<div class="show-narrow muted small">{when(started.get(c["campaign"])) or "not sent yet"}</div></th>'
+        f'<td class="hide-narrow">{moment(started.get(c["campaign"])) or "<span class=muted>not sent yet</span>"}</td>'
         f'<td class="num">{c["sent_count"]:,}</td><td class="num hide-narrow">{c["delivered_count"]:,}</td>'
         f"{_rate_cell(c, 'human_open_rate', 'open_rate')}"
-        f'<td class="num">{c["human_unique_clicks"]:,}</td>'
-        f"{_rate_cell(c, 'human_click_rate', 'click_rate')}"
+        f'<td class="num">{c["human_unique_clicks"]:,}{_narrow_rate(c, "human_click_rate")}</td>'
+        f"{_rate_cell(c, 'human_click_rate', 'click_rate', 'hide-narrow')}"
         f'<td class="num hide-narrow">{sections.percent(c["bounce_rate"])}</td></tr>'
         for c in campaigns
     )
@@ -188,7 +200,7 @@ async def campaign_list(request: web.Request) -> web.Response:
         "<h1>Campaigns</h1><div class=wrap><table id=campaigns><thead><tr><th scope=col>Campaign</th>"
         "<th class=hide-narrow scope=col>First sent</th><th class=num scope=col>Sent</th>"
         "<th class='num hide-narrow' scope=col>Delivered</th><th class=num scope=col>Open rate</th>"
-        "<th class=num scope=col>Clicks</th><th class=num scope=col>Click rate</th>"
+        "<th class=num scope=col>Clicks</th><th class='num hide-narrow' scope=col>Click rate</th>"
         f"<th class='num hide-narrow' scope=col>Bounce rate</th></tr></thead><tbody>{rows}</tbody></table></div>"
         "<p class=muted>Opens, clicks and their rates count people (copies opened or clicked by a person, "
         "per delivered copy); in brackets with machines too.</p>"

@@ -99,7 +99,7 @@ def insight_events() -> tuple[list[Event], list[str]]:
     return events, ids
 
 
-def with_insights(s: dict[str, Any], events: list[Event]) -> dict[str, Any]:
+def with_insights(s: dict[str, Any], events: list[Event], hourly: bool = False) -> dict[str, Any]:
     """The breakdowns the statistics gain with the insights work (README "Statistics"), for
     the screenshots, derived from the seeded events; a statistics read that has them keeps its own."""
     human_opens = [e for e in events if e.type == EventType.OPENED and not e.machine]
@@ -112,7 +112,9 @@ def with_insights(s: dict[str, Any], events: list[Event]) -> dict[str, Any]:
     clicks: dict[str, list[int]] = {}
     for e in events:
         if e.type == EventType.CLICKED:
-            day = clicks.setdefault(e.occurred_at.strftime("%Y-%m-%d"), [0, 0])
+            day = clicks.setdefault(
+                e.occurred_at.strftime("%Y-%m-%dT%H:00:00Z" if hourly else "%Y-%m-%d"), [0, 0]
+            )
             day[0] += 1
             day[1] += 0 if e.machine else 1
     iphone = sum(1 for e in first.values() if e.user_agent == IPHONE)
@@ -141,7 +143,8 @@ def with_insights(s: dict[str, Any], events: list[Event]) -> dict[str, Any]:
         },
         "engagement_heatmap": heat,
         "clicks_over_time": [
-            {"date": d, "clicks": c, "human_clicks": h} for d, (c, h) in sorted(clicks.items())
+            {"hour" if hourly else "date": d, "clicks": c, "human_clicks": h}
+            for d, (c, h) in sorted(clicks.items())
         ],
     }
     for figures in extra["domains"].values():
@@ -162,8 +165,8 @@ async def insight_site(
     await apply_batch(db, events)
     read = live.read_view
 
-    async def read_with_insights(*args: Any) -> dict[str, Any]:
-        return with_insights(await read(*args), events)
+    async def read_with_insights(db: Database, campaign: str, view: live.View) -> dict[str, Any]:
+        return with_insights(await read(db, campaign, view), events, view.hourly)
 
     monkeypatch.setattr(pages, "read_view", read_with_insights)
     monkeypatch.setattr(live, "read_view", read_with_insights)
@@ -215,6 +218,9 @@ def test_time_axis_labels_are_distinct_and_reach_both_ends() -> None:
     for slots in (2, 5, 9, 30, 90, 400):
         ticks = label_ticks(slots, (1, 2, 3, 7, 14, 28, 56, 91, 182, 364), 8)
         assert ticks[0] == 0 and ticks[-1] == slots - 1 and len(set(ticks)) == len(ticks) <= 9
+    # Hours from 08:00 over five days: labels at midnight and noon, not at 20:00 and 08:00.
+    hours = label_ticks(110, (1, 2, 3, 6, 12, 24, 48), 10, phase=-8)
+    assert hours[0] == 0 and hours[-1] == 109 and all((i + 8) % 12 == 0 for i in hours[1:-1])
 
 
 def test_bars_stand_at_their_dates_and_empty_days_keep_their_place() -> None:
