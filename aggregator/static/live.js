@@ -9,12 +9,12 @@
   if (!live || !window.EventSource || !window.fetch || !window.DOMParser) {
     return;
   }
-  var status = document.getElementById("live-status");
   var shown = live.getAttribute("data-updated") || "";
   var busy = false;
   var again = false;
 
   function say(text, on) {
+    var status = document.getElementById("live-status"); // replaced with each swap
     if (status) {
       status.textContent = text;
       status.className = on ? "live on" : "live";
@@ -51,6 +51,7 @@
           }
         });
         current.replaceWith(document.importNode(fresh, true));
+        say("live", true);
       })
       .catch(function () {
         say("live updates paused", false);
