@@ -407,6 +407,7 @@ async def test_statistics_page_updates_itself_from_the_stream(
         after = await metrics_on(page)
         assert after["human_unique_opens"] == "6" and after["human_open_rate"] == "100.00%"
         assert await page.evaluate("window.notReloaded") is True
+        await expect(page.locator("#live-status")).to_have_text("live")  # still said after the swap
         assert await page.locator("#over-time-table[open]").count() == 1
         assert await page.locator("#opens-chart svg.wide rect.people").count() == 4  # a fourth day of opens
         assert violations == []
