@@ -31,6 +31,7 @@ from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, CampaignSpec
 from mailbeacon.events import utcnow
 from mailbeacon.jetstream import ensure_suppression_bucket
+from mailbeacon.nats_auth import NatsLogin
 from mailbeacon.settings import Settings
 from mailbeacon.suppressions import SuppressionList
 from mailbeacon.web import add_health_routes, bound_port, json_errors, serve
@@ -92,13 +93,20 @@ class AggregatorService:
         self.db = open_database(database_url(settings))
         # Campaign keys whose spec has privacy.anonymizeIp, kept current from the KV bucket.
         self.anonymized: set[str] = set()
-        self.consumer = EventConsumer(js, self.db, settings.ingest_batch_size, anonymized=self.anonymized)
+        self.consumer = EventConsumer(
+            js,
+            self.db,
+            settings.ingest_batch_size,
+            anonymized=self.anonymized,
+            login=NatsLogin.from_settings(settings),
+        )
         self.campaigns = CampaignStore(kv, on_change=self._campaign_changed) if kv is not None else None
         self.suppressions: SuppressionRecorder | None = None
         self.app: web.Application | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.port: int | None = None
+        self.stopping = False
 
     async def _campaign_changed(self, key: CampaignKey, spec: CampaignSpec | None) -> None:
         if spec is not None and spec.privacy.anonymize_ip:
@@ -107,6 +115,7 @@ class AggregatorService:
             self.anonymized.discard(str(key))
         if spec is None:
             return  # a deleted Campaign keeps its statistics
+        metrics.campaign_seen(str(key))  # its event counters exist from now on, at zero
         insert = self.db.insert
         async with self.db.writing() as conn:
             await conn.execute(
@@ -151,7 +160,9 @@ class AggregatorService:
             auth=self.auth,
             max_streams=self.settings.aggregator_max_streams,
         )
-        add_health_routes(app, ready=lambda: self.consumer.healthy)
+        add_health_routes(
+            app, ready=lambda: self.consumer.healthy and not self.stopping, registry=metrics.REGISTRY
+        )
         self._runner = await serve(app, self.settings.aggregator_listen)
         self.port = bound_port(self._runner)
         log.info("aggregator listening on port %s", self.port)
@@ -184,6 +195,10 @@ class AggregatorService:
                 )
             except Exception as exc:
                 log.warning("expiring parked events failed: %s", exc)
+
+    def begin_stopping(self) -> None:
+        """/readyz answers 503 from now on; the API, the pages and ingest go on until ``stop``."""
+        self.stopping = True
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, InvalidCampaign, parse_manifests
 from mailbeacon.jetstream import connect, ensure_suppression_bucket, provision, redact_url
+from mailbeacon.nats_auth import NatsLogin
 from mailbeacon.publisher import EventPublisher
 from mailbeacon.runner import AllInOne, Component, nats_url_file, run_component, wait_for_signal
 from mailbeacon.settings import Settings, invalid_settings
@@ -48,6 +49,9 @@ class _WithPublisher:
         if self.store is not None:
             await self.store.start()
         await self.component.start()
+
+    def begin_stopping(self) -> None:
+        self.component.begin_stopping()
 
     async def stop(self) -> None:
         deadline = time.monotonic() + self.drain
@@ -92,11 +96,13 @@ async def _up(settings: Settings) -> None:
                 if addresses.outbox
                 else ""
             )
-            + f"  NATS                       {redact_url(addresses.nats)}\n\n"
+            + f"  Prometheus metrics         {addresses.proxy_http}/metrics (proxy), "
+            f"{addresses.tracker}/metrics (tracker), {addresses.aggregator}/metrics (aggregator)\n"
+            f"  NATS                       {redact_url(addresses.nats)}\n\n"
             f"Try it:  {_this_python()} -m mailbeacon.sendtest --smtp {addresses.smtp}\n",
             flush=True,
         )
-        await wait_for_signal()
+        await wait_for_signal(settings.shutdown_delay_seconds, system.begin_stopping)
         print("\nstopping...", flush=True)
     finally:
         await system.stop()
@@ -116,7 +122,7 @@ async def _apply(settings: Settings, text: str) -> None:
         campaigns = parse_manifests(text)
     except InvalidCampaign as exc:
         raise SystemExit(f"error: {exc}") from exc
-    nc = await connect(_nats_url(settings), "mailbeacon-cli")
+    nc = await connect(_nats_url(settings), "mailbeacon-cli", NatsLogin.from_settings(settings))
     try:
         store = CampaignStore(await provision(nc.jetstream(), settings))
         for key, spec in campaigns:
@@ -229,6 +235,18 @@ def _parser() -> argparse.ArgumentParser:
             component.add_argument(
                 "--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT)"
             )
+        if name == "operator":
+            release = component.add_subparsers(dest="operator_action").add_parser(
+                "release-campaigns",
+                help="take the operator's finalizer off every Campaign it serves (before uninstalling it)",
+            )
+            release.add_argument(
+                "--stop-deployment", metavar="NAME", help="scale the operator's Deployment to 0 first"
+            )
+            release.add_argument("--namespace", help="that Deployment's namespace (default: this pod's)")
+            release.add_argument(
+                "--timeout", type=float, default=120.0, help="seconds to wait for the operator's pods to end"
+            )
     commands.add_parser("migrate", help="bring the SQL schema up to date")
     campaign = commands.add_parser("campaign", help="manage campaigns").add_subparsers(
         dest="action", required=True
@@ -285,6 +303,10 @@ def main(argv: list[str] | None = None) -> None:
         run_tracker(settings, max(1, args.workers))
     elif command == "aggregator":
         asyncio.run(run_component(settings, _build_aggregator, "aggregator"))
+    elif command == "operator" and args.operator_action == "release-campaigns":
+        from campaign_operator.release import release_command
+
+        release_command(settings, args.stop_deployment, args.namespace, args.timeout)
     elif command == "operator":
         from campaign_operator.main import run
 

@@ -25,6 +25,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from mailbeacon.events import SUBJECT_PREFIX
+from mailbeacon.nats_auth import NatsLogin
 from mailbeacon.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ def _redact_one(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"***@{netloc}"))
 
 
-async def connect(url: str, name: str) -> NATS:
+async def connect(url: str, name: str, login: NatsLogin | None = None) -> NATS:
+    """nats-py connected to ``url`` (reconnecting forever), with ``login``'s credentials and TLS
+    (:meth:`NatsLogin.from_settings`)."""
     shown = redact_url(url)
     client = NATS()
 
@@ -96,6 +99,7 @@ async def connect(url: str, name: str) -> NATS:
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        **(login or NatsLogin()).nats_py_options(),
     )
     return client
 

@@ -24,6 +24,7 @@ from pydantic import SecretStr
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.embedded_nats import EmbeddedNats
 from mailbeacon.jetstream import connect, ensure_suppression_bucket, provision
+from mailbeacon.nats_auth import NatsLogin
 from mailbeacon.outbox import Outbox
 from mailbeacon.publisher import EventPublisher
 from mailbeacon.settings import MIN_SECRET_KEY_LENGTH, Settings, parse_listen
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 
 class Component(Protocol):
     async def start(self) -> None: ...
+    def begin_stopping(self) -> None:
+        """SIGTERM came: /readyz answers 503 from now on, serving goes on until ``stop``."""
+
     async def stop(self) -> None: ...
 
 
@@ -70,6 +74,7 @@ class Addresses:
     aggregator: str
     nats: str
     outbox: Path | None
+    proxy_http: str = ""  # the proxy's /healthz, /readyz and /metrics
 
 
 def _http(listen: str, port: int | None) -> str:
@@ -112,7 +117,7 @@ class AllInOne:
             await self.outbox.start()
             updates |= {"upstream_smtp": SecretStr(self.outbox.url), "outbox_dir": self.outbox.directory}
         settings = settings.model_copy(update=updates)
-        self.nc = await connect(nats_url, "mailbeacon-up")
+        self.nc = await connect(nats_url, "mailbeacon-up", NatsLogin.from_settings(settings))
         js = self.nc.jetstream()
         kv = await provision(js, settings)
         self.publisher = EventPublisher(js, spool=Spool.under(settings.data_dir))
@@ -124,9 +129,9 @@ class AllInOne:
         aggregator = AggregatorService(settings, js, kv)
         tracker = TrackerService(settings, self.publisher)
         suppressions = SuppressionList(await ensure_suppression_bucket(js, settings))
-        proxy = ProxyService(
-            settings, self.publisher, self.store, serve_http=False, suppressions=suppressions
-        )
+        # Each component serves its own /metrics on its own port (the proxy's on PROXY_HTTP_LISTEN):
+        # one scrape target per component, as in a cluster, so no sum counts an event twice.
+        proxy = ProxyService(settings, self.publisher, self.store, suppressions=suppressions)
         for component in (aggregator, tracker, proxy):
             await component.start()
             self.components.append(component)
@@ -137,7 +142,12 @@ class AllInOne:
             aggregator=_http(settings.aggregator_listen, aggregator.port),
             nats=nats_url,
             outbox=self.outbox.directory if self.outbox else None,
+            proxy_http=_http(settings.proxy_http_listen, proxy.http_port),
         )
+
+    def begin_stopping(self) -> None:
+        for component in self.components:
+            component.begin_stopping()
 
     async def stop(self) -> None:
         # Proxy and tracker first, then flush their events (spooling what NATS does not take
@@ -163,12 +173,24 @@ class AllInOne:
             nats_url_file(self.settings).unlink(missing_ok=True)
 
 
-async def wait_for_signal() -> None:
-    stop = asyncio.Event()
+async def wait_for_signal(delay: float = 0.0, stopping: Callable[[], None] | None = None) -> None:
+    """Return once SIGTERM or SIGINT arrives; with a ``delay`` (SHUTDOWN_DELAY_SECONDS), first call
+    ``stopping`` (readiness turns 503) and keep serving for ``delay`` seconds, or until a second
+    signal: Service endpoints and load balancers take a moment to stop sending requests to a
+    terminating pod, and a listener closed at once would refuse them (README "Zero-drop rollouts")."""
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, signalled.set)
+    await signalled.wait()
+    if delay <= 0:
+        return
+    signalled.clear()
+    if stopping is not None:
+        stopping()
+    log.info("stopping: /readyz answers 503; still serving for %g s (SHUTDOWN_DELAY_SECONDS)", delay)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(signalled.wait(), delay)
 
 
 async def run_component(
@@ -177,11 +199,11 @@ async def run_component(
     """One component as its container runs it: connect, provision, serve until SIGTERM."""
     if not settings.nats_url:
         raise SystemExit(f"mailbeacon {name}: MAILBEACON_NATS_URL is required (or use `mailbeacon up`)")
-    nc = await connect(settings.nats_url, f"mailbeacon-{name}")
+    nc = await connect(settings.nats_url, f"mailbeacon-{name}", NatsLogin.from_settings(settings))
     component = await build(settings, nc)
     await component.start()
     try:
-        await wait_for_signal()
+        await wait_for_signal(settings.shutdown_delay_seconds, component.begin_stopping)
     finally:
         await component.stop()
         await close_connection(nc)

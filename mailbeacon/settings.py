@@ -10,10 +10,10 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 UpstreamProvider = Literal["generic", "sendgrid", "mailgun", "ses", "postmark"]
@@ -72,6 +72,26 @@ class Settings(BaseSettings):
     nats_url: str | None = Field(
         default=None,
         description="NATS server URL, or a cluster's URLs separated by commas; unset means embedded nats-server",
+    )
+    # NATS login and TLS as connect options (README "Kubernetes", NATS credentials): unlike
+    # credentials in NATS_URL they apply to every server of a cluster, learned ones included.
+    nats_user: str | None = Field(default=None, description="NATS user name (with NATS_PASSWORD)")
+    nats_password: SecretStr | None = Field(default=None, description="NATS password of NATS_USER")
+    nats_token: SecretStr | None = Field(default=None, description="NATS authentication token")
+    nats_nkey_seed_file: Path | None = Field(
+        default=None, description="File holding the NATS user's nkey seed (SU...): nkey authentication"
+    )
+    nats_creds_file: Path | None = Field(
+        default=None, description="NATS .creds file (user JWT and nkey seed), for NATS in operator/JWT mode"
+    )
+    nats_ca_file: Path | None = Field(
+        default=None, description="CA bundle (PEM) the NATS servers' certificates are verified against; TLS"
+    )
+    nats_tls_cert_file: Path | None = Field(
+        default=None, description="Client certificate (PEM) presented to NATS, with NATS_TLS_KEY_FILE"
+    )
+    nats_tls_key_file: Path | None = Field(
+        default=None, description="Private key (PEM) of NATS_TLS_CERT_FILE"
     )
     database_url: SecretStr | None = Field(default=None, description="SQL database; unset means SQLite")
     secret_keys: Annotated[list[SecretStr], NoDecode] = Field(
@@ -155,6 +175,35 @@ class Settings(BaseSettings):
     )
     operator_namespaces: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Namespaces whose Campaigns the operator serves; empty means all"
+    )
+    # Sidecar injection by annotation, served by the operator (README "Injection by annotation").
+    injection_listen: str | None = Field(
+        default=None,
+        description="host:port of the operator's sidecar-injection webhook (HTTPS), e.g. 0.0.0.0:9443; "
+        "unset: no webhook",
+    )
+    injection_template: dict[str, Any] | None = Field(
+        default=None,
+        description="The sidecar the webhook adds, as JSON {initContainer, volumes, appEnv}: the Helm "
+        "chart renders it from the mailbeacon-sidecar library chart, so it equals what app charts include",
+    )
+    injection_cert_file: Path | None = Field(
+        default=None,
+        description="The webhook's certificate (PEM, e.g. cert-manager's tls.crt), re-read when it "
+        "changes; unset: the operator makes one at each start",
+    )
+    injection_key_file: Path | None = Field(
+        default=None, description="The private key of INJECTION_CERT_FILE"
+    )
+    injection_dns_names: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Names the operator's own webhook certificate is made for: the webhook Service's "
+        "DNS names, comma-separated",
+    )
+    injection_webhook_configuration: str | None = Field(
+        default=None,
+        description="MutatingWebhookConfiguration whose caBundle the operator sets to the CA of the "
+        "certificate it made (without INJECTION_CERT_FILE)",
     )
 
     stream_max_age_days: float = Field(default=30.0, gt=0)
@@ -241,6 +290,15 @@ class Settings(BaseSettings):
         "and a stopping proxy lets its relays in flight finish; what is unpublished then "
         "goes to DATA_DIR/spool for the next start",
     )
+    shutdown_delay_seconds: float = Field(
+        default=0.0,
+        ge=0,
+        le=300,
+        description="Seconds the tracker, the aggregator and a proxy keep serving after SIGTERM while "
+        "their /readyz answers 503, so Service endpoints and load balancers stop sending them work "
+        "before they stop listening (the Helm chart sets it); a second signal ends the wait. 0 (the "
+        "default, for `mailbeacon up` and Ctrl-C) stops at once",
+    )
     click_burst_seconds: float = Field(
         default=1.0,
         gt=0,
@@ -311,6 +369,7 @@ class Settings(BaseSettings):
         "no_proxy",
         "api_tokens",
         "api_read_tokens",
+        "injection_dns_names",
         mode="before",
     )
     @classmethod
@@ -381,6 +440,14 @@ class Settings(BaseSettings):
         parse_listen(value)  # fail at start-up, not at bind time
         return value
 
+    @field_validator("injection_listen")
+    @classmethod
+    def _optional_listen(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        parse_listen(value)
+        return value
+
     @field_validator("default_campaign")
     @classmethod
     def _default_campaign(cls, value: str | None) -> str | None:
@@ -389,6 +456,27 @@ class Settings(BaseSettings):
         from mailbeacon.campaigns import CampaignKey
 
         return str(CampaignKey.parse(value))
+
+    @model_validator(mode="after")
+    def _nats_login(self) -> Settings:
+        # One way to log in: NATS refuses a CONNECT mixing them, and a half-given pair is a typo.
+        methods = [
+            name
+            for name, given in (
+                ("NATS_USER/NATS_PASSWORD", self.nats_user or self.nats_password),
+                ("NATS_TOKEN", self.nats_token),
+                ("NATS_NKEY_SEED_FILE", self.nats_nkey_seed_file),
+                ("NATS_CREDS_FILE", self.nats_creds_file),
+            )
+            if given
+        ]
+        if len(methods) > 1:
+            raise ValueError(f"set one NATS login, not {' and '.join(methods)}")
+        if bool(self.nats_user) != bool(self.nats_password):
+            raise ValueError("MAILBEACON_NATS_USER and MAILBEACON_NATS_PASSWORD go together")
+        if bool(self.nats_tls_cert_file) != bool(self.nats_tls_key_file):
+            raise ValueError("MAILBEACON_NATS_TLS_CERT_FILE and MAILBEACON_NATS_TLS_KEY_FILE go together")
+        return self
 
     def signing_keys(self) -> list[bytes]:
         return [key.get_secret_value().encode() for key in self.secret_keys]

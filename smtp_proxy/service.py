@@ -13,7 +13,8 @@ from mailbeacon.campaigns import CampaignKey
 from mailbeacon.publisher import EventPublisher
 from mailbeacon.settings import Settings, parse_listen
 from mailbeacon.suppressions import SuppressionList
-from mailbeacon.web import add_health_routes, serve
+from mailbeacon.web import add_health_routes, bound_port, serve
+from smtp_proxy import metrics
 from smtp_proxy.auth import Authenticator, Credentials, Networks
 from smtp_proxy.copies import CopyOptions
 from smtp_proxy.dkim_sign import DkimSigner
@@ -83,6 +84,7 @@ class ProxyService:
         configure_session_log(settings.log_level)
         self.suppressions = suppressions if settings.honour_unsubscribes else None
         self.upstream = Upstream(upstream_config(settings, upstream_url))
+        metrics.watch_publisher(publisher)
         self.handler = ProxyHandler(
             proxy_options(settings),
             self.upstream,
@@ -109,6 +111,8 @@ class ProxyService:
         self._sessions: weakref.WeakSet[ProxySMTP] = weakref.WeakSet()
         self._http: web.AppRunner | None = None
         self.port: int | None = None
+        self.stopping = False
+        self.http_port: int | None = None  # health and metrics, when served
 
     def _smtp(self) -> ProxySMTP:
         session = ProxySMTP(
@@ -140,8 +144,9 @@ class ProxyService:
         self.port = self._server.sockets[0].getsockname()[1]
         if self._serve_http:
             app = web.Application()
-            add_health_routes(app, ready=lambda: self._server is not None and self._server.is_serving())
+            add_health_routes(app, ready=self._ready, registry=metrics.REGISTRY)
             self._http = await serve(app, self.settings.proxy_http_listen)
+            self.http_port = bound_port(self._http)
         log.info(
             "SMTP proxy listening on %s:%s (STARTTLS %s, AUTH %s), relaying to %r",
             host,
@@ -150,6 +155,14 @@ class ProxyService:
             "on" if self.credentials else "off",
             self.upstream.config,
         )
+
+    def _ready(self) -> bool:
+        return self._server is not None and self._server.is_serving() and not self.stopping
+
+    def begin_stopping(self) -> None:
+        """SIGTERM came: /readyz answers 503 while sessions are still accepted (the endpoints
+        take a moment to drop the pod); ``stop`` then stops listening."""
+        self.stopping = True
 
     async def stop(self) -> None:
         """Stop listening, let the relays in flight end and hand their events over, then close.

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from prometheus_client import generate_latest
 
+from aggregator import metrics as aggregator_metrics
 from aggregator.service import AggregatorService
 from aggregator.suppressions import CHECK_PARKED_SECONDS
 from mailbeacon.campaign_store import CampaignStore
@@ -30,6 +31,7 @@ from mailbeacon.publisher import EventPublisher
 from mailbeacon.runner import AllInOne
 from mailbeacon.settings import Settings
 from mailbeacon.suppressions import SuppressionList, suppression_key
+from smtp_proxy import metrics as proxy_metrics
 from smtp_proxy.service import ProxyService
 from tests.support import SmtpSink, eventually, make_settings, metric_value
 
@@ -68,11 +70,17 @@ async def send(port: int, campaign: CampaignKey, recipients: list[str]) -> tuple
 
 
 def parked_total() -> float:
-    return metric_value(generate_latest().decode(), "mailbeacon_aggregator_events_parked_total")
+    return metric_value(
+        generate_latest(aggregator_metrics.REGISTRY).decode(), "mailbeacon_aggregator_events_parked_total"
+    )
 
 
 def suppressed_metric(reason: str) -> float:
-    return metric_value(generate_latest().decode(), "mailbeacon_proxy_copies_suppressed_total", reason=reason)
+    return metric_value(
+        generate_latest(proxy_metrics.REGISTRY).decode(),
+        "mailbeacon_proxy_copies_suppressed_total",
+        reason=reason,
+    )
 
 
 class System:

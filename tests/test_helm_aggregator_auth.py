@@ -19,6 +19,7 @@ from aggregator.auth.policy import Access, AuthPolicy, policy_from_settings
 from mailbeacon.settings import Settings
 from tests.test_helm_chart import (
     PRODUCTION,
+    SIGNING_KEY,
     Manifest,
     by_kind,
     env_of,
@@ -60,7 +61,7 @@ def settings_of(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Setting
 
 def test_the_aggregator_needs_credentials_by_default() -> None:
     with pytest.raises(helm_python.HelmRenderError) as refused:
-        render({}, token=False)
+        render({"secrets": {"secretKeys": [SIGNING_KEY]}}, token=False)  # only the token missing
     message = str(refused.value)
     for value in ("secrets.apiTokens", "secrets.existingSecret", "aggregator.auth.proxyHeader", "mode=none"):
         assert value in message

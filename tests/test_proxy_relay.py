@@ -18,9 +18,10 @@ import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from prometheus_client import REGISTRY, generate_latest
+from prometheus_client import generate_latest
 
 from mailbeacon.campaigns import CampaignKey, CampaignSpec, TrackingSwitches
+from smtp_proxy import metrics as proxy_metrics
 from tests.support import SmtpSink, metric_value
 from tests.test_proxy_smtp import (
     client_tls,
@@ -38,7 +39,7 @@ def send(port: int, message: email.message.EmailMessage, recipients: list[str]) 
 
 
 def metrics() -> str:
-    return generate_latest(REGISTRY).decode()
+    return generate_latest(proxy_metrics.REGISTRY).decode()
 
 
 @dataclass

@@ -2,8 +2,9 @@
 
 ``mailbeacon tracker`` starts serving before NATS answers: pixel and click events wait
 in the publisher's buffer while a background task connects (retrying forever),
-provisions the stream and attaches the publisher. On SIGTERM it stops accepting
-requests, releases held clicks, and drains the buffer for SHUTDOWN_DRAIN_SECONDS.
+provisions the stream and attaches the publisher. On SIGTERM its /readyz answers 503 while it
+serves on for SHUTDOWN_DELAY_SECONDS; then it stops accepting requests, releases held clicks,
+and drains the buffer for SHUTDOWN_DRAIN_SECONDS.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from nats.aio.client import Client as NATS
 
 from mailbeacon.http_guard import ConnectionLimits, descriptor_limit, effective_max_connections
 from mailbeacon.jetstream import connect, provision, redact_url
+from mailbeacon.nats_auth import NatsLogin
 from mailbeacon.publisher import EventPublisher
 from mailbeacon.runner import wait_for_signal
 from mailbeacon.settings import Settings, parse_listen
@@ -87,9 +89,12 @@ class TrackerService:
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self.limits: ConnectionLimits | None = None
+        self.stopping = False
 
     async def start(self) -> None:
-        self._app = create_app(self.settings, self.publisher, sns_http_get=self._sns_http_get)
+        self._app = create_app(
+            self.settings, self.publisher, sns_http_get=self._sns_http_get, ready=lambda: not self.stopping
+        )
         engagement = self._app[ENGAGEMENT_KEY]
         metrics.watch_publisher(self.publisher, lambda: engagement.hold.pending)
         self.limits = connection_limits(self.settings)
@@ -105,6 +110,10 @@ class TrackerService:
     def held(self) -> int:
         """Pixel and click events not handed to the publisher yet (clicks sit out the scanner-burst window)."""
         return self._app[ENGAGEMENT_KEY].held if self._app is not None else 0
+
+    def begin_stopping(self) -> None:
+        """/readyz answers 503 from now on; pixels, clicks and webhooks are still served."""
+        self.stopping = True
 
     async def stop(self) -> None:
         """Stop accepting requests (in-flight ones finish), then hand held events to the publisher."""
@@ -134,7 +143,9 @@ class NatsLink:
         while True:
             try:
                 # connect() retries unreachable servers forever; provisioning may still fail.
-                self.nc = self.nc or await connect(url, "mailbeacon-tracker")
+                self.nc = self.nc or await connect(
+                    url, "mailbeacon-tracker", NatsLogin.from_settings(self.settings)
+                )
                 await provision(self.nc.jetstream(), self.settings)
             except Exception as exc:
                 log.warning("NATS not ready (%s); pixel and click events are buffered meanwhile", exc)
@@ -186,6 +197,9 @@ class StandaloneTracker:
         await self.service.start()
         self.link.start()
 
+    def begin_stopping(self) -> None:
+        self.service.begin_stopping()
+
     async def stop(self) -> None:
         """One drain deadline for both: finishing requests, then publishing (and spooling)."""
         deadline = time.monotonic() + self.settings.shutdown_drain_seconds
@@ -202,7 +216,7 @@ async def serve_standalone(settings: Settings, *, reuse_port: bool = False) -> N
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
     try:
-        await wait_for_signal()
+        await wait_for_signal(settings.shutdown_delay_seconds, tracker.begin_stopping)
     finally:
         await tracker.stop()
 
@@ -218,7 +232,9 @@ def _worker(settings: Settings) -> None:
 def run_tracker(settings: Settings, workers: int = 1) -> None:
     """``mailbeacon tracker [--workers N]``: N processes share the port through SO_REUSEPORT.
 
-    The parent only supervises: it restarts a worker that died and forwards SIGTERM/SIGINT.
+    The parent only supervises: it restarts a worker that died and forwards SIGTERM/SIGINT;
+    each worker then keeps serving for SHUTDOWN_DELAY_SECONDS (its /readyz answering 503, on
+    the port they share) before it stops.
     """
     if not settings.nats_url:
         raise SystemExit("mailbeacon tracker: MAILBEACON_NATS_URL is required (or use `mailbeacon up`)")
@@ -253,6 +269,6 @@ def run_tracker(settings: Settings, workers: int = 1) -> None:
                 processes[index] = start_worker(index)
         time.sleep(0.5)
     for process in processes:
-        process.join(settings.shutdown_drain_seconds + 10)
+        process.join(settings.shutdown_delay_seconds + settings.shutdown_drain_seconds + 10)
         if process.is_alive():
             process.kill()

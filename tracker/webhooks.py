@@ -128,6 +128,7 @@ class Webhooks:
         response = await self._generic(request)
         # Counted like the providers' webhooks, so one alert on refusals covers them all.
         metrics.WEBHOOKS.labels("generic", metrics.outcome_of(response.status)).inc()
+        metrics.count_request(f"webhook_generic_{request.match_info['kind']}", response.status)
         return response
 
     async def _generic(self, request: web.Request) -> web.Response:
@@ -146,7 +147,6 @@ class Webhooks:
             return invalid_event(exc)
         except StoreUnavailable:
             return json_error(503, "event store unavailable, retry later")
-        metrics.REQUESTS.labels(f"webhook_generic_{kind}").inc()
         metrics.WEBHOOK_EVENTS.labels("generic", event.type.value).inc()
         return web.json_response({"status": "success", "message": answer})
 
@@ -157,6 +157,7 @@ class Webhooks:
             return json_error(404, f"unknown provider {name[:40]!r}", providers=sorted(ADAPTERS))
         response = await self._provider(name, adapter, request)
         metrics.WEBHOOKS.labels(name, metrics.outcome_of(response.status)).inc()
+        metrics.count_request(f"webhook_{name}", response.status)
         return response
 
     async def _provider(self, name: str, adapter: Adapter, request: web.Request) -> web.Response:
