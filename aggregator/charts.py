@@ -19,6 +19,7 @@ MUTED = "#5d6b7e"
 GRID = "#e3e8ef"
 DAY_STEPS = (1, 2, 3, 7, 14, 28, 56, 91, 182, 364)
 HOUR_STEPS = (1, 2, 3, 6, 12, 24, 48, 72, 168, 336)
+MAX_TIPS = 200
 WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 
 
@@ -137,6 +138,7 @@ def _bars_svg(
     noun: str,
     summary: str,
     css: str,
+    tips: bool,
 ) -> str:
     top = y_ticks(max((a for a, _ in values.values()), default=0))[-1]
     ticks = y_ticks(top)
@@ -152,8 +154,17 @@ def _bars_svg(
             f'stroke="{GRID if tick else MUTED}" stroke-width="1"/>'
         )
         parts.append(_text(frame.left - 6, y + frame.font / 3, f"{tick:,}", frame.font, "end"))
+    baseline = frame.top + frame.plot_height
+    outlines: dict[str, list[str]] = {"all": [], "people": []}
     for index, (everything, people) in sorted(values.items()):
         x = frame.left + index * slot + (slot - bar) / 2
+        if not tips:  # many bars: one path per kind, a few bytes a bar
+            for value, kind in ((everything, "all"), (people, "people")):
+                if value:
+                    outlines[kind].append(
+                        f"M{x:.1f} {frame.y(value, top):.1f}h{bar:.1f}V{baseline}h-{bar:.1f}z"
+                    )
+            continue
         when = span.moment(index)
         label = f"{when:%Y-%m-%d %H:00} UTC" if span.hourly else f"{when:%Y-%m-%d}"
         parts.append(f"<g><title>{escape(f'{label}: {everything:,} {noun}, {people:,} by people')}</title>")
@@ -161,12 +172,11 @@ def _bars_svg(
             if value:
                 y = frame.y(value, top)
                 parts.append(
-                    f'<rect class="{kind}" x="{x:.1f}" y="{y:.1f}" width="{bar:.1f}" '
-                    f'height="{frame.top + frame.plot_height - y:.1f}"/>'
+                    f'<rect class="{kind}" x="{x:.1f}" y="{y:.1f}" width="{bar:.1f}" height="{baseline - y:.1f}"/>'
                 )
         parts.append("</g>")
+    parts.extend(f'<path class="{kind}" d="{"".join(d)}"/>' for kind, d in outlines.items() if d)
     most = max(2, int(frame.plot_width // (70 if span.hourly else 56)))
-    baseline = frame.top + frame.plot_height
     if span.hourly:
         ticks = label_ticks(span.slots, HOUR_STEPS, most, phase=-span.start.hour)
     else:
@@ -211,8 +221,11 @@ def bar_chart(span: Timeline, values: dict[int, tuple[int, int]], noun: str) -> 
         f"{noun.capitalize()} per {unit} (UTC) from {first:{fmt}} to {last:{fmt}}: {total:,} in all, "
         f"{people:,} by people; the most, {peak:,}, on {span.moment(peak_index):{fmt}}"
     )
-    return _bars_svg(WIDE, span, values, noun, summary, "wide") + _bars_svg(
-        NARROW, span, values, noun, summary, "narrow"
+    # Hover tips where a pointer hovers, and while they stay a small part of the page (a month
+    # of hours is 720 bars); the table under the chart has every number.
+    tips = len(values) <= MAX_TIPS
+    return _bars_svg(WIDE, span, values, noun, summary, "wide", tips) + _bars_svg(
+        NARROW, span, values, noun, summary, "narrow", False
     )
 
 

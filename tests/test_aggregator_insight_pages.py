@@ -236,6 +236,16 @@ def test_bars_stand_at_their_dates_and_empty_days_keep_their_place() -> None:
     assert 'role="img"' in wide and "from 2026-03-02 to 2026-03-06: 6 in all, 5 by people" in wide
 
 
+def test_a_month_of_hours_stays_small() -> None:
+    span = Timeline(datetime(2026, 3, 1, tzinfo=UTC), 720, hourly=True)
+    svg = bar_chart(span, {i: (2, 1) for i in range(0, 720, 3)}, "opens")
+    wide = svg.split("</svg>")[0]
+    # 240 bars as one outline per kind, no tip each: the table under the chart has the numbers.
+    assert "<title>" not in wide and wide.count('<path class="all"') == 1
+    assert wide.split('<path class="all" d="')[1].split('"')[0].count("z") == 240
+    assert len(svg) < 40_000
+
+
 def stats(**changes: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         **dict.fromkeys(
