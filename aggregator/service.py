@@ -18,6 +18,7 @@ from aggregator.auth.policy import AuthConfigError, AuthPolicy, policy_from_sett
 from aggregator.auth.web import guard, install
 from aggregator.consumer import EventConsumer
 from aggregator.db import Database, open_database, sqlite_url
+from aggregator.live import DEFAULT_MAX_STREAMS, add_stream_routes
 from aggregator.migrate import ensure_schema
 from aggregator.models import CAMPAIGNS
 from aggregator.outbox_pages import add_outbox_routes
@@ -56,13 +57,18 @@ def auth_policy(settings: Settings) -> AuthPolicy:
 
 
 def create_app(
-    db: Database, outbox_dir: Path | None, ready: bool | None = None, auth: AuthPolicy | None = None
+    db: Database,
+    outbox_dir: Path | None,
+    ready: bool | None = None,
+    auth: AuthPolicy | None = None,
+    max_streams: int = DEFAULT_MAX_STREAMS,
 ) -> web.Application:
     """The API and pages; ``auth`` None is the loopback default: open, nothing configured."""
     app = web.Application(middlewares=[json_errors, guard])
     install(app, auth or AuthPolicy())
     app[DB_KEY] = db
     add_api_routes(app)
+    add_stream_routes(app, db, max_streams)
     add_page_routes(app)
     if outbox_dir is not None:
         add_outbox_routes(app, outbox_dir)
@@ -148,7 +154,12 @@ class AggregatorService:
                 "statistics) are open to anyone who reaches %s",
                 self.settings.aggregator_listen,
             )
-        self.app = app = create_app(self.db, self.settings.outbox_dir, auth=self.auth)
+        self.app = app = create_app(
+            self.db,
+            self.settings.outbox_dir,
+            auth=self.auth,
+            max_streams=self.settings.aggregator_max_streams,
+        )
         add_health_routes(
             app, ready=lambda: self.consumer.healthy and not self.stopping, registry=metrics.REGISTRY
         )

@@ -134,6 +134,13 @@ class Settings(BaseSettings):
     operator_listen: str = Field(
         default="127.0.0.1:8070", description="Health, readiness and metrics of the Campaign operator"
     )
+    aggregator_max_streams: int = Field(
+        default=100,
+        ge=1,
+        le=10000,
+        description="Live statistics streams (Server-Sent Events) one aggregator process serves at "
+        "once; more get 503 with Retry-After",
+    )
     aggregator_url: str | None = Field(
         default=None,
         description="Base URL the operator reads campaign statistics from; unset means AGGREGATOR_LISTEN",

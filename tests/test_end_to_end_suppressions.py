@@ -182,6 +182,8 @@ async def test_one_click_unsubscribe_stops_that_campaigns_mail_to_that_recipient
 
         # The recipient's mailbox provider POSTs the one-click URL of the copy (RFC 8058).
         url = one_click_url(sink.messages[0].content)
+        async with system.http.get(url) as response:  # the page names the list the link leaves
+            assert "<h1>Unsubscribe from newsletter?</h1>" in await response.text()
         async with system.http.post(url, data={"List-Unsubscribe": "One-Click"}) as response:
             assert response.status == 200
         await system.knows(NEWSLETTER, ANN, "unsubscribed")
