@@ -6,7 +6,7 @@ Plain functions of the settings and of what NATS told us; ``tracker.webhooks`` a
 from __future__ import annotations
 
 from mailbeacon.jsondepth import nests_deeper_than
-from mailbeacon.settings import Settings
+from mailbeacon.settings import Settings, TrackerSettings
 from tracker.generic_webhooks import WebhookError
 
 # An event carries the provider's record in metadata.payload and, beside it, fields taken
@@ -54,12 +54,12 @@ def unauthenticated(settings: Settings) -> list[str]:
     return routes + (["/webhooks/postmark"] if settings.tracker.postmark_basic_auth is None else [])
 
 
-def body_limit(settings: Settings, max_payload: int | None) -> int:
+def body_limit(tracker: TrackerSettings, max_payload: int | None) -> int:
     """The largest body taken: MAX_WEBHOOK_BYTES, and no more than one NATS message can carry
     as an event once NATS said how much that is."""
     if max_payload is None:
-        return settings.tracker.max_webhook_bytes
-    return max(0, min(settings.tracker.max_webhook_bytes, max_payload - EVENT_ROOM_BYTES - HEADER_ROOM_BYTES))
+        return tracker.max_webhook_bytes
+    return max(0, min(tracker.max_webhook_bytes, max_payload - EVENT_ROOM_BYTES - HEADER_ROOM_BYTES))
 
 
 def too_large(size: int, limit: int) -> WebhookError:
@@ -77,8 +77,8 @@ def check_event_size(encoded: int, max_payload: int | None) -> None:
         )
 
 
-def check_depth(text: bytes | str, settings: Settings, what: str = "body") -> None:
-    if nests_deeper_than(text, settings.tracker.max_json_depth):
+def check_depth(text: bytes | str, tracker: TrackerSettings, what: str = "body") -> None:
+    if nests_deeper_than(text, tracker.max_json_depth):
         raise WebhookError(
-            f"{what} nests JSON deeper than {settings.tracker.max_json_depth} levels (MAILBEACON_MAX_JSON_DEPTH)"
+            f"{what} nests JSON deeper than {tracker.max_json_depth} levels (MAILBEACON_MAX_JSON_DEPTH)"
         )
