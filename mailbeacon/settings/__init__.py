@@ -55,6 +55,9 @@ Listener = Literal["smtp", "proxy_http", "tracker", "aggregator", "operator"]
 
 
 class Settings(BaseSettings):
+    """The settings of one process: the fields several components read, then one group per
+    component (``settings.tracker``...). Built once at start and passed down."""
+
     model_config = SettingsConfigDict(
         env_prefix=PREFIX,
         case_sensitive=False,
