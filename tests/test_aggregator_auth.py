@@ -269,7 +269,7 @@ async def test_sqlite_file_is_the_aggregators_alone(start: Start, tmp_path: Path
     data.mkdir(mode=0o755)
     os.chmod(data, 0o755)  # whatever the umask: a directory others may read, as before
     running = await start(aggregator_listen="127.0.0.1:0")
-    assert running.service.settings.database_url is None  # the default file under DATA_DIR
+    assert running.service.settings.aggregator.database_url is None  # the default file under DATA_DIR
     database = data / "mailbeacon.db"
     files = [database, data / "mailbeacon.db-wal", data / "mailbeacon.db-shm"]
     for path in files:

@@ -145,7 +145,7 @@ async def system(tmp_path: Path, nats_url: str, sink: SmtpSink) -> AsyncIterator
 @contextlib.asynccontextmanager
 async def restarted_proxy(settings: Settings) -> AsyncIterator[ProxyService]:
     """A proxy process started afresh: everything it knows comes from NATS."""
-    nc = await connect(settings.nats_url or "", "restarted-proxy")
+    nc = await connect(settings.nats.url or "", "restarted-proxy")
     kv = await provision(nc.jetstream(), settings)
     store = CampaignStore(kv)
     await store.start()

@@ -205,15 +205,17 @@ class Engagement:
         self.settings = settings
         self.publisher = publisher
         self.hold: ClickHold[HeldClick] = ClickHold(
-            self._publish_click, window=settings.click_burst_seconds, max_pending=settings.event_buffer_limit
+            self._publish_click,
+            window=settings.tracker.click_burst_seconds,
+            max_pending=settings.tracker.event_buffer_limit,
         )
         self.arrivals: Arrivals[Arrival] = Arrivals(self._hand_over)
         self.signatures = signing.ClickVerifier(settings.signing_keys())
         self.trusted = [ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies]
         self.machine_networks = [
-            ipaddress.ip_network(cidr, strict=False) for cidr in settings.machine_ip_ranges
+            ipaddress.ip_network(cidr, strict=False) for cidr in settings.tracker.machine_ip_ranges
         ]
-        self._anonymize = settings.anonymize_ip
+        self._anonymize = settings.tracker.anonymize_ip
 
     @property
     def held(self) -> int:
