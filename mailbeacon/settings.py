@@ -71,52 +71,96 @@ class Settings(BaseSettings):
     )
     nats_url: str | None = Field(
         default=None,
-        description="NATS server URL, or a cluster's URLs separated by commas; unset means embedded nats-server",
+        description="NATS server URL (with JetStream), or a cluster's URLs separated by commas; unset means "
+        "the embedded nats-server of `mailbeacon up`",
     )
     # NATS login and TLS as connect options (README "Kubernetes", NATS credentials): unlike
     # credentials in NATS_URL they apply to every server of a cluster, learned ones included.
-    nats_user: str | None = Field(default=None, description="NATS user name (with NATS_PASSWORD)")
+    nats_user: str | None = Field(
+        default=None,
+        description="NATS user name, with NATS_PASSWORD (the two go together); like every NATS login "
+        "setting it applies to every server of a cluster. One NATS login at a time (user and password, "
+        "token, nkey seed or creds): a component given two refuses to start",
+    )
     nats_password: SecretStr | None = Field(default=None, description="NATS password of NATS_USER")
     nats_token: SecretStr | None = Field(default=None, description="NATS authentication token")
     nats_nkey_seed_file: Path | None = Field(
-        default=None, description="File holding the NATS user's nkey seed (SU...): nkey authentication"
+        default=None,
+        description="File holding the NATS user's nkey seed (SU...): nkey authentication, the server's "
+        "nonce signed with it",
     )
     nats_creds_file: Path | None = Field(
         default=None, description="NATS .creds file (user JWT and nkey seed), for NATS in operator/JWT mode"
     )
     nats_ca_file: Path | None = Field(
-        default=None, description="CA bundle (PEM) the NATS servers' certificates are verified against; TLS"
+        default=None,
+        description="CA bundle (PEM) the NATS servers' certificates are verified against; unset: the "
+        "system's CAs when the server requires TLS",
     )
     nats_tls_cert_file: Path | None = Field(
-        default=None, description="Client certificate (PEM) presented to NATS, with NATS_TLS_KEY_FILE"
+        default=None,
+        description="Client certificate (PEM) presented to NATS servers that verify clients, with "
+        "NATS_TLS_KEY_FILE",
     )
     nats_tls_key_file: Path | None = Field(
         default=None, description="Private key (PEM) of NATS_TLS_CERT_FILE"
     )
-    database_url: SecretStr | None = Field(default=None, description="SQL database; unset means SQLite")
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="SQL database: sqlite:///path or postgresql://user:password@host/db; unset means SQLite "
+        "under DATA_DIR",
+    )
     secret_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list,
-        description="Click-signing keys, newest first; all are accepted when verifying",
+        description="Click-signing keys, comma-separated, newest first: links are signed with the first and "
+        "every key verifies (rotation). Each at least 32 characters, or the component refuses to start "
+        "(`python -c 'import secrets; print(secrets.token_urlsafe(32))'`). Unset in `mailbeacon up`: a key "
+        "generated and kept under DATA_DIR; `up` refuses a shorter key file there rather than replace it "
+        "(links already sent would stop working)",
     )
     upstream_smtp: SecretStr | None = Field(
-        default=None, description="smtp://[user:password@]host:port[?starttls=true] or smtps://..."
+        default=None,
+        description="The relay or ESP the proxy relays to: smtp://[user:password@]host:port[?starttls=true], "
+        "or smtps://... for implicit TLS (?verify=false for tests only); unset in `mailbeacon up`: the "
+        "development outbox",
     )
-    upstream_provider: UpstreamProvider = "generic"
-    upstream_timeout: float = Field(default=30.0, gt=0)
-    default_campaign: str | None = None
+    upstream_provider: UpstreamProvider = Field(
+        default="generic",
+        description="The ESP behind UPSTREAM_SMTP: each copy carries its tracking id in that provider's "
+        "metadata, with the provider's own open and click tracking switched off",
+    )
+    upstream_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds the upstream may take per SMTP command"
+    )
+    default_campaign: str | None = Field(
+        default=None,
+        description="Campaign (namespace/name, or a name in namespace default) for mail that matches no "
+        "other; unset: such mail is relayed untracked",
+    )
     auto_create_campaigns: bool = Field(
         default=False, description="An unknown X-Campaign name creates the campaign in namespace default"
     )
-    data_dir: Path = Path(".mailbeacon")
-    anonymize_ip: bool = False
+    data_dir: Path = Field(
+        default=Path(".mailbeacon"),
+        description="Local state: the embedded NATS store, SQLite, the outbox, the generated key, and spool/ "
+        "(events a stop could not publish)",
+    )
+    anonymize_ip: bool = Field(
+        default=False,
+        description="The tracker keeps IPv4 /24 and IPv6 /48 only, in events and providers' raw payloads, "
+        "before anything leaves it",
+    )
     trusted_proxies: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="CIDRs of proxies whose X-Forwarded-For is believed"
+        default_factory=list,
+        description="CIDRs of proxies whose X-Forwarded-For (and, to the aggregator, X-Forwarded-Proto and "
+        "AUTH_PROXY_HEADER) is believed",
     )
     max_webhook_bytes: int = Field(
         default=5 * 1024 * 1024,
         gt=0,
         description="Largest webhook body accepted (413 above); the tracker lowers it to what one "
-        "NATS message can carry (the server's max_payload less room for the event around the record)",
+        "NATS message can carry (the server's max_payload less 16.5 KiB for the event around the record: "
+        "1,031,680 bytes on NATS's default 1 MiB)",
     )
     max_json_depth: int = Field(
         default=64,
@@ -126,13 +170,27 @@ class Settings(BaseSettings):
         "Message) may have; deeper gets 400. The aggregator stores events this deep whatever its own value",
     )
 
-    smtp_listen: str = "127.0.0.1:2525"
-    proxy_http_listen: str = "127.0.0.1:8025"
-    tracker_listen: str = "127.0.0.1:8080"
-    aggregator_listen: str = "127.0.0.1:8090"
-    outbox_dir: Path | None = Field(default=None, description="Development outbox shown in the web UI")
+    smtp_listen: str = Field(default="127.0.0.1:2525", description="host:port the SMTP proxy listens on")
+    proxy_http_listen: str = Field(
+        default="127.0.0.1:8025",
+        description="host:port of the proxy's /healthz, /readyz and /metrics (in `mailbeacon up` too: each "
+        "component's port serves only its own metrics)",
+    )
+    tracker_listen: str = Field(
+        default="127.0.0.1:8080",
+        description="host:port of the tracker (pixel, clicks, unsubscribes, webhooks)",
+    )
+    aggregator_listen: str = Field(
+        default="127.0.0.1:8090", description="host:port of the aggregator's API, pages and /metrics"
+    )
+    outbox_dir: Path | None = Field(
+        default=None,
+        description="Where the development outbox keeps relayed mail as .eml files, shown at /outbox/; "
+        "`mailbeacon up` without UPSTREAM_SMTP uses DATA_DIR/outbox",
+    )
     operator_listen: str = Field(
-        default="127.0.0.1:8070", description="Health, readiness and metrics of the Campaign operator"
+        default="127.0.0.1:8070",
+        description="host:port of the Campaign operator's /healthz, /readyz and /metrics",
     )
     aggregator_url: str | None = Field(
         default=None,
@@ -178,7 +236,8 @@ class Settings(BaseSettings):
     injection_template: dict[str, Any] | None = Field(
         default=None,
         description="The sidecar the webhook adds, as JSON {initContainer, volumes, appEnv}: the Helm "
-        "chart renders it from the mailbeacon-sidecar library chart, so it equals what app charts include",
+        "chart renders it from the mailbeacon-sidecar library chart, so it equals what app charts include. "
+        "Refused at start when a literal value in it carries a password",
     )
     injection_cert_file: Path | None = Field(
         default=None,
@@ -199,19 +258,46 @@ class Settings(BaseSettings):
         "certificate it made (without INJECTION_CERT_FILE)",
     )
 
-    stream_max_age_days: float = Field(default=30.0, gt=0)
-    stream_duplicate_window_seconds: float = Field(default=600.0, gt=0)
-    stream_replicas: int = Field(default=1, ge=1, le=5)
+    stream_max_age_days: float = Field(
+        default=30.0, gt=0, description="Days the event stream MAILBEACON_EVENTS keeps events"
+    )
+    stream_duplicate_window_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="JetStream's duplicate window: a repeated Nats-Msg-Id inside it is dropped",
+    )
+    stream_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="Replicas of the stream, the consumer and the KV buckets: 3 on a NATS cluster; set at "
+        "creation, while that many servers are up, and not changeable in place later",
+    )
     # Allow JetStream fast-ingest batches on the stream (nats-server 2.14+); once on, every
     # server running the stream must be 2.14 or newer.
-    stream_fast_batches: bool = True
+    stream_fast_batches: bool = Field(
+        default=True,
+        description="Allow JetStream fast-ingest batches on the event stream when the server is 2.14+ (the "
+        "tracker's pixel and click events then need one acknowledgement per batch). Once allowed, every "
+        "NATS server running the stream must be 2.14+: set false (chart: nats.fastBatches) while a "
+        "cluster still has older servers",
+    )
 
-    ingest_batch_size: int = Field(default=5000, ge=1, le=10000)
+    ingest_batch_size: int = Field(
+        default=5000,
+        ge=1,
+        le=10000,
+        description="The most events one aggregator transaction stores; batches are smaller when traffic is "
+        "light, so it costs no latency",
+    )
     migrate_on_start: bool = Field(
         default=False, description="The aggregator brings the SQL schema up to date when it starts"
     )
     event_retention_days: float | None = Field(
-        default=None, gt=0, description="Stored events older than this are pruned; statistics stay"
+        default=None,
+        gt=0,
+        description="Stored events older than this many days are pruned hourly; statistics stay the same. "
+        "Keep it longer than STREAM_MAX_AGE_DAYS",
     )
     parked_event_ttl_hours: float = Field(
         default=72.0,
@@ -224,14 +310,41 @@ class Settings(BaseSettings):
         ge=1,
         description="At most this many parked events are kept; beyond it the oldest are deleted",
     )
-    max_message_bytes: int = Field(default=50 * 1024 * 1024, gt=0)
+    max_message_bytes: int = Field(
+        default=50 * 1024 * 1024,
+        gt=0,
+        description="Largest message the proxy takes, advertised as SMTP SIZE; bigger ones get 552",
+    )
 
-    sendgrid_public_key: SecretStr | None = None
-    mailgun_signing_key: SecretStr | None = None
-    ses_topic_arns: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    sns_cert_dir: Path | None = None
-    postmark_basic_auth: SecretStr | None = None
-    webhook_token: SecretStr | None = None
+    sendgrid_public_key: SecretStr | None = Field(
+        default=None,
+        description="SendGrid's signed Event Webhook verification key (base64 DER, as the console shows it; "
+        "PEM too); SendGrid webhooks are refused (503) without it",
+    )
+    mailgun_signing_key: SecretStr | None = Field(
+        default=None,
+        description="Mailgun's webhook signing key; Mailgun webhooks are refused (503) without it",
+    )
+    ses_topic_arns: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="SNS topic ARNs allowed to post SES events, comma-separated; SES webhooks are refused "
+        "(503) without them",
+    )
+    sns_cert_dir: Path | None = Field(
+        default=None,
+        description="SNS signing certificates provided ahead of time, named like the last path segment of "
+        "SigningCertURL; a certificate not there is fetched once over https from sns.<region>.amazonaws.com",
+    )
+    postmark_basic_auth: SecretStr | None = Field(
+        default=None,
+        description="user:password Postmark must send (HTTP basic auth); required when the tracker listens "
+        "beyond loopback",
+    )
+    webhook_token: SecretStr | None = Field(
+        default=None,
+        description="Token of the generic webhooks (Authorization: Bearer, or X-Webhook-Token); required when "
+        "the tracker listens beyond loopback",
+    )
     allow_unauthenticated_webhooks: bool = Field(
         default=False,
         description="Accept the generic and Postmark webhooks without WEBHOOK_TOKEN / POSTMARK_BASIC_AUTH "
@@ -262,7 +375,8 @@ class Settings(BaseSettings):
     event_buffer_limit: int = Field(
         default=100_000,
         ge=1,
-        description="Pixel/click events kept in memory, waiting for NATS or held for the click burst window",
+        description="Pixel/click events kept in memory, waiting for NATS or held for the click burst window "
+        "(about 2 KiB each); beyond it they are dropped and counted",
     )
     tracker_header_timeout_seconds: float = Field(
         default=10.0,
@@ -273,7 +387,7 @@ class Settings(BaseSettings):
     tracker_max_connections: int = Field(
         default=10_000,
         ge=1,
-        description="Open connections per tracker process (lowered to fit the open-file limit); "
+        description="Open connections per tracker process (lowered to the open-file limit less 128); "
         "above it a new connection is answered 503 and closed",
     )
     shutdown_drain_seconds: float = Field(
@@ -299,10 +413,14 @@ class Settings(BaseSettings):
         description="Clicks on different links of one message this close are a scanner",
     )
     machine_ip_ranges: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Extra CIDRs whose opens and clicks are automated (mail gateways)"
+        default_factory=list,
+        description="Extra CIDRs whose opens and clicks are always automated (your mail gateway's egress)",
     )
 
-    log_level: str = "INFO"
+    log_level: str = Field(
+        default="INFO",
+        description="Log level of every component (the proxy's SMTP session log stays at WARNING below DEBUG)",
+    )
 
     # SMTP proxy: who may relay, TLS, limits (README "SMTP proxy settings").
     smtp_relay_networks: Annotated[list[str], NoDecode] = Field(
@@ -313,12 +431,28 @@ class Settings(BaseSettings):
         default_factory=lambda: ["127.0.0.0/8", "::1/128"],
         description="CIDRs that may AUTH without STARTTLS",
     )
-    smtp_auth_file: Path | None = Field(default=None, description="username:password lines")
-    smtp_auth_users: SecretStr | None = Field(default=None, description="username:password,...")
-    smtp_tls_cert_file: Path | None = None
-    smtp_tls_key_file: Path | None = None
-    smtp_require_starttls: bool = False
-    smtp_max_recipients: int = Field(default=100, ge=1)
+    smtp_auth_file: Path | None = Field(
+        default=None,
+        description="File of SMTP AUTH credentials, one username:password per line (# comments); mount it "
+        "from a Kubernetes Secret",
+    )
+    smtp_auth_users: SecretStr | None = Field(
+        default=None,
+        description="SMTP AUTH credentials as user:password,user2:password2, with or instead of "
+        "SMTP_AUTH_FILE",
+    )
+    smtp_tls_cert_file: Path | None = Field(
+        default=None, description="Certificate (PEM) the proxy offers STARTTLS with (TLS 1.2+)"
+    )
+    smtp_tls_key_file: Path | None = Field(
+        default=None, description="Private key (PEM) of SMTP_TLS_CERT_FILE"
+    )
+    smtp_require_starttls: bool = Field(
+        default=False, description="Refuse everything but EHLO, STARTTLS and QUIT before STARTTLS"
+    )
+    smtp_max_recipients: int = Field(
+        default=100, ge=1, description="Recipients per message; more get 452 4.5.3"
+    )
     smtp_max_connections: int = Field(
         default=200,
         ge=1,
@@ -334,18 +468,51 @@ class Settings(BaseSettings):
     smtp_auth_max_failures: int = Field(
         default=3, ge=1, description="Failed SMTP AUTH attempts that end the session with 421 4.7.0"
     )
-    smtp_command_timeout: float = Field(default=300.0, gt=0)
-    smtp_data_timeout: float = Field(default=600.0, gt=0)
-    upstream_pool_size: int = Field(default=8, ge=1)
-    upstream_idle_seconds: float = Field(default=30.0, gt=0)
-    upstream_retry_seconds: float = Field(default=30.0, ge=0)
-    upstream_ca_file: Path | None = None
-    ses_configuration_set: str | None = None
-    dkim_private_key_file: Path | None = None
-    dkim_selector: str | None = None
-    dkim_domain: str | None = None
-    tracking_optout_file: Path | None = None
-    honeypot_links: bool = True
+    smtp_command_timeout: float = Field(
+        default=300.0, gt=0, description="Seconds an SMTP client may stay idle before it is disconnected"
+    )
+    smtp_data_timeout: float = Field(
+        default=600.0, gt=0, description="Seconds an SMTP client may take to send its message"
+    )
+    upstream_pool_size: int = Field(
+        default=8, ge=1, description="Upstream SMTP sessions kept open and reused across messages"
+    )
+    upstream_idle_seconds: float = Field(
+        default=30.0, gt=0, description="How long an idle pooled upstream session is kept"
+    )
+    upstream_retry_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="How long copies the upstream refused temporarily are retried once another copy of the "
+        "message was accepted (waits 1, 2, 4 ... s); copies still refused then are failed",
+    )
+    upstream_ca_file: Path | None = Field(
+        default=None,
+        description="CA bundle the upstream's certificate is verified against; unset: the system's",
+    )
+    ses_configuration_set: str | None = Field(
+        default=None,
+        description="SES configuration set named on every copy (X-SES-CONFIGURATION-SET) unless the app names "
+        "one: one without engagement tracking",
+    )
+    dkim_private_key_file: Path | None = Field(
+        default=None,
+        description="Private key to re-sign DKIM-signed mail after rewriting (with DKIM_SELECTOR and "
+        "DKIM_DOMAIN); unset: DKIM-signed mail is relayed with its body untouched, untracked",
+    )
+    dkim_selector: str | None = Field(default=None, description="DKIM selector of DKIM_PRIVATE_KEY_FILE")
+    dkim_domain: str | None = Field(
+        default=None, description="DKIM signing domain (d=) of DKIM_PRIVATE_KEY_FILE"
+    )
+    tracking_optout_file: Path | None = Field(
+        default=None,
+        description="Recipients (ann@example.com) or domains (@example.com) never tracked, one per line, "
+        "re-read when it changes; their copies are still relayed and recorded as sent or failed",
+    )
+    honeypot_links: bool = Field(
+        default=True,
+        description="Hide one honeypot link per tracked HTML copy: a click on it marks a scanner",
+    )
     honour_unsubscribes: bool = Field(
         default=True,
         description="the proxy does not relay a campaign's mail to recipients who unsubscribed or complained",
