@@ -144,7 +144,7 @@ async def campaign_list(request: web.Request) -> web.Response:
 
 
 def key_metrics(s: dict[str, Any]) -> str:
-    """The DESIGN.md key metrics, each with its rate."""
+    """The key metrics of docs/architecture.md "Statistics", each with its rate."""
     return "".join(
         [
             card("Sent", "sent_count", s["sent_count"], None),
