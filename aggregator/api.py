@@ -1,4 +1,4 @@
-"""The aggregator's JSON API (DESIGN.md "Aggregator" routes).
+"""The aggregator's JSON API (docs/architecture.md "Interfaces": docs/aggregator.md "API").
 
 Bad input (a campaign name Kubernetes would refuse, an unknown event type, a malformed
 date or cursor, a tracking id that is no UUID) gets a 400 with a JSON reason.

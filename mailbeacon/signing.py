@@ -1,4 +1,4 @@
-"""Tracking URLs and click-link signatures (DESIGN.md "Tracking URLs").
+"""Tracking URLs and click-link signatures (docs/architecture.md "Tracking URLs and signing").
 
 A click URL carries an HMAC-SHA256 over the tracking id and the destination, so the
 tracker redirects only to destinations the proxy itself put in a message: it is never

@@ -72,11 +72,15 @@ class Settings(BaseSettings):
     )
     secret_keys: SecretList = Field(
         default_factory=list,
-        description="Click-signing keys, newest first; all are accepted when verifying",
+        description="Click-signing keys, comma-separated, newest first: links are signed with the first and every key verifies (rotation). Each at least 32 characters, or the component refuses to start (`python -c 'import secrets; print(secrets.token_urlsafe(32))'`). Unset in `mailbeacon up`: a key generated and kept under DATA_DIR; `up` refuses a shorter key file there rather than replace it (links already sent would stop working)",
     )
-    data_dir: Path = Path(".mailbeacon")
+    data_dir: Path = Field(
+        default=Path(".mailbeacon"),
+        description="Local state: the embedded NATS store, SQLite, the outbox, the generated key, and spool/ (events a stop could not publish)",
+    )
     trusted_proxies: Networks = Field(
-        default_factory=list, description="CIDRs of proxies whose X-Forwarded-For is believed"
+        default_factory=list,
+        description="CIDRs of proxies whose X-Forwarded-For (and, to the aggregator, X-Forwarded-Proto and AUTH_PROXY_HEADER) is believed",
     )
     shutdown_drain_seconds: float = Field(
         default=20.0,
@@ -94,7 +98,10 @@ class Settings(BaseSettings):
         "before they stop listening (the Helm chart sets it); a second signal ends the wait. 0 (the "
         "default, for `mailbeacon up` and Ctrl-C) stops at once",
     )
-    log_level: str = "INFO"
+    log_level: str = Field(
+        default="INFO",
+        description="Log level of every component (the proxy's SMTP session log stays at WARNING below DEBUG)",
+    )
 
     nats: NatsSettings = Field(default_factory=NatsSettings)
     proxy: ProxySettings = Field(default_factory=ProxySettings)

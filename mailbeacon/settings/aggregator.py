@@ -18,9 +18,19 @@ class AggregatorSettings(SettingsGroup):
     and its API's credentials; also how the CLI and the operator reach it (AGGREGATOR_URL,
     API_TOKEN)."""
 
-    listen: Listen = Field(default="127.0.0.1:8090", validation_alias="MAILBEACON_AGGREGATOR_LISTEN")
-    database_url: SecretStr | None = Field(default=None, description="SQL database; unset means SQLite")
-    outbox_dir: Path | None = Field(default=None, description="Development outbox shown in the web UI")
+    listen: Listen = Field(
+        default="127.0.0.1:8090",
+        validation_alias="MAILBEACON_AGGREGATOR_LISTEN",
+        description="host:port of the aggregator's API, pages and /metrics",
+    )
+    database_url: SecretStr | None = Field(
+        default=None,
+        description="SQL database: sqlite:///path or postgresql://user:password@host/db; unset means SQLite under DATA_DIR",
+    )
+    outbox_dir: Path | None = Field(
+        default=None,
+        description="Where the development outbox keeps relayed mail as .eml files, shown at /outbox/; `mailbeacon up` without UPSTREAM_SMTP uses DATA_DIR/outbox",
+    )
     max_streams: int = Field(
         default=100,
         ge=1,
@@ -60,12 +70,19 @@ class AggregatorSettings(SettingsGroup):
         "API_TOKENS (the operator: of API_READ_TOKENS first)",
     )
 
-    ingest_batch_size: int = Field(default=5000, ge=1, le=10000)
+    ingest_batch_size: int = Field(
+        default=5000,
+        ge=1,
+        le=10000,
+        description="The most events one aggregator transaction stores; batches are smaller when traffic is light, so it costs no latency",
+    )
     migrate_on_start: bool = Field(
         default=False, description="The aggregator brings the SQL schema up to date when it starts"
     )
     event_retention_days: float | None = Field(
-        default=None, gt=0, description="Stored events older than this are pruned; statistics stay"
+        default=None,
+        gt=0,
+        description="Stored events older than this many days are pruned hourly; statistics stay the same. Keep it longer than STREAM_MAX_AGE_DAYS",
     )
     parked_event_ttl_hours: float = Field(
         default=72.0,

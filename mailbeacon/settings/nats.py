@@ -17,14 +17,14 @@ class NatsSettings(SettingsGroup):
     url: str | None = Field(
         default=None,
         validation_alias="MAILBEACON_NATS_URL",
-        description="NATS server URL, or a cluster's URLs separated by commas; unset means embedded nats-server",
+        description="NATS server URL (with JetStream), or a cluster's URLs separated by commas; unset means the embedded nats-server of `mailbeacon up`",
     )
     # NATS login and TLS as connect options (README "Kubernetes", NATS credentials): unlike
     # credentials in NATS_URL they apply to every server of a cluster, learned ones included.
     user: str | None = Field(
         default=None,
         validation_alias="MAILBEACON_NATS_USER",
-        description="NATS user name (with NATS_PASSWORD)",
+        description="NATS user name, with NATS_PASSWORD (the two go together); like every NATS login setting it applies to every server of a cluster. One NATS login at a time (user and password, token, nkey seed or creds): a component given two refuses to start",
     )
     password: SecretStr | None = Field(
         default=None, validation_alias="MAILBEACON_NATS_PASSWORD", description="NATS password of NATS_USER"
@@ -35,7 +35,7 @@ class NatsSettings(SettingsGroup):
     nkey_seed_file: Path | None = Field(
         default=None,
         validation_alias="MAILBEACON_NATS_NKEY_SEED_FILE",
-        description="File holding the NATS user's nkey seed (SU...): nkey authentication",
+        description="File holding the NATS user's nkey seed (SU...): nkey authentication, the server's nonce signed with it",
     )
     creds_file: Path | None = Field(
         default=None,
@@ -45,12 +45,12 @@ class NatsSettings(SettingsGroup):
     ca_file: Path | None = Field(
         default=None,
         validation_alias="MAILBEACON_NATS_CA_FILE",
-        description="CA bundle (PEM) the NATS servers' certificates are verified against; TLS",
+        description="CA bundle (PEM) the NATS servers' certificates are verified against; unset: the system's CAs when the server requires TLS",
     )
     tls_cert_file: Path | None = Field(
         default=None,
         validation_alias="MAILBEACON_NATS_TLS_CERT_FILE",
-        description="Client certificate (PEM) presented to NATS, with NATS_TLS_KEY_FILE",
+        description="Client certificate (PEM) presented to NATS servers that verify clients, with NATS_TLS_KEY_FILE",
     )
     tls_key_file: Path | None = Field(
         default=None,
@@ -58,12 +58,26 @@ class NatsSettings(SettingsGroup):
         description="Private key (PEM) of NATS_TLS_CERT_FILE",
     )
 
-    stream_max_age_days: float = Field(default=30.0, gt=0)
-    stream_duplicate_window_seconds: float = Field(default=600.0, gt=0)
-    stream_replicas: int = Field(default=1, ge=1, le=5)
+    stream_max_age_days: float = Field(
+        default=30.0, gt=0, description="Days the event stream MAILBEACON_EVENTS keeps events"
+    )
+    stream_duplicate_window_seconds: float = Field(
+        default=600.0,
+        gt=0,
+        description="JetStream's duplicate window: a repeated Nats-Msg-Id inside it is dropped",
+    )
+    stream_replicas: int = Field(
+        default=1,
+        ge=1,
+        le=5,
+        description="Replicas of the stream, the consumer and the KV buckets: 3 on a NATS cluster; set at creation, while that many servers are up, and not changeable in place later",
+    )
     # Allow JetStream fast-ingest batches on the stream (nats-server 2.14+); once on, every
     # server running the stream must be 2.14 or newer.
-    stream_fast_batches: bool = True
+    stream_fast_batches: bool = Field(
+        default=True,
+        description="Allow JetStream fast-ingest batches on the event stream when the server is 2.14+ (the tracker's pixel and click events then need one acknowledgement per batch). Once allowed, every NATS server running the stream must be 2.14+: set false (chart: nats.fastBatches) while a cluster still has older servers",
+    )
 
     @model_validator(mode="after")
     def _one_login(self) -> Self:

@@ -18,7 +18,7 @@ class OperatorSettings(SettingsGroup):
     listen: Listen = Field(
         default="127.0.0.1:8070",
         validation_alias="MAILBEACON_OPERATOR_LISTEN",
-        description="Health, readiness and metrics of the Campaign operator",
+        description="host:port of the Campaign operator's /healthz, /readyz and /metrics",
     )
     status_interval: float = Field(
         default=30.0,
@@ -39,8 +39,7 @@ class OperatorSettings(SettingsGroup):
     )
     injection_template: dict[str, Any] | None = Field(
         default=None,
-        description="The sidecar the webhook adds, as JSON {initContainer, volumes, appEnv}: the Helm "
-        "chart renders it from the mailbeacon-sidecar library chart, so it equals what app charts include",
+        description="The sidecar the webhook adds, as JSON {initContainer, volumes, appEnv}: the Helm chart renders it from the mailbeacon-sidecar library chart, so it equals what app charts include. Refused at start when a literal value in it carries a password",
     )
     injection_cert_file: Path | None = Field(
         default=None,

@@ -20,13 +20,19 @@ class TrackerSettings(SettingsGroup):
     """The tracker: where it listens, the ESP webhooks' credentials and limits, its event
     buffer, and how opens and clicks are classified."""
 
-    listen: Listen = Field(default="127.0.0.1:8080", validation_alias="MAILBEACON_TRACKER_LISTEN")
-    anonymize_ip: bool = False
+    listen: Listen = Field(
+        default="127.0.0.1:8080",
+        validation_alias="MAILBEACON_TRACKER_LISTEN",
+        description="host:port of the tracker (pixel, clicks, unsubscribes, webhooks)",
+    )
+    anonymize_ip: bool = Field(
+        default=False,
+        description="The tracker keeps IPv4 /24 and IPv6 /48 only, in events and providers' raw payloads, before anything leaves it",
+    )
     max_webhook_bytes: int = Field(
         default=5 * 1024 * 1024,
         gt=0,
-        description="Largest webhook body accepted (413 above); the tracker lowers it to what one "
-        "NATS message can carry (the server's max_payload less room for the event around the record)",
+        description="Largest webhook body accepted (413 above); the tracker lowers it to what one NATS message can carry (the server's max_payload less 16.5 KiB for the event around the record: 1,031,680 bytes on NATS's default 1 MiB)",
     )
     max_json_depth: int = Field(
         default=64,
@@ -36,12 +42,30 @@ class TrackerSettings(SettingsGroup):
         "Message) may have; deeper gets 400. The aggregator stores events this deep whatever its own value",
     )
 
-    sendgrid_public_key: SecretStr | None = None
-    mailgun_signing_key: SecretStr | None = None
-    ses_topic_arns: CommaList = Field(default_factory=list)
-    sns_cert_dir: Path | None = None
-    postmark_basic_auth: SecretStr | None = None
-    webhook_token: SecretStr | None = None
+    sendgrid_public_key: SecretStr | None = Field(
+        default=None,
+        description="SendGrid's signed Event Webhook verification key (base64 DER, as the console shows it; PEM too); SendGrid webhooks are refused (503) without it",
+    )
+    mailgun_signing_key: SecretStr | None = Field(
+        default=None,
+        description="Mailgun's webhook signing key; Mailgun webhooks are refused (503) without it",
+    )
+    ses_topic_arns: CommaList = Field(
+        default_factory=list,
+        description="SNS topic ARNs allowed to post SES events, comma-separated; SES webhooks are refused (503) without them",
+    )
+    sns_cert_dir: Path | None = Field(
+        default=None,
+        description="SNS signing certificates provided ahead of time, named like the last path segment of SigningCertURL; a certificate not there is fetched once over https from sns.<region>.amazonaws.com",
+    )
+    postmark_basic_auth: SecretStr | None = Field(
+        default=None,
+        description="user:password Postmark must send (HTTP basic auth); required when the tracker listens beyond loopback",
+    )
+    webhook_token: SecretStr | None = Field(
+        default=None,
+        description="Token of the generic webhooks (Authorization: Bearer, or X-Webhook-Token); required when the tracker listens beyond loopback",
+    )
     allow_unauthenticated_webhooks: bool = Field(
         default=False,
         description="Accept the generic and Postmark webhooks without WEBHOOK_TOKEN / POSTMARK_BASIC_AUTH "
@@ -72,7 +96,7 @@ class TrackerSettings(SettingsGroup):
     event_buffer_limit: int = Field(
         default=100_000,
         ge=1,
-        description="Pixel/click events kept in memory, waiting for NATS or held for the click burst window",
+        description="Pixel/click events kept in memory, waiting for NATS or held for the click burst window (about 2 KiB each); beyond it they are dropped and counted",
     )
     header_timeout_seconds: float = Field(
         default=10.0,
@@ -85,8 +109,7 @@ class TrackerSettings(SettingsGroup):
         default=10_000,
         ge=1,
         validation_alias="MAILBEACON_TRACKER_MAX_CONNECTIONS",
-        description="Open connections per tracker process (lowered to fit the open-file limit); "
-        "above it a new connection is answered 503 and closed",
+        description="Open connections per tracker process (lowered to the open-file limit less 128); above it a new connection is answered 503 and closed",
     )
     click_burst_seconds: float = Field(
         default=1.0,
@@ -95,7 +118,8 @@ class TrackerSettings(SettingsGroup):
         description="Clicks on different links of one message this close are a scanner",
     )
     machine_ip_ranges: Networks = Field(
-        default_factory=list, description="Extra CIDRs whose opens and clicks are automated (mail gateways)"
+        default_factory=list,
+        description="Extra CIDRs whose opens and clicks are always automated (your mail gateway's egress)",
     )
 
     @field_validator("https_proxy")
