@@ -14,8 +14,8 @@ from aiohttp import web
 
 from aggregator import queries, statistics
 from aggregator.db import Database
-from mailbeacon.campaigns import CampaignKey, InvalidCampaign
-from mailbeacon.web import json_error
+from mailbeacon.contract.campaigns import CampaignKey, InvalidCampaign
+from mailbeacon.web.server import json_error
 
 DB_KEY = web.AppKey("db", Database)
 

@@ -32,9 +32,9 @@ from aggregator.feed import ACK, TERM, Delivery, PullFeed, delivery_info, nak
 from aggregator.ingest import adopt_parked, apply_prepared, count_parked, look_up_stored
 from aggregator.prepare import Prepared, prepare, prepare_yielding
 from aggregator.privacy import NOBODY, Anonymized
-from mailbeacon.events import utcnow
-from mailbeacon.jetstream import CONSUMER, STREAM
-from mailbeacon.nats_auth import NatsLogin
+from mailbeacon.bus.jetstream import CONSUMER, STREAM
+from mailbeacon.bus.nats_auth import NatsLogin
+from mailbeacon.contract.events import utcnow
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Events from NATS payloads, exactly as :class:`mailbeacon.events.Event` validates them, faster.
+"""Events from NATS payloads, exactly as :class:`mailbeacon.contract.events.Event` validates them, faster.
 
 Validating with pydantic costs several times what parsing the JSON does, and nearly
 every event on the stream has the plain shape our own components publish. Such an
@@ -19,9 +19,9 @@ from typing import Any, NamedTuple, Protocol
 
 from pydantic import ValidationError
 
-from mailbeacon.events import _TEXT_LIMITS, Event, EventType, utcnow
-from mailbeacon.jsondepth import EVENT_ENVELOPE_DEPTH, nests_deeper_than
-from mailbeacon.settings import MAX_JSON_DEPTH_CEILING
+from mailbeacon.contract.events import _TEXT_LIMITS, Event, EventType, utcnow
+from mailbeacon.contract.jsondepth import EVENT_ENVELOPE_DEPTH, nests_deeper_than
+from mailbeacon.contract.settings import MAX_JSON_DEPTH_CEILING
 
 _TYPES = {t.value: t for t in EventType}
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")

@@ -21,8 +21,8 @@ from datetime import datetime
 from enum import IntFlag
 from typing import Any, NamedTuple
 
-from mailbeacon.events import EventType
-from mailbeacon.signing import HONEYPOT_URL
+from mailbeacon.contract.events import EventType
+from mailbeacon.contract.signing import HONEYPOT_URL
 
 
 class Seen(IntFlag):

@@ -11,7 +11,7 @@ from aiohttp import web
 from aggregator import queries, statistics
 from aggregator.api import DB_KEY, campaign_from
 from aggregator.pages import event_detail, layout, machine_badge, moment, not_found, timeline
-from mailbeacon.events import EventType
+from mailbeacon.contract.events import EventType
 
 
 def _filters_form(action: str, flt: queries.EventFilter, query: Any) -> str:

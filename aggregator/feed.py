@@ -12,7 +12,7 @@ those of any pull consumer; a whole batch is acknowledged in one write.
 Messages travel over a dedicated lean connection (:mod:`aggregator.wire`) that hands
 over raw ``(ack subject, payload)`` pairs, with no header parsing and no per-message
 objects; for URLs it cannot serve (WebSocket) the feed uses the nats-py client instead. Both log
-in with the same :class:`~mailbeacon.nats_auth.NatsLogin` (credentials and TLS).
+in with the same :class:`~mailbeacon.bus.nats_auth.NatsLogin` (credentials and TLS).
 
 Status replies end a request: 404/408 (nothing more, or expired), 409 (the server
 refused it, e.g. the consumer was deleted or its leader changed) and 503 (nobody serves the
@@ -39,7 +39,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from aggregator.wire import Unsupported, WireConnection, pub
-from mailbeacon.nats_auth import NatsLogin, NatsLoginError
+from mailbeacon.bus.nats_auth import NatsLogin, NatsLoginError
 
 log = logging.getLogger(__name__)
 

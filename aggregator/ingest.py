@@ -67,7 +67,7 @@ from aggregator.privacy import NOBODY, Anonymized, anonymize_row
 from aggregator.tally import BatchResult
 from aggregator.times import sqlite_time
 from aggregator.transaction import Transaction
-from mailbeacon.events import EventType
+from mailbeacon.contract.events import EventType
 
 __all__ = ["BatchResult", "adopt_parked", "apply_batch", "apply_prepared", "count_parked", "look_up_stored"]
 

@@ -27,7 +27,7 @@ from aggregator import statistics
 from aggregator.api import flag, known_campaign
 from aggregator.db import Database
 from aggregator.models import STATS
-from mailbeacon.web import json_error
+from mailbeacon.web.server import json_error
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from aggregator.tally import BatchResult
-from mailbeacon.build_info import register_build_info
-from mailbeacon.events import EventType
-from mailbeacon.suppressions import REASONS
+from mailbeacon.bus.suppressions import REASONS
+from mailbeacon.contract.build_info import register_build_info
+from mailbeacon.contract.events import EventType
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 BUILD_INFO = register_build_info(REGISTRY, "aggregator")

@@ -26,8 +26,8 @@ from aggregator.db import Database
 from aggregator.live import HUB_KEY, READ_TAKES_TZ, BadZone, View, parse_zone, read_view, zone_applied
 from aggregator.models import CAMPAIGNS, EVENTS
 from aggregator.times import as_utc, iso_utc
-from mailbeacon.events import EventType
-from mailbeacon.web import Handler
+from mailbeacon.contract.events import EventType
+from mailbeacon.web.server import Handler
 
 SCRIPT_PATH = "/static/live.js"
 STYLE = resources.files("aggregator.static").joinpath("mailbeacon.css").read_text(encoding="utf-8")

@@ -24,7 +24,7 @@ from aggregator.attribution import event_time
 from aggregator.bulk import json_text
 from aggregator.decode import EventFields
 from aggregator.times import sqlite_time
-from mailbeacon.events import EventType, utcnow
+from mailbeacon.contract.events import EventType, utcnow
 
 UNKNOWN_CAMPAIGN = "default/unknown"
 _SLICE = 256

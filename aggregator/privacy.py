@@ -13,7 +13,7 @@ from collections.abc import Container
 from typing import Any
 
 from aggregator.bulk import json_text
-from mailbeacon.netaddr import anonymize_ip, anonymize_text, scrub_ips
+from mailbeacon.contract.netaddr import anonymize_ip, anonymize_text, scrub_ips
 
 # Campaign keys (``namespace/name``) whose events keep only anonymized addresses.
 Anonymized = Container[str]

@@ -21,8 +21,8 @@ from sqlalchemy import and_, or_, select
 from aggregator.db import Database
 from aggregator.models import EVENTS, MESSAGES
 from aggregator.times import as_utc, iso_utc, parse_moment
-from mailbeacon.events import EventType, parse_tracking_id
-from mailbeacon.signing import HONEYPOT_URL
+from mailbeacon.contract.events import EventType, parse_tracking_id
+from mailbeacon.contract.signing import HONEYPOT_URL
 
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 500

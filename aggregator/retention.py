@@ -21,7 +21,7 @@ from aggregator.bulk import Bulk
 from aggregator.db import Database
 from aggregator.effects import hour_of, url_hash
 from aggregator.times import as_utc, sqlite_time
-from mailbeacon.events import utcnow
+from mailbeacon.contract.events import utcnow
 
 log = logging.getLogger(__name__)
 

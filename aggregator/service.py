@@ -27,14 +27,14 @@ from aggregator.parked import bound_parked
 from aggregator.retention import prune
 from aggregator.statistics import list_campaigns
 from aggregator.suppressions import SuppressionRecorder
-from mailbeacon.campaign_store import CampaignStore
-from mailbeacon.campaigns import CampaignKey, CampaignSpec
-from mailbeacon.events import utcnow
-from mailbeacon.jetstream import ensure_suppression_bucket
-from mailbeacon.nats_auth import NatsLogin
-from mailbeacon.settings import Settings
-from mailbeacon.suppressions import SuppressionList
-from mailbeacon.web import add_health_routes, bound_port, json_errors, serve
+from mailbeacon.bus.campaign_store import CampaignStore
+from mailbeacon.bus.jetstream import ensure_suppression_bucket
+from mailbeacon.bus.nats_auth import NatsLogin
+from mailbeacon.bus.suppressions import SuppressionList
+from mailbeacon.contract.campaigns import CampaignKey, CampaignSpec
+from mailbeacon.contract.events import utcnow
+from mailbeacon.contract.settings import Settings
+from mailbeacon.web.server import add_health_routes, bound_port, json_errors, serve
 
 log = logging.getLogger(__name__)
 

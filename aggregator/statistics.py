@@ -15,8 +15,8 @@ from aggregator.effects import url_hash
 from aggregator.models import BUCKETS, CAMPAIGNS, COUNTER_COLUMNS, EVENTS, LINKS, PRUNED, STATS
 from aggregator.queries import event_json, with_message_recipient
 from aggregator.times import as_utc, iso_utc
-from mailbeacon.events import EventType, utcnow
-from mailbeacon.signing import HONEYPOT_URL
+from mailbeacon.contract.events import EventType, utcnow
+from mailbeacon.contract.signing import HONEYPOT_URL
 
 TOP_LINKS = 10
 RECENT_EVENTS = 20

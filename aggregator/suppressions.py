@@ -3,7 +3,7 @@
 The tracker's unsubscribe event carries only a tracking id; the aggregator is the one
 component that knows each copy's campaign and recipient. For every ``unsubscribed`` or
 ``complained`` event it stores, it puts the (campaign, recipient) pair into the KV bucket
-``mailbeacon_suppressions`` (see :mod:`mailbeacon.suppressions`), where proxies read it.
+``mailbeacon_suppressions`` (see :mod:`mailbeacon.bus.suppressions`), where proxies read it.
 
 When a put happens, and what repairs a crash:
 
@@ -34,8 +34,8 @@ from sqlalchemy import bindparam, text
 from aggregator import metrics
 from aggregator.db import Database
 from aggregator.decode import Incoming
-from mailbeacon.events import EventType
-from mailbeacon.suppressions import REASONS, SuppressionList
+from mailbeacon.bus.suppressions import REASONS, SuppressionList
+from mailbeacon.contract.events import EventType
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from aggregator.effects import (
 )
 from aggregator.models import COUNTER_COLUMNS
 from aggregator.times import sqlite_time
-from mailbeacon.events import utcnow
+from mailbeacon.contract.events import utcnow
 
 
 @dataclass

@@ -16,7 +16,7 @@ from aggregator.prepare import UNKNOWN_CAMPAIGN, Prepared
 from aggregator.privacy import NOBODY, Anonymized, anonymized_details
 from aggregator.tally import Tally
 from aggregator.times import as_utc
-from mailbeacon.events import EventType
+from mailbeacon.contract.events import EventType
 
 _EVENT_COLUMNS: list[Column] = [
     ("event_id", "text"),

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from mailbeacon.nats_auth import NatsLogin
+from mailbeacon.bus.nats_auth import NatsLogin
 
 log = logging.getLogger(__name__)
 

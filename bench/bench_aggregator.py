@@ -41,9 +41,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from mailbeacon.embedded_nats import EmbeddedNats
-from mailbeacon.jetstream import CONSUMER, STREAM, connect, provision
-from mailbeacon.settings import Settings
+from mailbeacon.app.embedded_nats import EmbeddedNats
+from mailbeacon.bus.jetstream import CONSUMER, STREAM, connect, provision
+from mailbeacon.contract.settings import Settings
 
 CAMPAIGNS = 10
 START = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
@@ -213,7 +213,7 @@ def start_aggregator(nats_url: str, database_url: str, workdir: Path, batch: int
         env["MAILBEACON_INGEST_BATCH_SIZE"] = str(batch)
     log = open(workdir / "aggregator.log", "ab")  # noqa: SIM115  (closed with the process)
     process = subprocess.Popen(
-        [sys.executable, "-m", "mailbeacon.cli", "aggregator"], env=env, stdout=log, stderr=log
+        [sys.executable, "-m", "mailbeacon.app.cli", "aggregator"], env=env, stdout=log, stderr=log
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -131,9 +131,9 @@ async def serve_role(role: str, port_file: Path, upstream_port: int, nats_url: s
         port = server.sockets[0].getsockname()[1]
         closers.append(server.close)
     else:
-        from mailbeacon.jetstream import connect, provision
-        from mailbeacon.publisher import EventPublisher
-        from mailbeacon.settings import Settings
+        from mailbeacon.bus.jetstream import connect, provision
+        from mailbeacon.bus.publisher import EventPublisher
+        from mailbeacon.contract.settings import Settings
         from smtp_proxy.service import ProxyService
 
         settings = Settings(
@@ -249,7 +249,7 @@ def smtp_source(port: int, total: int) -> float | None:
 
 
 def rewrite_timings() -> list[tuple[str, float]]:
-    from mailbeacon.campaigns import TrackingSwitches
+    from mailbeacon.contract.campaigns import TrackingSwitches
     from smtp_proxy.copies import CopyOptions, MessageCopies
     from smtp_proxy.mime import Part
     from smtp_proxy.optout import TrackSwitches
@@ -292,9 +292,9 @@ def rewrite_timings() -> list[tuple[str, float]]:
 
 async def peak_memory(workdir: Path, sink_port: int, nats_url: str) -> tuple[int, int, int]:
     """Peak Python heap while the proxy (in this process) receives, rewrites and relays 25 MB."""
-    from mailbeacon.jetstream import connect, provision
-    from mailbeacon.publisher import EventPublisher
-    from mailbeacon.settings import Settings
+    from mailbeacon.bus.jetstream import connect, provision
+    from mailbeacon.bus.publisher import EventPublisher
+    from mailbeacon.contract.settings import Settings
     from smtp_proxy.service import ProxyService
 
     big = EmailMessage()
@@ -357,9 +357,9 @@ def row(label: str, value: str) -> str:
 
 
 def main() -> None:
-    from mailbeacon.embedded_nats import EmbeddedNats
+    from mailbeacon.app.embedded_nats import EmbeddedNats
 
-    logging.getLogger("mailbeacon.jetstream").setLevel(logging.ERROR)  # "disconnected" on close
+    logging.getLogger("mailbeacon.bus.jetstream").setLevel(logging.ERROR)  # "disconnected" on close
 
     message = build_message()
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
-from mailbeacon.netaddr import normalize_ip
+from mailbeacon.contract.netaddr import normalize_ip
 from smtp_proxy import metrics
 
 log = logging.getLogger(__name__)

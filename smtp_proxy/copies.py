@@ -13,7 +13,7 @@ import logging
 from collections.abc import Container, Sequence
 from dataclasses import dataclass
 
-from mailbeacon.campaigns import TrackingSwitches
+from mailbeacon.contract.campaigns import TrackingSwitches
 from smtp_proxy import metrics
 from smtp_proxy.dkim_sign import DkimSigner
 from smtp_proxy.esp import Correlation

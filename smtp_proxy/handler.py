@@ -20,10 +20,10 @@ from datetime import UTC, datetime
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailbeacon.campaign_store import CampaignStore
-from mailbeacon.campaigns import CampaignKey, TrackingSwitches
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.suppressions import SuppressionList
+from mailbeacon.bus.campaign_store import CampaignStore
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.bus.suppressions import SuppressionList
+from mailbeacon.contract.campaigns import CampaignKey, TrackingSwitches
 from smtp_proxy import metrics
 from smtp_proxy.auth import Networks
 from smtp_proxy.campaign_choice import CampaignChoice, choose_campaign

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from mailbeacon.events import Event, EventType
+from mailbeacon.contract.events import Event, EventType
 from smtp_proxy.suppress import Suppressed, all_suppressed_reply
 from smtp_proxy.upstream import CopyResult
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from mailbeacon import signing
+from mailbeacon.contract import signing
 from smtp_proxy import mime
 from smtp_proxy.html_links import LinkPolicy, honeypot_tag, pixel_tag
 from smtp_proxy.leaves import Fill, HtmlLeaf, Leaf, RewriteError, TextLeaf

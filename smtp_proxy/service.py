@@ -8,12 +8,12 @@ import weakref
 
 from aiohttp import web
 
-from mailbeacon.campaign_store import CampaignStore
-from mailbeacon.campaigns import CampaignKey
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.settings import Settings, parse_listen
-from mailbeacon.suppressions import SuppressionList
-from mailbeacon.web import add_health_routes, bound_port, serve
+from mailbeacon.bus.campaign_store import CampaignStore
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.bus.suppressions import SuppressionList
+from mailbeacon.contract.campaigns import CampaignKey
+from mailbeacon.contract.settings import Settings, parse_listen
+from mailbeacon.web.server import add_health_routes, bound_port, serve
 from smtp_proxy import metrics
 from smtp_proxy.auth import Authenticator, Credentials, Networks
 from smtp_proxy.copies import CopyOptions

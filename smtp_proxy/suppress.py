@@ -1,6 +1,6 @@
 """Which copies of a campaign's message are not relayed: their recipient unsubscribed or complained.
 
-Pure policy; the lookup is :meth:`mailbeacon.suppressions.SuppressionList.reason` (or
+Pure policy; the lookup is :meth:`mailbeacon.bus.suppressions.SuppressionList.reason` (or
 None when ``HONOUR_UNSUBSCRIBES`` is off). RFC 8058 one-click unsubscribes and spam
 complaints must stop that campaign's mail to the recipient (the large mailbox providers
 ask bulk senders to honour them within two days); this is where the proxy does.
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from mailbeacon.suppressions import COMPLAINED, UNSUBSCRIBED
+from mailbeacon.bus.suppressions import COMPLAINED, UNSUBSCRIBED
 
 Lookup = Callable[[str, str], str | None]
 

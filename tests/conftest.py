@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 
-from mailbeacon.embedded_nats import EmbeddedNats
-from mailbeacon.jetstream import connect, provision
-from mailbeacon.settings import Settings
+from mailbeacon.app.embedded_nats import EmbeddedNats
+from mailbeacon.bus.jetstream import connect, provision
+from mailbeacon.contract.settings import Settings
 from tests.support import SmtpSink
 
 

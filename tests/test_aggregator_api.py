@@ -21,8 +21,8 @@ from aggregator.db import Database, open_database
 from aggregator.ingest import apply_batch
 from aggregator.migrate import migrate
 from aggregator.service import create_app
-from mailbeacon.events import Event, EventType
-from mailbeacon.web import add_health_routes, bound_port
+from mailbeacon.contract.events import Event, EventType
+from mailbeacon.web.server import add_health_routes, bound_port
 from tests.support import metric_value
 
 START = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)

@@ -24,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from nats.aio.client import Client as NATS
 
-from mailbeacon.settings import Settings
+from mailbeacon.contract.settings import Settings
 from tests.auth_support import CAMPAIGN, FULL, READ, RECIPIENT, TRACKING_ID, Start, aggregators
 from tests.support import free_port
 
@@ -144,7 +144,7 @@ async def aggregator_command(env: dict[str, str]) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "mailbeacon.cli",
+        "mailbeacon.app.cli",
         "aggregator",
         env=env,
         stdout=asyncio.subprocess.PIPE,

@@ -18,7 +18,7 @@ from nats.aio.client import Client as NATS
 
 from campaign_operator.statistics_client import StatisticsClient, StatisticsUnavailable
 from campaign_operator.wiring import CampaignOperator
-from mailbeacon.campaigns import CampaignKey
+from mailbeacon.contract.campaigns import CampaignKey
 from tests.auth_support import CAMPAIGN, FULL, READ, Running, aggregators
 from tests.support import make_settings
 
@@ -35,7 +35,7 @@ async def cli(running: Running, *args: str, **env: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "mailbeacon.cli",
+        "mailbeacon.app.cli",
         *args,
         env=environment,
         stdout=asyncio.subprocess.PIPE,
@@ -106,7 +106,7 @@ async def test_the_operator_reads_statistics_with_its_token(
 
 
 def test_clients_pick_the_token_they_need() -> None:
-    from mailbeacon.settings import Settings
+    from mailbeacon.contract.settings import Settings
 
     both = Settings(api_tokens=FULL, api_read_tokens=READ)
     assert both.aggregator.client_token() == FULL  # the CLI may refresh

@@ -25,9 +25,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mailbeacon.jetstream import CONSUMER, STREAM, connect, consumer_config, stream_config
-from mailbeacon.settings import Settings
-from mailbeacon.signing import HONEYPOT_URL
+from mailbeacon.bus.jetstream import CONSUMER, STREAM, connect, consumer_config, stream_config
+from mailbeacon.contract.settings import Settings
+from mailbeacon.contract.signing import HONEYPOT_URL
 from tests.support import eventually, free_port
 
 CAMPAIGNS = ("crash/one", "crash/two")
@@ -132,7 +132,7 @@ class Aggregators:
         env = {**self.env, "MAILBEACON_AGGREGATOR_LISTEN": f"127.0.0.1:{port or free_port()}"}
         with self.log.open("ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "mailbeacon.cli", "aggregator"], env=env, stdout=log, stderr=log
+                [sys.executable, "-m", "mailbeacon.app.cli", "aggregator"], env=env, stdout=log, stderr=log
             )
         self.processes.append(process)
         return process

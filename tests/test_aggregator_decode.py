@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from aggregator.decode import Incoming, InvalidEvent, decode
-from mailbeacon.events import Event, EventType
+from mailbeacon.contract.events import Event, EventType
 
 FIELDS = Incoming._fields
 OPTIONAL_TEXT = ("tracking_id", "campaign", "recipient", "ip", "user_agent", "url", "reason", "machine_kind")

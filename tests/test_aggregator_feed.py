@@ -28,9 +28,9 @@ from aggregator.ingest import adopt_parked, apply_batch
 from aggregator.migrate import migrate
 from aggregator.statistics import read_statistics
 from aggregator.wire import Server, Unsupported, WireConnection
-from mailbeacon.embedded_nats import EmbeddedNats, nats_server_binary
-from mailbeacon.events import Event
-from mailbeacon.jetstream import CONSUMER, STREAM, connect
+from mailbeacon.app.embedded_nats import EmbeddedNats, nats_server_binary
+from mailbeacon.bus.jetstream import CONSUMER, STREAM, connect
+from mailbeacon.contract.events import Event
 from tests.support import eventually, free_port, metric_value
 from tests.test_aggregator_crash import CAMPAIGNS, generate, recount
 

@@ -16,7 +16,7 @@ from aggregator.migrate import migrate
 from aggregator.models import EVENTS, MESSAGES
 from aggregator.prepare import prepare
 from aggregator.transaction import Transaction
-from mailbeacon.events import Event
+from mailbeacon.contract.events import Event
 from tests.test_aggregator_crash import CAMPAIGNS, generate, recount
 
 

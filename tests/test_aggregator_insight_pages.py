@@ -28,8 +28,8 @@ from aggregator.event_pages import furthest_state
 from aggregator.ingest import apply_batch
 from aggregator.migrate import migrate
 from aggregator.service import create_app
-from mailbeacon.events import Event, EventType
-from mailbeacon.web import bound_port
+from mailbeacon.contract.events import Event, EventType
+from mailbeacon.web.server import bound_port
 from tests.page_support import (
     ARTIFACTS,
     DESKTOP,

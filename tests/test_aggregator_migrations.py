@@ -31,7 +31,7 @@ from aggregator.migrate import (
     migrate,
 )
 from aggregator.parked import expire_parked
-from mailbeacon.events import Event, EventType
+from mailbeacon.contract.events import Event, EventType
 
 
 def _differences(connection: Any) -> list[Any]:
@@ -151,7 +151,7 @@ async def test_first_slice_database_upgrades_with_its_data(database_url: str, tm
     env = {**os.environ, "MAILBEACON_DATABASE_URL": database_url, "MAILBEACON_DATA_DIR": str(tmp_path)}
     done = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "mailbeacon.cli", "migrate"],
+        [sys.executable, "-m", "mailbeacon.app.cli", "migrate"],
         env=env,
         capture_output=True,
         text=True,

@@ -13,7 +13,7 @@ from aiohttp import web
 
 from aggregator.db import open_database
 from aggregator.service import create_app
-from mailbeacon.web import bound_port
+from mailbeacon.web.server import bound_port
 
 ODD_FROMS = {
     "half-address": b"a@",

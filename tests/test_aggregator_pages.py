@@ -26,9 +26,9 @@ from aggregator.db import Database, open_database
 from aggregator.ingest import apply_batch
 from aggregator.migrate import migrate
 from aggregator.service import create_app
-from mailbeacon.events import Event, EventType
-from mailbeacon.signing import HONEYPOT_URL
-from mailbeacon.web import bound_port
+from mailbeacon.contract.events import Event, EventType
+from mailbeacon.contract.signing import HONEYPOT_URL
+from mailbeacon.web.server import bound_port
 from tests.page_support import ARTIFACTS, NEEDS_CHROMIUM, chromium, csp_violations, metrics_on, styled
 
 CAMPAIGN = "default/spring-sale"

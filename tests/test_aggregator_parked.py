@@ -35,8 +35,8 @@ from aggregator.models import EVENTS
 from aggregator.parked import bound_parked, drop_over_limit, expire_parked
 from aggregator.prepare import prepare
 from aggregator.times import as_utc, sqlite_time
-from mailbeacon.events import Event, EventType, utcnow
-from mailbeacon.runner import AllInOne
+from mailbeacon.app.runner import AllInOne
+from mailbeacon.contract.events import Event, EventType, utcnow
 from tests.support import eventually, make_settings, metric_value
 
 TTL = timedelta(hours=72)
@@ -347,9 +347,9 @@ async def test_parked_events_are_found_through_their_indexes(
 
 async def test_the_suppression_watch_forgets_expired_unsubscribes(nc: NATS, database_url: str) -> None:
     from aggregator.suppressions import SuppressionRecorder
-    from mailbeacon.jetstream import ensure_suppression_bucket
-    from mailbeacon.settings import Settings
-    from mailbeacon.suppressions import SuppressionList
+    from mailbeacon.bus.jetstream import ensure_suppression_bucket
+    from mailbeacon.bus.suppressions import SuppressionList
+    from mailbeacon.contract.settings import Settings
 
     db = open_database(database_url)
     await migrate(db)

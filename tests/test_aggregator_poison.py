@@ -20,7 +20,7 @@ from aggregator.db import Database, open_database
 from aggregator.migrate import migrate
 from aggregator.models import EVENTS
 from aggregator.statistics import read_statistics
-from mailbeacon.jetstream import CONSUMER, STREAM
+from mailbeacon.bus.jetstream import CONSUMER, STREAM
 from tests.support import eventually, metric_value
 
 

@@ -18,8 +18,8 @@ from aggregator.db import Database, open_database
 from aggregator.ingest import apply_batch
 from aggregator.migrate import migrate
 from aggregator.models import EVENTS, MESSAGES
-from mailbeacon.events import Event, EventType
-from mailbeacon.netaddr import anonymize_ip
+from mailbeacon.contract.events import Event, EventType
+from mailbeacon.contract.netaddr import anonymize_ip
 
 START = datetime(2026, 7, 1, 9, 0, tzinfo=UTC)
 

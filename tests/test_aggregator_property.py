@@ -28,8 +28,8 @@ from aggregator import statistics
 from aggregator.db import Database, open_database
 from aggregator.ingest import adopt_parked, apply_batch
 from aggregator.migrate import migrate
-from mailbeacon.events import Event, EventType
-from mailbeacon.signing import HONEYPOT_URL
+from mailbeacon.contract.events import Event, EventType
+from mailbeacon.contract.signing import HONEYPOT_URL
 
 START = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
 URLS = ["https://a.example/1", "https://a.example/2", HONEYPOT_URL]

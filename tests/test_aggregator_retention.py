@@ -13,8 +13,8 @@ from aggregator.ingest import apply_batch
 from aggregator.migrate import migrate
 from aggregator.models import EVENTS, PRUNED
 from aggregator.retention import prune
-from mailbeacon.events import Event, EventType
-from mailbeacon.signing import HONEYPOT_URL
+from mailbeacon.contract.events import Event, EventType
+from mailbeacon.contract.signing import HONEYPOT_URL
 
 # Events arrive now (received_at is the ingest's clock) and are pruned as seen from NOW, far
 # enough ahead that they all arrived before its cutoff.

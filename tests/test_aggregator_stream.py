@@ -26,7 +26,7 @@ from aggregator.db import open_database
 from aggregator.ingest import apply_batch
 from aggregator.migrate import migrate
 from aggregator.service import create_app
-from mailbeacon.runner import AllInOne
+from mailbeacon.app.runner import AllInOne
 from tests.auth_support import CAMPAIGN, FULL, READ, aggregators, seed
 from tests.support import SmtpSink, eventually, make_settings
 

@@ -18,7 +18,7 @@ import pytest
 
 from tests.support import free_port
 
-MAILBEACON = [sys.executable, "-m", "mailbeacon.cli"]
+MAILBEACON = [sys.executable, "-m", "mailbeacon.app.cli"]
 
 
 def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -86,7 +86,7 @@ def test_up_prints_addresses_relays_mail_and_stops_cleanly(
         [
             sys.executable,
             "-m",
-            "mailbeacon.sendtest",
+            "mailbeacon.app.sendtest",
             "--smtp",
             addresses["send mail"],
             "--to",

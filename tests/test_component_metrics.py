@@ -16,8 +16,8 @@ from pathlib import Path
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from mailbeacon.runner import AllInOne
-from mailbeacon.signing import click_url
+from mailbeacon.app.runner import AllInOne
+from mailbeacon.contract.signing import click_url
 from tests.esp_payloads.harness import BROWSER_UA, TRACKING_ID, running_tracker
 from tests.support import SECRET, SmtpSink, eventually, make_settings, metric_value
 

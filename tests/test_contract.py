@@ -10,16 +10,16 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from pydantic import ValidationError
 
-from mailbeacon import signing
-from mailbeacon.campaigns import (
+from mailbeacon.contract import signing
+from mailbeacon.contract.campaigns import (
     CampaignKey,
     CampaignSpec,
     InvalidCampaign,
     match_campaign,
     parse_manifests,
 )
-from mailbeacon.events import Event, EventType, derived_event_id, storable_text, subject_for
-from mailbeacon.settings import Settings, invalid_settings, parse_listen
+from mailbeacon.contract.events import Event, EventType, derived_event_id, storable_text, subject_for
+from mailbeacon.contract.settings import Settings, invalid_settings, parse_listen
 
 TID = "0b7e4c2a-4f7e-4d8e-9a51-3c1f0f7d2b11"
 
@@ -340,7 +340,7 @@ class TestStoreSafety:
         assert not signing.verify_click([b"k"], TID, "https://example.com/", "\u00b2\u00e9")
 
     def test_urls_with_credentials_are_redacted_for_logs(self) -> None:
-        from mailbeacon.jetstream import redact_url
+        from mailbeacon.bus.jetstream import redact_url
 
         assert redact_url("nats://user:s3cret@nats.example:4222") == "nats://***@nats.example:4222"
         assert redact_url("nats://127.0.0.1:4222") == "nats://127.0.0.1:4222"

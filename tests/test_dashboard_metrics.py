@@ -23,7 +23,7 @@ import aggregator.metrics
 import campaign_operator.metrics
 import smtp_proxy.metrics
 import tracker.metrics
-from mailbeacon.events import EventType
+from mailbeacon.contract.events import EventType
 from tests.test_helm_chart import PRODUCTION, by_kind, manifests, render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -576,7 +576,7 @@ def test_operator_exports_a_campaigns_guardrails_not_its_statistics() -> None:
     rules hold the aggregator's numbers against."""
     from campaign_operator.guardrails import judge
     from campaign_operator.status import Headline
-    from mailbeacon.campaigns import CampaignKey, CampaignSpec
+    from mailbeacon.contract.campaigns import CampaignKey, CampaignSpec
 
     key = CampaignKey("metrics-test", "newsletter")
     spec = CampaignSpec.model_validate({"guardrails": {"minDelivered": 10, "complaintRatePercent": 0.5}})
@@ -608,7 +608,7 @@ def test_without_the_aggregator_the_operator_exports_what_the_status_last_showed
     """An aggregator outage (or an operator restarted during one) keeps every campaign's
     guardrail series: thresholds and pause from the spec, verdicts from the status's numbers."""
     from campaign_operator.wiring import export_known
-    from mailbeacon.campaigns import CampaignKey, CampaignSpec
+    from mailbeacon.contract.campaigns import CampaignKey, CampaignSpec
 
     key = CampaignKey("metrics-test", "outage")
     spec = CampaignSpec.model_validate({"paused": True, "guardrails": {"minDelivered": 10}})

@@ -17,7 +17,7 @@ import pytest
 from pydantic import AliasChoices, BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from mailbeacon.settings import Settings
+from mailbeacon.contract.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -17,9 +17,9 @@ import aiohttp
 import pytest
 from pydantic import SecretStr
 
-from mailbeacon.events import Event, EventType, new_event_id
-from mailbeacon.jetstream import CONSUMER, STREAM, connect
-from mailbeacon.runner import Addresses, AllInOne
+from mailbeacon.app.runner import Addresses, AllInOne
+from mailbeacon.bus.jetstream import CONSUMER, STREAM, connect
+from mailbeacon.contract.events import Event, EventType, new_event_id
 from tests.support import SmtpSink, eventually, make_settings, metric_value
 
 CAMPAIGN = "default/spring-sale"

@@ -23,14 +23,14 @@ from prometheus_client import generate_latest
 from aggregator import metrics as aggregator_metrics
 from aggregator.service import AggregatorService
 from aggregator.suppressions import CHECK_PARKED_SECONDS
-from mailbeacon.campaign_store import CampaignStore
-from mailbeacon.campaigns import CampaignKey, CampaignSpec, TrackingSwitches
-from mailbeacon.events import Event, EventType, utcnow
-from mailbeacon.jetstream import SUPPRESSIONS_BUCKET, connect, ensure_suppression_bucket, provision
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.runner import AllInOne
-from mailbeacon.settings import Settings
-from mailbeacon.suppressions import SuppressionList, suppression_key
+from mailbeacon.app.runner import AllInOne
+from mailbeacon.bus.campaign_store import CampaignStore
+from mailbeacon.bus.jetstream import SUPPRESSIONS_BUCKET, connect, ensure_suppression_bucket, provision
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.bus.suppressions import SuppressionList, suppression_key
+from mailbeacon.contract.campaigns import CampaignKey, CampaignSpec, TrackingSwitches
+from mailbeacon.contract.events import Event, EventType, utcnow
+from mailbeacon.contract.settings import Settings
 from smtp_proxy import metrics as proxy_metrics
 from smtp_proxy.service import ProxyService
 from tests.support import SmtpSink, eventually, make_settings, metric_value

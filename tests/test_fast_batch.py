@@ -11,10 +11,10 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import StreamConfig
 
-from mailbeacon import fast_batch
-from mailbeacon.events import Event, EventType, new_event_id
-from mailbeacon.jetstream import STREAM, provision, stream_config
-from mailbeacon.publisher import EventPublisher
+from mailbeacon.bus import fast_batch
+from mailbeacon.bus.jetstream import STREAM, provision, stream_config
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.contract.events import Event, EventType, new_event_id
 from tests.support import make_settings
 
 TID = "0b7e4c2a-4f7e-4d8e-9a51-3c1f0f7d2b11"

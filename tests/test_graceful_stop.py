@@ -25,7 +25,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mailbeacon.embedded_nats import EmbeddedNats
+from mailbeacon.app.embedded_nats import EmbeddedNats
 from tests.support import SECRET, SmtpSink, eventually, free_port, wait_http_ok
 from tests.test_proxy_smtp import count_events, html_message
 

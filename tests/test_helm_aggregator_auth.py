@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from aggregator.auth.policy import Access, AuthPolicy, policy_from_settings
-from mailbeacon.settings import Settings
+from mailbeacon.contract.settings import Settings
 from tests.test_helm_chart import (
     PRODUCTION,
     SIGNING_KEY,

@@ -50,7 +50,7 @@ async def test_default_chart_aggregator_migrates_a_fresh_database_and_serves(
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "mailbeacon.cli",
+        "mailbeacon.app.cli",
         "aggregator",
         env=aggregator_environment({}, tmp_path, nats_url, port),
         stdout=subprocess.PIPE,
@@ -77,7 +77,7 @@ async def test_default_chart_aggregator_migrates_a_fresh_database_and_serves(
 def test_without_migrate_on_start_the_aggregator_says_what_to_run(tmp_path: Path, nats_url: str) -> None:
     env = aggregator_environment({"aggregator": {"migrateOnStart": False}}, tmp_path, nats_url, free_port())
     result = subprocess.run(
-        [sys.executable, "-m", "mailbeacon.cli", "aggregator"], env=env, capture_output=True, timeout=60
+        [sys.executable, "-m", "mailbeacon.app.cli", "aggregator"], env=env, capture_output=True, timeout=60
     )
     assert result.returncode != 0
     assert b"run `mailbeacon migrate` first" in result.stdout + result.stderr

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from mailbeacon.web import add_health_routes, bound_port, serve
+from mailbeacon.web.server import add_health_routes, bound_port, serve
 from tests.test_helm_chart import (
     CHART,
     NAMESPACE,
@@ -53,8 +53,8 @@ def test_helm_test_checks_every_enabled_component_through_its_service() -> None:
     assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
     container = pod["spec"]["containers"][0]
     assert container["image"] == "ghcr.io/mailbeacon/mailbeacon:0.1.0"  # our image
-    assert container["command"][:3] == ["python", "-m", "mailbeacon.healthcheck"]
-    importlib.util.find_spec("mailbeacon.healthcheck")  # the module the image runs
+    assert container["command"][:3] == ["python", "-m", "mailbeacon.app.healthcheck"]
+    importlib.util.find_spec("mailbeacon.app.healthcheck")  # the module the image runs
     services = by_kind(docs, "Service")
     wanted = set()
     for name, service in services.items():
@@ -81,7 +81,7 @@ async def _healthcheck(*args: str) -> tuple[int, str]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "mailbeacon.healthcheck",
+        "mailbeacon.app.healthcheck",
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,

@@ -15,8 +15,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mailbeacon.cli import _parser
-from mailbeacon.settings import Settings
+from mailbeacon.app.cli import _parser
+from mailbeacon.contract.settings import Settings
 
 helm_python = pytest.importorskip("helm_python")
 

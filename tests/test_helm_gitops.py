@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from mailbeacon.settings import Settings
+from mailbeacon.contract.settings import Settings
 from tests.test_helm_chart import (
     API_TOKEN,
     SIGNING_KEY,

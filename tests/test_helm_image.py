@@ -13,7 +13,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mailbeacon.cli import _parser
+from mailbeacon.app.cli import _parser
 from tests.test_helm_chart import PRODUCTION, manifests, pod_specs, render
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +84,7 @@ def test_the_command_selects_a_component_the_cli_has() -> None:
     runtime = dockerfile_stages()[-1]
     (entrypoint,) = runtime.all("ENTRYPOINT")
     assert json.loads(entrypoint) == ["mailbeacon"]
-    assert PYPROJECT["project"]["scripts"]["mailbeacon"] == "mailbeacon.cli:main"
+    assert PYPROJECT["project"]["scripts"]["mailbeacon"] == "mailbeacon.app.cli:main"
     commands = cli_commands()
     assert {"proxy", "tracker", "aggregator", "operator"} <= commands
     (default,) = runtime.all("CMD")
@@ -143,7 +143,7 @@ def test_build_context_holds_every_package_and_nothing_else() -> None:
     for needed in (
         "pyproject.toml",
         "README.md",
-        "mailbeacon/cli.py",
+        "mailbeacon/app/cli.py",
         "operator/campaign_operator/handlers.py",
         "aggregator/metrics.py",
     ):

@@ -10,7 +10,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from mailbeacon.settings import Settings
+from mailbeacon.contract.settings import Settings
 from tests.test_helm_chart import RELAY, by_kind, manifests, render, validate
 
 pytest.importorskip("helm_python")

@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from mailbeacon.settings import Settings
+from mailbeacon.contract.settings import Settings
 from tests.sidecar_chart import LIBRARY
 
 helm_python = pytest.importorskip("helm_python")

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from mailbeacon.settings import Settings
+from mailbeacon.contract.settings import Settings
 from tests.test_helm_chart import RELAY, by_kind, env_of, helm_python, manifests, render, validate
 
 SHARED_PROXY = {"enabled": True, "relayNetworks": ["10.244.0.0/16"]}

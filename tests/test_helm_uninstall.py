@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mailbeacon.cli import _parser
+from mailbeacon.app.cli import _parser
 from tests.test_helm_chart import NAMESPACE, PRODUCTION, Manifest, manifests, render, validate
 
 HOOKED = ("ServiceAccount", "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "Job")

@@ -17,8 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mailbeacon.settings import Settings
-from mailbeacon.signing import pixel_url
+from mailbeacon.contract.settings import Settings
+from mailbeacon.contract.signing import pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, running_tracker, stream_events
 from tests.support import eventually
 from tests.test_helm_chart import RELAY, Manifest, by_kind, env_of, helm_python, manifests, render, validate

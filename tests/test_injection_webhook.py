@@ -33,7 +33,7 @@ from campaign_operator.injection_webhook import WEBHOOK_ID
 from campaign_operator.metrics import REGISTRY
 from campaign_operator.webhook_tls import make_certificate
 from campaign_operator.wiring import register
-from mailbeacon.settings import Settings
+from mailbeacon.contract.settings import Settings
 from tests.kube_api import MUTATING_WEBHOOK_CONFIGURATIONS, PODS, FakeKubernetes
 from tests.kube_patch import json_patch
 from tests.support import eventually, free_port, make_settings

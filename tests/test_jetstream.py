@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from mailbeacon.campaign_store import CampaignStore
-from mailbeacon.campaigns import CampaignKey, CampaignSpec
-from mailbeacon.events import Event, EventType, new_event_id
-from mailbeacon.jetstream import CONSUMER, KV_BUCKET, STREAM, connect, provision, redact_url
-from mailbeacon.publisher import EventPublisher
+from mailbeacon.bus.campaign_store import CampaignStore
+from mailbeacon.bus.jetstream import CONSUMER, KV_BUCKET, STREAM, connect, provision, redact_url
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.contract.campaigns import CampaignKey, CampaignSpec
+from mailbeacon.contract.events import Event, EventType, new_event_id
 from tests.support import eventually, free_port, make_settings
 
 TID = "0b7e4c2a-4f7e-4d8e-9a51-3c1f0f7d2b11"
@@ -103,7 +103,7 @@ async def test_closing_our_own_connection_is_not_reported_as_a_disconnect(
     nats_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     client = await connect(nats_url, "close-test")
-    with caplog.at_level(logging.INFO, logger="mailbeacon.jetstream"):
+    with caplog.at_level(logging.INFO, logger="mailbeacon.bus.jetstream"):
         await client.close()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 

@@ -8,7 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailbeacon.jsondepth import json_depth, nests_deeper_than
+from mailbeacon.contract.jsondepth import json_depth, nests_deeper_than
 
 # Text full of what could fool a byte scan: brackets, quotes and backslashes inside strings.
 TRICKY = st.text(alphabet=st.sampled_from(list('[]{}"\\ab\u00e9\u2028\n')), max_size=8)

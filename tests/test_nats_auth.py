@@ -22,11 +22,11 @@ from aggregator.db import open_database
 from aggregator.migrate import migrate
 from aggregator.statistics import read_statistics
 from aggregator.wire import WireConnection
-from mailbeacon.events import Event, EventType, new_event_id
-from mailbeacon.jetstream import connect, provision
-from mailbeacon.nats_auth import NatsLogin, NatsLoginError, read_creds
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.settings import Settings
+from mailbeacon.bus.jetstream import connect, provision
+from mailbeacon.bus.nats_auth import NatsLogin, NatsLoginError, read_creds
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.contract.events import Event, EventType, new_event_id
+from mailbeacon.contract.settings import Settings
 from tests.nats_secured import MODES, Secured, operator_mode, secured_nats
 from tests.support import eventually, make_settings
 

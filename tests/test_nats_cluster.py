@@ -34,7 +34,7 @@ import aiohttp
 import pytest
 from nats.aio.client import Client as NATS
 
-from mailbeacon.jetstream import CONSUMER, STREAM, connect
+from mailbeacon.bus.jetstream import CONSUMER, STREAM, connect
 from tests.nats_cluster import NatsCluster, Node
 from tests.support import SECRET, SmtpSink, eventually, free_port, wait_http_ok
 from tests.test_end_to_end import BROWSER, CAMPAIGN, html_message, tracking_urls

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 import yaml
 
-from mailbeacon.campaigns import CampaignKey
+from mailbeacon.contract.campaigns import CampaignKey
 from tests.kube_api import FakeKubernetes
 from tests.support import eventually, free_port, wait_http_ok
 from tests.test_operator_runtime import CRD, Kubectl, campaign_manifest, kv_spec
@@ -33,7 +33,7 @@ def kube() -> Iterator[FakeKubernetes]:
 
 COMMANDS = {
     # What the container runs (the chart's operator Deployment: args ["operator"]).
-    "mailbeacon operator": ["-m", "mailbeacon.cli", "operator"],
+    "mailbeacon operator": ["-m", "mailbeacon.app.cli", "operator"],
     # kopf's own runner, as docs/architecture.md "Layout" names the operator module.
     "kopf run": ["-m", "kopf", "run", "-m", "campaign_operator.handlers", "--standalone", "-n", "marketing"],
 }
@@ -84,7 +84,7 @@ async def test_operator_command_serves_campaigns_until_sigterm(
 def test_operator_command_requires_nats(tmp_path: Path) -> None:
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "MAILBEACON_DATA_DIR": str(tmp_path)}
     result = subprocess.run(
-        [sys.executable, "-m", "mailbeacon.cli", "operator"], env=env, capture_output=True, timeout=60
+        [sys.executable, "-m", "mailbeacon.app.cli", "operator"], env=env, capture_output=True, timeout=60
     )
     assert result.returncode != 0
     assert b"MAILBEACON_NATS_URL is required" in result.stderr

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from campaign_operator.resource import GROUP, PLURAL, VERSION
 from campaign_operator.status import STATUS_FIELDS, Headline
-from mailbeacon.campaigns import API_GROUP, KIND, CampaignSpec, parse_manifests
+from mailbeacon.contract.campaigns import API_GROUP, KIND, CampaignSpec, parse_manifests
 from tests.kube_schema import apply_defaults, crd_json_schema
 
 ROOT = Path(__file__).resolve().parent.parent

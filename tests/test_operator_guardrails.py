@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from campaign_operator.guardrails import conditions_changed, decide, judge, statistics_condition
 from campaign_operator.status import Headline, InvalidStatistics, numbers_changed
-from mailbeacon.campaigns import CampaignSpec, Guardrails
+from mailbeacon.contract.campaigns import CampaignSpec, Guardrails
 
 T0 = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
 

@@ -69,7 +69,7 @@ async def test_a_campaign_deleted_after_the_operator_went_is_released_by_the_com
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "mailbeacon.cli",
+            "mailbeacon.app.cli",
             "operator",
             "release-campaigns",
             env=env,

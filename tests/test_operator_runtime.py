@@ -27,10 +27,10 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 
 from campaign_operator.status import COUNTS, RATES
 from campaign_operator.wiring import CampaignOperator, register
-from mailbeacon.campaigns import CampaignKey, CampaignSpec
-from mailbeacon.jetstream import KV_BUCKET, connect
-from mailbeacon.runner import Addresses, AllInOne
-from mailbeacon.settings import Settings
+from mailbeacon.app.runner import Addresses, AllInOne
+from mailbeacon.bus.jetstream import KV_BUCKET, connect
+from mailbeacon.contract.campaigns import CampaignKey, CampaignSpec
+from mailbeacon.contract.settings import Settings
 from tests.kube_api import FakeKubernetes
 from tests.support import SmtpSink, eventually, free_port, make_settings
 

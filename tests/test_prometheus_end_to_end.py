@@ -35,7 +35,7 @@ import aiohttp
 import pytest
 import yaml
 
-from mailbeacon.campaigns import CampaignKey
+from mailbeacon.contract.campaigns import CampaignKey
 from tests.esp_payloads.harness import sendgrid_headers, sendgrid_public_key
 from tests.kube_api import FakeKubernetes
 from tests.prometheus_support import (
@@ -93,7 +93,7 @@ def env_of(tmp: Path, **values: str) -> dict[str, str]:
 async def spawn(system: System, name: str, args: list[str], env: dict[str, str]) -> None:
     log = (system.tmp / f"{name}.log").open("wb")
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "mailbeacon.cli", *args, env=env, stdout=log, stderr=subprocess.STDOUT
+        sys.executable, "-m", "mailbeacon.app.cli", *args, env=env, stdout=log, stderr=subprocess.STDOUT
     )
     log.close()
     system.processes.append(process)
@@ -262,7 +262,7 @@ async def campaign_apply(system: System, nats_url: str, key: CampaignKey) -> Non
     path.write_text(yaml.safe_dump(manifest))
     result = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "mailbeacon.cli", "campaign", "apply", "-f", str(path)],
+        [sys.executable, "-m", "mailbeacon.app.cli", "campaign", "apply", "-f", str(path)],
         env=env_of(system.tmp, nats_url=nats_url, data_dir=str(system.tmp / "cli")),
         capture_output=True,
         text=True,

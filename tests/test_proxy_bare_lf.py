@@ -18,7 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailbeacon import signing
+from mailbeacon.contract import signing
 from smtp_proxy.data_reader import DataReader
 from smtp_proxy.data_stream import smtp_data
 from tests.support import SECRET, SmtpSink

@@ -13,7 +13,7 @@ import smtplib
 from email.policy import default as default_policy
 from pathlib import Path
 
-from mailbeacon.campaigns import CampaignKey, CampaignSpec, MatchRules
+from mailbeacon.contract.campaigns import CampaignKey, CampaignSpec, MatchRules
 from smtp_proxy.campaign_choice import CampaignChoice, choose_campaign
 from tests.support import SmtpSink, metric_value
 from tests.test_proxy_relay import metrics

@@ -15,8 +15,8 @@ from urllib.parse import parse_qs, urlsplit
 import dkim
 import pytest
 
-from mailbeacon import signing
-from mailbeacon.campaigns import TrackingSwitches
+from mailbeacon.contract import signing
+from mailbeacon.contract.campaigns import TrackingSwitches
 from smtp_proxy import mime
 from smtp_proxy.copies import CopyOptions, MessageCopies
 from smtp_proxy.dkim_sign import DkimSigner

@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from mailbeacon import signing
+from mailbeacon.contract import signing
 from tests.support import SECRET, SmtpSink
 from tests.test_proxy_smtp import count_events, proxy_running
 

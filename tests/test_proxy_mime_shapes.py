@@ -11,7 +11,7 @@ from email.parser import BytesParser
 
 import pytest
 
-from mailbeacon.campaigns import TrackingSwitches
+from mailbeacon.contract.campaigns import TrackingSwitches
 from smtp_proxy.copies import CopyOptions, MessageCopies
 from smtp_proxy.mime import Part
 from smtp_proxy.optout import TrackSwitches

@@ -28,8 +28,8 @@ import pytest
 import pytest_asyncio
 from prometheus_client import generate_latest
 
-from mailbeacon import signing
-from mailbeacon.embedded_nats import EmbeddedNats
+from mailbeacon.app.embedded_nats import EmbeddedNats
+from mailbeacon.contract import signing
 from smtp_proxy import metrics as proxy_metrics
 from tests.support import SECRET, SmtpSink, metric_value
 from tests.test_proxy_smtp import RunningProxy, proxy_running

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client import generate_latest
 
-from mailbeacon.campaigns import CampaignKey, CampaignSpec, TrackingSwitches
+from mailbeacon.contract.campaigns import CampaignKey, CampaignSpec, TrackingSwitches
 from smtp_proxy import metrics as proxy_metrics
 from tests.support import SmtpSink, metric_value
 from tests.test_proxy_smtp import (

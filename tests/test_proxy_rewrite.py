@@ -21,8 +21,8 @@ from urllib.parse import parse_qs, urlsplit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mailbeacon import signing
-from mailbeacon.campaigns import TrackingSwitches
+from mailbeacon.contract import signing
+from mailbeacon.contract.campaigns import TrackingSwitches
 from smtp_proxy.copies import CopyOptions, MessageCopies
 from smtp_proxy.data_stream import smtp_data
 from smtp_proxy.html_links import honeypot_tag, pixel_tag, quote_attr

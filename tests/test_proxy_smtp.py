@@ -22,13 +22,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from mailbeacon.campaign_store import CampaignStore
-from mailbeacon.campaigns import CampaignKey, CampaignSpec
-from mailbeacon.events import Event
-from mailbeacon.jetstream import STREAM, connect, ensure_suppression_bucket, provision
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.settings import Settings
-from mailbeacon.suppressions import SuppressionList
+from mailbeacon.bus.campaign_store import CampaignStore
+from mailbeacon.bus.jetstream import STREAM, connect, ensure_suppression_bucket, provision
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.bus.suppressions import SuppressionList
+from mailbeacon.contract.campaigns import CampaignKey, CampaignSpec
+from mailbeacon.contract.events import Event
+from mailbeacon.contract.settings import Settings
 from smtp_proxy.service import ProxyService
 from tests.support import SmtpSink, make_settings
 

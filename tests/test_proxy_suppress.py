@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 
-from mailbeacon.events import Event, EventType
-from mailbeacon.jetstream import SUPPRESSIONS_BUCKET, ensure_suppression_bucket, provision
-from mailbeacon.suppressions import SuppressionList, suppression_key, suppression_value
+from mailbeacon.bus.jetstream import SUPPRESSIONS_BUCKET, ensure_suppression_bucket, provision
+from mailbeacon.bus.suppressions import SuppressionList, suppression_key, suppression_value
+from mailbeacon.contract.events import Event, EventType
 from smtp_proxy.outcome import decide
 from smtp_proxy.suppress import Suppressed, suppression_reasons
 from smtp_proxy.upstream import CopyResult

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, SecretStr, ValidationError
 
-from mailbeacon.settings import Settings, Variable, invalid_settings
+from mailbeacon.contract.settings import Settings, Variable, invalid_settings
 
 # Variables whose value needs a particular shape; every other one gets a value made from its
 # type (below). Each maps to (what is set, what the field then holds, secrets unwrapped).
@@ -232,7 +232,7 @@ def test_keywords_given_flat_or_nested_and_which_wins(clean_env: pytest.MonkeyPa
 
 
 def test_only_what_was_given_counts_as_told(clean_env: pytest.MonkeyPatch) -> None:
-    """A proxy sidecar not told the stream's retention leaves it alone (mailbeacon.jetstream)."""
+    """A proxy sidecar not told the stream's retention leaves it alone (mailbeacon.bus.jetstream)."""
     assert Settings().nats.model_fields_set == set()
     assert Settings(stream_max_age_days=7).nats.model_fields_set == {"stream_max_age_days"}
     clean_env.setenv("MAILBEACON_STREAM_DUPLICATE_WINDOW_SECONDS", "60")

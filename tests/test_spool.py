@@ -13,13 +13,13 @@ from typing import Any
 
 import aiohttp
 
-from mailbeacon.embedded_nats import EmbeddedNats
-from mailbeacon.events import Event, EventType, new_event_id
-from mailbeacon.fast_batch import Outgoing, outgoing
-from mailbeacon.jetstream import connect, provision
-from mailbeacon.publisher import SUBJECTS, EventPublisher
-from mailbeacon.signing import pixel_url
-from mailbeacon.spool import Spool, encode_frame
+from mailbeacon.app.embedded_nats import EmbeddedNats
+from mailbeacon.bus.fast_batch import Outgoing, outgoing
+from mailbeacon.bus.jetstream import connect, provision
+from mailbeacon.bus.publisher import SUBJECTS, EventPublisher
+from mailbeacon.bus.spool import Spool, encode_frame
+from mailbeacon.contract.events import Event, EventType, new_event_id
+from mailbeacon.contract.signing import pixel_url
 from tests.esp_payloads.harness import stream_events
 from tests.support import make_settings
 from tracker.service import StandaloneTracker

@@ -25,8 +25,8 @@ from typing import Any
 import aiohttp
 from pydantic import SecretStr
 
-from mailbeacon.embedded_nats import EmbeddedNats
-from mailbeacon.runner import AllInOne
+from mailbeacon.app.embedded_nats import EmbeddedNats
+from mailbeacon.app.runner import AllInOne
 from tests.support import SECRET, SmtpSink, eventually, free_port, make_settings, wait_http_ok
 
 CAMPAIGN = "default/spool"
@@ -78,7 +78,7 @@ class Process:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "mailbeacon.cli",
+                "mailbeacon.app.cli",
                 self.command,
                 env=self.env,
                 stdout=output,

@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.signing import click_url, pixel_url
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.contract.signing import click_url, pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, running_tracker, stream_events
 from tests.support import SECRET, eventually, make_settings
 from tracker import classify, engagement

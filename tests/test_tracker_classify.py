@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailbeacon.events import Event
-from mailbeacon.signing import HONEYPOT_URL, click_url, honeypot_url, pixel_url
+from mailbeacon.contract.events import Event
+from mailbeacon.contract.signing import HONEYPOT_URL, click_url, honeypot_url, pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, running_tracker, stream_events
 from tests.support import SECRET, eventually
 from tracker.bursts import BurstWindow, ClickHold

@@ -8,7 +8,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
-from mailbeacon.signing import click_url
+from mailbeacon.contract.signing import click_url
 from tests.esp_payloads.harness import BROWSER_UA, running_tracker
 from tests.support import SECRET
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from mailbeacon.http_guard import RESERVED_DESCRIPTORS, effective_max_connections
-from mailbeacon.signing import pixel_url
+from mailbeacon.contract.signing import pixel_url
+from mailbeacon.web.http_guard import RESERVED_DESCRIPTORS, effective_max_connections
 from tests.esp_payloads.harness import running_tracker
 from tests.support import metric_value
 from tracker import metrics as tracker_metrics

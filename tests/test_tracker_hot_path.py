@@ -20,11 +20,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 
-from mailbeacon.events import Event, EventType, subject_for
-from mailbeacon.fast_batch import Outgoing, hpub_command, outgoing
-from mailbeacon.jetstream import ALL_EVENTS, STREAM, connect, provision
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.signing import click_url, pixel_url, sign_click
+from mailbeacon.bus.fast_batch import Outgoing, hpub_command, outgoing
+from mailbeacon.bus.jetstream import ALL_EVENTS, STREAM, connect, provision
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.contract.events import Event, EventType, subject_for
+from mailbeacon.contract.signing import click_url, pixel_url, sign_click
 from tests.esp_payloads.harness import BROWSER_UA, running_tracker, stream_events
 from tests.support import SECRET, eventually, make_settings, raw_http
 from tracker import classify, engagement

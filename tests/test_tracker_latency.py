@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from mailbeacon.signing import click_url, pixel_url
+from mailbeacon.contract.signing import click_url, pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, running_tracker
 from tests.support import SECRET, metric_value
 from tracker.metrics import LATENCY_BUCKETS, ROUTES, RequestLatency

@@ -24,8 +24,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mailbeacon.embedded_nats import EmbeddedNats
-from mailbeacon.signing import click_url, pixel_url
+from mailbeacon.app.embedded_nats import EmbeddedNats
+from mailbeacon.contract.signing import click_url, pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, FakeSns, sendgrid_headers, stream_events, webhook_settings
 from tests.support import SECRET, eventually, free_port, make_settings, metric_value
 from tracker import arrivals

@@ -24,7 +24,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from mailbeacon.embedded_nats import EmbeddedNats
+from mailbeacon.app.embedded_nats import EmbeddedNats
 from tests.esp_payloads.harness import RunningTracker, running_tracker
 from tracker.openapi import openapi_document
 

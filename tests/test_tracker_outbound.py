@@ -16,8 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mailbeacon.jetstream import connect, provision
-from mailbeacon.publisher import EventPublisher
+from mailbeacon.bus.jetstream import connect, provision
+from mailbeacon.bus.publisher import EventPublisher
 from tests.esp_payloads.harness import (
     CERT_URL,
     FakeSns,

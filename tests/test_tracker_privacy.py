@@ -10,9 +10,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mailbeacon.events import Event
-from mailbeacon.netaddr import anonymize_ip, anonymize_text, normalize_ip, scrub_ips
-from mailbeacon.signing import click_url, pixel_url
+from mailbeacon.contract.events import Event
+from mailbeacon.contract.netaddr import anonymize_ip, anonymize_text, normalize_ip, scrub_ips
+from mailbeacon.contract.signing import click_url, pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, post, running_tracker, sendgrid_headers, stream_events
 from tests.support import SECRET, eventually, make_settings
 from tracker.privacy import client_ip

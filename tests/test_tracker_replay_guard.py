@@ -13,7 +13,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from mailbeacon.jetstream import REPLAY_BUCKET, ensure_replay_bucket, provision, replay_window_seconds
+from mailbeacon.bus.jetstream import REPLAY_BUCKET, ensure_replay_bucket, provision, replay_window_seconds
 from tests.support import make_settings
 from tracker.replay import Claim, ReplayGuardUnavailable, SharedReplayGuard, verdict
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import aiohttp
 
-from mailbeacon.embedded_nats import EmbeddedNats
+from mailbeacon.app.embedded_nats import EmbeddedNats
 from tests.esp_payloads.harness import (
     MAILGUN_KEY,
     TOPIC,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiohttp
 
-from mailbeacon.signing import click_url, pixel_url, unsubscribe_url
+from mailbeacon.contract.signing import click_url, pixel_url, unsubscribe_url
 from tests.esp_payloads.harness import BROWSER_UA, post, running_tracker, sendgrid_headers, stream_events
 from tests.support import SECRET, eventually, raw_http
 

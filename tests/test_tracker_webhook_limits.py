@@ -26,8 +26,8 @@ from aggregator.db import open_database
 from aggregator.decode import InvalidEvent, decode
 from aggregator.migrate import migrate
 from aggregator.models import EVENTS
-from mailbeacon.events import Event, EventType
-from mailbeacon.settings import MAX_JSON_DEPTH_CEILING
+from mailbeacon.contract.events import Event, EventType
+from mailbeacon.contract.settings import MAX_JSON_DEPTH_CEILING
 from tests.esp_payloads.harness import (
     load,
     mailgun_body,

@@ -17,7 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from mailbeacon.jetstream import connect
+from mailbeacon.bus.jetstream import connect
 from tests.esp_payloads.harness import (
     RunningTracker,
     load,

@@ -7,7 +7,7 @@ import logging
 import pytest
 from aiohttp import web
 
-from mailbeacon.web import add_health_routes, bound_port, serve
+from mailbeacon.web.server import add_health_routes, bound_port, serve
 from tests.support import raw_http
 
 

@@ -192,7 +192,7 @@ def test_values_the_event_contract_refuses_are_a_400_with_the_field() -> None:
     """The last line of defence behind the parsers: the contract's refusal is the sender's to fix."""
     from pydantic import ValidationError
 
-    from mailbeacon.events import Event
+    from mailbeacon.contract.events import Event
     from tracker.webhooks import invalid_event
 
     with pytest.raises(ValidationError) as refused:

@@ -6,7 +6,7 @@ event, so a provider retries whatever we could not keep.
 
 The app runs no middleware: aiohttp would wrap every pixel and click in two more
 coroutines for it. Each route is timed and guarded by one wrapper instead (failures
-answered as :func:`mailbeacon.web.json_errors` answers them), and a last catch-all route
+answered as :func:`mailbeacon.web.server.json_errors` answers them), and a last catch-all route
 answers paths and methods nobody serves with a JSON 404 or 405.
 """
 
@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.settings import Settings
-from mailbeacon.web import Handler, add_health_routes, json_error
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.contract.settings import Settings
+from mailbeacon.web.server import Handler, add_health_routes, json_error
 from tracker.engagement import NO_STORE, PIXEL_GIF, Engagement
 from tracker.esp.sns import HttpGet, https_getter
 from tracker.metrics import REGISTRY, REQUEST_LATENCY

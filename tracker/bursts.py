@@ -20,7 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-from mailbeacon.signing import HONEYPOT_URL
+from mailbeacon.contract.signing import HONEYPOT_URL
 from tracker import classify
 
 Held = TypeVar("Held")

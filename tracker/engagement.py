@@ -22,8 +22,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from mailbeacon import signing
-from mailbeacon.events import (
+from mailbeacon.bus.fast_batch import MSG_ID_HEADER, Outgoing
+from mailbeacon.bus.publisher import SUBJECTS, EventPublisher
+from mailbeacon.contract import signing
+from mailbeacon.contract.events import (
     Event,
     EventType,
     derived_event_id,
@@ -31,11 +33,9 @@ from mailbeacon.events import (
     storable_text,
     utcnow,
 )
-from mailbeacon.fast_batch import MSG_ID_HEADER, Outgoing
-from mailbeacon.netaddr import anonymize_ip, anonymize_text
-from mailbeacon.publisher import SUBJECTS, EventPublisher
-from mailbeacon.settings import Settings
-from mailbeacon.web import json_error
+from mailbeacon.contract.netaddr import anonymize_ip, anonymize_text
+from mailbeacon.contract.settings import Settings
+from mailbeacon.web.server import json_error
 from tracker import classify, metrics, pages
 from tracker.arrivals import Arrivals
 from tracker.bursts import ClickHold
@@ -138,7 +138,7 @@ def engagement_message(
     produced the id, the tracking id (canonical), the time (``occurred_at``, from
     :func:`json_time`; now when not given) and the source itself;
     text a client sent still gets the sanitation validation applies
-    (:func:`mailbeacon.events.storable_text`: no NUL nor lone surrogate, column-sized).
+    (:func:`mailbeacon.contract.events.storable_text`: no NUL nor lone surrogate, column-sized).
     """
     # Strings go through json's C string encoder, which escapes exactly what pydantic's JSON
     # escapes and, like it, keeps non-ASCII text as it is.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from mailbeacon.events import Event, EventType, new_event_id, parse_tracking_id
+from mailbeacon.contract.events import Event, EventType, new_event_id, parse_tracking_id
 
 
 class WebhookError(ValueError):

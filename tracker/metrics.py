@@ -20,10 +20,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mailbeacon.build_info import register_build_info
-from mailbeacon.events import EventType
-from mailbeacon.http_guard import ConnectionLimits
-from mailbeacon.publisher import EventPublisher
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.contract.build_info import register_build_info
+from mailbeacon.contract.events import EventType
+from mailbeacon.web.http_guard import ConnectionLimits
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 BUILD_INFO = register_build_info(REGISTRY, "tracker")

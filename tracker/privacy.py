@@ -1,11 +1,11 @@
-"""Client addresses: which one to believe (how much of it to keep: :mod:`mailbeacon.netaddr`)."""
+"""Client addresses: which one to believe (how much of it to keep: :mod:`mailbeacon.contract.netaddr`)."""
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
 
-from mailbeacon.netaddr import normalize_ip
+from mailbeacon.contract.netaddr import normalize_ip
 
 
 def client_ip(

@@ -29,8 +29,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from mailbeacon.jetstream import ensure_replay_bucket
-from mailbeacon.settings import Settings
+from mailbeacon.bus.jetstream import ensure_replay_bucket
+from mailbeacon.contract.settings import Settings
 
 log = logging.getLogger(__name__)
 

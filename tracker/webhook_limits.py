@@ -5,8 +5,8 @@ Plain functions of the settings and of what NATS told us; ``tracker.webhooks`` a
 
 from __future__ import annotations
 
-from mailbeacon.jsondepth import nests_deeper_than
-from mailbeacon.settings import Settings, TrackerSettings
+from mailbeacon.contract.jsondepth import nests_deeper_than
+from mailbeacon.contract.settings import Settings, TrackerSettings
 from tracker.generic_webhooks import WebhookError
 
 # An event carries the provider's record in metadata.payload and, beside it, fields taken

@@ -21,11 +21,11 @@ from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from pydantic import ValidationError
 
-from mailbeacon.events import Event, utcnow
-from mailbeacon.netaddr import anonymize_ip, anonymize_text, scrub_ips
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.settings import Settings
-from mailbeacon.web import json_error
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.contract.events import Event, utcnow
+from mailbeacon.contract.netaddr import anonymize_ip, anonymize_text, scrub_ips
+from mailbeacon.contract.settings import Settings
+from mailbeacon.web.server import json_error
 from tracker import metrics, webhook_limits
 from tracker.esp import ADAPTERS, Adapter
 from tracker.esp.base import ParseContext, VerifyContext, WebhookRequest

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, get_args
 from urllib.parse import urlsplit
 
-from mailbeacon.campaigns import DEFAULT_NAMESPACE, CampaignKey, InvalidCampaign
-from mailbeacon.settings import UpstreamProvider
+from mailbeacon.contract.campaigns import DEFAULT_NAMESPACE, CampaignKey, InvalidCampaign
+from mailbeacon.contract.settings import UpstreamProvider
 
 INJECT = "mailbeacon.io/inject"
 DEFAULT_CAMPAIGN = "mailbeacon.io/default-campaign"

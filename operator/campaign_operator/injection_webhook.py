@@ -24,7 +24,7 @@ import kopf
 from campaign_operator.injection import Injection, SidecarTemplate, inject
 from campaign_operator.metrics import INJECTIONS
 from campaign_operator.webhook_tls import ca_bundle_patch, make_certificate
-from mailbeacon.settings import Settings, parse_listen
+from mailbeacon.contract.settings import Settings, parse_listen
 
 log = logging.getLogger(__name__)
 

@@ -33,10 +33,10 @@ from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from mailbeacon.events import Event
-from mailbeacon.jetstream import ALL_EVENTS, STREAM, connect, provision
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.settings import Settings
+from mailbeacon.bus.jetstream import ALL_EVENTS, STREAM, connect, provision
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.contract.events import Event
+from mailbeacon.contract.settings import Settings
 from tests.support import make_settings
 from tracker.service import TrackerService
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from mailbeacon.events import Event, EventType, derived_event_id, parse_tracking_id
-from mailbeacon.settings import Settings
+from mailbeacon.contract.events import Event, EventType, derived_event_id, parse_tracking_id
+from mailbeacon.contract.settings import Settings
 from tracker import classify
 from tracker.generic_webhooks import WebhookError, implausible_time, parse_timestamp
 

@@ -15,7 +15,7 @@ from email.utils import getaddresses
 from typing import Any
 from urllib.parse import parse_qs
 
-from mailbeacon.events import EventType
+from mailbeacon.contract.events import EventType
 from tracker import classify
 from tracker.esp.base import (
     Authentic,

@@ -15,7 +15,7 @@ import binascii
 import hmac
 from typing import Any
 
-from mailbeacon.events import EventType
+from mailbeacon.contract.events import EventType
 from tracker import classify
 from tracker.esp.base import (
     Authentic,

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_der_public_key, load_pem_public_key
 
-from mailbeacon.events import Event, EventType
+from mailbeacon.contract.events import Event, EventType
 from tracker import classify
 from tracker.esp.base import (
     Authentic,

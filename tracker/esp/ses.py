@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from mailbeacon.events import Event, EventType
-from mailbeacon.jsondepth import nests_deeper_than
+from mailbeacon.contract.events import Event, EventType
+from mailbeacon.contract.jsondepth import nests_deeper_than
 from tracker import classify
 from tracker.esp import sns
 from tracker.esp.base import (

@@ -26,7 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from mailbeacon.netaddr import normalize_ip
+from mailbeacon.contract.netaddr import normalize_ip
 from tracker.generic_webhooks import WebhookError
 
 log = logging.getLogger(__name__)

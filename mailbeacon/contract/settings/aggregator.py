@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 
-from mailbeacon.settings.values import Listen, SecretList, SettingsGroup, parse_listen
+from mailbeacon.contract.settings.values import Listen, SecretList, SettingsGroup, parse_listen
 
 
 class AggregatorSettings(SettingsGroup):

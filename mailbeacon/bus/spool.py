@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from mailbeacon.fast_batch import Outgoing, outgoing
+from mailbeacon.bus.fast_batch import Outgoing, outgoing
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ protocol is carried in each message's reply subject,
   acknowledgement with the batch's ``count``, or an ``error``.
 
 The raw publish frames (:func:`outgoing`, :func:`hpub`, :func:`send_commands`) live here
-too: the event-by-event publisher in :mod:`mailbeacon.publisher` writes the same ones.
+too: the event-by-event publisher in :mod:`mailbeacon.bus.publisher` writes the same ones.
 
 ``Nats-Msg-Id`` deduplication works inside fast batches as for single publishes (a
 repeated id is skipped silently, the batch goes on), so a batch that ended in doubt is

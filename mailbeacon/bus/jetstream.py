@@ -1,4 +1,4 @@
-"""NATS JetStream: connection and idempotent provisioning (publishing: :mod:`mailbeacon.publisher`).
+"""NATS JetStream: connection and idempotent provisioning (publishing: :mod:`mailbeacon.bus.publisher`).
 
 Every component calls :func:`provision` at start; it creates the stream, the durable
 consumer and the campaign and suppression KV buckets when missing and leaves them alone when they
@@ -24,9 +24,9 @@ from nats.js.api import (
 from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from mailbeacon.events import SUBJECT_PREFIX
-from mailbeacon.nats_auth import NatsLogin
-from mailbeacon.settings import Settings
+from mailbeacon.bus.nats_auth import NatsLogin
+from mailbeacon.contract.events import SUBJECT_PREFIX
+from mailbeacon.contract.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def takes_fast_batches(js: JetStreamContext) -> bool:
 async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
     wanted = stream_config(settings)
     # Fast batches let the tracker publish its pixel and click events with one
-    # acknowledgement per batch (mailbeacon.fast_batch); older servers do not know them.
+    # acknowledgement per batch (mailbeacon.bus.fast_batch); older servers do not know them.
     fast = settings.nats.stream_fast_batches and takes_fast_batches(js)
     wanted.allow_batched = True if fast else None
     try:

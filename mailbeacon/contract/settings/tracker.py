@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 
-from mailbeacon.settings.values import (
+from mailbeacon.contract.settings.values import (
     MAX_JSON_DEPTH_CEILING,
     CommaList,
     Listen,

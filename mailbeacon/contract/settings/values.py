@@ -68,6 +68,6 @@ Networks = Annotated[list[str], NoDecode, BeforeValidator(_split_list), AfterVal
 
 class SettingsGroup(BaseModel):
     """One component's part of the settings. A field whose environment variable is not
-    MAILBEACON_<field name> names it in ``validation_alias`` (mailbeacon.settings.environment)."""
+    MAILBEACON_<field name> names it in ``validation_alias`` (mailbeacon.contract.settings.environment)."""
 
     model_config = ConfigDict(populate_by_name=True, extra="ignore")

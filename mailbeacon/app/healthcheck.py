@@ -1,4 +1,4 @@
-"""``python -m mailbeacon.healthcheck URL...``: the chart's ``helm test``.
+"""``python -m mailbeacon.app.healthcheck URL...``: the chart's ``helm test``.
 
 Asks each component's ``/healthz`` and ``/readyz`` (through its Service in a cluster) until
 both answer 200 or ``--within`` seconds have passed (a release just installed may still be
@@ -45,7 +45,7 @@ def check(bases: list[str], within: float, fetch: Fetch = fetch_status, pause: f
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mailbeacon.healthcheck", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mailbeacon.app.healthcheck", description=__doc__)
     parser.add_argument("urls", nargs="+", help="base URLs of the components (http://host:port)")
     parser.add_argument("--within", type=float, default=60.0, help="seconds to wait for every check")
     args = parser.parse_args(argv)

@@ -1,9 +1,9 @@
 """Publishing events to JetStream: at once with an acknowledgement, or buffered and flushed.
 
-Buffered events are kept as ready protocol frames (:data:`mailbeacon.fast_batch.Outgoing`):
+Buffered events are kept as ready protocol frames (:data:`mailbeacon.bus.fast_batch.Outgoing`):
 each is encoded once, when it is buffered, however often a flush has to send it again.
 What is still unpublished when the publisher closes goes to the spool
-(:mod:`mailbeacon.spool`), and comes back first at the next start.
+(:mod:`mailbeacon.bus.spool`), and comes back first at the next start.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
-from mailbeacon.events import Event, EventType, subject_for
-from mailbeacon.fast_batch import (
+from mailbeacon.bus.fast_batch import (
     FastBatchesUnavailable,
     Outgoing,
     ReplySink,
@@ -29,7 +28,8 @@ from mailbeacon.fast_batch import (
     publish_fast_batch,
     send_commands,
 )
-from mailbeacon.spool import Spool, SpoolLedger
+from mailbeacon.bus.spool import Spool, SpoolLedger
+from mailbeacon.contract.events import Event, EventType, subject_for
 
 log = logging.getLogger(__name__)
 

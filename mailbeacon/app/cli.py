@@ -18,15 +18,15 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from pydantic import ValidationError
 
-from mailbeacon.campaign_store import CampaignStore
-from mailbeacon.campaigns import CampaignKey, InvalidCampaign, parse_manifests
-from mailbeacon.jetstream import connect, ensure_suppression_bucket, provision, redact_url
-from mailbeacon.nats_auth import NatsLogin
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.runner import AllInOne, Component, nats_url_file, run_component, wait_for_signal
-from mailbeacon.settings import Settings, invalid_settings
-from mailbeacon.spool import Spool
-from mailbeacon.suppressions import SuppressionList
+from mailbeacon.app.runner import AllInOne, Component, nats_url_file, run_component, wait_for_signal
+from mailbeacon.bus.campaign_store import CampaignStore
+from mailbeacon.bus.jetstream import connect, ensure_suppression_bucket, provision, redact_url
+from mailbeacon.bus.nats_auth import NatsLogin
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.bus.spool import Spool
+from mailbeacon.bus.suppressions import SuppressionList
+from mailbeacon.contract.campaigns import CampaignKey, InvalidCampaign, parse_manifests
+from mailbeacon.contract.settings import Settings, invalid_settings
 
 
 class _WithPublisher:
@@ -99,7 +99,7 @@ async def _up(settings: Settings) -> None:
             + f"  Prometheus metrics         {addresses.proxy_http}/metrics (proxy), "
             f"{addresses.tracker}/metrics (tracker), {addresses.aggregator}/metrics (aggregator)\n"
             f"  NATS                       {redact_url(addresses.nats)}\n\n"
-            f"Try it:  {_this_python()} -m mailbeacon.sendtest --smtp {addresses.smtp}\n",
+            f"Try it:  {_this_python()} -m mailbeacon.app.sendtest --smtp {addresses.smtp}\n",
             flush=True,
         )
         await wait_for_signal(settings.shutdown_delay_seconds, system.begin_stopping)

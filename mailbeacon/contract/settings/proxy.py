@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 
-from mailbeacon.settings.values import Listen, Networks, SettingsGroup, UpstreamProvider
+from mailbeacon.contract.settings.values import Listen, Networks, SettingsGroup, UpstreamProvider
 
 
 class ProxySettings(SettingsGroup):
@@ -138,7 +138,7 @@ class ProxySettings(SettingsGroup):
     def _default_campaign(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        from mailbeacon.campaigns import CampaignKey
+        from mailbeacon.contract.campaigns import CampaignKey
 
         return str(CampaignKey.parse(value))
 

@@ -7,7 +7,7 @@ from typing import Self
 
 from pydantic import Field, SecretStr, model_validator
 
-from mailbeacon.settings.values import SettingsGroup
+from mailbeacon.contract.settings.values import SettingsGroup
 
 
 class NatsSettings(SettingsGroup):

@@ -1,4 +1,4 @@
-"""Send a sample campaign message through the proxy: `python -m mailbeacon.sendtest`."""
+"""Send a sample campaign message through the proxy: `python -m mailbeacon.app.sendtest`."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ accepted as a fallback because the original tracking guide used it.
 and one group per component: ``settings.nats``, ``.proxy``, ``.tracker``, ``.aggregator``,
 ``.operator``. The variables stay flat (``MAILBEACON_TRACKER_LISTEN`` sets
 ``settings.tracker.listen``), and so do keyword arguments (``Settings(tracker_listen=...)``)
-and ``model_copy(update=...)``: mailbeacon.settings.environment routes them.
+and ``model_copy(update=...)``: mailbeacon.contract.settings.environment routes them.
 """
 
 from __future__ import annotations
@@ -21,13 +21,19 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from mailbeacon.settings.aggregator import AggregatorSettings
-from mailbeacon.settings.environment import PREFIX, FlatEnvironment, Variable, route, settings_variables
-from mailbeacon.settings.nats import NatsSettings
-from mailbeacon.settings.operator import OperatorSettings
-from mailbeacon.settings.proxy import ProxySettings
-from mailbeacon.settings.tracker import TrackerSettings
-from mailbeacon.settings.values import (
+from mailbeacon.contract.settings.aggregator import AggregatorSettings
+from mailbeacon.contract.settings.environment import (
+    PREFIX,
+    FlatEnvironment,
+    Variable,
+    route,
+    settings_variables,
+)
+from mailbeacon.contract.settings.nats import NatsSettings
+from mailbeacon.contract.settings.operator import OperatorSettings
+from mailbeacon.contract.settings.proxy import ProxySettings
+from mailbeacon.contract.settings.tracker import TrackerSettings
+from mailbeacon.contract.settings.values import (
     MAX_JSON_DEPTH_CEILING,
     MIN_SECRET_KEY_LENGTH,
     Networks,
@@ -180,7 +186,7 @@ class Settings(BaseSettings):
 
     def listens_on_loopback(self, which: Listener) -> bool:
         """Whether a component's listen address is reachable from this machine only."""
-        from mailbeacon.netaddr import is_loopback_host
+        from mailbeacon.contract.netaddr import is_loopback_host
 
         return is_loopback_host(self.listen(which)[0])
 

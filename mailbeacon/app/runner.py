@@ -21,15 +21,15 @@ from typing import Protocol
 from nats.aio.client import Client as NATS
 from pydantic import SecretStr
 
-from mailbeacon.campaign_store import CampaignStore
-from mailbeacon.embedded_nats import EmbeddedNats
-from mailbeacon.jetstream import connect, ensure_suppression_bucket, provision
-from mailbeacon.nats_auth import NatsLogin
-from mailbeacon.outbox import Outbox
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.settings import MIN_SECRET_KEY_LENGTH, Settings, parse_listen
-from mailbeacon.spool import Spool
-from mailbeacon.suppressions import SuppressionList
+from mailbeacon.app.embedded_nats import EmbeddedNats
+from mailbeacon.app.outbox import Outbox
+from mailbeacon.bus.campaign_store import CampaignStore
+from mailbeacon.bus.jetstream import connect, ensure_suppression_bucket, provision
+from mailbeacon.bus.nats_auth import NatsLogin
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.bus.spool import Spool
+from mailbeacon.bus.suppressions import SuppressionList
+from mailbeacon.contract.settings import MIN_SECRET_KEY_LENGTH, Settings, parse_listen
 
 log = logging.getLogger(__name__)
 

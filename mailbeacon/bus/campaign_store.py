@@ -12,8 +12,8 @@ from collections.abc import Awaitable, Callable
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from mailbeacon.campaigns import CampaignKey, CampaignSpec, InvalidCampaign
-from mailbeacon.kv_mirror import BucketMirror
+from mailbeacon.bus.kv_mirror import BucketMirror
+from mailbeacon.contract.campaigns import CampaignKey, CampaignSpec, InvalidCampaign
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field
 
-from mailbeacon.settings.values import CommaList, Listen, OptionalListen, SettingsGroup
+from mailbeacon.contract.settings.values import CommaList, Listen, OptionalListen, SettingsGroup
 
 
 class OperatorSettings(SettingsGroup):

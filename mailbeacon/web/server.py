@@ -10,8 +10,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
-from mailbeacon.http_guard import ConnectionLimits, GuardedAppRunner
-from mailbeacon.settings import parse_listen
+from mailbeacon.contract.settings import parse_listen
+from mailbeacon.web.http_guard import ConnectionLimits, GuardedAppRunner
 
 log = logging.getLogger(__name__)
 

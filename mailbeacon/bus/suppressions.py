@@ -17,8 +17,8 @@ from datetime import datetime
 
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
-from mailbeacon.events import storable_recipient
-from mailbeacon.kv_mirror import BucketMirror
+from mailbeacon.bus.kv_mirror import BucketMirror
+from mailbeacon.contract.events import storable_recipient
 
 log = logging.getLogger(__name__)
 

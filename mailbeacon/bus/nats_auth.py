@@ -1,6 +1,6 @@
 """NATS login and TLS from the settings, for both NATS clients of mailbeacon.
 
-nats-py (every component, :func:`mailbeacon.jetstream.connect`) takes them as connect
+nats-py (every component, :func:`mailbeacon.bus.jetstream.connect`) takes them as connect
 options; the aggregator's lean ingest connection (:mod:`aggregator.wire`) writes its own
 ``CONNECT`` with the fields :meth:`NatsLogin.connect_fields` gives, signing the server's nonce
 for nkeys and JWTs the way nats-py does. Given as options rather than inside ``NATS_URL``, the
@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from mailbeacon.settings import Settings
+from mailbeacon.contract.settings import Settings
 
 
 def _creds_block(name: str) -> re.Pattern[str]:
