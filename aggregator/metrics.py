@@ -27,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from aggregator.tally import BatchResult
+from aggregator.ingest.tally import BatchResult
 from mailbeacon.bus.suppressions import REASONS
 from mailbeacon.contract.build_info import register_build_info
 from mailbeacon.contract.events import EventType

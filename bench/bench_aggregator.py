@@ -304,8 +304,8 @@ _COLUMNS = [
 
 
 async def migrated(url: str) -> None:
-    from aggregator.db import open_database
-    from aggregator.migrate import migrate
+    from aggregator.store.db import open_database
+    from aggregator.store.migrate import migrate
 
     db = open_database(url)
     await migrate(db)
@@ -313,7 +313,7 @@ async def migrated(url: str) -> None:
 
 
 def sqlite_baseline(path: Path, events: list[dict[str, Any]]) -> float:
-    from aggregator.times import sqlite_time
+    from aggregator.store.times import sqlite_time
 
     asyncio.run(migrated(f"sqlite:///{path}"))
     rows = [tuple(sqlite_time(v) if isinstance(v, datetime) else v for v in row) for row in _rows(events)]
@@ -432,7 +432,7 @@ def run_database(
 async def scan_time(url: str) -> float:
     from sqlalchemy import text
 
-    from aggregator.db import open_database
+    from aggregator.store.db import open_database
 
     db = open_database(url)
     async with db.read_engine.connect() as conn:

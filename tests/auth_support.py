@@ -14,7 +14,7 @@ import aiohttp
 from multidict import CIMultiDict
 from nats.aio.client import Client as NATS
 
-from aggregator.ingest import apply_batch
+from aggregator.ingest.ingest import apply_batch
 from aggregator.service import AggregatorService
 from mailbeacon.bus.jetstream import provision
 from mailbeacon.contract.events import Event, EventType

@@ -17,10 +17,10 @@ import pytest
 from aiohttp import web
 
 from aggregator import metrics
-from aggregator.db import Database, open_database
-from aggregator.ingest import apply_batch
-from aggregator.migrate import migrate
+from aggregator.ingest.ingest import apply_batch
 from aggregator.service import create_app
+from aggregator.store.db import Database, open_database
+from aggregator.store.migrate import migrate
 from mailbeacon.contract.events import Event, EventType
 from mailbeacon.web.server import add_health_routes, bound_port
 from tests.support import metric_value
@@ -263,7 +263,7 @@ async def test_refresh_and_metrics(api: Api) -> None:
     _, listed = await api.get("/api/campaigns")
     assert api.campaign in [c["campaign"] for c in listed["campaigns"]]
 
-    from aggregator.statistics import list_campaigns
+    from aggregator.read.statistics import list_campaigns
 
     metrics.CAMPAIGNS.update(await list_campaigns(api.db))
     async with api.http.get(f"{api.base}/metrics") as response:

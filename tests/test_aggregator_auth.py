@@ -278,7 +278,7 @@ async def test_sqlite_file_is_the_aggregators_alone(start: Start, tmp_path: Path
 
 
 def test_a_database_file_made_readable_earlier_is_closed(tmp_path: Path) -> None:
-    from aggregator.db import open_database
+    from aggregator.store.db import open_database
 
     path = tmp_path / "old" / "mailbeacon.db"
     path.parent.mkdir()

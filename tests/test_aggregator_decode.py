@@ -1,6 +1,6 @@
 """The aggregator's fast event decoding accepts exactly what the contract accepts, with its values.
 
-:func:`aggregator.decode.decode` skips pydantic for events of the plain shape. Here it is
+:func:`aggregator.ingest.decode.decode` skips pydantic for events of the plain shape. Here it is
 checked against ``Event.from_json`` (the contract) on generated payloads: well-formed
 events, events with every field replaced by values of other JSON types, odd times and
 ids, escapes, other encodings and random byte damage. Whenever the contract rejects a
@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from aggregator.decode import Incoming, InvalidEvent, decode
+from aggregator.ingest.decode import Incoming, InvalidEvent, decode
 from mailbeacon.contract.events import Event, EventType
 
 FIELDS = Incoming._fields
@@ -203,7 +203,7 @@ def test_published_events_take_the_fast_path() -> None:
         source="click",
         metadata={"message_id": "<x@y>", "attempt": 2},
     )
-    from aggregator import decode as module
+    from aggregator.ingest import decode as module
 
     fast = module._fast(event.to_json())
     assert fast is not None

@@ -21,13 +21,13 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo
 from prometheus_client import generate_latest
 
 from aggregator import metrics as aggregator_metrics
-from aggregator.consumer import EventConsumer
-from aggregator.db import Database, open_database
-from aggregator.feed import ACK, TERM, Delivery, PullFeed, delivery_info, nak
-from aggregator.ingest import adopt_parked, apply_batch
-from aggregator.migrate import migrate
-from aggregator.statistics import read_statistics
-from aggregator.wire import Server, Unsupported, WireConnection
+from aggregator.ingest.consumer import EventConsumer
+from aggregator.ingest.feed import ACK, TERM, Delivery, PullFeed, delivery_info, nak
+from aggregator.ingest.ingest import adopt_parked, apply_batch
+from aggregator.ingest.wire import Server, Unsupported, WireConnection
+from aggregator.read.statistics import read_statistics
+from aggregator.store.db import Database, open_database
+from aggregator.store.migrate import migrate
 from mailbeacon.app.embedded_nats import EmbeddedNats, nats_server_binary
 from mailbeacon.bus.jetstream import CONSUMER, STREAM, connect
 from mailbeacon.contract.events import Event

@@ -9,13 +9,13 @@ import random
 import pytest
 from sqlalchemy import func, select
 
-from aggregator import statistics
-from aggregator.db import open_database
-from aggregator.ingest import adopt_parked, apply_batch, apply_prepared, look_up_stored
-from aggregator.migrate import migrate
-from aggregator.models import EVENTS, MESSAGES
-from aggregator.prepare import prepare
-from aggregator.transaction import Transaction
+from aggregator.ingest.ingest import adopt_parked, apply_batch, apply_prepared, look_up_stored
+from aggregator.ingest.prepare import prepare
+from aggregator.ingest.transaction import Transaction
+from aggregator.read import statistics
+from aggregator.store.db import open_database
+from aggregator.store.migrate import migrate
+from aggregator.store.models import EVENTS, MESSAGES
 from mailbeacon.contract.events import Event
 from tests.test_aggregator_crash import CAMPAIGNS, generate, recount
 

@@ -21,13 +21,13 @@ import pytest
 from aiohttp import web
 from playwright.async_api import expect
 
-from aggregator import live, page_sections, pages
-from aggregator.charts import Timeline, bar_chart, label_ticks, y_ticks
-from aggregator.db import Database, open_database
-from aggregator.event_pages import furthest_state
-from aggregator.ingest import apply_batch
-from aggregator.migrate import migrate
+from aggregator.ingest.ingest import apply_batch
+from aggregator.read import live, page_sections, pages
+from aggregator.read.charts import Timeline, bar_chart, label_ticks, y_ticks
+from aggregator.read.event_pages import furthest_state
 from aggregator.service import create_app
+from aggregator.store.db import Database, open_database
+from aggregator.store.migrate import migrate
 from mailbeacon.contract.events import Event, EventType
 from mailbeacon.web.server import bound_port
 from tests.page_support import (

@@ -19,10 +19,11 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect, text
 from sqlmodel import SQLModel
 
-from aggregator import statistics
-from aggregator.db import open_database
-from aggregator.ingest import apply_batch, count_parked
-from aggregator.migrate import (
+from aggregator.ingest.ingest import apply_batch, count_parked
+from aggregator.ingest.parked import expire_parked
+from aggregator.read import statistics
+from aggregator.store.db import open_database
+from aggregator.store.migrate import (
     SchemaOutOfDate,
     current_revision,
     downgrade,
@@ -30,7 +31,6 @@ from aggregator.migrate import (
     head_revision,
     migrate,
 )
-from aggregator.parked import expire_parked
 from mailbeacon.contract.events import Event, EventType
 
 

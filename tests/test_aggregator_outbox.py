@@ -11,8 +11,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from aggregator.db import open_database
 from aggregator.service import create_app
+from aggregator.store.db import open_database
 from mailbeacon.web.server import bound_port
 
 ODD_FROMS = {

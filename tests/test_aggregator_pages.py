@@ -22,10 +22,10 @@ from aiohttp import web
 from sqlalchemy import text
 
 from aggregator.auth.policy import Access, AuthPolicy, Credential
-from aggregator.db import Database, open_database
-from aggregator.ingest import apply_batch
-from aggregator.migrate import migrate
+from aggregator.ingest.ingest import apply_batch
 from aggregator.service import create_app
+from aggregator.store.db import Database, open_database
+from aggregator.store.migrate import migrate
 from mailbeacon.contract.events import Event, EventType
 from mailbeacon.contract.signing import HONEYPOT_URL
 from mailbeacon.web.server import bound_port

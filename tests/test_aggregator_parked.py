@@ -24,17 +24,17 @@ from sqlalchemy import select, text
 
 from aggregator import metrics as aggregator_metrics
 from aggregator import service as aggregator_service
-from aggregator import statistics
-from aggregator.bulk import Bulk
-from aggregator.consumer import EventConsumer, arrivals
-from aggregator.db import Database, open_database
-from aggregator.decode import decode
-from aggregator.ingest import adopt_parked, apply_batch, apply_prepared, count_parked
-from aggregator.migrate import migrate
-from aggregator.models import EVENTS
-from aggregator.parked import bound_parked, drop_over_limit, expire_parked
-from aggregator.prepare import prepare
-from aggregator.times import as_utc, sqlite_time
+from aggregator.ingest.consumer import EventConsumer, arrivals
+from aggregator.ingest.decode import decode
+from aggregator.ingest.ingest import adopt_parked, apply_batch, apply_prepared, count_parked
+from aggregator.ingest.parked import bound_parked, drop_over_limit, expire_parked
+from aggregator.ingest.prepare import prepare
+from aggregator.read import statistics
+from aggregator.store.bulk import Bulk
+from aggregator.store.db import Database, open_database
+from aggregator.store.migrate import migrate
+from aggregator.store.models import EVENTS
+from aggregator.store.times import as_utc, sqlite_time
 from mailbeacon.app.runner import AllInOne
 from mailbeacon.contract.events import Event, EventType, utcnow
 from tests.support import eventually, make_settings, metric_value
@@ -346,7 +346,7 @@ async def test_parked_events_are_found_through_their_indexes(
 
 
 async def test_the_suppression_watch_forgets_expired_unsubscribes(nc: NATS, database_url: str) -> None:
-    from aggregator.suppressions import SuppressionRecorder
+    from aggregator.ingest.suppressions import SuppressionRecorder
     from mailbeacon.bus.jetstream import ensure_suppression_bucket
     from mailbeacon.bus.suppressions import SuppressionList
     from mailbeacon.contract.settings import Settings

@@ -15,11 +15,11 @@ from prometheus_client import generate_latest
 from sqlalchemy import func, select, text
 
 from aggregator import metrics as aggregator_metrics
-from aggregator.consumer import EventConsumer
-from aggregator.db import Database, open_database
-from aggregator.migrate import migrate
-from aggregator.models import EVENTS
-from aggregator.statistics import read_statistics
+from aggregator.ingest.consumer import EventConsumer
+from aggregator.read.statistics import read_statistics
+from aggregator.store.db import Database, open_database
+from aggregator.store.migrate import migrate
+from aggregator.store.models import EVENTS
 from mailbeacon.bus.jetstream import CONSUMER, STREAM
 from tests.support import eventually, metric_value
 

@@ -14,10 +14,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from aggregator.db import Database, open_database
-from aggregator.ingest import apply_batch
-from aggregator.migrate import migrate
-from aggregator.models import EVENTS, MESSAGES
+from aggregator.ingest.ingest import apply_batch
+from aggregator.store.db import Database, open_database
+from aggregator.store.migrate import migrate
+from aggregator.store.models import EVENTS, MESSAGES
 from mailbeacon.contract.events import Event, EventType
 from mailbeacon.contract.netaddr import anonymize_ip
 

@@ -24,10 +24,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aggregator import statistics
-from aggregator.db import Database, open_database
-from aggregator.ingest import adopt_parked, apply_batch
-from aggregator.migrate import migrate
+from aggregator.ingest.ingest import adopt_parked, apply_batch
+from aggregator.read import statistics
+from aggregator.store.db import Database, open_database
+from aggregator.store.migrate import migrate
 from mailbeacon.contract.events import Event, EventType
 from mailbeacon.contract.signing import HONEYPOT_URL
 
@@ -332,8 +332,8 @@ async def check_first_seen(db: Database, model: Model, tracking: list[str]) -> N
     """Each message's first-seen times are the earliest of its applied events, whatever the order."""
     from sqlalchemy import select
 
-    from aggregator.models import MESSAGES
-    from aggregator.times import as_utc
+    from aggregator.store.models import MESSAGES
+    from aggregator.store.times import as_utc
 
     columns = {"delivered": "delivered_at", "opened": "first_opened_at", "clicked": "first_clicked_at"}
     async with db.read_engine.connect() as conn:

@@ -7,12 +7,12 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
 
-from aggregator import statistics
-from aggregator.db import open_database
-from aggregator.ingest import apply_batch
-from aggregator.migrate import migrate
-from aggregator.models import EVENTS, PRUNED
-from aggregator.retention import prune
+from aggregator.ingest.ingest import apply_batch
+from aggregator.read import statistics
+from aggregator.store.db import open_database
+from aggregator.store.migrate import migrate
+from aggregator.store.models import EVENTS, PRUNED
+from aggregator.store.retention import prune
 from mailbeacon.contract.events import Event, EventType
 from mailbeacon.contract.signing import HONEYPOT_URL
 

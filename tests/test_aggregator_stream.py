@@ -21,11 +21,11 @@ import pytest
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
-from aggregator import live
-from aggregator.db import open_database
-from aggregator.ingest import apply_batch
-from aggregator.migrate import migrate
+from aggregator.ingest.ingest import apply_batch
+from aggregator.read import live
 from aggregator.service import create_app
+from aggregator.store.db import open_database
+from aggregator.store.migrate import migrate
 from mailbeacon.app.runner import AllInOne
 from tests.auth_support import CAMPAIGN, FULL, READ, aggregators, seed
 from tests.support import SmtpSink, eventually, make_settings

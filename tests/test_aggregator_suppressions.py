@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from aggregator import metrics
-from aggregator import suppressions as recorder_module
-from aggregator.suppressions import SuppressionRecorder
+from aggregator.ingest import suppressions as recorder_module
+from aggregator.ingest.suppressions import SuppressionRecorder
 
 
 def test_a_flood_of_parked_unsubscribes_keeps_the_newest_watched(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,8 +21,8 @@ import pytest
 from prometheus_client import generate_latest
 
 from aggregator import metrics as aggregator_metrics
+from aggregator.ingest.suppressions import CHECK_PARKED_SECONDS
 from aggregator.service import AggregatorService
-from aggregator.suppressions import CHECK_PARKED_SECONDS
 from mailbeacon.app.runner import AllInOne
 from mailbeacon.bus.campaign_store import CampaignStore
 from mailbeacon.bus.jetstream import SUPPRESSIONS_BUCKET, connect, ensure_suppression_bucket, provision

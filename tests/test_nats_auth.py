@@ -3,7 +3,7 @@
 Against real nats-server processes that want a user and password, a token, an nkey, TLS with a
 client certificate (plus a token), or a ``.creds`` file in operator (JWT) mode: the publishing
 path of the proxy and tracker (nats-py, provisioning, :class:`EventPublisher`) stores events, and
-the aggregator ingests them through its lean connection (:mod:`aggregator.wire`), which writes
+the aggregator ingests them through its lean connection (:mod:`aggregator.ingest.wire`), which writes
 its own ``CONNECT``: it must log in (and do TLS) by itself, or the aggregator could not reach a
 secured NATS at all.
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from aggregator.consumer import EventConsumer
-from aggregator.db import open_database
-from aggregator.migrate import migrate
-from aggregator.statistics import read_statistics
-from aggregator.wire import WireConnection
+from aggregator.ingest.consumer import EventConsumer
+from aggregator.ingest.wire import WireConnection
+from aggregator.read.statistics import read_statistics
+from aggregator.store.db import open_database
+from aggregator.store.migrate import migrate
 from mailbeacon.bus.jetstream import connect, provision
 from mailbeacon.bus.nats_auth import NatsLogin, NatsLoginError, read_creds
 from mailbeacon.bus.publisher import EventPublisher

@@ -21,11 +21,11 @@ import pytest
 from nats.aio.client import Client as NATS
 from sqlalchemy import select
 
-from aggregator.consumer import EventConsumer
-from aggregator.db import open_database
-from aggregator.decode import InvalidEvent, decode
-from aggregator.migrate import migrate
-from aggregator.models import EVENTS
+from aggregator.ingest.consumer import EventConsumer
+from aggregator.ingest.decode import InvalidEvent, decode
+from aggregator.store.db import open_database
+from aggregator.store.migrate import migrate
+from aggregator.store.models import EVENTS
 from mailbeacon.contract.events import Event, EventType
 from mailbeacon.contract.settings import MAX_JSON_DEPTH_CEILING
 from tests.esp_payloads.harness import (

@@ -312,9 +312,9 @@ def main(argv: list[str] | None = None) -> None:
 
         asyncio.run(run(settings))
     elif command == "migrate":
-        from aggregator.db import open_database
-        from aggregator.migrate import migrate
         from aggregator.service import database_url
+        from aggregator.store.db import open_database
+        from aggregator.store.migrate import migrate
 
         async def run_migrations() -> tuple[str | None, str | None]:
             db = open_database(database_url(settings))

@@ -1,7 +1,7 @@
 """NATS login and TLS from the settings, for both NATS clients of mailbeacon.
 
 nats-py (every component, :func:`mailbeacon.bus.jetstream.connect`) takes them as connect
-options; the aggregator's lean ingest connection (:mod:`aggregator.wire`) writes its own
+options; the aggregator's lean ingest connection (:mod:`aggregator.ingest.wire`) writes its own
 ``CONNECT`` with the fields :meth:`NatsLogin.connect_fields` gives, signing the server's nonce
 for nkeys and JWTs the way nats-py does. Given as options rather than inside ``NATS_URL``, the
 login applies to every server of a cluster, those learned from the first one included; a URL's

@@ -17,21 +17,21 @@ from urllib.parse import urlencode
 from aiohttp import web
 from sqlalchemy import select
 
-from aggregator import page_sections as sections
-from aggregator import statistics
-from aggregator.api import DB_KEY, campaign_from
 from aggregator.auth.context import CSRF_FIELD, PageAuth, page_auth
 from aggregator.auth.login import LOGOUT_PATH, STYLESHEET_PATH
-from aggregator.db import Database
-from aggregator.live import HUB_KEY, READ_TAKES_TZ, BadZone, View, parse_zone, read_view, zone_applied
-from aggregator.models import CAMPAIGNS, EVENTS
-from aggregator.times import as_utc, iso_utc
+from aggregator.read import page_sections as sections
+from aggregator.read import statistics
+from aggregator.read.api import DB_KEY, campaign_from
+from aggregator.read.live import HUB_KEY, READ_TAKES_TZ, BadZone, View, parse_zone, read_view, zone_applied
+from aggregator.store.db import Database
+from aggregator.store.models import CAMPAIGNS, EVENTS
+from aggregator.store.times import as_utc, iso_utc
 from mailbeacon.contract.events import EventType
 from mailbeacon.web.server import Handler
 
 SCRIPT_PATH = "/static/live.js"
-STYLE = resources.files("aggregator.static").joinpath("mailbeacon.css").read_text(encoding="utf-8")
-SCRIPT = resources.files("aggregator.static").joinpath("live.js").read_text(encoding="utf-8")
+STYLE = resources.files("aggregator.read.static").joinpath("mailbeacon.css").read_text(encoding="utf-8")
+SCRIPT = resources.files("aggregator.read.static").joinpath("live.js").read_text(encoding="utf-8")
 LIVE_HEADER = "X-Mailbeacon-Live"
 
 
@@ -308,7 +308,7 @@ async def refresh_form(request: web.Request) -> web.Response:
 
 
 def add_page_routes(app: web.Application) -> None:
-    from aggregator.event_pages import add_event_page_routes
+    from aggregator.read.event_pages import add_event_page_routes
 
     async def home(_: web.Request) -> web.Response:
         raise web.HTTPFound("/campaigns/")

@@ -9,7 +9,7 @@ delivered messages in a buffer, and tops the requests up as the buffer drains.
 Acknowledgement stays with the caller (after its commit), so delivery semantics are
 those of any pull consumer; a whole batch is acknowledged in one write.
 
-Messages travel over a dedicated lean connection (:mod:`aggregator.wire`) that hands
+Messages travel over a dedicated lean connection (:mod:`aggregator.ingest.wire`) that hands
 over raw ``(ack subject, payload)`` pairs, with no header parsing and no per-message
 objects; for URLs it cannot serve (WebSocket) the feed uses the nats-py client instead. Both log
 in with the same :class:`~mailbeacon.bus.nats_auth.NatsLogin` (credentials and TLS).
@@ -38,7 +38,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from aggregator.wire import Unsupported, WireConnection, pub
+from aggregator.ingest.wire import Unsupported, WireConnection, pub
 from mailbeacon.bus.nats_auth import NatsLogin, NatsLoginError
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,9 @@ from pathlib import Path
 from aiohttp import web
 from sqlalchemy import select
 
-from aggregator.api import DB_KEY
-from aggregator.models import MESSAGES
-from aggregator.pages import layout
+from aggregator.read.api import DB_KEY
+from aggregator.read.pages import layout
+from aggregator.store.models import MESSAGES
 
 OUTBOX_KEY = web.AppKey("outbox_dir", Path)
 TRACKING_HEADER = "X-Mailbeacon-Tracking-ID"

@@ -20,10 +20,10 @@ from datetime import datetime
 from operator import attrgetter
 from typing import Any
 
-from aggregator.attribution import event_time
-from aggregator.bulk import json_text
-from aggregator.decode import EventFields
-from aggregator.times import sqlite_time
+from aggregator.ingest.decode import EventFields
+from aggregator.store.attribution import event_time
+from aggregator.store.bulk import json_text
+from aggregator.store.times import sqlite_time
 from mailbeacon.contract.events import EventType, utcnow
 
 UNKNOWN_CAMPAIGN = "default/unknown"
@@ -55,7 +55,7 @@ class Prepared:
 def prepare(
     events: Sequence[EventFields], postgres: bool, arrivals: Mapping[str, datetime] | None = None
 ) -> Prepared:
-    """The batch ready for :func:`aggregator.ingest.apply_prepared` on the given database.
+    """The batch ready for :func:`aggregator.ingest.ingest.apply_prepared` on the given database.
 
     ``arrivals``: when the stream stored each address-only event (by event id); an event
     missing there arrived now, as far as this aggregator knows.
@@ -119,7 +119,7 @@ def _preparing(
             if e.tracking_id:
                 tracking_ids.add(e.tracking_id)
             elif e.recipient:
-                # Attributed by its time, at the latest its arrival (see aggregator.attribution);
+                # Attributed by its time, at the latest its arrival (see aggregator.store.attribution);
                 # the arrival is stored as its received_at, for when it is claimed parked.
                 arrived = min(arrivals.get(e.event_id, now), now) if arrivals else now
                 address_of[e.event_id] = (e.recipient, event_time(e.occurred_at, arrived))

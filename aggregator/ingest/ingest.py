@@ -7,7 +7,7 @@ One batch is one transaction of a fixed number of statements, whatever its size:
 2. The other events are resolved to their message: by tracking id, or for an
    address-only webhook the most recent message sent to that address by the time of
    the event, never later than its arrival (else one sent up to five minutes after it;
-   else none: see :mod:`aggregator.attribution`). On PostgreSQL these messages are locked here,
+   else none: see :mod:`aggregator.store.attribution`). On PostgreSQL these messages are locked here,
    in one statement, in tracking-id order. Campaigns whose spec asks for it get the
    event's IP anonymized now that its campaign is known.
 3. All events are inserted, and only the ones new to the table count, so a redelivered or
@@ -24,7 +24,7 @@ One batch is one transaction of a fixed number of statements, whatever its size:
    (``SELECT ... FOR UPDATE SKIP LOCKED``, then ``UPDATE ... WHERE applied = false``).
 5. One conditional UPDATE fills the messages' first-seen columns where still empty (or
    earlier, for out-of-order events) and returns, per message, which ones it filled
-   (:class:`aggregator.effects.Seen`): those are the unique-count transitions.
+   (:class:`aggregator.ingest.effects.Seen`): those are the unique-count transitions.
 6. Counters, per-link counts and open buckets are summed per batch and written as atomic
    upserts (``col = col + delta``), each in sorted key order.
 
@@ -38,7 +38,7 @@ not deadlock; on SQLite ``BEGIN IMMEDIATE`` serializes writers anyway.
 An event parked by one replica while another was creating its message is settled by
 :func:`adopt_parked`, which every replica runs every few seconds.
 
-The statements live in :mod:`aggregator.transaction` (events) and :mod:`aggregator.tally`
+The statements live in :mod:`aggregator.ingest.transaction` (events) and :mod:`aggregator.ingest.tally`
 (effects and counters); this module orders them.
 """
 
@@ -48,13 +48,10 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-from aggregator.attribution import CLOCK_SKEW
-from aggregator.bulk import Bulk
-from aggregator.db import Database
-from aggregator.decode import EventFields
-from aggregator.effects import Applied, Plan, plan
-from aggregator.parked import waiting
-from aggregator.prepare import (
+from aggregator.ingest.decode import EventFields
+from aggregator.ingest.effects import Applied, Plan, plan
+from aggregator.ingest.parked import waiting
+from aggregator.ingest.prepare import (
     APPLIED,
     BOUNCE_KIND,
     CAMPAIGN,
@@ -63,10 +60,13 @@ from aggregator.prepare import (
     Prepared,
     prepare,
 )
-from aggregator.privacy import NOBODY, Anonymized, anonymize_row
-from aggregator.tally import BatchResult
-from aggregator.times import sqlite_time
-from aggregator.transaction import Transaction
+from aggregator.ingest.privacy import NOBODY, Anonymized, anonymize_row
+from aggregator.ingest.tally import BatchResult
+from aggregator.ingest.transaction import Transaction
+from aggregator.store.attribution import CLOCK_SKEW
+from aggregator.store.bulk import Bulk
+from aggregator.store.db import Database
+from aggregator.store.times import sqlite_time
 from mailbeacon.contract.events import EventType
 
 __all__ = ["BatchResult", "adopt_parked", "apply_batch", "apply_prepared", "count_parked", "look_up_stored"]
@@ -82,7 +82,7 @@ async def apply_batch(
 
 
 async def apply_prepared(db: Database, batch: Prepared, anonymized: Anonymized = NOBODY) -> BatchResult:
-    """Store and apply a batch :func:`aggregator.prepare.prepare` made ready, in one transaction.
+    """Store and apply a batch :func:`aggregator.ingest.prepare.prepare` made ready, in one transaction.
 
     ``anonymized``: the campaigns whose events keep only an anonymized IP.
     """
@@ -198,7 +198,7 @@ async def adopt_parked(
         tx = Transaction(await Bulk.of(conn, db.dialect), anonymized=anonymized)
         await tx.sql.planning_for_few_rows()
         # An address-only event only when a copy relayed early enough exists: those relayed
-        # later never take it, and must not fill every round's ``limit`` (aggregator.attribution).
+        # later never take it, and must not fill every round's ``limit`` (aggregator.store.attribution).
         bound = tx.sql.latest_relay("events.occurred_at", "events.received_at")
         table = tx.sql.parked_events
         where = (

@@ -10,11 +10,11 @@ from typing import Any
 from sqlalchemy import and_, case, delete, distinct, func, literal, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from aggregator.db import Database
-from aggregator.effects import url_hash
-from aggregator.models import BUCKETS, CAMPAIGNS, COUNTER_COLUMNS, EVENTS, LINKS, PRUNED, STATS
-from aggregator.queries import event_json, with_message_recipient
-from aggregator.times import as_utc, iso_utc
+from aggregator.ingest.effects import url_hash
+from aggregator.read.queries import event_json, with_message_recipient
+from aggregator.store.db import Database
+from aggregator.store.models import BUCKETS, CAMPAIGNS, COUNTER_COLUMNS, EVENTS, LINKS, PRUNED, STATS
+from aggregator.store.times import as_utc, iso_utc
 from mailbeacon.contract.events import EventType, utcnow
 from mailbeacon.contract.signing import HONEYPOT_URL
 

@@ -1,4 +1,4 @@
-"""The durable JetStream pull consumer feeding :mod:`aggregator.ingest`.
+"""The durable JetStream pull consumer feeding :mod:`aggregator.ingest.ingest`.
 
 Messages are acknowledged only after their batch's transaction committed, a whole batch
 in one write. If the database fails, the batch is nak'ed and JetStream redelivers it; the
@@ -26,12 +26,12 @@ from sqlalchemy import text
 from sqlalchemy.exc import DataError
 
 from aggregator import metrics
-from aggregator.db import Database
-from aggregator.decode import Incoming, InvalidEvent, decode
-from aggregator.feed import ACK, TERM, Delivery, PullFeed, delivery_info, nak
-from aggregator.ingest import adopt_parked, apply_prepared, count_parked, look_up_stored
-from aggregator.prepare import Prepared, prepare, prepare_yielding
-from aggregator.privacy import NOBODY, Anonymized
+from aggregator.ingest.decode import Incoming, InvalidEvent, decode
+from aggregator.ingest.feed import ACK, TERM, Delivery, PullFeed, delivery_info, nak
+from aggregator.ingest.ingest import adopt_parked, apply_prepared, count_parked, look_up_stored
+from aggregator.ingest.prepare import Prepared, prepare, prepare_yielding
+from aggregator.ingest.privacy import NOBODY, Anonymized
+from aggregator.store.db import Database
 from mailbeacon.bus.jetstream import CONSUMER, STREAM
 from mailbeacon.bus.nats_auth import NatsLogin
 from mailbeacon.contract.events import utcnow
@@ -65,7 +65,7 @@ def _refuses_the_value(failure: Exception) -> bool:
 def arrivals(events: Sequence[Incoming], replies: Sequence[bytes]) -> dict[str, datetime]:
     """When the stream stored each address-only event: JetStream's own time, from the
     acknowledgement subject, which no publisher can set (it bounds the event's time, see
-    :mod:`aggregator.attribution`). Other events need no arrival: this costs one test each."""
+    :mod:`aggregator.store.attribution`). Other events need no arrival: this costs one test each."""
     arrived: dict[str, datetime] = {}
     for event, reply in zip(events, replies, strict=True):
         if event.tracking_id is None and event.recipient is not None:
@@ -150,7 +150,7 @@ class EventConsumer:
     def ingested_until(self) -> datetime | None:
         """Up to when the stream's events are stored: now, when the stream held nothing more
         at the last look; else the arrival of the newest event stored; None before either is
-        known (just started). Parked events expire by this clock (:mod:`aggregator.parked`),
+        known (just started). Parked events expire by this clock (:mod:`aggregator.ingest.parked`),
         so an aggregator catching up on a backlog (after an outage longer than the TTL)
         never expires an event whose copy's ``sent`` is still waiting in the stream."""
         return utcnow() if self._caught_up and self.feed.connected else self._stored_until

@@ -1,5 +1,5 @@
 """SQL tables (sqlmodel). The same schema on SQLite and PostgreSQL, created by the Alembic
-migrations in ``aggregator/migrations`` (never by ``create_all``).
+migrations in ``aggregator/store/migrations`` (never by ``create_all``).
 
 ``events`` is the record of everything that happened; the other tables are state
 maintained from it on ingest so that reading statistics never scans events.
@@ -90,7 +90,7 @@ class MessageRow(SQLModel, table=True):
     open_count: int = 0
     click_count: int = 0
     # Bit mask of the first-seen columns the latest ingest statement filled (see
-    # aggregator.effects.Seen): SET expressions see the row before the update, so RETURNING
+    # aggregator.ingest.effects.Seen): SET expressions see the row before the update, so RETURNING
     # this column tells ingest exactly which unique counts it moved, in one atomic statement.
     newly_seen: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
 
@@ -104,8 +104,8 @@ class EventRow(SQLModel, table=True):
         Index("ix_events_type_time", "type", "occurred_at", "id"),
         Index("ix_events_time", "occurred_at", "id"),
         # Parked events (waiting for their message) are few; partial indexes find them fast:
-        # by address and arrival (address-only events, aggregator.attribution), and by age
-        # for expiry and the cap (aggregator.parked; sent/failed kept only for the record are
+        # by address and arrival (address-only events, aggregator.store.attribution), and by age
+        # for expiry and the cap (aggregator.ingest.parked; sent/failed kept only for the record are
         # left out, so they are never scanned past).
         Index(
             "ix_events_parked",
@@ -134,7 +134,7 @@ class EventRow(SQLModel, table=True):
     recipient: str | None = Field(default=None, max_length=320)
     occurred_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     # When the aggregator stored the event; for an address-only one, when the stream stored
-    # it (its arrival, which bounds its time: aggregator.attribution). Parked events age by it.
+    # it (its arrival, which bounds its time: aggregator.store.attribution). Parked events age by it.
     received_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
     ip: str | None = Field(default=None, max_length=64)
     user_agent: str | None = Field(default=None, sa_column=Column(Text))

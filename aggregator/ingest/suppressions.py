@@ -32,8 +32,8 @@ from typing import Any
 from sqlalchemy import bindparam, text
 
 from aggregator import metrics
-from aggregator.db import Database
-from aggregator.decode import Incoming
+from aggregator.ingest.decode import Incoming
+from aggregator.store.db import Database
 from mailbeacon.bus.suppressions import REASONS, SuppressionList
 from mailbeacon.contract.events import EventType
 

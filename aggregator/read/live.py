@@ -23,10 +23,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from aiohttp import web
 from sqlalchemy import select
 
-from aggregator import statistics
-from aggregator.api import flag, known_campaign
-from aggregator.db import Database
-from aggregator.models import STATS
+from aggregator.read import statistics
+from aggregator.read.api import flag, known_campaign
+from aggregator.store.db import Database
+from aggregator.store.models import STATS
 from mailbeacon.web.server import json_error
 
 log = logging.getLogger(__name__)

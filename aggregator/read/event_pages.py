@@ -8,9 +8,9 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from aggregator import queries, statistics
-from aggregator.api import DB_KEY, campaign_from
-from aggregator.pages import event_detail, layout, machine_badge, moment, not_found, timeline
+from aggregator.read import queries, statistics
+from aggregator.read.api import DB_KEY, campaign_from
+from aggregator.read.pages import event_detail, layout, machine_badge, moment, not_found, timeline
 from mailbeacon.contract.events import EventType
 
 

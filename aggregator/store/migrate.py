@@ -17,7 +17,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
 
-from aggregator.db import Database
+from aggregator.store.db import Database
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # The first revision is the schema that the first slice created with ``create_all``.

@@ -17,10 +17,10 @@ import logging
 from collections import defaultdict
 from datetime import datetime, timedelta
 
-from aggregator.bulk import Bulk
-from aggregator.db import Database
-from aggregator.effects import hour_of, url_hash
-from aggregator.times import as_utc, sqlite_time
+from aggregator.ingest.effects import hour_of, url_hash
+from aggregator.store.bulk import Bulk
+from aggregator.store.db import Database
+from aggregator.store.times import as_utc, sqlite_time
 from mailbeacon.contract.events import utcnow
 
 log = logging.getLogger(__name__)

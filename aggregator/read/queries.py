@@ -18,9 +18,9 @@ from typing import Any
 from multidict import MultiMapping
 from sqlalchemy import and_, or_, select
 
-from aggregator.db import Database
-from aggregator.models import EVENTS, MESSAGES
-from aggregator.times import as_utc, iso_utc, parse_moment
+from aggregator.store.db import Database
+from aggregator.store.models import EVENTS, MESSAGES
+from aggregator.store.times import as_utc, iso_utc, parse_moment
 from mailbeacon.contract.events import EventType, parse_tracking_id
 from mailbeacon.contract.signing import HONEYPOT_URL
 

@@ -1,6 +1,6 @@
 """What applied events do: their messages' first-seen columns, and the summed counters.
 
-Part of one ingest transaction (:mod:`aggregator.ingest`). Every "does this count?"
+Part of one ingest transaction (:mod:`aggregator.ingest.ingest`). Every "does this count?"
 decision is made by the database inside the writing statement: the conditional UPDATE
 of the messages returns which first-seen columns it filled (:class:`Seen` bits), and the
 counters, per-link counts and open buckets are written as atomic upserts
@@ -13,8 +13,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from aggregator.bulk import Bulk, Column
-from aggregator.effects import (
+from aggregator.ingest.effects import (
     CHANGE_COLUMNS,
     FIRST_SEEN,
     Applied,
@@ -24,8 +23,9 @@ from aggregator.effects import (
     message_changes,
     plan,
 )
-from aggregator.models import COUNTER_COLUMNS
-from aggregator.times import sqlite_time
+from aggregator.store.bulk import Bulk, Column
+from aggregator.store.models import COUNTER_COLUMNS
+from aggregator.store.times import sqlite_time
 from mailbeacon.contract.events import utcnow
 
 
@@ -38,7 +38,7 @@ class BatchResult:
 
 
 class Tally:
-    """The effects half of an ingest transaction; :class:`aggregator.transaction.Transaction` adds the events."""
+    """The effects half of an ingest transaction; :class:`aggregator.ingest.transaction.Transaction` adds the events."""
 
     def __init__(self, bulk: Bulk, now: datetime | None = None) -> None:
         self.sql = bulk

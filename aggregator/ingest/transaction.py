@@ -1,5 +1,5 @@
 """The event half of an ingest transaction: messages created, messages resolved (and
-locked), events stored, parked events claimed. See :mod:`aggregator.ingest` for the order
+locked), events stored, parked events claimed. See :mod:`aggregator.ingest.ingest` for the order
 of the statements and why it makes replicas exact and deadlock-free.
 """
 
@@ -9,13 +9,13 @@ from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from aggregator.attribution import event_time, latest_relay
-from aggregator.bulk import Bulk, Column, overlapped
-from aggregator.effects import Applied
-from aggregator.prepare import UNKNOWN_CAMPAIGN, Prepared
-from aggregator.privacy import NOBODY, Anonymized, anonymized_details
-from aggregator.tally import Tally
-from aggregator.times import as_utc
+from aggregator.ingest.effects import Applied
+from aggregator.ingest.prepare import UNKNOWN_CAMPAIGN, Prepared
+from aggregator.ingest.privacy import NOBODY, Anonymized, anonymized_details
+from aggregator.ingest.tally import Tally
+from aggregator.store.attribution import event_time, latest_relay
+from aggregator.store.bulk import Bulk, Column, overlapped
+from aggregator.store.times import as_utc
 from mailbeacon.contract.events import EventType
 
 _EVENT_COLUMNS: list[Column] = [
@@ -65,7 +65,7 @@ class _Parked(NamedTuple):
 
 
 class Transaction(Tally):
-    """The statements of one ingest transaction, in the order :mod:`aggregator.ingest` gives."""
+    """The statements of one ingest transaction, in the order :mod:`aggregator.ingest.ingest` gives."""
 
     def __init__(self, bulk: Bulk, now: datetime | None = None, anonymized: Anonymized = NOBODY) -> None:
         super().__init__(bulk, now)
@@ -114,14 +114,14 @@ class Transaction(Tally):
         self, tracking_ids: Iterable[str], addressed: Iterable[tuple[str, datetime]], *, wait: bool = True
     ) -> tuple[dict[str, Target], dict[tuple[str, datetime], Target]]:
         """Messages by tracking id, and for each ``(address, time)`` of an address-only
-        event (its time as :func:`aggregator.attribution.event_time` gives it) its message,
+        event (its time as :func:`aggregator.store.attribution.event_time` gives it) its message,
         locked for this batch.
 
         An address-only event (a provider's webhook naming just the recipient) belongs to
         the most recent message relayed to that address (never a copy the upstream refused
         or the proxy withheld: no provider reports on those) no later than the event's time;
         when there is none (clocks disagree a little), to the most recent one relayed up to
-        :data:`aggregator.attribution.CLOCK_SKEW` after it; else to none (it waits, parked).
+        :data:`aggregator.store.attribution.CLOCK_SKEW` after it; else to none (it waits, parked).
         Both lookups read ``ix_messages_recipient_sent`` backwards from a bound.
 
         On PostgreSQL every message the batch will update is locked here, in one statement
@@ -172,7 +172,7 @@ class Transaction(Tally):
 
         ``meanwhile`` (plain Python) runs once, while the database works on the insert where
         it can (SQLite's, or PostgreSQL's lookup when ``stored`` is None), else before it.
-        ``stored``: the ids among them found stored by :func:`aggregator.ingest.look_up_stored`,
+        ``stored``: the ids among them found stored by :func:`aggregator.ingest.ingest.look_up_stored`,
         if it ran.
         """
         if not rows:
@@ -258,7 +258,7 @@ class Transaction(Tally):
         if not rows:
             return []
         parked = [_Parked._make((*r[:4], as_utc(r[4]), as_utc(r[5]), *r[6:])) for r in rows]
-        # An address-only event's received_at is its arrival (aggregator.prepare).
+        # An address-only event's received_at is its arrival (aggregator.ingest.prepare).
         by_id, by_address = await self.resolve(
             (r.tracking_id for r in parked if r.tracking_id),
             (

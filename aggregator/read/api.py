@@ -12,8 +12,8 @@ import json
 
 from aiohttp import web
 
-from aggregator import queries, statistics
-from aggregator.db import Database
+from aggregator.read import queries, statistics
+from aggregator.store.db import Database
 from mailbeacon.contract.campaigns import CampaignKey, InvalidCampaign
 from mailbeacon.web.server import json_error
 

@@ -1,4 +1,4 @@
-"""Alembic environment: always driven by :mod:`aggregator.migrate` on a connection it opened.
+"""Alembic environment: always driven by :mod:`aggregator.store.migrate` on a connection it opened.
 
 The connection arrives already inside a transaction holding the migration lock, so every
 revision runs in that one transaction (both PostgreSQL and SQLite have transactional DDL):
@@ -10,7 +10,7 @@ from __future__ import annotations
 from alembic import context
 from sqlmodel import SQLModel
 
-from aggregator import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from aggregator.store import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 connection = context.config.attributes.get("connection")
 if connection is None:

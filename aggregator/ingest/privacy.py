@@ -12,7 +12,7 @@ import json
 from collections.abc import Container
 from typing import Any
 
-from aggregator.bulk import json_text
+from aggregator.store.bulk import json_text
 from mailbeacon.contract.netaddr import anonymize_ip, anonymize_text, scrub_ips
 
 # Campaign keys (``namespace/name``) whose events keep only anonymized addresses.

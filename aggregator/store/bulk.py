@@ -28,8 +28,8 @@ from typing import Any, Literal, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from aggregator.attribution import CLOCK_SKEW
-from aggregator.times import sqlite_time
+from aggregator.store.attribution import CLOCK_SKEW
+from aggregator.store.times import sqlite_time
 
 T = TypeVar("T")
 Kind = Literal["text", "ts", "bool", "int", "json"]
@@ -159,11 +159,11 @@ class Bulk:
         return "events" if self.postgres else "events INDEXED BY ix_events_parked_since"
 
     def latest_relay(self, occurred_at: str, received_at: str) -> str:
-        """SQL for :func:`aggregator.attribution.latest_relay` of an address-only event's time
+        """SQL for :func:`aggregator.store.attribution.latest_relay` of an address-only event's time
         (its stated time, at the latest its arrival, which is its ``received_at``).
 
         SQLite's date functions keep milliseconds: the bound is rounded up by up to 1.5 ms, so
-        as a filter in front of :meth:`aggregator.transaction.Transaction.resolve` it never
+        as a filter in front of :meth:`aggregator.ingest.transaction.Transaction.resolve` it never
         leaves out an event that may belong to a copy.
         """
         seconds = int(CLOCK_SKEW.total_seconds())

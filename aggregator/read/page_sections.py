@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from html import escape
 from typing import Any
 
-from aggregator.charts import bar_chart, heatmap, share_bar, slot_start, timeline_of
+from aggregator.read.charts import bar_chart, heatmap, share_bar, slot_start, timeline_of
 
 NO_DELIVERY = "no delivery events yet"
 NONE = "&ndash;"  # a figure that cannot be had (a rate without its denominator)

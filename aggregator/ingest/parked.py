@@ -3,7 +3,7 @@
 An event whose message is not known yet is stored *parked* (``applied = false``) and
 applied when its copy's ``sent`` arrives. Most wait milliseconds; the ones that wait for
 long name a copy that never existed (a pixel fetched with a made-up tracking id) or are
-address-only webhooks no copy can take (:mod:`aggregator.attribution`). So, periodically,
+address-only webhooks no copy can take (:mod:`aggregator.store.attribution`). So, periodically,
 outside the per-batch path:
 
 - events parked longer than ``PARKED_EVENT_TTL_HOURS`` are deleted (expired);
@@ -15,7 +15,7 @@ could bring one back only by redelivering it, and it redelivers only what is not
 acknowledged: a parked event was acknowledged when it was stored, and one whose
 acknowledgement got lost comes back within the consumer's ack wait (60 s), long before the
 TTL (at least an hour) is up, or, after a restart, before the expiry clock moves
-(:meth:`aggregator.consumer.EventConsumer.ingested_until`). It then finds itself stored.
+(:meth:`aggregator.ingest.consumer.EventConsumer.ingested_until`). It then finds itself stored.
 
 "Parked" and "oldest" are ``received_at`` order (when the event was stored; for an
 address-only one, when the stream took it), through the partial index
@@ -34,10 +34,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from aggregator import metrics
-from aggregator.bulk import Bulk
-from aggregator.db import Database
-from aggregator.models import PARKED_SINCE_WHERE
-from aggregator.times import sqlite_time
+from aggregator.store.bulk import Bulk
+from aggregator.store.db import Database
+from aggregator.store.models import PARKED_SINCE_WHERE
+from aggregator.store.times import sqlite_time
 
 log = logging.getLogger(__name__)
 
