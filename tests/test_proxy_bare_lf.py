@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailbeacon.contract import signing
-from smtp_proxy.data_reader import DataReader
-from smtp_proxy.data_stream import smtp_data
+from smtp_proxy.relay.data_stream import smtp_data
+from smtp_proxy.session.data_reader import DataReader
 from tests.support import SECRET, SmtpSink
 from tests.test_proxy_smtp import proxy_running
 

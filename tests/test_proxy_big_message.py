@@ -25,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtp_proxy import mime
+from smtp_proxy.rewrite import mime
 from tests.test_proxy_smtp import proxy_running
 
 LINKS = 200_000

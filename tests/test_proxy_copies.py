@@ -17,11 +17,11 @@ import pytest
 
 from mailbeacon.contract import signing
 from mailbeacon.contract.campaigns import TrackingSwitches
-from smtp_proxy import mime
-from smtp_proxy.copies import CopyOptions, MessageCopies
-from smtp_proxy.dkim_sign import DkimSigner
-from smtp_proxy.mime import Part
-from smtp_proxy.optout import TrackSwitches
+from smtp_proxy.rewrite import mime
+from smtp_proxy.rewrite.copies import CopyOptions, MessageCopies
+from smtp_proxy.rewrite.dkim_sign import DkimSigner
+from smtp_proxy.rewrite.mime import Part
+from smtp_proxy.rewrite.optout import TrackSwitches
 from tests.test_proxy_relay import rsa_key
 
 SITE = "https://t.example.test"

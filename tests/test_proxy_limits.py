@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from smtp_proxy.limits import AuthTarpit
+from smtp_proxy.session.limits import AuthTarpit
 from tests.support import SmtpSink, eventually, metric_value
 from tests.test_proxy_relay import metrics
 from tests.test_proxy_smtp import client_tls, html_message, make_certificate, proxy_running

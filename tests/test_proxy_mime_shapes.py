@@ -12,10 +12,10 @@ from email.parser import BytesParser
 import pytest
 
 from mailbeacon.contract.campaigns import TrackingSwitches
-from smtp_proxy.copies import CopyOptions, MessageCopies
-from smtp_proxy.mime import Part
-from smtp_proxy.optout import TrackSwitches
-from smtp_proxy.submission import missing_headers
+from smtp_proxy.rewrite.copies import CopyOptions, MessageCopies
+from smtp_proxy.rewrite.mime import Part
+from smtp_proxy.rewrite.optout import TrackSwitches
+from smtp_proxy.rewrite.submission import missing_headers
 
 SITE = "https://t.example.test"
 OPTIONS = CopyOptions(SITE, [b"shapes-key"])

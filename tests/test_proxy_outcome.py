@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from smtp_proxy.outcome import decide
-from smtp_proxy.upstream import CopyResult
+from smtp_proxy.relay.outcome import decide
+from smtp_proxy.relay.upstream import CopyResult
 
 CAMPAIGN = "default/news"
 IDS = ["00000000-0000-4000-8000-00000000000a", "00000000-0000-4000-8000-00000000000b"]

@@ -23,12 +23,12 @@ from hypothesis import strategies as st
 
 from mailbeacon.contract import signing
 from mailbeacon.contract.campaigns import TrackingSwitches
-from smtp_proxy.copies import CopyOptions, MessageCopies
-from smtp_proxy.data_stream import smtp_data
-from smtp_proxy.html_links import honeypot_tag, pixel_tag, quote_attr
-from smtp_proxy.leaves import RewriteError
-from smtp_proxy.mime import Part
-from smtp_proxy.optout import NOTHING, TrackSwitches, switches_from_header
+from smtp_proxy.relay.data_stream import smtp_data
+from smtp_proxy.rewrite.copies import CopyOptions, MessageCopies
+from smtp_proxy.rewrite.html_links import honeypot_tag, pixel_tag, quote_attr
+from smtp_proxy.rewrite.leaves import RewriteError
+from smtp_proxy.rewrite.mime import Part
+from smtp_proxy.rewrite.optout import NOTHING, TrackSwitches, switches_from_header
 
 SITE = "https://t.example.test"
 KEYS = [b"property-key"]
@@ -352,7 +352,7 @@ def test_fast_content_fields_agree_with_the_email_package(
         lines.append(f"Content-Transfer-Encoding: {encoding}")
     if disposition is not None:
         lines.append(f"Content-Disposition: {disposition}")
-    from smtp_proxy.mime import Part
+    from smtp_proxy.rewrite.mime import Part
 
     part = Part.parse(("\r\n".join(lines) + "\r\n\r\nbody").encode())
     reference = email.message_from_bytes(part.headers, policy=compat32)

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from smtp_proxy.submission import added_message_id, message_id_domain, missing_headers
+from smtp_proxy.rewrite.submission import added_message_id, message_id_domain, missing_headers
 from tests.support import SmtpSink
 from tests.test_proxy_smtp import proxy_running, read_events
 

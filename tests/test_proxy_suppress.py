@@ -14,9 +14,9 @@ from nats.aio.client import Client as NATS
 from mailbeacon.bus.jetstream import SUPPRESSIONS_BUCKET, ensure_suppression_bucket, provision
 from mailbeacon.bus.suppressions import SuppressionList, suppression_key, suppression_value
 from mailbeacon.contract.events import Event, EventType
-from smtp_proxy.outcome import decide
-from smtp_proxy.suppress import Suppressed, suppression_reasons
-from smtp_proxy.upstream import CopyResult
+from smtp_proxy.relay.outcome import decide
+from smtp_proxy.relay.suppress import Suppressed, suppression_reasons
+from smtp_proxy.relay.upstream import CopyResult
 from tests.support import eventually, make_settings
 
 CAMPAIGN = "default/spring-sale"

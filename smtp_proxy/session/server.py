@@ -18,10 +18,10 @@ from typing import Any
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, syntax
 
 from smtp_proxy import metrics
-from smtp_proxy.auth import Networks
-from smtp_proxy.data_reader import DataReader
-from smtp_proxy.limits import TOO_MANY_SESSIONS, AuthTarpit, SessionCap
-from smtp_proxy.session_log import auth_exchange
+from smtp_proxy.session.auth import Networks
+from smtp_proxy.session.data_reader import DataReader
+from smtp_proxy.session.limits import TOO_MANY_SESSIONS, AuthTarpit, SessionCap
+from smtp_proxy.session.session_log import auth_exchange
 
 log = logging.getLogger(__name__)
 

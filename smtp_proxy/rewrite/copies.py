@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 from mailbeacon.contract.campaigns import TrackingSwitches
 from smtp_proxy import metrics
-from smtp_proxy.dkim_sign import DkimSigner
-from smtp_proxy.esp import Correlation
-from smtp_proxy.mime import Buffer, Part, remove_headers
-from smtp_proxy.optout import TrackSwitches
-from smtp_proxy.rewrite import (
+from smtp_proxy.rewrite.dkim_sign import DkimSigner
+from smtp_proxy.rewrite.esp import Correlation
+from smtp_proxy.rewrite.mime import Buffer, Part, remove_headers
+from smtp_proxy.rewrite.optout import TrackSwitches
+from smtp_proxy.rewrite.rewrite import (
     CONTROL_HEADERS,
     CONTROL_PREFIXES,
     CopyTracking,

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 
 import aiosmtplib
 
-from smtp_proxy.mime import Buffer
+from smtp_proxy.rewrite.mime import Buffer
 
 # CRs before a LF belong to the line break (as Postfix reads them); any other bare CR
 # becomes a line break too, so no upstream can read one as part of an end of DATA.

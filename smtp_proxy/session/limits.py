@@ -1,6 +1,6 @@
 """SMTP session limits (README "Limits"): sessions at once, and a tarpit for failed AUTH.
 
-Plain policy; :class:`smtp_proxy.server.ProxySMTP` wires it to the sockets.
+Plain policy; :class:`smtp_proxy.session.server.ProxySMTP` wires it to the sockets.
 """
 
 from __future__ import annotations

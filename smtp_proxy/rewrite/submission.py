@@ -12,7 +12,7 @@ import re
 from datetime import datetime
 from email.utils import format_datetime, make_msgid
 
-from smtp_proxy.mime import Buffer
+from smtp_proxy.rewrite.mime import Buffer
 
 _HEADER_END = re.compile(rb"\r?\n\r?\n")
 _MESSAGE_ID = re.compile(rb"^message-id[ \t]*:", re.IGNORECASE | re.MULTILINE)

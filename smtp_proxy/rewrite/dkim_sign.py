@@ -11,7 +11,7 @@ from pathlib import Path
 
 import dkim
 
-from smtp_proxy import mime
+from smtp_proxy.rewrite import mime
 
 
 class DkimConfigError(ValueError):

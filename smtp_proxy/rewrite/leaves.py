@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
-from smtp_proxy import mime
-from smtp_proxy.html_links import HtmlTemplate, LinkPolicy, scan_html, scan_text
-from smtp_proxy.mime import Buffer, Part
+from smtp_proxy.rewrite import mime
+from smtp_proxy.rewrite.html_links import HtmlTemplate, LinkPolicy, scan_html, scan_text
+from smtp_proxy.rewrite.mime import Buffer, Part
 
 _MAX_LINE = 998  # RFC 5322 line limit for 7bit/8bit bodies
 # Encodings in which ASCII bytes can stand for something else: these are decoded and

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import aiosmtplib
 
 from smtp_proxy import metrics
-from smtp_proxy.data_stream import send_data
-from smtp_proxy.mime import Buffer
-from smtp_proxy.upstream_config import UpstreamConfig
+from smtp_proxy.relay.data_stream import send_data
+from smtp_proxy.relay.upstream_config import UpstreamConfig
+from smtp_proxy.rewrite.mime import Buffer
 
 log = logging.getLogger(__name__)
 

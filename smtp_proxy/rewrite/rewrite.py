@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from mailbeacon.contract import signing
-from smtp_proxy import mime
-from smtp_proxy.html_links import LinkPolicy, honeypot_tag, pixel_tag
-from smtp_proxy.leaves import Fill, HtmlLeaf, Leaf, RewriteError, TextLeaf
-from smtp_proxy.mime import Buffer, Part
+from smtp_proxy.rewrite import mime
+from smtp_proxy.rewrite.html_links import LinkPolicy, honeypot_tag, pixel_tag
+from smtp_proxy.rewrite.leaves import Fill, HtmlLeaf, Leaf, RewriteError, TextLeaf
+from smtp_proxy.rewrite.mime import Buffer, Part
 
 TRACKING_HEADER = "X-Mailbeacon-Tracking-ID"
 # Headers apps use to talk to the proxy; they never leave it.

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from smtp_proxy import mime
+from smtp_proxy.rewrite import mime
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from mailbeacon.contract.events import Event, EventType
-from smtp_proxy.suppress import Suppressed, all_suppressed_reply
-from smtp_proxy.upstream import CopyResult
+from smtp_proxy.relay.suppress import Suppressed, all_suppressed_reply
+from smtp_proxy.relay.upstream import CopyResult
 
 
 @dataclass(frozen=True)
