@@ -399,10 +399,10 @@ def test_every_label_value_the_code_counts_exists_from_the_start(package: str) -
     # Derived values: the proxy's code classes, the tracker's verdicts and providers.
     if package == "tracker":
         made = set()
-        for path in (ROOT / "tracker" / "classify.py", ROOT / "tracker" / "bursts.py"):
+        for path in (ROOT / "tracker" / "classify.py", ROOT / "tracker" / "engagement" / "bursts.py"):
             made |= set(re.findall(r"Verdict\(\s*\"(\w+)\"", path.read_text()))
         assert made == set(tracker.metrics.MACHINE_KINDS)
-        from tracker.esp import ADAPTERS
+        from tracker.webhooks.esp import ADAPTERS
 
         assert set(tracker.metrics.PROVIDERS) == {"generic", *ADAPTERS}
 

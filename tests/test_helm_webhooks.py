@@ -22,7 +22,7 @@ from mailbeacon.contract.signing import pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, running_tracker, stream_events
 from tests.support import eventually
 from tests.test_helm_chart import RELAY, Manifest, by_kind, env_of, helm_python, manifests, render, validate
-from tracker.webhook_limits import credentials_required, missing_credentials
+from tracker.webhooks.webhook_limits import credentials_required, missing_credentials
 
 INGRESS: dict[str, Any] = {"ingress": {"enabled": True, "className": "nginx"}}
 TOKEN = "4f7c0c1e9b2d4a51a8e3f6b7c9d0e1f2"

@@ -20,9 +20,10 @@ from mailbeacon.bus.publisher import EventPublisher
 from mailbeacon.contract.signing import click_url, pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, running_tracker, stream_events
 from tests.support import SECRET, eventually, make_settings
-from tracker import classify, engagement
+from tracker import classify
 from tracker.app import ENGAGEMENT_KEY
-from tracker.arrivals import DELAY_SECONDS, Arrivals
+from tracker.engagement import engagement
+from tracker.engagement.arrivals import DELAY_SECONDS, Arrivals
 
 _judge = classify.judge
 

@@ -16,8 +16,8 @@ from mailbeacon.contract.events import Event
 from mailbeacon.contract.signing import HONEYPOT_URL, click_url, honeypot_url, pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, running_tracker, stream_events
 from tests.support import SECRET, eventually
-from tracker.bursts import BurstWindow, ClickHold
 from tracker.classify import RequestShape, classify
+from tracker.engagement.bursts import BurstWindow, ClickHold
 
 TID = "5f0c6a56-2f7e-4b64-9a55-0d3c1c2f1e11"
 OTHER_TID = "5f0c6a56-2f7e-4b64-9a55-0d3c1c2f1e12"

@@ -30,7 +30,7 @@ from tests.esp_payloads.harness import (
     sns_resigned,
     stream_events,
 )
-from tracker.esp.mailgun import LEGACY_REFUSED
+from tracker.webhooks.esp.mailgun import LEGACY_REFUSED
 
 CORPUS = Path(__file__).parent / "peer_corpora" / "anymail"
 CASES = sorted(path.relative_to(CORPUS).with_suffix("").as_posix() for path in CORPUS.glob("*/*.json"))

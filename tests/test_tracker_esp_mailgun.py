@@ -20,8 +20,8 @@ from tests.esp_payloads.harness import (
     verify_context,
     webhook_request,
 )
-from tracker.esp import mailgun
-from tracker.esp.base import ParseContext, WebhookError
+from tracker.webhooks.esp import mailgun
+from tracker.webhooks.esp.base import ParseContext, WebhookError
 
 DOCUMENTED = load("mailgun_events.json")
 

@@ -18,8 +18,8 @@ from tests.esp_payloads.harness import (
     verify_context,
     webhook_request,
 )
-from tracker.esp import postmark
-from tracker.esp.base import ParseContext, WebhookError
+from tracker.webhooks.esp import postmark
+from tracker.webhooks.esp.base import ParseContext, WebhookError
 
 DOCUMENTED = load("postmark_records.json")
 

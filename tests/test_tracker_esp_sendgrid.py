@@ -20,8 +20,8 @@ from tests.esp_payloads.harness import (
     verify_context,
     webhook_request,
 )
-from tracker.esp import sendgrid
-from tracker.esp.base import ParseContext, WebhookError
+from tracker.webhooks.esp import sendgrid
+from tracker.webhooks.esp.base import ParseContext, WebhookError
 
 DOCUMENTED = load("sendgrid_events.json")
 

@@ -25,8 +25,8 @@ from tests.esp_payloads.harness import (
     verify_context,
     webhook_request,
 )
-from tracker.esp import ses, sns
-from tracker.esp.base import ParseContext, WebhookError
+from tracker.webhooks.esp import ses, sns
+from tracker.webhooks.esp.base import ParseContext, WebhookError
 
 
 def parse(message: dict[str, object]) -> list[tuple[object, ...]]:

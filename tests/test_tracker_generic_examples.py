@@ -14,8 +14,8 @@ import aiohttp
 import pytest
 
 from tests.esp_payloads.harness import post, running_tracker, stream_events
-from tracker.generic_webhooks import parse_timestamp
 from tracker.openapi import openapi_document
+from tracker.webhooks.generic_webhooks import parse_timestamp
 
 ROOT = Path(__file__).parent.parent
 DOCUMENTS = (ROOT / "README.md", ROOT / "docs" / "esps" / "generic.md")

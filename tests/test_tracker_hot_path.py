@@ -27,8 +27,9 @@ from mailbeacon.contract.events import Event, EventType, subject_for
 from mailbeacon.contract.signing import click_url, pixel_url, sign_click
 from tests.esp_payloads.harness import BROWSER_UA, running_tracker, stream_events
 from tests.support import SECRET, eventually, make_settings, raw_http
-from tracker import classify, engagement
-from tracker.engagement import EventIds, encodable, engagement_message, json_now
+from tracker import classify
+from tracker.engagement import engagement
+from tracker.engagement.engagement import EventIds, encodable, engagement_message, json_now
 
 TID = "3d6f0f8e-9b1c-4c8e-8f3a-6a2b1c0d9e01"
 VERDICTS = [

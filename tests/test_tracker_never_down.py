@@ -28,8 +28,8 @@ from mailbeacon.app.embedded_nats import EmbeddedNats
 from mailbeacon.contract.signing import click_url, pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, FakeSns, sendgrid_headers, stream_events, webhook_settings
 from tests.support import SECRET, eventually, free_port, make_settings, metric_value
-from tracker import arrivals
 from tracker import service as tracker_service
+from tracker.engagement import arrivals
 from tracker.service import StandaloneTracker
 
 

@@ -30,10 +30,10 @@ from tests.esp_payloads.harness import (
     webhook_settings,
 )
 from tests.support import make_settings
-from tracker.esp import ses
-from tracker.esp.base import WebhookError
-from tracker.esp.sns import bypasses_proxy, https_getter, proxy_for
 from tracker.service import TrackerService
+from tracker.webhooks.esp import ses
+from tracker.webhooks.esp.base import WebhookError
+from tracker.webhooks.esp.sns import bypasses_proxy, https_getter, proxy_for
 
 FOREIGN_TOPIC = "arn:aws:sns:us-east-1:999999999999:someone-elses"
 

@@ -15,7 +15,7 @@ from mailbeacon.contract.netaddr import anonymize_ip, anonymize_text, normalize_
 from mailbeacon.contract.signing import click_url, pixel_url
 from tests.esp_payloads.harness import BROWSER_UA, post, running_tracker, sendgrid_headers, stream_events
 from tests.support import SECRET, eventually, make_settings
-from tracker.privacy import client_ip
+from tracker.engagement.privacy import client_ip
 from tracker.service import StandaloneTracker
 
 TID = "5e2b7c1a-3d4f-4a6b-8c9d-0e1f2a3b4c5d"

@@ -15,7 +15,7 @@ from nats.js import JetStreamContext
 
 from mailbeacon.bus.jetstream import REPLAY_BUCKET, ensure_replay_bucket, provision, replay_window_seconds
 from tests.support import make_settings
-from tracker.replay import Claim, ReplayGuardUnavailable, SharedReplayGuard, verdict
+from tracker.webhooks.replay import Claim, ReplayGuardUnavailable, SharedReplayGuard, verdict
 
 
 @pytest.fixture

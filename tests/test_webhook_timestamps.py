@@ -28,9 +28,9 @@ from tests.esp_payloads.harness import (
     webhook_request,
 )
 from tests.support import eventually
-from tracker.esp import sendgrid
-from tracker.esp.base import timestamp_or
-from tracker.generic_webhooks import WebhookError, event_time, parse_timestamp
+from tracker.webhooks.esp import sendgrid
+from tracker.webhooks.esp.base import timestamp_or
+from tracker.webhooks.generic_webhooks import WebhookError, event_time, parse_timestamp
 
 TID = "7a3e9c2d-4b1f-4e8a-9d6c-5f0b1a2c3d4e"
 
@@ -193,7 +193,7 @@ def test_values_the_event_contract_refuses_are_a_400_with_the_field() -> None:
     from pydantic import ValidationError
 
     from mailbeacon.contract.events import Event
-    from tracker.webhooks import invalid_event
+    from tracker.webhooks.webhooks import invalid_event
 
     with pytest.raises(ValidationError) as refused:
         Event(event_id="x", type="bounced", bounce_kind="permanent")

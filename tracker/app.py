@@ -20,11 +20,11 @@ from aiohttp import web
 from mailbeacon.bus.publisher import EventPublisher
 from mailbeacon.contract.settings import Settings
 from mailbeacon.web.server import Handler, add_health_routes, json_error
-from tracker.engagement import NO_STORE, PIXEL_GIF, Engagement
-from tracker.esp.sns import HttpGet, https_getter
+from tracker.engagement.engagement import NO_STORE, PIXEL_GIF, Engagement
 from tracker.metrics import REGISTRY, REQUEST_LATENCY
 from tracker.openapi import openapi_document
-from tracker.webhooks import Webhooks
+from tracker.webhooks.esp.sns import HttpGet, https_getter
+from tracker.webhooks.webhooks import Webhooks
 
 __all__ = ["ENGAGEMENT_KEY", "NO_STORE", "PIXEL_GIF", "PUBLISHER_KEY", "SETTINGS_KEY", "create_app"]
 

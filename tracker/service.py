@@ -31,9 +31,10 @@ from mailbeacon.contract.settings import Settings, parse_listen
 from mailbeacon.contract.signing import NoSigningKey
 from mailbeacon.web.http_guard import ConnectionLimits, descriptor_limit, effective_max_connections
 from mailbeacon.web.server import bound_port, serve
-from tracker import metrics, webhook_limits
+from tracker import metrics
 from tracker.app import ENGAGEMENT_KEY, create_app
-from tracker.esp.sns import HttpGet
+from tracker.webhooks import webhook_limits
+from tracker.webhooks.esp.sns import HttpGet
 
 log = logging.getLogger(__name__)
 

@@ -338,7 +338,7 @@ def webhook_request(
 ) -> Any:
     from multidict import CIMultiDict, CIMultiDictProxy
 
-    from tracker.esp.base import WebhookRequest
+    from tracker.webhooks.esp.base import WebhookRequest
 
     return WebhookRequest(
         headers=CIMultiDictProxy(CIMultiDict(headers or {})),
@@ -348,9 +348,9 @@ def webhook_request(
 
 
 def verify_context(tmp_path: Path, fetcher: FakeSns | None = None, **overrides: Any) -> Any:
-    from tracker.esp.base import VerifyContext
-    from tracker.esp.sns import Certificates
-    from tracker.webhook_limits import credentials_required
+    from tracker.webhooks.esp.base import VerifyContext
+    from tracker.webhooks.esp.sns import Certificates
+    from tracker.webhooks.webhook_limits import credentials_required
 
     settings = Settings(**{"secret_keys": "k" * 32, **webhook_settings(tmp_path, **overrides)})
     certificates = Certificates(settings.tracker.sns_cert_dir, (fetcher or FakeSns()).get)

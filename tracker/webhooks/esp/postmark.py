@@ -17,7 +17,7 @@ from typing import Any
 
 from mailbeacon.contract.events import EventType
 from tracker import classify
-from tracker.esp.base import (
+from tracker.webhooks.esp.base import (
     Authentic,
     ParseContext,
     VerifyContext,
@@ -33,7 +33,7 @@ from tracker.esp.base import (
     text,
     tracking_id_from,
 )
-from tracker.generic_webhooks import event_time
+from tracker.webhooks.generic_webhooks import event_time
 
 SOURCE = "webhook:postmark"
 

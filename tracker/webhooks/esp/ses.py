@@ -17,8 +17,8 @@ from typing import Any
 from mailbeacon.contract.events import Event, EventType
 from mailbeacon.contract.jsondepth import nests_deeper_than
 from tracker import classify
-from tracker.esp import sns
-from tracker.esp.base import (
+from tracker.webhooks.esp import sns
+from tracker.webhooks.esp.base import (
     Authentic,
     ParseContext,
     VerifyContext,
@@ -36,7 +36,7 @@ from tracker.esp.base import (
     timestamp_or,
     tracking_id_from,
 )
-from tracker.generic_webhooks import event_time
+from tracker.webhooks.generic_webhooks import event_time
 
 SOURCE = "webhook:ses"
 MESSAGE_TYPES = ("Notification", "SubscriptionConfirmation", "UnsubscribeConfirmation")

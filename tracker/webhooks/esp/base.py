@@ -24,7 +24,7 @@ from typing import Any
 from mailbeacon.contract.events import Event, EventType, derived_event_id, parse_tracking_id
 from mailbeacon.contract.settings import Settings
 from tracker import classify
-from tracker.generic_webhooks import WebhookError, implausible_time, parse_timestamp
+from tracker.webhooks.generic_webhooks import WebhookError, implausible_time, parse_timestamp
 
 __all__ = [
     "Authentic",
@@ -51,7 +51,7 @@ class WebhookRequest:
 @dataclass(frozen=True)
 class Authentic:
     """A verified request. ``replay_key`` names what makes a signed request unique; the
-    shared replay guard (``tracker.replay``) refuses it when it comes back with another body."""
+    shared replay guard (``tracker.webhooks.replay``) refuses it when it comes back with another body."""
 
     replay_key: str | None = None
 

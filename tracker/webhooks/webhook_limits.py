@@ -1,13 +1,13 @@
 """What a webhook may be: credentials off loopback, body size, nesting depth (README "ESP webhooks").
 
-Plain functions of the settings and of what NATS told us; ``tracker.webhooks`` applies them.
+Plain functions of the settings and of what NATS told us; ``tracker.webhooks.webhooks`` applies them.
 """
 
 from __future__ import annotations
 
 from mailbeacon.contract.jsondepth import nests_deeper_than
 from mailbeacon.contract.settings import Settings, TrackerSettings
-from tracker.generic_webhooks import WebhookError
+from tracker.webhooks.generic_webhooks import WebhookError
 
 # An event carries the provider's record in metadata.payload and, beside it, fields taken
 # from the record (url up to 8000 characters, reason 4000, user agent 1000), ids and

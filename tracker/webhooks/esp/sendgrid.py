@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.serialization import load_der_public_key, lo
 
 from mailbeacon.contract.events import Event, EventType
 from tracker import classify
-from tracker.esp.base import (
+from tracker.webhooks.esp.base import (
     Authentic,
     ParseContext,
     VerifyContext,
@@ -41,7 +41,7 @@ from tracker.esp.base import (
     text,
     tracking_id_from,
 )
-from tracker.generic_webhooks import event_time
+from tracker.webhooks.generic_webhooks import event_time
 
 SOURCE = "webhook:sendgrid"
 SIGNATURE_HEADER = "X-Twilio-Email-Event-Webhook-Signature"

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs
 
 from mailbeacon.contract.events import EventType
 from tracker import classify
-from tracker.esp.base import (
+from tracker.webhooks.esp.base import (
     Authentic,
     ParseContext,
     VerifyContext,
@@ -35,7 +35,7 @@ from tracker.esp.base import (
     text,
     tracking_id_from,
 )
-from tracker.generic_webhooks import event_time
+from tracker.webhooks.generic_webhooks import event_time
 
 SOURCE = "webhook:mailgun"
 LEGACY_REFUSED = (

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from mailbeacon.contract.netaddr import normalize_ip
-from tracker.generic_webhooks import WebhookError
+from tracker.webhooks.generic_webhooks import WebhookError
 
 log = logging.getLogger(__name__)
 

@@ -2,9 +2,9 @@
 
 A webhook is answered 2xx only after JetStream acknowledged every event it carried;
 otherwise 503, so the provider retries and nothing is lost. Credentials, size and depth
-are checked before the body is read as JSON (``tracker.webhook_limits``), signatures
+are checked before the body is read as JSON (``tracker.webhooks.webhook_limits``), signatures
 before it is interpreted, and a signed request's replay key in the bucket every worker
-shares (``tracker.replay``); an authentic request we cannot use is still acknowledged so
+shares (``tracker.webhooks.replay``); an authentic request we cannot use is still acknowledged so
 the provider stops retrying it.
 """
 
@@ -26,12 +26,13 @@ from mailbeacon.contract.events import Event, utcnow
 from mailbeacon.contract.netaddr import anonymize_ip, anonymize_text, scrub_ips
 from mailbeacon.contract.settings import Settings
 from mailbeacon.web.server import json_error
-from tracker import metrics, webhook_limits
-from tracker.esp import ADAPTERS, Adapter
-from tracker.esp.base import ParseContext, VerifyContext, WebhookRequest
-from tracker.esp.sns import Certificates, HttpGet
-from tracker.generic_webhooks import WebhookError, parse_generic
-from tracker.replay import Claim, ReplayGuardUnavailable, SharedReplayGuard
+from tracker import metrics
+from tracker.webhooks import webhook_limits
+from tracker.webhooks.esp import ADAPTERS, Adapter
+from tracker.webhooks.esp.base import ParseContext, VerifyContext, WebhookRequest
+from tracker.webhooks.esp.sns import Certificates, HttpGet
+from tracker.webhooks.generic_webhooks import WebhookError, parse_generic
+from tracker.webhooks.replay import Claim, ReplayGuardUnavailable, SharedReplayGuard
 
 log = logging.getLogger(__name__)
 

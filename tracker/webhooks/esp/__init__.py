@@ -1,7 +1,7 @@
 """ESP webhook adapters, one module per provider, all with the same two functions.
 
 ``ADAPTERS`` maps the ``{provider}`` of ``POST /webhooks/{provider}`` to its module. A new
-provider is a module with ``SOURCE``, ``verify`` and ``parse`` (see ``tracker.esp.base``)
+provider is a module with ``SOURCE``, ``verify`` and ``parse`` (see ``tracker.webhooks.esp.base``)
 added here.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from tracker.esp import mailgun, postmark, sendgrid, ses
-from tracker.esp.base import Authentic, ParseContext, VerifyContext, WebhookRequest, WebhookResult
+from tracker.webhooks.esp import mailgun, postmark, sendgrid, ses
+from tracker.webhooks.esp.base import Authentic, ParseContext, VerifyContext, WebhookRequest, WebhookResult
 
 
 class Adapter(Protocol):

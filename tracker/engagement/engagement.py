@@ -5,7 +5,7 @@ buffer (clicks first sit out the scanner-burst window), so a recipient sees the 
 the destination or the confirmation even while NATS is unreachable. Pixel and click
 handlers only check what decides the answer; judging the request and encoding its event
 happen a millisecond later, for all requests of that millisecond together
-(:mod:`tracker.arrivals`).
+(:mod:`tracker.engagement.arrivals`).
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ from mailbeacon.contract.events import (
 from mailbeacon.contract.netaddr import anonymize_ip, anonymize_text
 from mailbeacon.contract.settings import Settings
 from mailbeacon.web.server import json_error
-from tracker import classify, metrics, pages
-from tracker.arrivals import Arrivals
-from tracker.bursts import ClickHold
-from tracker.privacy import client_ip
+from tracker import classify, metrics
+from tracker.engagement import pages
+from tracker.engagement.arrivals import Arrivals
+from tracker.engagement.bursts import ClickHold
+from tracker.engagement.privacy import client_ip
 
 # The classic 43-byte 1x1 transparent GIF.
 PIXEL_GIF = (
@@ -193,7 +194,7 @@ def encodable(text: str) -> str:
 # plain values: a busy tracker holds a second's worth of them.
 HeldClick = tuple[str, str, str, str | None, str | None, classify.Verdict | None]
 
-# A pixel load or click answered and not yet judged (see :mod:`tracker.arrivals`): tracking
+# A pixel load or click answered and not yet judged (see :mod:`tracker.engagement.arrivals`): tracking
 # id, destination (None for a pixel), wall-clock and monotonic time of arrival (the latter
 # for the burst window, so 0.0 for a pixel), method, headers and socket peer. The headers
 # are kept only until the arrivals are handed over.
