@@ -16,7 +16,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from campaign_operator.injection import (
+from campaign_operator.injection.sidecar import (
     DEFAULT_CAMPAIGN,
     INJECT,
     PROXY_LABEL,

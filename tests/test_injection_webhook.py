@@ -28,10 +28,10 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from kopf.testing import KopfRunner
 
-from campaign_operator.injection import DEFAULT_CAMPAIGN, INJECT, UPSTREAM_SECRET
-from campaign_operator.injection_webhook import WEBHOOK_ID
+from campaign_operator.injection.sidecar import DEFAULT_CAMPAIGN, INJECT, UPSTREAM_SECRET
+from campaign_operator.injection.tls import make_certificate
+from campaign_operator.injection.webhook import WEBHOOK_ID
 from campaign_operator.metrics import REGISTRY
-from campaign_operator.webhook_tls import make_certificate
 from campaign_operator.wiring import register
 from mailbeacon.contract.settings import Settings
 from tests.kube_api import MUTATING_WEBHOOK_CONFIGURATIONS, PODS, FakeKubernetes

@@ -274,7 +274,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> CampaignOpe
         initial_delay=min(1.0, settings.operator.status_interval),
     )(operator.refresh_status)
     if settings.operator.injection_listen:
-        from campaign_operator.injection_webhook import register_injection
+        from campaign_operator.injection.webhook import register_injection
 
         register_injection(registry, settings)  # README "Injection by annotation"
     return operator

@@ -5,7 +5,7 @@ mailbeacon-sidecar, with the very templates an app chart includes, into
 MAILBEACON_INJECTION_TEMPLATE; this module only fits it to a pod: the pod's annotations
 (default campaign, upstream Secret, provider), the sidecar's volumes, SMTP_HOST/SMTP_PORT in
 the app's containers, and nothing twice. Plain functions on plain dicts; the kopf handler in
-``injection_webhook`` wires them to admission requests.
+:mod:`campaign_operator.injection.webhook` wires them to admission requests.
 """
 
 from __future__ import annotations

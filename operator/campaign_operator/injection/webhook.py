@@ -21,9 +21,9 @@ from typing import Any
 import aiohttp
 import kopf
 
-from campaign_operator.injection import Injection, SidecarTemplate, inject
+from campaign_operator.injection.sidecar import Injection, SidecarTemplate, inject
+from campaign_operator.injection.tls import ca_bundle_patch, make_certificate
 from campaign_operator.metrics import INJECTIONS
-from campaign_operator.webhook_tls import ca_bundle_patch, make_certificate
 from mailbeacon.contract.settings import Settings, parse_listen
 
 log = logging.getLogger(__name__)
