@@ -19,6 +19,7 @@ from aggregator.ingest.consumer import EventConsumer
 from aggregator.ingest.parked import bound_parked
 from aggregator.ingest.suppressions import SuppressionRecorder
 from aggregator.read.api import DB_KEY, add_api_routes
+from aggregator.read.event_pages import add_event_page_routes
 from aggregator.read.live import DEFAULT_MAX_STREAMS, add_stream_routes
 from aggregator.read.outbox_pages import add_outbox_routes
 from aggregator.read.pages import add_page_routes, layout
@@ -70,6 +71,7 @@ def create_app(
     add_api_routes(app)
     add_stream_routes(app, db, max_streams)
     add_page_routes(app)
+    add_event_page_routes(app)  # here, not in add_page_routes: event pages import pages (layout)
     if outbox_dir is not None:
         add_outbox_routes(app, outbox_dir)
     else:

@@ -22,7 +22,6 @@ from multiprocessing.process import BaseProcess
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
-from mailbeacon.app.runner import wait_for_signal
 from mailbeacon.bus.jetstream import connect, provision, redact_url
 from mailbeacon.bus.nats_auth import NatsLogin
 from mailbeacon.bus.publisher import EventPublisher
@@ -31,6 +30,7 @@ from mailbeacon.contract.settings import Settings, parse_listen
 from mailbeacon.contract.signing import NoSigningKey
 from mailbeacon.web.http_guard import ConnectionLimits, descriptor_limit, effective_max_connections
 from mailbeacon.web.server import bound_port, serve
+from mailbeacon.web.shutdown import wait_for_signal
 from tracker import metrics
 from tracker.app import ENGAGEMENT_KEY, create_app
 from tracker.webhooks import webhook_limits

@@ -13,7 +13,6 @@ masks into unique-counter deltas.
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from datetime import datetime
 from enum import IntFlag
 from typing import Any, NamedTuple
 
+from aggregator.store.keys import hour_of, url_hash
 from mailbeacon.contract.events import EventType
 from mailbeacon.contract.signing import HONEYPOT_URL
 
@@ -57,14 +57,6 @@ _ONCE_PER_MESSAGE = {
     EventType.COMPLAINED: "complained_at",
     EventType.UNSUBSCRIBED: "unsubscribed_at",
 }
-
-
-def url_hash(url: str) -> str:
-    return hashlib.sha256(url.encode()).hexdigest()
-
-
-def hour_of(moment: datetime) -> datetime:
-    return moment.replace(minute=0, second=0, microsecond=0)
 
 
 def counts_as_link(url: str | None) -> bool:

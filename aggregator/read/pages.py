@@ -308,8 +308,6 @@ async def refresh_form(request: web.Request) -> web.Response:
 
 
 def add_page_routes(app: web.Application) -> None:
-    from aggregator.read.event_pages import add_event_page_routes
-
     async def home(_: web.Request) -> web.Response:
         raise web.HTTPFound("/campaigns/")
 
@@ -319,4 +317,3 @@ def add_page_routes(app: web.Application) -> None:
     app.router.add_get("/campaigns/", campaign_list)
     app.router.add_get("/campaigns/{ns}/{name}/statistics/", campaign_page)
     app.router.add_post("/campaigns/{ns}/{name}/refresh/", refresh_form)
-    add_event_page_routes(app)

@@ -10,9 +10,9 @@ from typing import Any
 from sqlalchemy import and_, case, delete, distinct, func, literal, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from aggregator.ingest.effects import url_hash
 from aggregator.read.queries import event_json, with_message_recipient
 from aggregator.store.db import Database
+from aggregator.store.keys import url_hash
 from aggregator.store.models import BUCKETS, CAMPAIGNS, COUNTER_COLUMNS, EVENTS, LINKS, PRUNED, STATS
 from aggregator.store.times import as_utc, iso_utc
 from mailbeacon.contract.events import EventType, utcnow

@@ -17,9 +17,9 @@ import logging
 from collections import defaultdict
 from datetime import datetime, timedelta
 
-from aggregator.ingest.effects import hour_of, url_hash
 from aggregator.store.bulk import Bulk
 from aggregator.store.db import Database
+from aggregator.store.keys import hour_of, url_hash
 from aggregator.store.times import as_utc, sqlite_time
 from mailbeacon.contract.events import utcnow
 

@@ -18,7 +18,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from pydantic import ValidationError
 
-from mailbeacon.app.runner import AllInOne, Component, nats_url_file, run_component, wait_for_signal
+from mailbeacon.app.runner import AllInOne, Component, nats_url_file, run_component
 from mailbeacon.bus.campaign_store import CampaignStore
 from mailbeacon.bus.jetstream import connect, ensure_suppression_bucket, provision, redact_url
 from mailbeacon.bus.nats_auth import NatsLogin
@@ -27,6 +27,7 @@ from mailbeacon.bus.spool import Spool
 from mailbeacon.bus.suppressions import SuppressionList
 from mailbeacon.contract.campaigns import CampaignKey, InvalidCampaign, parse_manifests
 from mailbeacon.contract.settings import Settings, invalid_settings
+from mailbeacon.web.shutdown import wait_for_signal
 
 
 class _WithPublisher:

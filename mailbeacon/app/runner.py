@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from mailbeacon.bus.publisher import EventPublisher
 from mailbeacon.bus.spool import Spool
 from mailbeacon.bus.suppressions import SuppressionList
 from mailbeacon.contract.settings import MIN_SECRET_KEY_LENGTH, Settings, parse_listen
+from mailbeacon.web.shutdown import wait_for_signal
 
 log = logging.getLogger(__name__)
 
@@ -171,26 +171,6 @@ class AllInOne:
         if self.nats is not None:
             self.nats.stop()
             nats_url_file(self.settings).unlink(missing_ok=True)
-
-
-async def wait_for_signal(delay: float = 0.0, stopping: Callable[[], None] | None = None) -> None:
-    """Return once SIGTERM or SIGINT arrives; with a ``delay`` (SHUTDOWN_DELAY_SECONDS), first call
-    ``stopping`` (readiness turns 503) and keep serving for ``delay`` seconds, or until a second
-    signal: Service endpoints and load balancers take a moment to stop sending requests to a
-    terminating pod, and a listener closed at once would refuse them (README "Zero-drop rollouts")."""
-    signalled = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, signalled.set)
-    await signalled.wait()
-    if delay <= 0:
-        return
-    signalled.clear()
-    if stopping is not None:
-        stopping()
-    log.info("stopping: /readyz answers 503; still serving for %g s (SHUTDOWN_DELAY_SECONDS)", delay)
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(signalled.wait(), delay)
 
 
 async def run_component(
