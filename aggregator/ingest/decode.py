@@ -19,7 +19,8 @@ from typing import Any, NamedTuple, Protocol
 
 from pydantic import ValidationError
 
-from mailbeacon.contract.events import _TEXT_LIMITS, Event, EventType, utcnow
+from mailbeacon.contract import codec
+from mailbeacon.contract.events import Event, EventType, utcnow
 from mailbeacon.contract.jsondepth import EVENT_ENVELOPE_DEPTH, nests_deeper_than
 from mailbeacon.contract.settings import MAX_JSON_DEPTH_CEILING
 
@@ -32,11 +33,16 @@ _RFC3339 = re.compile(
     r"(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)",
     re.ASCII,
 )
+# The text fields the contract cuts to size, read in this order (``source``, which has a
+# default, is read on its own); longer values take the contract's path.
 _TEXT_FIELDS = ("campaign", "ip", "user_agent", "url", "reason", "machine_kind")
-# The contract cuts text to the store's column sizes; longer values take its path.
-_TEXT_LIMITS_IN_ORDER = tuple(_TEXT_LIMITS[name] for name in _TEXT_FIELDS)
-_SOURCE_LIMIT = _TEXT_LIMITS["source"]
-_RECIPIENT_LIMIT = 320
+codec.require_fields(
+    sorted((*_TEXT_FIELDS, "source")), sorted(codec.CUT_TEXT_FIELDS), "the fast decoder's text"
+)
+_TEXT_LIMITS_IN_ORDER = tuple(codec.TEXT_LIMITS[name] for name in _TEXT_FIELDS)
+_SOURCE_LIMIT = codec.TEXT_LIMITS["source"]
+_RECIPIENT_LIMIT = codec.TEXT_LIMITS["recipient"]
+_EVENT_ID_LIMIT = codec.EVENT_ID_MAX_LENGTH
 _FLAT = (str, int, bool, type(None))
 _DEPTH_LIMIT = MAX_JSON_DEPTH_CEILING + EVENT_ENVELOPE_DEPTH
 
@@ -96,6 +102,10 @@ class Incoming(NamedTuple):
     metadata: dict[str, Any]
 
 
+# Every field of the contract, in its order: one added to Event must be read here too.
+codec.require_fields(Incoming._fields, codec.FIELDS, "aggregator.ingest.decode.Incoming")
+
+
 class InvalidEvent(ValueError):
     """The payload is not an event the aggregator can store."""
 
@@ -120,7 +130,7 @@ def _fast(data: bytes) -> Incoming | None:
     get = obj.get
     event_id = get("event_id")
     kind = get("type")
-    if type(event_id) is not str or not 0 < len(event_id) <= 200 or type(kind) is not str:
+    if type(event_id) is not str or not 0 < len(event_id) <= _EVENT_ID_LIMIT or type(kind) is not str:
         return None
     if not event_id.isprintable():  # DEL reaches here unescaped; the contract refuses it
         return None

@@ -65,9 +65,13 @@ def derived_event_id(source: str, *parts: str) -> str:
 
 
 # Column sizes of the store. A NUL character or an oversized value would make the database
-# refuse the whole batch it arrives in, so the contract never lets one through.
-_TEXT_LIMITS = {
+# refuse the whole batch it arrives in, so the contract never lets one through: text is cut
+# to its size (code that writes or reads events without the model takes the sizes from
+# mailbeacon.contract.codec). A longer event id is refused instead.
+EVENT_ID_MAX_LENGTH = 200
+TEXT_LIMITS = {
     "campaign": 320,
+    "recipient": 320,  # the longest address the store keeps; anything longer is no address anyway
     "ip": 64,
     "machine_kind": 64,
     "source": 32,
@@ -75,6 +79,8 @@ _TEXT_LIMITS = {
     "url": 8000,
     "reason": 4000,
 }
+# The text fields validation cuts to their size (the recipient is trimmed and lower-cased first).
+CUT_TEXT_FIELDS = ("campaign", "ip", "machine_kind", "source", "user_agent", "url", "reason")
 
 
 # A lone surrogate (aiohttp's reading of a non-UTF-8 header byte, a JSON ``\ud800`` escape)
@@ -126,15 +132,14 @@ def storable_recipient(address: str) -> str:
     Whatever compares addresses with stored ones (the suppression keys) uses this too, so
     an address with undecodable bytes means the same thing on both sides.
     """
-    # 320 = the longest address the store keeps; anything longer is not an address anyway.
-    return _clean(address.strip().lower(), 320)
+    return _clean(address.strip().lower(), TEXT_LIMITS["recipient"])
 
 
 def storable_text(field: str, value: str) -> str:
     """``value`` as validation leaves the text field ``field`` of an Event: NUL removed, lone
     surrogates made U+FFFD and cut to the column's size. For code that builds events
     without validation (the tracker's hot path)."""
-    return _clean(value, _TEXT_LIMITS[field])
+    return _clean(value, TEXT_LIMITS[field])
 
 
 class Event(BaseModel):
@@ -142,7 +147,7 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    event_id: str = Field(min_length=1, max_length=200)
+    event_id: str = Field(min_length=1, max_length=EVENT_ID_MAX_LENGTH)
     type: EventType
     tracking_id: str | None = None
     campaign: str | None = None
@@ -183,10 +188,10 @@ class Event(BaseModel):
     def _recipient(cls, value: str | None) -> str | None:
         return storable_recipient(value) if value else None
 
-    @field_validator("campaign", "ip", "machine_kind", "source", "user_agent", "url", "reason")
+    @field_validator(*CUT_TEXT_FIELDS)
     @classmethod
     def _text(cls, value: str | None, info: ValidationInfo) -> str | None:
-        return _clean(value, _TEXT_LIMITS[info.field_name or ""]) if value is not None else None
+        return _clean(value, TEXT_LIMITS[info.field_name or ""]) if value is not None else None
 
     @field_validator("occurred_at")
     @classmethod

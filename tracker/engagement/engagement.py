@@ -24,7 +24,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from mailbeacon.bus.fast_batch import MSG_ID_HEADER, Outgoing
 from mailbeacon.bus.publisher import SUBJECTS, EventPublisher
-from mailbeacon.contract import signing
+from mailbeacon.contract import codec, signing
 from mailbeacon.contract.events import (
     Event,
     EventType,
@@ -97,6 +97,40 @@ _SUBJECT_OPENED, _SUBJECT_CLICKED = SUBJECTS[EventType.OPENED], SUBJECTS[EventTy
 _OPENED, _CLICKED = EventType.OPENED.value, EventType.CLICKED.value
 # The Nats-Msg-Id header of an engagement: its id is always 32 hex digits.
 _HEADER_SIZE = len(f"{MSG_ID_HEADER}{'0' * 32}\r\n\r\n")
+# An engagement's JSON around the values engagement_message fills in, in this order; the
+# contract supplies the keys, their order and every other field (codec.json_pieces). Each
+# piece is named after the value that follows it.
+(
+    _J_EVENT_ID,
+    _J_TYPE,
+    _J_TRACKING_ID,
+    _J_OCCURRED_AT,
+    _J_IP,
+    _J_USER_AGENT,
+    _J_URL,
+    _J_MACHINE,
+    _J_MACHINE_KIND,
+    _J_SOURCE,
+    _J_METADATA,
+    _J_END,
+) = codec.json_pieces(
+    (
+        "event_id",
+        "type",
+        "tracking_id",
+        "occurred_at",
+        "ip",
+        "user_agent",
+        "url",
+        "machine",
+        "machine_kind",
+        "source",
+        "metadata",
+    ),
+    quoted=("event_id", "type", "tracking_id", "occurred_at", "source"),
+)
+# Text a client sent that fits these is kept as it is when it is ASCII without NUL.
+_IP_LIMIT, _USER_AGENT_LIMIT, _URL_LIMIT = (codec.TEXT_LIMITS[name] for name in ("ip", "user_agent", "url"))
 
 
 class _Second:
@@ -145,35 +179,34 @@ def engagement_message(
     # escapes and, like it, keeps non-ASCII text as it is.
     machine_kind, evidence = verdict.machine_kind, verdict.evidence
     if machine_kind is None:
-        machine = 'false,"machine_kind":null'
-        metadata = "{}"
+        machine, kind, metadata = "false", "null", "{}"
     else:
         if evidence is not None:
             if not evidence.isascii():
                 evidence = encodable(evidence)  # a prefetch header's value may be quoted in it
             if "\x00" in evidence:
                 evidence = evidence.replace("\x00", "")  # metadata is JSON the store keeps as well
-        machine = f'true,"machine_kind":{encode_basestring(machine_kind)}'
+        machine, kind = "true", encode_basestring(machine_kind)
         metadata = f'{{"machine_evidence":{"null" if evidence is None else encode_basestring(evidence)}}}'
     # Column-sized ASCII without NUL, nearly all a client sends, is already storable text.
-    if ip is not None and (len(ip) > 64 or "\x00" in ip or not ip.isascii()):
+    if ip is not None and (len(ip) > _IP_LIMIT or "\x00" in ip or not ip.isascii()):
         ip = storable_text("ip", ip)
     if user_agent is not None and (
-        len(user_agent) > 1000 or "\x00" in user_agent or not user_agent.isascii()
+        len(user_agent) > _USER_AGENT_LIMIT or "\x00" in user_agent or not user_agent.isascii()
     ):
         user_agent = storable_text("user_agent", user_agent)
-    if url is not None and (len(url) > 8000 or "\x00" in url or not url.isascii()):
+    if url is not None and (len(url) > _URL_LIMIT or "\x00" in url or not url.isascii()):
         url = storable_text("url", url)
     opened = event_type is EventType.OPENED
     event_id = new_engagement_id()
     frame = (
         f"{MSG_ID_HEADER}{event_id}\r\n\r\n"
-        f'{{"event_id":"{event_id}","type":"{"opened" if opened else "clicked"}",'
-        f'"tracking_id":"{tracking_id}","campaign":null,"recipient":null,"occurred_at":"{occurred_at or json_now()}",'
-        f'"ip":{"null" if ip is None else encode_basestring(ip)},'
-        f'"user_agent":{"null" if user_agent is None else encode_basestring(user_agent)},'
-        f'"url":{"null" if url is None else encode_basestring(url)},'
-        f'"bounce_kind":null,"reason":null,"machine":{machine},"source":"{source}","metadata":{metadata}}}'
+        f"{_J_EVENT_ID}{event_id}{_J_TYPE}{_OPENED if opened else _CLICKED}{_J_TRACKING_ID}{tracking_id}"
+        f"{_J_OCCURRED_AT}{occurred_at or json_now()}"
+        f"{_J_IP}{'null' if ip is None else encode_basestring(ip)}"
+        f"{_J_USER_AGENT}{'null' if user_agent is None else encode_basestring(user_agent)}"
+        f"{_J_URL}{'null' if url is None else encode_basestring(url)}"
+        f"{_J_MACHINE}{machine}{_J_MACHINE_KIND}{kind}{_J_SOURCE}{source}{_J_METADATA}{metadata}{_J_END}"
     ).encode()
     return (_SUBJECT_OPENED if opened else _SUBJECT_CLICKED), event_id, frame, _HEADER_SIZE
 
