@@ -54,6 +54,7 @@ def concrete_routes(app: web.Application) -> list[tuple[str, str]]:
     return sorted(set(found))
 
 
+@pytest.mark.slow
 async def test_every_route_refuses_strangers_beyond_loopback(start: Start) -> None:
     running = await start()
     assert running.service.app is not None
@@ -172,6 +173,7 @@ def command_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "named"),
     [

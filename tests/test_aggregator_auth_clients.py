@@ -52,6 +52,7 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 async def test_the_command_line_sends_its_token(running: Running) -> None:
     code, _, err = await cli(running, "stats", CAMPAIGN)
     assert code == 1 and "requires a token (401): set MAILBEACON_API_TOKEN" in one_line(err)

@@ -30,6 +30,8 @@ from mailbeacon.contract.settings import Settings
 from mailbeacon.contract.signing import HONEYPOT_URL
 from tests.support import eventually, free_port
 
+pytestmark = pytest.mark.slow  # processes killed mid-ingest, seconds each
+
 CAMPAIGNS = ("crash/one", "crash/two")
 LINKS = ("https://shop.example/a", "https://shop.example/b", HONEYPOT_URL)
 
@@ -191,7 +193,14 @@ async def publish(nats_url: str, events: list[dict[str, Any]]) -> int:
     return last
 
 
-@pytest.fixture(params=[("postgresql", 1), ("postgresql", 2), ("sqlite", 2)], ids=lambda p: f"{p[0]}-x{p[1]}")
+@pytest.fixture(
+    params=[
+        pytest.param(("postgresql", 1), marks=pytest.mark.postgres),
+        pytest.param(("postgresql", 2), marks=pytest.mark.postgres),
+        ("sqlite", 2),
+    ],
+    ids=lambda p: f"{p[0]}-x{p[1]}",
+)
 def setup(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, int]]:
     kind, replicas = request.param
     if kind == "sqlite":

@@ -159,6 +159,7 @@ def agree(data: bytes) -> None:
     assert got.occurred_at.tzinfo is not None and got.occurred_at.utcoffset() == timedelta(0)
 
 
+@pytest.mark.slow  # 2000 examples; tests/test_tracker_hot_path.py guards the encoder in the fast lane
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(payloads())
 @example(b'{"event_id":"a","type":"sent","event_id":"b"}')

@@ -143,6 +143,7 @@ async def _is(value: bool) -> bool:
     return value
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "nats-py"])
 async def test_refused_pull_requests_are_asked_again_with_a_pause(
     nc: NATS, lean: bool, caplog: pytest.LogCaptureFixture
@@ -279,6 +280,7 @@ async def test_lean_connection_authenticates_and_refuses_bad_credentials(guarded
         await wrong.start()
 
 
+@pytest.mark.slow
 async def test_consumer_lanes_store_each_message_after_its_sent(nc: NATS, database_url: str) -> None:
     """On PostgreSQL the consumer stores a batch in two lanes at once, split by tracking id.
     Every event of a message must still be stored after its ``sent`` (a later batch never

@@ -390,6 +390,7 @@ async def browser() -> AsyncIterator[Any]:
         yield launched
 
 
+@pytest.mark.slow  # a browser
 @NEEDS_CHROMIUM
 async def test_statistics_page_updates_itself_from_the_stream(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, browser: Any
@@ -434,6 +435,7 @@ PAGES = [
 ]
 
 
+@pytest.mark.slow  # a browser
 @NEEDS_CHROMIUM
 async def test_pages_at_desktop_and_phone_width_are_accessible(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, browser: Any
@@ -460,6 +462,7 @@ async def test_pages_at_desktop_and_phone_width_are_accessible(
         assert problems == {}, "\n".join(f"{k}: {v}" for k, v in problems.items())
 
 
+@pytest.mark.slow  # a browser
 @NEEDS_CHROMIUM
 async def test_campaigns_message_and_outbox_pages_say_what_people_ask(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, browser: Any

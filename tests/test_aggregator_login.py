@@ -79,6 +79,7 @@ async def log_in(
     return set_cookies(headers)["mailbeacon_session"].value, headers
 
 
+@pytest.mark.slow
 async def test_login_logout_and_the_session_cookie(start: Start, browser: aiohttp.ClientSession) -> None:
     running = await start()
     status, headers, page = await send(browser, "GET", running.base + PAGE)
@@ -223,6 +224,7 @@ async def test_a_read_only_session_cannot_change_anything(
     assert status == 303 and set_cookies(headers)["mailbeacon_session"].value == ""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "target",
     [
@@ -285,6 +287,7 @@ async def log_in_over(
     return status, headers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("headers", "refused"),
     [

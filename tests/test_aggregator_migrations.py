@@ -118,6 +118,7 @@ async def test_parked_events_stored_before_their_bounds_are_found_after_the_upgr
         await db.dispose()
 
 
+@pytest.mark.slow
 async def test_first_slice_database_upgrades_with_its_data(database_url: str, tmp_path: Path) -> None:
     """A database that ``create_all`` made (no alembic_version) is stamped and upgraded."""
     db = open_database(database_url)

@@ -35,7 +35,7 @@ CAMPAIGN = "default/spring-sale"
 LINK_A, LINK_B = "https://shop.example.com/spring?utm=mail", "https://blog.example.com/post"
 START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
-pytestmark = NEEDS_CHROMIUM
+pytestmark = [NEEDS_CHROMIUM, pytest.mark.slow]  # a browser
 
 
 def seed_events() -> tuple[list[Event], list[str]]:

@@ -455,6 +455,7 @@ async def test_adoption_gives_address_only_events_only_to_copies_relayed_in_time
     assert taken is not None and taken["applied"] and left is not None and not left["applied"]
 
 
+@pytest.mark.slow
 async def test_the_expiry_clock_follows_the_stream_while_ingest_catches_up(
     nc: NATS, database_url: str
 ) -> None:

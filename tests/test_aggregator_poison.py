@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 
+import pytest
 from nats.aio.client import Client as NATS
 from prometheus_client import generate_latest
 from sqlalchemy import func, select, text
@@ -151,6 +152,7 @@ ALLOW_AGAIN = {
 }
 
 
+@pytest.mark.slow
 async def test_a_database_that_stores_nothing_loses_nothing(nc: NATS, database_url: str) -> None:
     db = open_database(database_url)
     await migrate(db)
@@ -188,6 +190,7 @@ async def test_a_database_that_stores_nothing_loses_nothing(nc: NATS, database_u
         await db.dispose()
 
 
+@pytest.mark.slow
 async def test_address_only_webhook_waits_for_a_sent_put_back(nc: NATS, database_url: str) -> None:
     """The newer copy's ``sent`` could not be stored (the database failed) and waits for its
     redelivery; a bounce naming only the address, arriving once the database works again,

@@ -293,6 +293,7 @@ async def db(database_url: str) -> AsyncIterator[Database]:
         await database.dispose()
 
 
+@pytest.mark.slow
 @settings(
     max_examples=40,
     deadline=None,

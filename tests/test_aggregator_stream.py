@@ -77,6 +77,7 @@ def _send(port: int, recipient: str) -> None:
         smtp.send_message(mail)
 
 
+@pytest.mark.slow
 async def test_one_pixel_fetch_reaches_the_stream_within_two_seconds(
     tmp_path: Path, nats_url: str, sink: SmtpSink
 ) -> None:
@@ -136,6 +137,7 @@ async def local_aggregator(
         await db.dispose()
 
 
+@pytest.mark.slow
 async def test_streams_beyond_the_cap_are_refused_and_a_slot_frees_when_one_ends(tmp_path: Path) -> None:
     async with local_aggregator(tmp_path, max_streams=2) as (base, _), aiohttp.ClientSession() as http:
         url = f"{base}/api/campaigns/{CAMPAIGN}/stream"
@@ -171,6 +173,7 @@ async def test_bad_views_and_unknown_campaigns_get_json_errors(tmp_path: Path) -
             assert (await s.next_statistics(within=2))["campaign"] == CAMPAIGN
 
 
+@pytest.mark.slow
 async def test_many_followers_share_one_poll_and_see_each_change_once_a_second(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -205,6 +208,7 @@ async def test_many_followers_share_one_poll_and_see_each_change_once_a_second(
             assert reads["statistics"] == 1, reads  # one read for the five
 
 
+@pytest.mark.slow
 async def test_heartbeats_keep_an_idle_stream_open_and_shutdown_ends_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -111,6 +111,7 @@ def promtool_test(tmp_path: Path, input_series: list[dict[str, str]], expected: 
     assert tested.returncode == 0, tested.stdout + tested.stderr
 
 
+@pytest.mark.slow
 def test_reputation_alerts_judge_the_aggregators_numbers_by_each_campaigns_guardrails(tmp_path: Path) -> None:
     series = [
         # A Campaign with the default guardrails: 0.4 % complaints is above 0.3 %.
@@ -193,6 +194,7 @@ def test_reputation_alerts_judge_the_aggregators_numbers_by_each_campaigns_guard
     promtool_test(tmp_path, series, expected)
 
 
+@pytest.mark.slow
 def test_pipeline_alerts_count_replicas_right(tmp_path: Path) -> None:
     """Lag is one value however many replicas report it; proxy counters add up across pods."""
     series = [

@@ -76,6 +76,7 @@ def nats_children_of(data_dir: Path) -> list[psutil.Process]:
     return found
 
 
+@pytest.mark.slow
 def test_up_prints_addresses_relays_mail_and_stops_cleanly(
     up: tuple[subprocess.Popen[str], dict[str, str], dict[str, str]], tmp_path: Path
 ) -> None:
@@ -132,6 +133,7 @@ def test_up_prints_addresses_relays_mail_and_stops_cleanly(
     assert nats_children_of(tmp_path / "data") == []  # the child nats-server is gone too
 
 
+@pytest.mark.slow
 def test_campaign_apply_defines_campaigns_in_the_bucket(
     up: tuple[subprocess.Popen[str], dict[str, str], dict[str, str]], tmp_path: Path
 ) -> None:
@@ -195,6 +197,7 @@ def test_campaign_apply_defines_campaigns_in_the_bucket(
         assert f"cannot read {missing}" in unreadable.stderr and "Traceback" not in unreadable.stderr
 
 
+@pytest.mark.slow
 def test_components_need_their_settings(tmp_path: Path) -> None:
     env = cli_env(tmp_path)
     result = subprocess.run([*MAILBEACON, "tracker"], env=env, capture_output=True, text=True, timeout=60)
@@ -204,6 +207,7 @@ def test_components_need_their_settings(tmp_path: Path) -> None:
     assert result.returncode != 0 and "invalid configuration" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_short_signing_key_stops_every_component_with_one_line(tmp_path: Path) -> None:
     """The error names the setting and never quotes the key."""
     env = cli_env(tmp_path, MAILBEACON_SECRET_KEYS="tooshort-key", MAILBEACON_NATS_URL="nats://127.0.0.1:1")
@@ -216,6 +220,7 @@ def test_a_short_signing_key_stops_every_component_with_one_line(tmp_path: Path)
         ]
 
 
+@pytest.mark.slow
 def test_up_refuses_a_short_generated_key_file_instead_of_replacing_it(tmp_path: Path) -> None:
     """Replacing the key would break every link already sent: `up` stops and says how to fix it."""
     env = cli_env(tmp_path)

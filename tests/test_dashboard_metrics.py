@@ -559,6 +559,7 @@ def test_dashboard_is_importable_grafana_json() -> None:
     assert re.fullmatch(r"mailbeacon-[0-9a-f]{16}", uid)
 
 
+@pytest.mark.slow
 def test_each_release_has_its_own_dashboard_uid() -> None:
     def uid(name: str, values: dict[str, Any] | None = None) -> str:
         config_map = by_kind(manifests(render(values, name=name)), "ConfigMap")[

@@ -109,6 +109,7 @@ async def metrics_text(running: Running) -> str:
         return await response.text()
 
 
+@pytest.mark.slow
 async def test_mail_to_statistics_end_to_end(running: Running, sink: SmtpSink) -> None:
     sent_metric = ("mailbeacon_events_total", {"campaign": CAMPAIGN, "type": "sent"})
     sent_before = metric_value(await metrics_text(running), sent_metric[0], **sent_metric[1])
@@ -252,6 +253,7 @@ async def test_forged_click_signature_is_refused(running: Running, sink: SmtpSin
     assert (await stream_counts(running.system.settings.nats.url or ""))["clicked"] == 0
 
 
+@pytest.mark.slow
 async def test_replay_into_fresh_database_and_duplicates(
     tmp_path: Path, nats_url: str, sink: SmtpSink, new_database: Callable[[], str]
 ) -> None:

@@ -172,6 +172,7 @@ def tracking_id_of(content: bytes) -> str:
     return str(email.message_from_bytes(content, policy=default_policy)["X-Mailbeacon-Tracking-ID"])
 
 
+@pytest.mark.slow
 async def test_one_click_unsubscribe_stops_that_campaigns_mail_to_that_recipient(
     tmp_path: Path, nats_url: str, sink: SmtpSink, database_url: str
 ) -> None:
@@ -213,6 +214,7 @@ async def test_one_click_unsubscribe_stops_that_campaigns_mail_to_that_recipient
         assert suppressed_metric("unsubscribed") - before == 2
 
 
+@pytest.mark.slow
 async def test_a_complaint_stops_mail_and_a_restarted_proxy_still_knows(
     system: System, sink: SmtpSink
 ) -> None:
@@ -248,6 +250,7 @@ async def test_a_complaint_stops_mail_and_a_restarted_proxy_still_knows(
     assert code == 250 and sink.messages[-1].recipients == [ANN]
 
 
+@pytest.mark.slow
 async def test_a_complaint_for_an_address_never_mailed_stops_no_later_mail(
     tmp_path: Path, nats_url: str, sink: SmtpSink, database_url: str
 ) -> None:
@@ -291,6 +294,7 @@ async def test_a_complaint_for_an_address_never_mailed_stops_no_later_mail(
         assert (await eventually(statistics))["complained_count"] == 0
 
 
+@pytest.mark.slow
 async def test_parked_redelivered_and_lost_suppressions_are_recorded(system: System, sink: SmtpSink) -> None:
     """An unsubscribe stored before its copy's ``sent`` (parked, applied later), the same event
     delivered again, and a suppression lost from the bucket all end up enforced."""
@@ -352,6 +356,7 @@ async def _entry(kv: Any, key: str) -> bytes | None:
         return None
 
 
+@pytest.mark.slow
 async def test_a_batch_whose_suppression_cannot_be_written_is_redelivered(
     system: System, sink: SmtpSink
 ) -> None:

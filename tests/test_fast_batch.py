@@ -70,6 +70,7 @@ async def test_a_fast_batch_stores_every_message_once_in_order(nc: NATS, tmp_pat
     assert await stored_ids(nc) == [events[10].event_id] + [e.event_id for e in events if e is not events[10]]
 
 
+@pytest.mark.slow
 async def test_the_publisher_uses_fast_batches_and_drains_once(nc: NATS, tmp_path: Path) -> None:
     js = nc.jetstream()
     await provision(js, make_settings(tmp_path))

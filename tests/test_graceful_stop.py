@@ -29,6 +29,8 @@ from mailbeacon.app.embedded_nats import EmbeddedNats
 from tests.support import SECRET, SmtpSink, eventually, free_port, wait_http_ok
 from tests.test_proxy_smtp import count_events, html_message
 
+pytestmark = pytest.mark.slow  # processes stopped under load through their shutdown delays
+
 DELAY = 2.0  # SHUTDOWN_DELAY_SECONDS of the processes under test
 DRAIN = 2.0  # SHUTDOWN_DRAIN_SECONDS
 # Signal delivery (and its forwarding to the workers) takes a moment; the listener closes a

@@ -68,6 +68,7 @@ def test_the_aggregator_needs_credentials_by_default() -> None:
     assert "recipients' addresses" in message
 
 
+@pytest.mark.slow
 def test_tokens_given_as_values(monkeypatch: pytest.MonkeyPatch) -> None:
     docs = manifests(render({"secrets": {"apiTokens": FULL, "apiReadTokens": READ}}))
     for doc in docs:

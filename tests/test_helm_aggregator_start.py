@@ -43,6 +43,7 @@ def aggregator_environment(
     return env
 
 
+@pytest.mark.slow
 async def test_default_chart_aggregator_migrates_a_fresh_database_and_serves(
     tmp_path: Path, nats_url: str
 ) -> None:
@@ -74,6 +75,7 @@ async def test_default_chart_aggregator_migrates_a_fresh_database_and_serves(
                 await process.wait()
 
 
+@pytest.mark.slow
 def test_without_migrate_on_start_the_aggregator_says_what_to_run(tmp_path: Path, nats_url: str) -> None:
     env = aggregator_environment({"aggregator": {"migrateOnStart": False}}, tmp_path, nats_url, free_port())
     result = subprocess.run(

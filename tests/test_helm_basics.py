@@ -11,6 +11,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 from mailbeacon.web.server import add_health_routes, bound_port, serve
@@ -91,6 +92,7 @@ async def _healthcheck(*args: str) -> tuple[int, str]:
     return process.returncode, output.decode()
 
 
+@pytest.mark.slow
 async def test_the_test_pods_command_passes_only_when_every_component_is_ready() -> None:
     """The command the Pod runs, against components' real health routes."""
     state = {"ready": False}
@@ -170,6 +172,7 @@ def _pod(docs: list[Manifest], name: str) -> tuple[dict[str, Any], dict[str, Any
     return next((template, pod) for n, template, pod in pod_specs(docs) if n == f"mb-mailbeacon-{name}")
 
 
+@pytest.mark.slow
 def test_every_component_takes_the_escape_hatches() -> None:
     values: dict[str, Any] = {
         **PROXY,

@@ -273,12 +273,14 @@ def test_chart_lints_clean(values: dict[str, Any]) -> None:
     assert report["errors"] == [] and report["messages"] == [], report
 
 
+@pytest.mark.slow  # kubernetes-validate on every value set
 @pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
 def test_value_sets_render_valid_manifests(values: dict[str, Any]) -> None:
     for doc in manifests(render(values)):
         validate(doc)
 
 
+@pytest.mark.slow
 def test_default_values_render_valid_manifests(default_docs: list[Manifest]) -> None:
     kinds = sorted(doc["kind"] for doc in default_docs)
     assert kinds == sorted(
@@ -296,6 +298,7 @@ def test_default_values_render_valid_manifests(default_docs: list[Manifest]) -> 
         validate(doc)
 
 
+@pytest.mark.slow
 def test_production_values_render_valid_manifests(production_docs: list[Manifest]) -> None:
     kinds = {doc["kind"] for doc in production_docs}
     assert {"Ingress", "HorizontalPodAutoscaler", "ServiceMonitor", "PodMonitor", "PrometheusRule"} <= kinds
@@ -484,6 +487,7 @@ def test_shared_proxy_relays_only_for_its_networks_and_authenticated_clients(
     assert all(secret["defaultMode"] == 0o440 for secret in secrets.values())
 
 
+@pytest.mark.slow
 def test_component_settings_reach_their_pods() -> None:
     values = {
         "database": {"url": "postgresql://mb:pw@db:5432/mb"},

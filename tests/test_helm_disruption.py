@@ -86,6 +86,7 @@ def _scheduling(docs: list[Manifest], component: str) -> dict[str, Any]:
     return next(pod for name, _, pod in pod_specs(docs) if name == f"mb-mailbeacon-{component}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("component", REPLICATED)
 def test_pods_spread_over_nodes_and_zones_by_default(component: str) -> None:
     docs = manifests(render(_values(component, 3)))

@@ -127,6 +127,7 @@ def _pods_with_containers(docs: list[Manifest]) -> list[tuple[str, dict[str, Any
     return [(name, pod, pod["containers"][0]) for name, _, pod in pod_specs(docs)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", NATS_LOGINS)
 def test_nats_credentials_come_from_secrets_in_every_component(
     method: str, monkeypatch: pytest.MonkeyPatch

@@ -214,6 +214,7 @@ def test_injection_is_off_by_default() -> None:
     assert not [k for k in operator_env(docs) if k.startswith("MAILBEACON_INJECTION_")]
 
 
+@pytest.mark.slow
 def test_the_webhook_configuration_never_blocks_a_pod() -> None:
     docs = manifests(render(INJECTION))
     (configuration,) = by_kind(docs, "MutatingWebhookConfiguration").values()

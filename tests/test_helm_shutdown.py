@@ -60,6 +60,7 @@ def test_the_delay_is_a_value(delay: int, monkeypatch: pytest.MonkeyPatch) -> No
         assert pod["terminationGracePeriodSeconds"] == delay + STOPS[component], component
 
 
+@pytest.mark.slow
 def test_the_kubelet_can_sleep_the_delay_instead_never_both(monkeypatch: pytest.MonkeyPatch) -> None:
     values = {"shutdown": {"delaySeconds": 8, "preStopSleep": True}}
     for component, pod in pods(values).items():
@@ -74,6 +75,7 @@ def test_the_kubelet_can_sleep_the_delay_instead_never_both(monkeypatch: pytest.
                 kubernetes_validate.validate(doc, version, strict=True)
 
 
+@pytest.mark.slow
 def test_default_pods_still_validate_on_the_oldest_supported_kubernetes() -> None:
     for doc in manifests(render(SHARED_PROXY)):
         validate(doc)  # 1.25 and the newest

@@ -17,6 +17,7 @@ def pod_of(docs: list[dict[str, Any]], deployment: str) -> dict[str, Any]:
     return pod
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("deployment", "size"), [("mb-mailbeacon-tracker", "256Mi"), ("mb-mailbeacon-proxy", "128Mi")]
 )

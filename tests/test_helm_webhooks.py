@@ -135,6 +135,7 @@ def test_the_opt_out_and_the_limits_reach_the_tracker(monkeypatch: pytest.Monkey
     assert defaults.tracker.max_connections == 10_000
 
 
+@pytest.mark.slow
 def test_token_reaches_the_secret_and_the_tracker_requires_it() -> None:
     docs = manifests(render({"tracker": INGRESS, "secrets": {"webhookToken": TOKEN}}))
     secret = by_kind(docs, "Secret")["mb-mailbeacon"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -31,6 +32,7 @@ def depth(value: Any) -> int:
     return deepest
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None)
 @given(JSON_VALUES, st.booleans())
 def test_depth_of_the_bytes_is_the_depth_of_the_value(value: Any, ascii_only: bool) -> None:

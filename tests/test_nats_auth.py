@@ -39,6 +39,7 @@ def secured(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Secured]
         yield server
 
 
+@pytest.mark.slow
 async def test_events_are_published_and_ingested_through_a_secured_nats(
     secured: Secured, tmp_path: Path
 ) -> None:

@@ -39,6 +39,7 @@ COMMANDS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", COMMANDS)
 async def test_operator_command_serves_campaigns_until_sigterm(
     command: str, tmp_path: Path, nats_url: str, kube: FakeKubernetes
@@ -81,6 +82,7 @@ async def test_operator_command_serves_campaigns_until_sigterm(
             await process.wait()
 
 
+@pytest.mark.slow
 def test_operator_command_requires_nats(tmp_path: Path) -> None:
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "MAILBEACON_DATA_DIR": str(tmp_path)}
     result = subprocess.run(

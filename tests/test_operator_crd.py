@@ -121,6 +121,7 @@ def _strategy(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     raise AssertionError(f"no strategy for {schema}")
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(_strategy(SPEC_SCHEMA))
 def test_every_spec_the_crd_admits_the_model_reads_alike(spec: dict[str, Any]) -> None:

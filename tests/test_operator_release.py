@@ -44,6 +44,7 @@ def kube() -> Iterator[FakeKubernetes]:
         server.stop()
 
 
+@pytest.mark.slow
 async def test_a_campaign_deleted_after_the_operator_went_is_released_by_the_command(
     kube: FakeKubernetes, nats_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -93,6 +94,7 @@ def _campaign(namespace: str, name: str, finalizers: list[str]) -> tuple[str, di
     return f"/apis/mailbeacon.io/v1alpha1/namespaces/{namespace}/campaigns", manifest
 
 
+@pytest.mark.slow
 async def test_the_operator_is_stopped_first_and_only_its_finalizer_goes(kube: FakeKubernetes) -> None:
     other = "example.com/backup"
     async with aiohttp.ClientSession() as http:
@@ -163,6 +165,7 @@ async def test_the_operator_is_stopped_first_and_only_its_finalizer_goes(kube: F
     assert patches and min(patches) > pod_gone
 
 
+@pytest.mark.slow
 async def test_an_operator_that_does_not_stop_fails_the_hook(kube: FakeKubernetes) -> None:
     async with aiohttp.ClientSession() as http:
         await _create(

@@ -157,6 +157,7 @@ async def system(tmp_path: Path, nats_url: str, sink: SmtpSink) -> AsyncIterator
         await running.stop()
 
 
+@pytest.mark.slow
 async def test_campaign_lifecycle_with_guardrails(
     tmp_path: Path,
     nats_url: str,

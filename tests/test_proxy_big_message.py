@@ -104,6 +104,7 @@ async def loop_stalls() -> AsyncIterator[list[float]]:
             await task
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoding", ["7bit", "quoted-printable"])
 async def test_new_sessions_are_greeted_while_a_10_mb_message_is_rewritten(
     tmp_path: Path, nats_url: str, upstream: tuple[str, Path], encoding: str

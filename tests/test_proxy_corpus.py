@@ -158,6 +158,7 @@ def check_copy(name: str, original: bytes, relayed: bytes, expected: dict[str, o
     return tracking_id
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MESSAGES))
 async def test_corpus_message_through_the_proxy(
     name: str, tmp_path: Path, nats_url: str, sink: SmtpSink

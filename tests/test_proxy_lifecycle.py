@@ -95,6 +95,7 @@ def tracking_ids(messages: list[tuple[list[str], bytes]]) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 async def test_copies_accepted_after_the_app_hung_up_are_recorded(
     tmp_path: Path, nats_url: str, slow_upstream: tuple[SlowUpstream, str]
 ) -> None:
@@ -114,6 +115,7 @@ async def test_copies_accepted_after_the_app_hung_up_are_recorded(
     assert [(e.recipient, e.metadata["smtp_code"]) for e in failed] == [("gone@example.com", 550)]
 
 
+@pytest.mark.slow
 async def test_an_app_that_hangs_up_mid_relay_does_not_poison_the_pool(
     tmp_path: Path, nats_url: str, slow_upstream: tuple[SlowUpstream, str]
 ) -> None:
@@ -131,6 +133,7 @@ async def test_an_app_that_hangs_up_mid_relay_does_not_poison_the_pool(
     assert {e.recipient: e.tracking_id for e in await read_events(nats_url, "sent")} == delivered
 
 
+@pytest.mark.slow
 async def test_stopping_waits_for_relays_in_flight(
     tmp_path: Path, nats_url: str, slow_upstream: tuple[SlowUpstream, str]
 ) -> None:
@@ -149,6 +152,7 @@ async def test_stopping_waits_for_relays_in_flight(
     assert [(e.recipient, e.tracking_id) for e in sent] == list(tracking_ids(upstream.messages).items())
 
 
+@pytest.mark.slow
 async def test_stopping_ends_the_retry_window(
     tmp_path: Path, nats_url: str, slow_upstream: tuple[SlowUpstream, str]
 ) -> None:
@@ -178,6 +182,7 @@ async def test_stopping_ends_the_retry_window(
     )
 
 
+@pytest.mark.slow
 async def test_a_relay_cut_short_at_shutdown_keeps_what_the_upstream_answered(
     tmp_path: Path, nats_url: str, slow_upstream: tuple[SlowUpstream, str]
 ) -> None:

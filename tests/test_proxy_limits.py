@@ -91,6 +91,7 @@ def auth_plain(smtp: smtplib.SMTP, user: str, password: str) -> tuple[int, float
     return code, time.perf_counter() - started
 
 
+@pytest.mark.slow
 async def test_failed_auth_is_delayed_and_the_third_failure_ends_the_session(
     tmp_path: Path, nats_url: str, sink: SmtpSink
 ) -> None:

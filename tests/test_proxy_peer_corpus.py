@@ -34,6 +34,8 @@ from smtp_proxy import metrics as proxy_metrics
 from tests.support import SECRET, SmtpSink, metric_value
 from tests.test_proxy_smtp import RunningProxy, proxy_running
 
+pytestmark = pytest.mark.slow  # peer corpora
+
 CORPUS = Path(__file__).parent / "peer_corpora" / "mime"
 MESSAGES = sorted(p.relative_to(CORPUS).as_posix() for p in CORPUS.rglob("*") if p.suffix in (".txt", ".eml"))
 SITE_URL = "https://track.example.test"

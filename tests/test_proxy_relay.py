@@ -120,6 +120,7 @@ async def test_upstream_down_defers_with_451(tmp_path: Path, nats_url: str) -> N
     assert await count_events(nats_url, "sent") == 0 and await count_events(nats_url, "failed") == 0
 
 
+@pytest.mark.slow
 async def test_mixed_recipient_results(tmp_path: Path, nats_url: str, flaky: Upstream) -> None:
     flaky.handler.permanent.add("gone@example.com")
     recipients = ["ann@example.com", "gone@example.com", "ben@example.com"]
@@ -174,6 +175,7 @@ async def test_all_refused_permanently_passes_the_upstream_code_on(
     assert await count_events(nats_url, "failed") == 1
 
 
+@pytest.mark.slow
 async def test_transient_refusal_of_a_later_copy_is_retried(
     tmp_path: Path, nats_url: str, flaky: Upstream
 ) -> None:

@@ -61,6 +61,7 @@ def auth_attempts(port: int) -> None:
         smtp.send_message(html_message(["ann@example.com"]))
 
 
+@pytest.mark.slow
 async def test_credentials_never_reach_the_log_even_at_debug(
     tmp_path: Path, nats_url: str, sink: SmtpSink, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -76,6 +77,7 @@ async def test_credentials_never_reach_the_log_even_at_debug(
     assert secrets_in(caplog) == []  # ... but no secret, in any form
 
 
+@pytest.mark.slow
 async def test_addresses_stay_out_of_the_log_by_default(
     tmp_path: Path, nats_url: str, sink: SmtpSink, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -179,6 +179,7 @@ async def test_unauthenticated_relay_is_refused(tmp_path: Path, nats_url: str, s
     assert sink.messages == []
 
 
+@pytest.mark.slow
 async def test_auth_over_starttls_is_accepted_and_never_in_clear(
     tmp_path: Path, nats_url: str, sink: SmtpSink
 ) -> None:
@@ -415,6 +416,7 @@ async def test_a_failing_hook_answers_451_without_internals(
         await asyncio.to_thread(conversation)
 
 
+@pytest.mark.slow
 async def test_idle_and_slow_data_clients_are_cut_off(tmp_path: Path, nats_url: str, sink: SmtpSink) -> None:
     async with proxy_running(
         tmp_path, nats_url, sink, smtp_command_timeout=0.5, smtp_data_timeout=1.0

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from mailbeacon.app.embedded_nats import EmbeddedNats
 from mailbeacon.bus.fast_batch import Outgoing, outgoing
@@ -108,6 +109,7 @@ def _claim_in_child(directory: str, ready: Any, done: Any, found: Any) -> None:
     done.wait()
 
 
+@pytest.mark.slow
 def test_concurrent_processes_never_take_the_same_file(tmp_path: Path) -> None:
     """`tracker --workers 4` starting on a shared DATA_DIR: every file taken once, by one."""
     spool = Spool.under(tmp_path)

@@ -23,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from pydantic import SecretStr
 
 from mailbeacon.app.embedded_nats import EmbeddedNats
 from mailbeacon.app.runner import AllInOne
 from tests.support import SECRET, SmtpSink, eventually, free_port, make_settings, wait_http_ok
+
+pytestmark = pytest.mark.slow  # whole systems stopped and started
 
 CAMPAIGN = "default/spool"
 DRAIN = 2.0  # SHUTDOWN_DRAIN_SECONDS of the processes under test

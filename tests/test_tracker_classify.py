@@ -204,6 +204,7 @@ def test_honeypot_marks_the_whole_group_and_drain_releases_everything() -> None:
     assert window.pending == 0
 
 
+@pytest.mark.slow
 async def test_real_request_shapes_against_the_tracker(tmp_path: Path, nats_url: str) -> None:
     """HEAD, an Apple proxy address, a scanner burst and the honeypot are machine; a browser click is human."""
     apple, scanner, person, crawler, checker = (

@@ -53,6 +53,7 @@ async def closed_within(reader: asyncio.StreamReader, seconds: float) -> bool:
         return False
 
 
+@pytest.mark.slow
 async def test_slow_headers_are_cut_off_and_keep_alive_clients_are_not(tmp_path: Path, nats_url: str) -> None:
     async with running_tracker(tmp_path, nats_url, tracker_header_timeout_seconds=TIMEOUT) as tracker:
         port = int(tracker.url.rsplit(":", 1)[1])

@@ -87,6 +87,7 @@ class Load:
         await asyncio.gather(*self._tasks)
 
 
+@pytest.mark.slow
 async def test_stopping_nats_under_load_loses_and_doubles_nothing(
     tmp_path: Path, nats_server: EmbeddedNats
 ) -> None:
@@ -121,6 +122,7 @@ async def test_stopping_nats_under_load_loses_and_doubles_nothing(
     assert len({event.event_id for event in stored}) == len(stored) == len(load.sent)
 
 
+@pytest.mark.slow
 async def test_a_tracker_started_while_nats_is_down_serves_and_catches_up(tmp_path: Path) -> None:
     port = free_port()
     nats = EmbeddedNats(tmp_path / "late-nats", port=port)
@@ -230,6 +232,7 @@ async def test_held_clicks_count_against_the_buffer_limit_and_none_is_lost_at_sh
     assert sorted(e.tracking_id or "" for e in stored) == sorted(opened + clicked[:10])
 
 
+@pytest.mark.slow
 async def test_cli_tracker_with_workers_shares_the_port_and_drains_on_sigterm(
     tmp_path: Path, nats_server: EmbeddedNats
 ) -> None:

@@ -90,6 +90,7 @@ def test_served_document_describes_every_route(tracker_url: str) -> None:
     }
 
 
+@pytest.mark.slow
 @schema.parametrize()
 @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
 def test_tracker_conforms_to_its_description(case: Any, tracker_url: str) -> None:

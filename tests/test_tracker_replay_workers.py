@@ -18,6 +18,7 @@ import uuid
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from mailbeacon.app.embedded_nats import EmbeddedNats
 from tests.esp_payloads.harness import (
@@ -61,6 +62,7 @@ async def _answered(url: str, body: bytes, headers: dict[str, str]) -> list[int]
     return answers
 
 
+@pytest.mark.slow
 async def test_replays_are_refused_by_every_worker_and_retries_store_once(
     tmp_path: Path, nats_server: EmbeddedNats
 ) -> None:

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from mailbeacon.contract.signing import click_url, pixel_url, unsubscribe_url
 from tests.esp_payloads.harness import BROWSER_UA, post, running_tracker, sendgrid_headers, stream_events
@@ -93,6 +94,7 @@ async def test_post_one_click_and_button_record_one_unsubscribe_never_a_click(
     }
 
 
+@pytest.mark.slow
 async def test_anonymized_addresses_and_trusted_proxies(tmp_path: Path, nats_url: str) -> None:
     keys = [SECRET.encode()]
     async with (
