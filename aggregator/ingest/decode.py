@@ -7,7 +7,7 @@ accept unchanged (strings where strings are due, real booleans, canonical tracki
 RFC 3339 times with an offset, flat metadata). Anything else, valid or not, goes through
 ``Event.from_json`` itself, so the contract alone decides every unusual case: the fast
 path never accepts an event the contract rejects, and gives the same values when both
-accept (``tests/test_aggregator_decode.py`` checks the two against each other).
+accept (``tests/aggregator/test_aggregator_decode.py`` checks the two against each other).
 """
 
 from __future__ import annotations

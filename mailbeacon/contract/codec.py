@@ -8,7 +8,7 @@ aggregator reads the plain events with ``json.loads`` (``aggregator.ingest.decod
 take from here what they must agree on with the model: the fields and their order, the
 size limits, and the JSON of every field they do not fill in. Nothing here runs per
 event: the encoder gets its JSON as literal pieces once, at import. The property tests
-(``tests/test_tracker_hot_path.py``, ``tests/test_aggregator_decode.py``) still hold both
+(``tests/tracker/test_tracker_hot_path.py``, ``tests/aggregator/test_aggregator_decode.py``) still hold both
 to the model, byte for byte and value for value.
 """
 
