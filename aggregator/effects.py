@@ -21,6 +21,9 @@ from datetime import datetime
 from enum import IntFlag
 from typing import Any, NamedTuple
 
+from aggregator.domains import rows_of
+from aggregator.models import DOMAIN_COUNTERS
+from aggregator.readers import OTHER, UNKNOWN_DEVICE, Reader
 from mailbeacon.events import EventType
 from mailbeacon.signing import HONEYPOT_URL
 
@@ -38,6 +41,7 @@ class Seen(IntFlag):
     HUMAN_OPENED = 128
     CLICKED = 256
     HUMAN_CLICKED = 512
+    READER = 1024  # the client and device of the copy's first person's open were set or replaced
 
 
 # First-seen column of ``messages`` -> its bit and the counter that counts messages having it.
@@ -82,6 +86,17 @@ class Applied(NamedTuple):
     machine: bool = False
     bounce_kind: str | None = None
     url: str | None = None
+    machine_kind: str | None = None
+    reader: Reader | None = None  # a person's open: its client and device (aggregator.readers)
+
+
+UNKNOWN_READER = Reader(OTHER, UNKNOWN_DEVICE)
+UNKNOWN_MACHINE = "unknown"  # a machine event without machine_kind
+# Facets of ``campaign_breakdowns``.
+CLIENT, DEVICE, MACHINE = "client", "device", "machine"
+# A copy's first person's open: (time, client, device); of two at the same time the one that
+# sorts first (code point order, as recounts and the database compare them).
+FirstReader = tuple[datetime, str, str]
 
 
 def _counter_map() -> defaultdict[str, int]:
@@ -99,11 +114,20 @@ class Plan:
     link_urls: dict[str, str] = field(default_factory=dict)  # url hash -> url
     message_links: set[tuple[str, str]] = field(default_factory=set)  # (tracking id, url hash)
     link_clicks: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
-    # (campaign, hour) -> [opens, human opens]
+    # (campaign, hour) -> [opens, human opens, clicks, human clicks]
     buckets: dict[tuple[str, datetime], list[int]] = field(
-        default_factory=lambda: defaultdict(lambda: [0, 0])
+        default_factory=lambda: defaultdict(lambda: [0, 0, 0, 0])
     )
     by_type: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    readers: dict[str, FirstReader] = field(default_factory=dict)  # tracking id -> its batch's first
+    # (campaign, facet, name) -> [unique opens, opens, clicks] deltas
+    facets: dict[tuple[str, str, str], list[int]] = field(
+        default_factory=lambda: defaultdict(lambda: [0, 0, 0])
+    )
+    # (campaign, provider or domain) -> deltas of DOMAIN_COUNTERS (sent is counted at creation)
+    domains: dict[tuple[str, str], list[int]] = field(
+        default_factory=lambda: defaultdict(lambda: [0] * len(DOMAIN_COUNTERS))
+    )
 
 
 _VALUE = {t: t.value for t in EventType}
@@ -125,6 +149,7 @@ def plan(events: Iterable[Applied], into: Plan | None = None) -> Plan:
     campaign_of, by_type, engagement, first_seen = p.campaign_of, p.by_type, p.engagement, p.first_seen
     opened, human_opened = first_seen["first_opened_at"], first_seen["first_human_opened_at"]
     clicked, human_clicked = first_seen["first_clicked_at"], first_seen["first_human_clicked_at"]
+    readers, facets = p.readers, p.facets
     for e in events:
         tid, moment, campaign, kind = e.tracking_id, e.occurred_at, e.campaign, e.type
         campaign_of[tid] = campaign
@@ -144,6 +169,13 @@ def plan(events: Iterable[Applied], into: Plan | None = None) -> Plan:
                 counters["human_total_opens"] += 1
                 _earliest(human_opened, tid, moment)
                 bucket[1] += 1
+                client, device = e.reader or UNKNOWN_READER
+                facets[(campaign, CLIENT, client)][1] += 1
+                first = readers.get(tid)
+                if first is None or (moment, client, device) < first:
+                    readers[tid] = (moment, client, device)
+            else:
+                facets[(campaign, MACHINE, e.machine_kind or UNKNOWN_MACHINE)][1] += 1
         elif kind is _CLICKED:
             counters = p.counters[campaign]
             counters["total_clicks"] += 1
@@ -153,9 +185,14 @@ def plan(events: Iterable[Applied], into: Plan | None = None) -> Plan:
             else:
                 counts[1] += 1
             _earliest(clicked, tid, moment)
+            bucket = p.buckets[(campaign, hour_of(moment))]
+            bucket[2] += 1
             if not e.machine:
                 counters["human_total_clicks"] += 1
                 _earliest(human_clicked, tid, moment)
+                bucket[3] += 1
+            else:
+                facets[(campaign, MACHINE, e.machine_kind or UNKNOWN_MACHINE)][2] += 1
             if e.url is not None and counts_as_link(e.url):
                 digest = url_hash(e.url)
                 p.link_urls[digest] = e.url
@@ -177,7 +214,15 @@ def plan(events: Iterable[Applied], into: Plan | None = None) -> Plan:
 
 
 MessageChange = tuple[Any, ...]
-CHANGE_COLUMNS: tuple[str, ...] = (*FIRST_SEEN, "bounced_at", "bounce_kind", "opens", "clicks")
+CHANGE_COLUMNS: tuple[str, ...] = (
+    *FIRST_SEEN,
+    "bounced_at",
+    "bounce_kind",
+    "opens",
+    "clicks",
+    "client",
+    "device",
+)
 
 
 def message_changes(p: Plan, time_value: Callable[[datetime], Any] | None = None) -> list[MessageChange]:
@@ -194,18 +239,55 @@ def message_changes(p: Plan, time_value: Callable[[datetime], Any] | None = None
         times.append(bounce[0] if bounce else None)
         if time_value is not None:
             times = [None if t is None else time_value(t) for t in times]
-        rows.append((tid, *times, bounce[1] if bounce else None, opens, clicks))
+        first = p.readers.get(tid)
+        rows.append(
+            (
+                tid,
+                *times,
+                bounce[1] if bounce else None,
+                opens,
+                clicks,
+                first[1] if first else None,
+                first[2] if first else None,
+            )
+        )
     return rows
 
 
+class Transition(NamedTuple):
+    """What the messages UPDATE returned for a message whose ``newly_seen`` is not empty."""
+
+    tracking_id: str
+    newly_seen: int  # Seen bits
+    domain: str | None
+    client: str | None  # the copy's first person's open, after the update
+    device: str | None
+    replaced_client: str | None  # ... and before it
+    replaced_device: str | None
+
+
 _TRANSITIONS = [(int(bit), counter) for bit, counter in FIRST_SEEN.values()]
-_BOUNCED_BIT, _HARD_BIT = int(Seen.BOUNCED), int(Seen.HARD_BOUNCE)
+_BOUNCED_BIT, _HARD_BIT, _READER_BIT = int(Seen.BOUNCED), int(Seen.HARD_BOUNCE), int(Seen.READER)
+# Seen bit -> position in DOMAIN_COUNTERS.
+_DOMAIN_BITS = [
+    (int(bit), DOMAIN_COUNTERS.index(name))
+    for bit, name in (
+        (Seen.DELIVERED, "delivered"),
+        (Seen.BOUNCED, "bounced"),
+        (Seen.COMPLAINED, "complained"),
+        (Seen.OPENED, "unique_opens"),
+        (Seen.HUMAN_OPENED, "human_unique_opens"),
+    )
+]
+_DOMAIN_MASK = sum(bit for bit, _ in _DOMAIN_BITS)
 
 
-def count_transitions(p: Plan, newly_seen: Iterable[tuple[str, int]]) -> None:
-    """Counter deltas from the ``(tracking_id, newly_seen)`` pairs the UPDATE returned (:class:`Seen` bits)."""
-    for tid, mask in newly_seen:
-        counters = p.counters[p.campaign_of[tid]]
+def count_transitions(p: Plan, transitions: Iterable[Transition]) -> None:
+    """Counter, breakdown and domain deltas from what the messages UPDATE returned (:class:`Seen` bits)."""
+    for t in transitions:
+        mask = t.newly_seen
+        campaign = p.campaign_of[t.tracking_id]
+        counters = p.counters[campaign]
         for bit, counter in _TRANSITIONS:
             if mask & bit:
                 counters[counter] += 1
@@ -215,3 +297,16 @@ def count_transitions(p: Plan, newly_seen: Iterable[tuple[str, int]]) -> None:
         elif mask & _HARD_BIT:  # bounced softly before, hard now
             counters["soft_bounced_count"] -= 1
             counters["hard_bounced_count"] += 1
+        if mask & _DOMAIN_MASK:
+            for row in rows_of(t.domain or ""):
+                deltas = p.domains[(campaign, row)]
+                for bit, i in _DOMAIN_BITS:
+                    if mask & bit:
+                        deltas[i] += 1
+        if mask & _READER_BIT and (t.client, t.device) != (t.replaced_client, t.replaced_device):
+            facets = p.facets
+            if t.replaced_client is not None:
+                facets[(campaign, CLIENT, t.replaced_client)][0] -= 1
+                facets[(campaign, DEVICE, t.replaced_device or UNKNOWN_DEVICE)][0] -= 1
+            facets[(campaign, CLIENT, t.client or OTHER)][0] += 1
+            facets[(campaign, DEVICE, t.device or UNKNOWN_DEVICE)][0] += 1
