@@ -8,6 +8,7 @@ accepted as a fallback because the original tracking guide used it.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Literal
@@ -88,6 +89,12 @@ class Settings(BaseSettings):
         default=False, description="An unknown X-Campaign name creates the campaign in namespace default"
     )
     data_dir: Path = Path(".mailbeacon")
+    runtime_dir: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MAILBEACON_RUNTIME_DIR", "XDG_RUNTIME_DIR", "runtime_dir"),
+        description="Per-user directory whose mailbeacon/up.json tells the command line where a "
+        "running `mailbeacon up` is; unset means XDG_RUNTIME_DIR, else /tmp/mailbeacon-<uid>",
+    )
     anonymize_ip: bool = False
     trusted_proxies: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="CIDRs of proxies whose X-Forwarded-For is believed"
@@ -382,6 +389,12 @@ class Settings(BaseSettings):
         from mailbeacon.campaigns import CampaignKey
 
         return str(CampaignKey.parse(value))
+
+    def up_state_dir(self) -> Path:
+        """The directory of `mailbeacon up`'s address file (mailbeacon.devstate)."""
+        if self.runtime_dir is not None:
+            return self.runtime_dir / "mailbeacon"
+        return Path("/tmp") / f"mailbeacon-{os.getuid()}"
 
     def signing_keys(self) -> list[bytes]:
         return [key.get_secret_value().encode() for key in self.secret_keys]
