@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntFlag
@@ -119,7 +119,8 @@ class Plan:
         default_factory=lambda: defaultdict(lambda: [0, 0, 0, 0])
     )
     by_type: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
-    readers: dict[str, FirstReader] = field(default_factory=dict)  # tracking id -> its batch's first
+    # tracking id -> its batch's first person's open: (time, client and device)
+    readers: dict[str, tuple[datetime, Reader]] = field(default_factory=dict)
     # (campaign, facet, name) -> [unique opens, opens, clicks] deltas
     facets: dict[tuple[str, str, str], list[int]] = field(
         default_factory=lambda: defaultdict(lambda: [0, 0, 0])
@@ -169,11 +170,11 @@ def plan(events: Iterable[Applied], into: Plan | None = None) -> Plan:
                 counters["human_total_opens"] += 1
                 _earliest(human_opened, tid, moment)
                 bucket[1] += 1
-                client, device = e.reader or UNKNOWN_READER
-                facets[(campaign, CLIENT, client)][1] += 1
+                reader = e.reader or UNKNOWN_READER
+                facets[(campaign, CLIENT, reader[0])][1] += 1
                 first = readers.get(tid)
-                if first is None or (moment, client, device) < first:
-                    readers[tid] = (moment, client, device)
+                if first is None or moment < first[0] or (moment == first[0] and reader < first[1]):
+                    readers[tid] = (moment, reader)
             else:
                 facets[(campaign, MACHINE, e.machine_kind or UNKNOWN_MACHINE)][1] += 1
         elif kind is _CLICKED:
@@ -247,23 +248,26 @@ def message_changes(p: Plan, time_value: Callable[[datetime], Any] | None = None
                 bounce[1] if bounce else None,
                 opens,
                 clicks,
-                first[1] if first else None,
-                first[2] if first else None,
+                first[1].client if first else None,
+                first[1].device if first else None,
             )
         )
     return rows
 
 
-class Transition(NamedTuple):
-    """What the messages UPDATE returned for a message whose ``newly_seen`` is not empty."""
-
-    tracking_id: str
-    newly_seen: int  # Seen bits
-    domain: str | None
-    client: str | None  # the copy's first person's open, after the update
-    device: str | None
-    replaced_client: str | None  # ... and before it
-    replaced_device: str | None
+# What the messages UPDATE returns for a message (aggregator.tally), in this order: its tracking
+# id, ``newly_seen`` (Seen bits), its domain, and the client and device of its first person's
+# open after the update and before it. Plain rows, unpacked where they are counted.
+TRANSITION_COLUMNS = (
+    "tracking_id",
+    "newly_seen",
+    "domain",
+    "human_client",
+    "human_device",
+    "replaced_client",
+    "replaced_device",
+)
+Transition = Sequence[Any]
 
 
 _TRANSITIONS = [(int(bit), counter) for bit, counter in FIRST_SEEN.values()]
@@ -283,10 +287,11 @@ _DOMAIN_MASK = sum(bit for bit, _ in _DOMAIN_BITS)
 
 
 def count_transitions(p: Plan, transitions: Iterable[Transition]) -> None:
-    """Counter, breakdown and domain deltas from what the messages UPDATE returned (:class:`Seen` bits)."""
-    for t in transitions:
-        mask = t.newly_seen
-        campaign = p.campaign_of[t.tracking_id]
+    """Counter, breakdown and domain deltas from the rows the messages UPDATE returned
+    (:data:`TRANSITION_COLUMNS`; the mask holds :class:`Seen` bits)."""
+    facets = p.facets
+    for tid, mask, domain, client, device, old_client, old_device in transitions:
+        campaign = p.campaign_of[tid]
         counters = p.counters[campaign]
         for bit, counter in _TRANSITIONS:
             if mask & bit:
@@ -298,15 +303,14 @@ def count_transitions(p: Plan, transitions: Iterable[Transition]) -> None:
             counters["soft_bounced_count"] -= 1
             counters["hard_bounced_count"] += 1
         if mask & _DOMAIN_MASK:
-            for row in rows_of(t.domain or ""):
+            for row in rows_of(domain or ""):
                 deltas = p.domains[(campaign, row)]
                 for bit, i in _DOMAIN_BITS:
                     if mask & bit:
                         deltas[i] += 1
-        if mask & _READER_BIT and (t.client, t.device) != (t.replaced_client, t.replaced_device):
-            facets = p.facets
-            if t.replaced_client is not None:
-                facets[(campaign, CLIENT, t.replaced_client)][0] -= 1
-                facets[(campaign, DEVICE, t.replaced_device or UNKNOWN_DEVICE)][0] -= 1
-            facets[(campaign, CLIENT, t.client or OTHER)][0] += 1
-            facets[(campaign, DEVICE, t.device or UNKNOWN_DEVICE)][0] += 1
+        if mask & _READER_BIT and (client != old_client or device != old_device):
+            if old_client is not None:
+                facets[(campaign, CLIENT, old_client)][0] -= 1
+                facets[(campaign, DEVICE, old_device or UNKNOWN_DEVICE)][0] -= 1
+            facets[(campaign, CLIENT, client or OTHER)][0] += 1
+            facets[(campaign, DEVICE, device or UNKNOWN_DEVICE)][0] += 1

@@ -147,7 +147,7 @@ class Tally:
             "messages.human_device, messages.replaced_client, messages.replaced_device",
             v.params,
         )
-        return [Transition(tid, int(mask), *rest) for tid, mask, *rest in rows if mask]
+        return [row for row in rows if row[1]]  # TRANSITION_COLUMNS
 
     async def _message_links(self, p: Plan) -> None:
         """Per-link unique clicks: a (message, link) pair counts the first time it is stored."""
