@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import and_, case, delete, distinct, func, select
+from sqlalchemy import and_, case, delete, distinct, func, literal_column, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from aggregator.domains import PROVIDERS, TOP_DOMAINS, rows_of
@@ -83,24 +83,33 @@ async def read_breakdowns(conn: AsyncConnection, campaign: str, human_unique_ope
         select(b.facet, b.name, b.unique_opens, b.opens, b.clicks).where(b.campaign == campaign)
     )
     counters = [d[name] for name in DOMAIN_COUNTERS]
-    providers = await conn.execute(
-        select(d.domain, *counters).where(d.campaign == campaign, d.domain.in_(PROVIDERS))
-    )
-    # Domains counted on their own have a dot; provider rows have none.
-    top = await conn.execute(
+    # One round trip: the provider rows, then the top domains (they have a dot; providers none).
+    top = (
         select(d.domain, *counters)
         .where(d.campaign == campaign, d.domain.like("%.%"))
         .order_by(d.sent.desc(), d.domain)
         .limit(TOP_DOMAINS)
+        .subquery()
     )
-    by_provider = {row[0]: dict(zip(DOMAIN_COUNTERS, row[1:], strict=True)) for row in providers.all()}
+    rows = await conn.execute(
+        union_all(
+            select(literal_column("0").label("part"), d.domain, *counters).where(
+                d.campaign == campaign, d.domain.in_(PROVIDERS)
+            ),
+            select(literal_column("1"), top),
+        )
+    )
+    by_provider, domains = {}, []
+    for part, domain, *counts in rows.all():
+        if part == 0:
+            by_provider[domain] = dict(zip(DOMAIN_COUNTERS, counts, strict=True))
+        else:
+            domains.append((domain, dict(zip(DOMAIN_COUNTERS, counts, strict=True))))
+    domains.sort(key=lambda item: (-item[1]["sent"], item[0]))  # a union keeps no order
     return {
         **breakdowns_json([tuple(r) for r in facets.all()], human_unique_opens),
         "domains": [_domain_json(p, "provider", by_provider.get(p, {})) for p in PROVIDERS]
-        + [
-            _domain_json(row[0], "domain", dict(zip(DOMAIN_COUNTERS, row[1:], strict=True)))
-            for row in top.all()
-        ],
+        + [_domain_json(domain, "domain", counts) for domain, counts in domains],
     }
 
 

@@ -25,7 +25,7 @@ from aggregator.models import (
     STATS,
 )
 from aggregator.queries import event_json, with_message_recipient
-from aggregator.series import Bucket, activity_series, heatmap, window_start
+from aggregator.series import MAX_DAYS, Bucket, activity_series, heatmap, window_start
 from aggregator.times import as_utc, iso_utc
 from mailbeacon.events import EventType, utcnow
 from mailbeacon.signing import HONEYPOT_URL
@@ -64,17 +64,22 @@ async def campaign_exists(db: Database, campaign: str) -> bool:
 
 
 async def _buckets(conn: AsyncConnection, campaign: str) -> list[Bucket]:
-    """The campaign's hourly buckets of the most recent days a read shows (aggregator.series)."""
+    """The campaign's hourly buckets of the most recent days a read shows (aggregator.series):
+    newest first, at most as many as that window has hours, then cut to the window."""
     b = BUCKETS.c
-    last = await conn.scalar(select(func.max(b.hour)).where(b.campaign == campaign))
-    if last is None:
-        return []
-    rows = await conn.execute(
-        select(b.hour, b.opens, b.human_opens, b.clicks, b.human_clicks).where(
-            b.campaign == campaign, b.hour >= window_start(as_utc(last))
+    rows = (
+        await conn.execute(
+            select(b.hour, b.opens, b.human_opens, b.clicks, b.human_clicks)
+            .where(b.campaign == campaign)
+            .order_by(b.hour.desc())
+            .limit(MAX_DAYS * 24)
         )
-    )
-    return [Bucket(as_utc(h), o, ho, c, hc) for h, o, ho, c, hc in rows.all()]
+    ).all()
+    if not rows:
+        return []
+    start = window_start(as_utc(rows[0][0]))
+    buckets = [Bucket(as_utc(h), o, ho, c, hc) for h, o, ho, c, hc in rows]
+    return [bucket for bucket in buckets if bucket.hour >= start]
 
 
 async def _read(conn: AsyncConnection, campaign: str, hourly: bool, zone: tzinfo) -> dict[str, Any]:
