@@ -34,6 +34,7 @@ from aggregator.prepare import Prepared, prepare, prepare_yielding
 from aggregator.privacy import NOBODY, Anonymized
 from mailbeacon.events import utcnow
 from mailbeacon.jetstream import CONSUMER, STREAM
+from mailbeacon.nats_auth import NatsLogin
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +107,14 @@ class EventConsumer:
         pipeline: int | None = None,
         anonymized: Anonymized = NOBODY,
         lanes: int | None = None,
+        login: NatsLogin | None = None,
     ) -> None:
-        # The pull feed publishes raw pull requests, so it needs the connection under js.
+        # The pull feed publishes raw pull requests, so it needs the connection under js (and
+        # the login, for its own lean connection).
         nc: NATS = js._nc
         self.nc = nc
         self.db = db
-        self.feed = PullFeed(nc, STREAM, CONSUMER, batch_size)
+        self.feed = PullFeed(nc, STREAM, CONSUMER, batch_size, login=login)
         # SQLite has one writer: a second lane would only wait for it.
         self.lanes = lanes or (2 if db.dialect == "postgresql" else 1)
         # With lanes, a batch ends with its address-only events after both lanes: one

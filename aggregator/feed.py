@@ -11,7 +11,8 @@ those of any pull consumer; a whole batch is acknowledged in one write.
 
 Messages travel over a dedicated lean connection (:mod:`aggregator.wire`) that hands
 over raw ``(ack subject, payload)`` pairs, with no header parsing and no per-message
-objects; for URLs it cannot serve (TLS) the feed uses the nats-py client instead.
+objects; for URLs it cannot serve (WebSocket) the feed uses the nats-py client instead. Both log
+in with the same :class:`~mailbeacon.nats_auth.NatsLogin` (credentials and TLS).
 
 Status replies end a request: 404/408 (nothing more, or expired), 409 (the server
 refused it, e.g. the consumer was deleted or its leader changed) and 503 (nobody serves the
@@ -38,6 +39,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from aggregator.wire import Unsupported, WireConnection, pub
+from mailbeacon.nats_auth import NatsLogin, NatsLoginError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,7 @@ def delivery_info(reply: bytes) -> DeliveryInfo | None:
 
 
 class _NatsPyLink:
-    """The same feed over nats-py, for servers the lean connection does not speak to (TLS)."""
+    """The same feed over nats-py, for servers the lean connection does not speak to (WebSocket)."""
 
     def __init__(self, nc: NATS, feed: PullFeed) -> None:
         self._nc = nc
@@ -135,11 +137,11 @@ class _NatsPyLink:
 
 
 class _WireLink:
-    def __init__(self, nc: NATS, feed: PullFeed) -> None:
+    def __init__(self, nc: NATS, feed: PullFeed, login: NatsLogin | None) -> None:
         self._url = ""
         self._nc = nc
         self._conn = WireConnection(
-            self._address, "mailbeacon-aggregator-feed", feed.on_message, feed.forget_requests
+            self._address, "mailbeacon-aggregator-feed", feed.on_message, feed.forget_requests, login=login
         )
 
     def _address(self) -> str:
@@ -183,8 +185,10 @@ class PullFeed:
         expires: float = 5.0,
         depth: int = 3,
         lean: bool = True,
+        login: NatsLogin | None = None,
     ) -> None:
         self._nc = nc
+        self._login = login
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}".encode()
         self.batch = batch
         self._expires = expires
@@ -208,14 +212,14 @@ class PullFeed:
     async def start(self) -> None:
         self._inbox = self._nc.new_inbox().encode() + b"."
         if self._lean:
-            link = _WireLink(self._nc, self)
+            link = _WireLink(self._nc, self, self._login)
             try:
                 await link.start(self._inbox + b"*")
                 self._link = link
                 return
             except Unsupported as exc:
                 log.info("ingest feed over nats-py: %s", exc)
-            except (ConnectionError, OSError) as exc:
+            except (ConnectionError, OSError, NatsLoginError) as exc:
                 # nats-py is connected, so the server is there: whatever refused the lean
                 # link (an auth method it does not speak), nats-py's own link works.
                 log.warning("ingest feed over nats-py, the direct link failed: %s", exc)

@@ -10,6 +10,12 @@ Two kinds of series:
 - campaign gauges (``mailbeacon_campaign_*``): the exact statistics from the database,
   read every few seconds; every replica reports the same value, so aggregate them with
   ``max by (campaign)``.
+
+They live in the aggregator's own registry, :data:`REGISTRY`, which its port serves (in
+`mailbeacon up` too: each component's port serves only its own series). Every label value
+a counter can take exists at zero before its first increment (a campaign's event types as
+soon as the campaign is known): a series that first appears with its first increment
+hides that increment from ``rate()`` and ``increase()``, and a rare event has nothing else.
 """
 
 from __future__ import annotations
@@ -17,55 +23,124 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from aggregator.tally import BatchResult
+from mailbeacon.build_info import register_build_info
+from mailbeacon.events import EventType
+from mailbeacon.suppressions import REASONS
 
-EVENTS = Counter("mailbeacon_events_total", "Events applied to campaign statistics", ["campaign", "type"])
-RECEIVED = Counter("mailbeacon_aggregator_events_received_total", "Events taken from the stream")
-DUPLICATES = Counter("mailbeacon_aggregator_duplicate_events_total", "Repeated events ignored")
-PARKED_TOTAL = Counter(
-    "mailbeacon_aggregator_events_parked_total", "Events stored to wait for a message not seen yet"
+REGISTRY = CollectorRegistry(auto_describe=True)
+BUILD_INFO = register_build_info(REGISTRY, "aggregator")
+
+EVENTS = Counter(
+    "mailbeacon_events_total",
+    "Events applied to campaign statistics",
+    ["campaign", "type"],
+    registry=REGISTRY,
 )
-INVALID = Counter("mailbeacon_aggregator_invalid_events_total", "Malformed events dropped")
+RECEIVED = Counter(
+    "mailbeacon_aggregator_events_received_total", "Events taken from the stream", registry=REGISTRY
+)
+DUPLICATES = Counter(
+    "mailbeacon_aggregator_duplicate_events_total", "Repeated events ignored", registry=REGISTRY
+)
+PARKED_TOTAL = Counter(
+    "mailbeacon_aggregator_events_parked_total",
+    "Events stored to wait for a message not seen yet",
+    registry=REGISTRY,
+)
+INVALID = Counter("mailbeacon_aggregator_invalid_events_total", "Malformed events dropped", registry=REGISTRY)
 REJECTED = Counter(
     "mailbeacon_aggregator_events_rejected_total",
     "Valid events the database refused to store every time (terminated so they stop stalling ingest)",
+    registry=REGISTRY,
 )
-BATCH_FAILURES = Counter("mailbeacon_aggregator_batch_failures_total", "Batches rolled back and redelivered")
-PRUNED = Counter("mailbeacon_aggregator_pruned_events_total", "Stored events removed by retention")
+BATCH_FAILURES = Counter(
+    "mailbeacon_aggregator_batch_failures_total", "Batches rolled back and redelivered", registry=REGISTRY
+)
+PRUNED = Counter(
+    "mailbeacon_aggregator_pruned_events_total", "Stored events removed by retention", registry=REGISTRY
+)
 BATCH_SECONDS = Histogram(
     "mailbeacon_aggregator_batch_seconds",
     "Time to store one batch of events",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
 )
 LAG = Gauge(
-    "mailbeacon_aggregator_ingest_lag_events", "Events in the stream not yet delivered to the aggregator"
+    "mailbeacon_aggregator_ingest_lag_events",
+    "Events in the stream not yet delivered to the aggregator",
+    registry=REGISTRY,
 )
 LAG_SECONDS = Gauge(
-    "mailbeacon_aggregator_ingest_lag_seconds", "Age of the newest stored event when its batch committed"
+    "mailbeacon_aggregator_ingest_lag_seconds",
+    "Age of the newest stored event when its batch committed",
+    registry=REGISTRY,
 )
-PARKED = Gauge("mailbeacon_aggregator_parked_events", "Stored events waiting for their message")
+PARKED = Gauge(
+    "mailbeacon_aggregator_parked_events", "Stored events waiting for their message", registry=REGISTRY
+)
 PARKED_EXPIRED = Counter(
     "mailbeacon_aggregator_parked_events_expired_total",
     "Parked events deleted after waiting PARKED_EVENT_TTL_HOURS for their message (they never counted)",
     ["type"],
+    registry=REGISTRY,
 )
 PARKED_DROPPED = Counter(
     "mailbeacon_aggregator_parked_events_dropped_total",
     "Oldest parked events deleted beyond PARKED_EVENT_LIMIT (they never counted)",
     ["type"],
+    registry=REGISTRY,
 )
+SUPPRESSIONS_RECORDED = Counter(
+    "mailbeacon_aggregator_suppressions_recorded_total",
+    "Unsubscribes and complaints put into the suppression bucket (repeats included)",
+    ["reason"],
+    registry=REGISTRY,
+)
+SUPPRESSION_WATCH_OVERFLOW = Counter(
+    "mailbeacon_aggregator_suppression_watch_overflow_total",
+    "Parked unsubscribes/complaints no longer watched because newer ones filled the watch "
+    "(the next start's catch-up records any that get applied)",
+    registry=REGISTRY,
+)
+
+EVENT_TYPES = tuple(t.value for t in EventType)
+# Everything but ``sent`` can wait for its message (a ``sent`` makes the message).
+PARKED_TYPES = tuple(t for t in EVENT_TYPES if t != EventType.SENT.value)
+for _type in PARKED_TYPES:
+    PARKED_EXPIRED.labels(_type)
+    PARKED_DROPPED.labels(_type)
+for _reason in REASONS:
+    SUPPRESSIONS_RECORDED.labels(_reason)
+
+# The children of mailbeacon_events_total, by (campaign, type): bound once per campaign.
+_events: dict[tuple[str, str], Counter] = {}
+
+
+def campaign_seen(campaign: str) -> None:
+    """Create a campaign's ``mailbeacon_events_total`` series at zero, every type at once."""
+    if (campaign, EVENT_TYPES[0]) in _events:
+        return
+    for event_type in EVENT_TYPES:
+        _events[(campaign, event_type)] = EVENTS.labels(campaign, event_type)
 
 
 def record_batch(result: BatchResult, received: int) -> None:
     RECEIVED.inc(received)
     DUPLICATES.inc(result.duplicates)
     PARKED_TOTAL.inc(result.parked)
-    for (campaign, event_type), count in result.by_type.items():
-        EVENTS.labels(campaign, event_type).inc(count)
+    for key, count in result.by_type.items():
+        child = _events.get(key)
+        if child is None:  # a campaign's first events
+            campaign_seen(key[0])
+            child = _events.get(key)
+            if child is None:  # a type outside EventType: never, but counted all the same
+                child = _events[key] = EVENTS.labels(*key)
+        child.inc(count)
 
 
 _MESSAGE_STATES = {
@@ -99,6 +174,8 @@ class CampaignStatistics(Collector):
 
     def update(self, campaigns: Iterable[Mapping[str, Any]]) -> None:
         self._snapshot = list(campaigns)
+        for stats in self._snapshot:
+            campaign_seen(str(stats["campaign"]))
 
     def collect(self) -> Iterator[Metric]:
         snapshot = self._snapshot
@@ -109,7 +186,7 @@ class CampaignStatistics(Collector):
         )
         rates = GaugeMetricFamily(
             "mailbeacon_campaign_rate_percent",
-            "Campaign rates as DESIGN.md defines them",
+            "Campaign rates as docs/architecture.md (Statistics) defines them",
             labels=["campaign", "rate"],
         )
         singles = {

@@ -29,26 +29,15 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import Counter
 from sqlalchemy import bindparam, text
 
+from aggregator import metrics
 from aggregator.db import Database
 from aggregator.decode import Incoming
 from mailbeacon.events import EventType
 from mailbeacon.suppressions import REASONS, SuppressionList
 
 log = logging.getLogger(__name__)
-
-RECORDED = Counter(
-    "mailbeacon_aggregator_suppressions_recorded_total",
-    "Unsubscribes and complaints put into the suppression bucket (repeats included)",
-    ["reason"],
-)
-WATCH_OVERFLOW = Counter(
-    "mailbeacon_aggregator_suppression_watch_overflow_total",
-    "Parked unsubscribes/complaints no longer watched because newer ones filled the watch "
-    "(the next start's catch-up records any that get applied)",
-)
 
 CHECK_PARKED_SECONDS = 2.0
 MAX_WATCHED = 10_000  # parked unsubscribes/complaints watched at once (they are few)
@@ -103,7 +92,7 @@ class SuppressionRecorder:
             chunk = items[start : start + _PUTS_AT_ONCE]
             await asyncio.gather(*(self.suppressions.put(c, r, reason, at) for (c, r), (reason, at) in chunk))
             for _, (reason, _at) in chunk:
-                RECORDED.labels(reason).inc()
+                metrics.SUPPRESSIONS_RECORDED.labels(reason).inc()
 
     async def _by_event_id(self, ids: Sequence[str]) -> list[Any]:
         rows: list[Any] = []
@@ -142,7 +131,7 @@ class SuppressionRecorder:
             return
         if len(self.watched) >= MAX_WATCHED:
             self.watched.pop(next(iter(self.watched)))
-            WATCH_OVERFLOW.inc()
+            metrics.SUPPRESSION_WATCH_OVERFLOW.inc()
         self.watched[event_id] = now
 
     async def check_parked(self) -> None:

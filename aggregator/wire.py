@@ -9,10 +9,13 @@ looked at only for a status line. Writes are whole frames the caller joined, so 
 of acknowledgements is one ``write``.
 
 It speaks the documented client protocol (``INFO``/``CONNECT``/``PING``/``PONG``/``SUB``/
-``PUB``/``MSG``/``HMSG``/``+OK``/``-ERR``) over plain TCP, with the user and password or
-token of a ``nats://`` URL. Anything else (TLS, WebSocket, nkeys) raises
-:class:`Unsupported`, and the caller uses nats-py instead. It reconnects by itself; a
-keepalive ``PING`` finds a silently dead connection.
+``PUB``/``MSG``/``HMSG``/``+OK``/``-ERR``) over TCP, upgraded to TLS when the server's
+``INFO`` says ``tls_required`` (verified against ``NATS_CA_FILE``, with the client certificate
+when one is configured), and logs in as the other components do (:class:`NatsLogin`: user and
+password, token, nkey or ``.creds`` JWT, signing the server's nonce), else with the user and
+password or token of a ``nats://`` URL. WebSocket URLs raise :class:`Unsupported`, and the
+caller uses nats-py instead. It reconnects by itself; a keepalive ``PING`` finds a silently
+dead connection.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from mailbeacon.nats_auth import NatsLogin
+
 log = logging.getLogger(__name__)
 
 # subject, reply ("" when none), status code of a status message (else None), payload
@@ -36,7 +41,7 @@ _READ_SIZE = 1 << 18
 
 
 class Unsupported(Exception):
-    """The server or URL needs something this connection does not speak (TLS, nkeys, ...)."""
+    """The server or URL needs something this connection does not speak (WebSocket)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,7 @@ class Server:
     user: str | None = None
     password: str | None = None
     token: str | None = None
+    tls: bool = False  # a tls:// URL: the server must offer TLS
 
     @classmethod
     def from_url(cls, url: str) -> Server:
@@ -53,14 +59,16 @@ class Server:
         user, password and token exactly as written (no percent-decoding), or the same
         URL would log in for the other components and be refused for this one."""
         parts = urlsplit(url if "://" in url else f"nats://{url}")
-        if parts.scheme != "nats":
+        if parts.scheme not in ("nats", "tls"):
             raise Unsupported(f"{parts.scheme}:// URLs are served by nats-py")
         user = parts.username or None
         password = parts.password
         token = None
         if user is not None and password is None:
             user, token = None, user
-        return cls(parts.hostname or "127.0.0.1", parts.port or 4222, user, password, token)
+        return cls(
+            parts.hostname or "127.0.0.1", parts.port or 4222, user, password, token, parts.scheme == "tls"
+        )
 
 
 def pub(subject: bytes, payload: bytes, reply: bytes = b"") -> bytes:
@@ -87,7 +95,9 @@ class WireConnection:
         *,
         ping_interval: float = 10.0,
         connect_timeout: float = 5.0,
+        login: NatsLogin | None = None,
     ) -> None:
+        self._login = login or NatsLogin()
         self._address = address
         self._name = name
         self._handler = handler
@@ -149,12 +159,21 @@ class WireConnection:
             if not line.startswith(b"INFO "):
                 raise ConnectionError(f"not a NATS server: {line[:80]!r}")
             info = json.loads(line[5:])
-            if info.get("tls_required") or info.get("nonce"):
-                raise Unsupported("the server requires TLS or nkey authentication")
+            wants_tls = server.tls or self._login.tls_configured
+            secured = bool(info.get("tls_required") or (wants_tls and info.get("tls_available")))
+            if secured:
+                # As nats-py does: the INFO comes in clear, then the TLS handshake.
+                context = self._login.ssl_context(required=True)
+                assert context is not None
+                await asyncio.wait_for(
+                    writer.start_tls(context, server_hostname=server.host), self._connect_timeout
+                )
+            elif wants_tls:
+                raise ConnectionError("TLS is configured for NATS, but the server does not offer it")
             options: dict[str, object] = {
                 "verbose": False,
                 "pedantic": False,
-                "tls_required": False,
+                "tls_required": secured,
                 "name": self._name,
                 "lang": "python3",
                 "version": "mailbeacon-wire",
@@ -163,9 +182,13 @@ class WireConnection:
                 "no_responders": True,
                 "echo": False,
             }
-            if server.user is not None:
+            # The configured login applies to every server; a URL's own credentials to that one.
+            login = self._login.connect_fields(info.get("nonce"))
+            if login:
+                options.update(login)
+            elif server.user is not None:
                 options.update(user=server.user, **{"pass": server.password or ""})
-            if server.token is not None:
+            elif server.token is not None:
                 options["auth_token"] = server.token
             writer.write(b"CONNECT " + json.dumps(options).encode() + b"\r\nPING\r\n")
             while True:

@@ -22,6 +22,7 @@ from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, InvalidCampaign, parse_manifests
 from mailbeacon.devstate import read_state
 from mailbeacon.jetstream import connect, ensure_suppression_bucket, provision, redact_url
+from mailbeacon.nats_auth import NatsLogin
 from mailbeacon.publisher import EventPublisher
 from mailbeacon.runner import AllInOne, Component, nats_url_file, run_component, wait_for_signal
 from mailbeacon.settings import Settings, invalid_settings
@@ -51,6 +52,9 @@ class _WithPublisher:
             await self.store.start()
         await self.component.start()
 
+    def begin_stopping(self) -> None:
+        self.component.begin_stopping()
+
     async def stop(self) -> None:
         deadline = time.monotonic() + self.drain
         await self.component.stop()
@@ -66,7 +70,7 @@ async def _build_proxy(settings: Settings, nc: NATS) -> Component:
     publisher = EventPublisher(nc.jetstream(), spool=Spool.under(settings.data_dir))
     store = CampaignStore(kv)
     suppressions = None
-    if settings.honour_unsubscribes:
+    if settings.proxy.honour_unsubscribes:
         suppressions = SuppressionList(await ensure_suppression_bucket(nc.jetstream(), settings))
     proxy = ProxyService(settings, publisher, store, suppressions=suppressions)
     return _WithPublisher(proxy, publisher, store, settings.shutdown_drain_seconds)
@@ -94,11 +98,13 @@ async def _up(settings: Settings) -> None:
                 if addresses.outbox
                 else ""
             )
-            + f"  NATS                       {redact_url(addresses.nats)}\n\n"
+            + f"  Prometheus metrics         {addresses.proxy_http}/metrics (proxy), "
+            f"{addresses.tracker}/metrics (tracker), {addresses.aggregator}/metrics (aggregator)\n"
+            f"  NATS                       {redact_url(addresses.nats)}\n\n"
             f"Try it:  {_this_python()} -m mailbeacon.sendtest --smtp {addresses.smtp}\n",
             flush=True,
         )
-        await wait_for_signal()
+        await wait_for_signal(settings.shutdown_delay_seconds, system.begin_stopping)
         print("\nstopping...", flush=True)
     finally:
         await system.stop()
@@ -107,8 +113,8 @@ async def _up(settings: Settings) -> None:
 def _nats_url(settings: Settings) -> str:
     """NATS_URL, else the NATS of the running `mailbeacon up` (mailbeacon.devstate), else the
     one `up` left under DATA_DIR; else a message saying what to set."""
-    if settings.nats_url:
-        return settings.nats_url
+    if settings.nats.url:
+        return settings.nats.url
     running = read_state(settings)
     if running is not None and running.nats:
         return running.nats
@@ -129,12 +135,12 @@ def _nats_url(settings: Settings) -> str:
 def _aggregator_base(settings: Settings) -> str:
     """AGGREGATOR_URL or an explicitly set AGGREGATOR_LISTEN, else the running `mailbeacon up`'s
     aggregator, else the default listen address."""
-    explicit = settings.aggregator_url or "aggregator_listen" in settings.model_fields_set
+    explicit = settings.aggregator.url or "listen" in settings.aggregator.model_fields_set
     if not explicit:
         running = read_state(settings)
         if running is not None:
             return running.aggregator
-    return settings.aggregator_base_url()
+    return settings.aggregator.base_url()
 
 
 async def _apply(settings: Settings, text: str) -> None:
@@ -142,7 +148,7 @@ async def _apply(settings: Settings, text: str) -> None:
         campaigns = parse_manifests(text)
     except InvalidCampaign as exc:
         raise SystemExit(f"error: {exc}") from exc
-    nc = await connect(_nats_url(settings), "mailbeacon-cli")
+    nc = await connect(_nats_url(settings), "mailbeacon-cli", NatsLogin.from_settings(settings))
     try:
         store = CampaignStore(await provision(nc.jetstream(), settings))
         for key, spec in campaigns:
@@ -172,7 +178,7 @@ def _refused(code: int, token: str | None, base: str) -> str:
 
 def _aggregator_get(settings: Settings, path: str, method: str = "GET") -> Any:
     base = _aggregator_base(settings)
-    token = settings.aggregator_token()
+    token = settings.aggregator.client_token()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     request = urllib.request.Request(f"{base}{path}", method=method, headers=headers)
     try:
@@ -258,6 +264,18 @@ def _parser() -> argparse.ArgumentParser:
             component.add_argument(
                 "--workers", type=int, default=1, help="worker processes sharing the port (SO_REUSEPORT)"
             )
+        if name == "operator":
+            release = component.add_subparsers(dest="operator_action").add_parser(
+                "release-campaigns",
+                help="take the operator's finalizer off every Campaign it serves (before uninstalling it)",
+            )
+            release.add_argument(
+                "--stop-deployment", metavar="NAME", help="scale the operator's Deployment to 0 first"
+            )
+            release.add_argument("--namespace", help="that Deployment's namespace (default: this pod's)")
+            release.add_argument(
+                "--timeout", type=float, default=120.0, help="seconds to wait for the operator's pods to end"
+            )
     commands.add_parser("migrate", help="bring the SQL schema up to date")
     campaign = commands.add_parser("campaign", help="manage campaigns").add_subparsers(
         dest="action", required=True
@@ -315,6 +333,10 @@ def main(argv: list[str] | None = None) -> None:
         run_tracker(settings, max(1, args.workers))
     elif command == "aggregator":
         asyncio.run(run_component(settings, _build_aggregator, "aggregator"))
+    elif command == "operator" and args.operator_action == "release-campaigns":
+        from campaign_operator.release import release_command
+
+        release_command(settings, args.stop_deployment, args.namespace, args.timeout)
     elif command == "operator":
         from campaign_operator.main import run
 

@@ -25,6 +25,7 @@ from nats.js.errors import BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from mailbeacon.events import SUBJECT_PREFIX
+from mailbeacon.nats_auth import NatsLogin
 from mailbeacon.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,9 @@ def _redact_one(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"***@{netloc}"))
 
 
-async def connect(url: str, name: str) -> NATS:
+async def connect(url: str, name: str, login: NatsLogin | None = None) -> NATS:
+    """nats-py connected to ``url`` (reconnecting forever), with ``login``'s credentials and TLS
+    (:meth:`NatsLogin.from_settings`)."""
     shown = redact_url(url)
     client = NATS()
 
@@ -96,6 +99,7 @@ async def connect(url: str, name: str) -> NATS:
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        **(login or NatsLogin()).nats_py_options(),
     )
     return client
 
@@ -106,9 +110,9 @@ def stream_config(settings: Settings) -> StreamConfig:
         subjects=[ALL_EVENTS],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
-        max_age=settings.stream_max_age_days * 86400,
-        duplicate_window=settings.stream_duplicate_window_seconds,
-        num_replicas=settings.stream_replicas,
+        max_age=settings.nats.stream_max_age_days * 86400,
+        duplicate_window=settings.nats.stream_duplicate_window_seconds,
+        num_replicas=settings.nats.stream_replicas,
     )
 
 
@@ -137,7 +141,7 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
     wanted = stream_config(settings)
     # Fast batches let the tracker publish its pixel and click events with one
     # acknowledgement per batch (mailbeacon.fast_batch); older servers do not know them.
-    fast = settings.stream_fast_batches and takes_fast_batches(js)
+    fast = settings.nats.stream_fast_batches and takes_fast_batches(js)
     wanted.allow_batched = True if fast else None
     try:
         info = await js.stream_info(STREAM)
@@ -150,7 +154,7 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
     # STREAM_DUPLICATE_WINDOW_SECONDS): a proxy sidecar in an app's pod, configured by the
     # app's team, must not reset what the release's tracker and aggregator set, nor the two
     # flip it back and forth on every restart.
-    told = settings.model_fields_set
+    told = settings.nats.model_fields_set
     max_age = wanted.max_age if "stream_max_age_days" in told else have.max_age
     window = wanted.duplicate_window if "stream_duplicate_window_seconds" in told else have.duplicate_window
     retention_changed = (
@@ -190,7 +194,7 @@ async def _ensure_bucket(js: JetStreamContext, settings: Settings, bucket: str, 
     try:
         return await js.key_value(bucket)
     except BucketNotFoundError:
-        config = KeyValueConfig(bucket=bucket, history=history, replicas=settings.stream_replicas)
+        config = KeyValueConfig(bucket=bucket, history=history, replicas=settings.nats.stream_replicas)
         return await js.create_key_value(config=config)
 
 
@@ -206,7 +210,10 @@ async def ensure_suppression_bucket(js: JetStreamContext, settings: Settings) ->
 def replay_window_seconds(settings: Settings) -> float:
     """How long a signed webhook request can be accepted after it arrived: the longest age
     window plus the clock skew allowed ahead of it."""
-    return max(settings.webhook_max_age_seconds, settings.sns_max_age_seconds) + CLOCK_SKEW_SECONDS
+    return (
+        max(settings.tracker.webhook_max_age_seconds, settings.tracker.sns_max_age_seconds)
+        + CLOCK_SKEW_SECONDS
+    )
 
 
 async def ensure_replay_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
@@ -215,7 +222,9 @@ async def ensure_replay_bucket(js: JetStreamContext, settings: Settings) -> KeyV
     try:
         kv = await js.key_value(REPLAY_BUCKET)
     except BucketNotFoundError:
-        config = KeyValueConfig(bucket=REPLAY_BUCKET, history=1, ttl=ttl, replicas=settings.stream_replicas)
+        config = KeyValueConfig(
+            bucket=REPLAY_BUCKET, history=1, ttl=ttl, replicas=settings.nats.stream_replicas
+        )
         return await js.create_key_value(config=config)
     # Only ever lengthened: a shorter TTL than some tracker's age window would let a replay
     # through once its key expired, and two trackers told different windows must not take

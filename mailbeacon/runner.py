@@ -25,6 +25,7 @@ from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.devstate import UpState, remove_state, write_state
 from mailbeacon.embedded_nats import EmbeddedNats
 from mailbeacon.jetstream import connect, ensure_suppression_bucket, provision
+from mailbeacon.nats_auth import NatsLogin
 from mailbeacon.outbox import Outbox
 from mailbeacon.publisher import EventPublisher
 from mailbeacon.settings import MIN_SECRET_KEY_LENGTH, Settings, parse_listen
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 
 class Component(Protocol):
     async def start(self) -> None: ...
+    def begin_stopping(self) -> None:
+        """SIGTERM came: /readyz answers 503 from now on, serving goes on until ``stop``."""
+
     async def stop(self) -> None: ...
 
 
@@ -71,6 +75,7 @@ class Addresses:
     aggregator: str
     nats: str
     outbox: Path | None
+    proxy_http: str = ""  # the proxy's /healthz, /readyz and /metrics
 
 
 def _http(listen: str, port: int | None) -> str:
@@ -100,7 +105,7 @@ class AllInOne:
 
         settings = ensure_secret_key(self.settings)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        nats_url = settings.nats_url
+        nats_url = settings.nats.url
         if nats_url is None:
             self.nats = EmbeddedNats(settings.data_dir / "nats")
             # Started from this (the main) thread: the child's parent-death signal follows it.
@@ -111,12 +116,12 @@ class AllInOne:
             "auto_create_campaigns": True,
             "migrate_on_start": True,
         }
-        if settings.upstream_smtp is None:
+        if settings.proxy.upstream_smtp is None:
             self.outbox = Outbox(settings.data_dir / "outbox")
             await self.outbox.start()
             updates |= {"upstream_smtp": SecretStr(self.outbox.url), "outbox_dir": self.outbox.directory}
         settings = settings.model_copy(update=updates)
-        self.nc = await connect(nats_url, "mailbeacon-up")
+        self.nc = await connect(nats_url, "mailbeacon-up", NatsLogin.from_settings(settings))
         js = self.nc.jetstream()
         kv = await provision(js, settings)
         self.publisher = EventPublisher(js, spool=Spool.under(settings.data_dir))
@@ -127,9 +132,9 @@ class AllInOne:
             # The outbox is the final mailbox here: a kept copy is a delivered one.
             self.outbox.on_delivery = self.publisher.publish_or_buffer
         derive_site = "site_url" not in self.settings.model_fields_set
-        if derive_site and parse_listen(settings.tracker_listen)[1]:
+        if derive_site and parse_listen(settings.tracker.listen)[1]:
             # Links must reach this tracker wherever TRACKER_LISTEN puts it.
-            settings = settings.model_copy(update={"site_url": _http(settings.tracker_listen, None)})
+            settings = settings.model_copy(update={"site_url": _http(settings.tracker.listen, None)})
         self.store = CampaignStore(kv)
         await self.store.start()
         aggregator = AggregatorService(settings, js, kv)
@@ -137,22 +142,23 @@ class AllInOne:
         for component in (aggregator, tracker):
             await component.start()
             self.components.append(component)
-        tracker_url = _http(settings.tracker_listen, tracker.port)
+        tracker_url = _http(settings.tracker.listen, tracker.port)
         if derive_site:  # port 0: known only now
             settings = settings.model_copy(update={"site_url": tracker_url})
         suppressions = SuppressionList(await ensure_suppression_bucket(js, settings))
-        proxy = ProxyService(
-            settings, self.publisher, self.store, serve_http=False, suppressions=suppressions
-        )
+        # Each component serves its own /metrics on its own port (the proxy's on PROXY_HTTP_LISTEN):
+        # one scrape target per component, as in a cluster, so no sum counts an event twice.
+        proxy = ProxyService(settings, self.publisher, self.store, suppressions=suppressions)
         await proxy.start()
         self.components.append(proxy)
-        host, _ = parse_listen(settings.smtp_listen)
+        host, _ = parse_listen(settings.proxy.smtp_listen)
         addresses = Addresses(
             smtp=f"{host}:{proxy.port}",
             tracker=tracker_url,
-            aggregator=_http(settings.aggregator_listen, aggregator.port),
+            aggregator=_http(settings.aggregator.listen, aggregator.port),
             nats=nats_url,
             outbox=self.outbox.directory if self.outbox else None,
+            proxy_http=_http(settings.proxy.http_listen, proxy.http_port),
         )
         try:
             write_state(
@@ -163,6 +169,10 @@ class AllInOne:
         except OSError as exc:
             log.warning("other commands will not find this mailbeacon up (%s): set their addresses", exc)
         return addresses
+
+    def begin_stopping(self) -> None:
+        for component in self.components:
+            component.begin_stopping()
 
     async def stop(self) -> None:
         # Proxy and tracker first, then flush their events (spooling what NATS does not take
@@ -190,25 +200,37 @@ class AllInOne:
             remove_state(self.settings, os.getpid())
 
 
-async def wait_for_signal() -> None:
-    stop = asyncio.Event()
+async def wait_for_signal(delay: float = 0.0, stopping: Callable[[], None] | None = None) -> None:
+    """Return once SIGTERM or SIGINT arrives; with a ``delay`` (SHUTDOWN_DELAY_SECONDS), first call
+    ``stopping`` (readiness turns 503) and keep serving for ``delay`` seconds, or until a second
+    signal: Service endpoints and load balancers take a moment to stop sending requests to a
+    terminating pod, and a listener closed at once would refuse them (README "Zero-drop rollouts")."""
+    signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+        loop.add_signal_handler(sig, signalled.set)
+    await signalled.wait()
+    if delay <= 0:
+        return
+    signalled.clear()
+    if stopping is not None:
+        stopping()
+    log.info("stopping: /readyz answers 503; still serving for %g s (SHUTDOWN_DELAY_SECONDS)", delay)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(signalled.wait(), delay)
 
 
 async def run_component(
     settings: Settings, build: Callable[[Settings, NATS], Awaitable[Component]], name: str
 ) -> None:
     """One component as its container runs it: connect, provision, serve until SIGTERM."""
-    if not settings.nats_url:
+    if not settings.nats.url:
         raise SystemExit(f"mailbeacon {name}: MAILBEACON_NATS_URL is required (or use `mailbeacon up`)")
-    nc = await connect(settings.nats_url, f"mailbeacon-{name}")
+    nc = await connect(settings.nats.url, f"mailbeacon-{name}", NatsLogin.from_settings(settings))
     component = await build(settings, nc)
     await component.start()
     try:
-        await wait_for_signal()
+        await wait_for_signal(settings.shutdown_delay_seconds, component.begin_stopping)
     finally:
         await component.stop()
         await close_connection(nc)

@@ -53,7 +53,14 @@ def add_health_routes(
         return web.json_response({"status": "ready" if ok else "not ready"}, status=200 if ok else 503)
 
     async def metrics(_: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest(registry))
+        # The component's own registry, then prometheus_client's default one, which holds
+        # only the process's own collectors (CPU, memory, file descriptors, GC): components
+        # never register there, so in `mailbeacon up` no component's series shows on another's
+        # port (README "Metrics: one registry per component").
+        body = generate_latest(registry)
+        if registry is not REGISTRY:
+            body += generate_latest(REGISTRY)
+        response = web.Response(body=body)
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 

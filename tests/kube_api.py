@@ -83,6 +83,17 @@ class ResourceType:
 
 NAMESPACES = ResourceType("", "v1", "namespaces", "Namespace", namespaced=False)
 EVENTS = ResourceType("", "v1", "events", "Event", namespaced=True)
+# Served on request (``FakeKubernetes(builtins=[...])``): no schema, stored as given, nothing
+# reconciles them.
+DEPLOYMENTS = ResourceType("apps", "v1", "deployments", "Deployment", namespaced=True)
+PODS = ResourceType("", "v1", "pods", "Pod", namespaced=True)
+MUTATING_WEBHOOK_CONFIGURATIONS = ResourceType(
+    "admissionregistration.k8s.io",
+    "v1",
+    "mutatingwebhookconfigurations",
+    "MutatingWebhookConfiguration",
+    namespaced=False,
+)
 
 
 def resource_from_crd(crd: Mapping[str, Any]) -> ResourceType:
@@ -126,9 +137,10 @@ class FakeKubernetes:
     namespaces: list[str] = field(default_factory=lambda: ["default"])
     pruned: list[str] = field(default_factory=list)
     requests: list[tuple[str, str]] = field(default_factory=list)
+    builtins: list[ResourceType] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.types = [NAMESPACES, EVENTS, *(resource_from_crd(crd) for crd in self.crds)]
+        self.types = [NAMESPACES, EVENTS, *self.builtins, *(resource_from_crd(crd) for crd in self.crds)]
         self.objects: dict[tuple[str, str, str | None, str], JSON] = {}
         self.history: list[Change] = []
         self.rv = 0
@@ -337,7 +349,7 @@ class FakeKubernetes:
         if request.method == "GET" and name is None:
             if request.query.get("watch") in ("true", "1"):
                 return await self._watch(request, resource, namespace)
-            return self._list(resource, namespace)
+            return self._list(resource, namespace, request.query.get("labelSelector", ""))
         if request.method == "GET":
             found = self.objects.get((resource.api_version, resource.plural, namespace, name))
             if found is None:
@@ -399,13 +411,20 @@ class FakeKubernetes:
             and (namespace is None or ns == namespace)
         ]
 
-    def _list(self, resource: ResourceType, namespace: str | None) -> web.Response:
+    def _list(self, resource: ResourceType, namespace: str | None, selector: str = "") -> web.Response:
+        # Equality-based label selectors ("a=b,c=d"), as kubectl's -l sends them.
+        wanted = dict(part.split("=", 1) for part in selector.split(",") if "=" in part)
+        items = [
+            obj
+            for obj in self._select(resource, namespace)
+            if wanted.items() <= (obj["metadata"].get("labels") or {}).items()
+        ]
         return web.json_response(
             {
                 "kind": f"{resource.kind}List",
                 "apiVersion": resource.api_version,
                 "metadata": {"resourceVersion": str(self.rv)},
-                "items": self._select(resource, namespace),
+                "items": items,
             }
         )
 

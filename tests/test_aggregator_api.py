@@ -48,7 +48,7 @@ async def api(database_url: str) -> AsyncIterator[Api]:
     await migrate(db)
     campaign = f"api/c{uuid.uuid4().hex[:8]}"
     app = create_app(db, None)
-    add_health_routes(app)
+    add_health_routes(app, registry=metrics.REGISTRY)
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()

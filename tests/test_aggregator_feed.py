@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo
 from prometheus_client import generate_latest
 
+from aggregator import metrics as aggregator_metrics
 from aggregator.consumer import EventConsumer
 from aggregator.db import Database, open_database
 from aggregator.feed import ACK, TERM, Delivery, PullFeed, delivery_info, nak
@@ -35,7 +36,9 @@ from tests.test_aggregator_crash import CAMPAIGNS, generate, recount
 
 
 def invalid_events() -> float:
-    return metric_value(generate_latest().decode(), "mailbeacon_aggregator_invalid_events_total")
+    return metric_value(
+        generate_latest(aggregator_metrics.REGISTRY).decode(), "mailbeacon_aggregator_invalid_events_total"
+    )
 
 
 def event(kind: str = "opened", **fields: object) -> dict[str, object]:
@@ -211,8 +214,10 @@ def test_server_urls_are_read_like_nats_py() -> None:
     )
     assert Server.from_url("nats://s3cret@nats.example") == Server("nats.example", 4222, token="s3cret")
     assert Server.from_url("nats.example:4000") == Server("nats.example", 4000)
+    # tls:// is spoken too (the TLS handshake after INFO: tests/test_nats_auth.py); WebSocket is not.
+    assert Server.from_url("tls://nats.example:4222") == Server("nats.example", 4222, tls=True)
     with pytest.raises(Unsupported):
-        Server.from_url("tls://nats.example:4222")
+        Server.from_url("wss://nats.example:443")
 
 
 @pytest.fixture
@@ -314,7 +319,9 @@ async def test_consumer_lanes_store_each_message_after_its_sent(nc: NATS, databa
 
 
 def _parked_total() -> float:
-    return metric_value(generate_latest().decode(), "mailbeacon_aggregator_events_parked_total")
+    return metric_value(
+        generate_latest(aggregator_metrics.REGISTRY).decode(), "mailbeacon_aggregator_events_parked_total"
+    )
 
 
 async def test_address_only_event_waits_for_the_lane_creating_its_message(

@@ -22,6 +22,7 @@ from nats.aio.client import Client as NATS
 from prometheus_client import generate_latest
 from sqlalchemy import select, text
 
+from aggregator import metrics as aggregator_metrics
 from aggregator import service as aggregator_service
 from aggregator import statistics
 from aggregator.bulk import Bulk
@@ -87,7 +88,7 @@ async def counts(db: Database, campaign: str, *names: str) -> dict[str, int]:
 
 
 def metric(name: str, **labels: str) -> float:
-    return metric_value(generate_latest().decode(), name, **labels)
+    return metric_value(generate_latest(aggregator_metrics.REGISTRY).decode(), name, **labels)
 
 
 # -- address-only events are time-bounded ------------------------------------------------------

@@ -14,6 +14,7 @@ from nats.aio.client import Client as NATS
 from prometheus_client import generate_latest
 from sqlalchemy import func, select, text
 
+from aggregator import metrics as aggregator_metrics
 from aggregator.consumer import EventConsumer
 from aggregator.db import Database, open_database
 from aggregator.migrate import migrate
@@ -24,11 +25,15 @@ from tests.support import eventually, metric_value
 
 
 def rejected() -> float:
-    return metric_value(generate_latest().decode(), "mailbeacon_aggregator_events_rejected_total")
+    return metric_value(
+        generate_latest(aggregator_metrics.REGISTRY).decode(), "mailbeacon_aggregator_events_rejected_total"
+    )
 
 
 def batch_failures() -> float:
-    return metric_value(generate_latest().decode(), "mailbeacon_aggregator_batch_failures_total")
+    return metric_value(
+        generate_latest(aggregator_metrics.REGISTRY).decode(), "mailbeacon_aggregator_batch_failures_total"
+    )
 
 
 async def publish(nc: NATS, events: list[dict[str, object]]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from aggregator import metrics
 from aggregator import suppressions as recorder_module
 from aggregator.suppressions import SuppressionRecorder
 
@@ -13,9 +14,9 @@ def test_a_flood_of_parked_unsubscribes_keeps_the_newest_watched(monkeypatch: py
     park forever, and must not crowd out a genuine one parked a moment before its sent."""
     monkeypatch.setattr(recorder_module, "MAX_WATCHED", 3)
     recorder = SuppressionRecorder(db=None, suppressions=None)  # type: ignore[arg-type]
-    before = recorder_module.WATCH_OVERFLOW._value.get()
+    before = metrics.SUPPRESSION_WATCH_OVERFLOW._value.get()
     for i in range(5):
         recorder._watch(f"forged-{i}", float(i))
     recorder._watch("genuine", 9.0)
     assert list(recorder.watched) == ["forged-3", "forged-4", "genuine"]
-    assert recorder_module.WATCH_OVERFLOW._value.get() - before == 3
+    assert metrics.SUPPRESSION_WATCH_OVERFLOW._value.get() - before == 3

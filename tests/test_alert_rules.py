@@ -27,6 +27,13 @@ if PROMTOOL is None:
 
 REPLICAS = ("10.0.0.1:8090", "10.0.0.2:8090")
 TEAM = {"team": "email"}  # the production values' alertLabels
+# How the chart's ServiceMonitor labels the release's targets ("mb" in namespace "mailbeacon").
+NS = 'namespace="mailbeacon"'
+AGGREGATOR = f'{NS},job="mb-mailbeacon-aggregator"'
+OPERATOR = f'{NS},job="mb-mailbeacon-operator"'
+TRACKER = f'{NS},job="mb-mailbeacon-tracker"'
+PROXY = f'{NS},job="mb-mailbeacon-proxy"'
+RUNBOOK = "https://github.com/mailbeacon/mailbeacon/blob/main/docs/runbooks.md"
 
 
 def rules() -> dict[str, Any]:
@@ -38,12 +45,20 @@ def descriptions() -> dict[str, str]:
     return {r["alert"]: r["annotations"]["description"] for g in rules()["groups"] for r in g["rules"]}
 
 
-def campaign(name: str, values: dict[str, int]) -> list[dict[str, str]]:
+def annotations(name: str, summary: str) -> dict[str, str]:
+    return {
+        "summary": summary,
+        "description": descriptions()[name],
+        "runbook_url": f"{RUNBOOK}#{name.lower()}",
+    }
+
+
+def campaign(name: str, values: dict[str, int], target: str = AGGREGATOR) -> list[dict[str, str]]:
     """The aggregator's gauges of one campaign, as each replica reports them (the same)."""
     return [
         {
             "series": f'mailbeacon_campaign_messages{{campaign="{name}",state="{state}",'
-            f'job="mailbeacon-aggregator",instance="{instance}"}}',
+            f'{target},instance="{instance}"}}',
             "values": f"{count}x40",
         }
         for instance in REPLICAS
@@ -53,7 +68,7 @@ def campaign(name: str, values: dict[str, int]) -> list[dict[str, str]]:
 
 def guardrails(name: str, bounce: float, complaint: float, min_volume: int) -> list[dict[str, str]]:
     """The operator's series for a campaign that has a Campaign resource."""
-    labels = f'campaign="{name}",job="mailbeacon-operator",instance="10.0.0.9:8070"'
+    labels = f'campaign="{name}",{OPERATOR},instance="10.0.0.9:8070"'
     return [
         {
             "series": f'mailbeacon_campaign_guardrail_threshold_percent{{{labels},guardrail="bounce_rate"}}',
@@ -69,8 +84,8 @@ def guardrails(name: str, bounce: float, complaint: float, min_volume: int) -> l
 
 def alert(name: str, campaign: str, severity: str, summary: str) -> dict[str, Any]:
     return {
-        "exp_labels": {"campaign": campaign, "severity": severity, **TEAM},
-        "exp_annotations": {"summary": summary, "description": descriptions()[name]},
+        "exp_labels": {"campaign": campaign, "namespace": "mailbeacon", "severity": severity, **TEAM},
+        "exp_annotations": annotations(name, summary),
     }
 
 
@@ -115,6 +130,12 @@ def test_reputation_alerts_judge_the_aggregators_numbers_by_each_campaigns_guard
         # A threshold of 0 means any complaint at all; none is no alert.
         *campaign("marketing/strict", {"sent": 500, "delivered": 500, "bounced": 0, "complained": 0}),
         *guardrails("marketing/strict", bounce=0, complaint=0, min_volume=100),
+        # Another release's aggregator in another namespace: its campaigns are its own rules' business.
+        *campaign(
+            "other/newsletter",
+            {"sent": 1020, "delivered": 1000, "bounced": 200, "complained": 40},
+            target='namespace="other",job="other-mailbeacon-aggregator"',
+        ),
     ]
     high, rising = "at or above its guardrail", "approaching its guardrail"
     expected = [
@@ -177,27 +198,33 @@ def test_pipeline_alerts_count_replicas_right(tmp_path: Path) -> None:
     series = [
         *(
             {
-                "series": f'mailbeacon_aggregator_ingest_lag_events{{job="mailbeacon-aggregator",instance="{i}"}}',
+                "series": f'mailbeacon_aggregator_ingest_lag_events{{{AGGREGATOR},instance="{i}"}}',
                 "values": "20000x40",
             }
             for i in REPLICAS
         ),
         # Two proxies relay 100 copies a minute each; one sees 30 upstream errors a minute: 15 %.
-        {"series": 'mailbeacon_proxy_copies_total{result="sent",pod="proxy-a"}', "values": "0+100x40"},
-        {"series": 'mailbeacon_proxy_copies_total{result="sent",pod="proxy-b"}', "values": "0+100x40"},
         {
-            "series": 'mailbeacon_proxy_upstream_errors_total{code_class="4xx",pod="proxy-a"}',
+            "series": f'mailbeacon_proxy_copies_total{{result="sent",{PROXY},pod="proxy-a"}}',
+            "values": "0+100x40",
+        },
+        {
+            "series": f'mailbeacon_proxy_copies_total{{result="sent",{PROXY},pod="proxy-b"}}',
+            "values": "0+100x40",
+        },
+        {
+            "series": f'mailbeacon_proxy_upstream_errors_total{{code_class="4xx",{PROXY},pod="proxy-a"}}',
             "values": "0+30x40",
         },
         {
-            "series": 'mailbeacon_tracker_dropped_events{namespace="mailbeacon",pod="tracker-a"}',
+            "series": f'mailbeacon_tracker_dropped_events{{{TRACKER},pod="tracker-a"}}',
             "values": "0x20 5x20",
         },
         # A flood of pixels for made-up copies: each replica drops parked events in its turn.
         *(
             {
                 "series": f'mailbeacon_aggregator_parked_events_dropped_total{{type="opened",'
-                f'job="mailbeacon-aggregator",instance="{i}"}}',
+                f'{AGGREGATOR},instance="{i}"}}',
                 "values": "0x20 0+10x20",
             }
             for i in REPLICAS
@@ -209,11 +236,10 @@ def test_pipeline_alerts_count_replicas_right(tmp_path: Path) -> None:
             "alertname": "MailbeaconIngestLag",
             "exp_alerts": [
                 {
-                    "exp_labels": {"severity": "warning", **TEAM},
-                    "exp_annotations": {
-                        "summary": "The aggregator is 20000 events behind the stream",
-                        "description": descriptions()["MailbeaconIngestLag"],
-                    },
+                    "exp_labels": {"severity": "warning", "namespace": "mailbeacon", **TEAM},
+                    "exp_annotations": annotations(
+                        "MailbeaconIngestLag", "The aggregator is 20000 events behind the stream"
+                    ),
                 }
             ],
         },
@@ -222,11 +248,10 @@ def test_pipeline_alerts_count_replicas_right(tmp_path: Path) -> None:
             "alertname": "MailbeaconProxyUpstreamErrors",
             "exp_alerts": [
                 {
-                    "exp_labels": {"severity": "warning", **TEAM},
-                    "exp_annotations": {
-                        "summary": "15% of relayed copies fail upstream",
-                        "description": descriptions()["MailbeaconProxyUpstreamErrors"],
-                    },
+                    "exp_labels": {"severity": "warning", "namespace": "mailbeacon", **TEAM},
+                    "exp_annotations": annotations(
+                        "MailbeaconProxyUpstreamErrors", "15% of relayed copies fail upstream"
+                    ),
                 }
             ],
         },
@@ -236,11 +261,11 @@ def test_pipeline_alerts_count_replicas_right(tmp_path: Path) -> None:
             "alertname": "MailbeaconParkedEventsDropped",
             "exp_alerts": [
                 {
-                    "exp_labels": {"severity": "warning", **TEAM},
-                    "exp_annotations": {
-                        "summary": "The aggregator deleted 300 parked events beyond its limit in 15 minutes",
-                        "description": descriptions()["MailbeaconParkedEventsDropped"],
-                    },
+                    "exp_labels": {"severity": "warning", "namespace": "mailbeacon", **TEAM},
+                    "exp_annotations": annotations(
+                        "MailbeaconParkedEventsDropped",
+                        "The aggregator deleted 300 parked events beyond its limit in 15 minutes",
+                    ),
                 }
             ],
         },
@@ -256,12 +281,174 @@ def test_pipeline_alerts_count_replicas_right(tmp_path: Path) -> None:
                         "pod": "tracker-a",
                         **TEAM,
                     },
-                    "exp_annotations": {
-                        "summary": "Tracker tracker-a drops open and click events",
-                        "description": descriptions()["MailbeaconTrackerDroppingEvents"],
-                    },
+                    "exp_annotations": annotations(
+                        "MailbeaconTrackerDroppingEvents", "Tracker tracker-a drops open and click events"
+                    ),
                 }
             ],
         },
+    ]
+    promtool_test(tmp_path, series, expected)
+
+
+def webhooks(provider: str, outcome: str, per_minute: int) -> dict[str, str]:
+    return {
+        "series": f'mailbeacon_tracker_webhooks_total{{provider="{provider}",outcome="{outcome}",{TRACKER},pod="t-a"}}',
+        "values": f"0+{per_minute}x40",
+    }
+
+
+def test_a_provider_whose_webhooks_all_fail_alerts(tmp_path: Path) -> None:
+    """A wrong SendGrid key refuses every webhook: bounces and complaints stop arriving, and
+    nothing else would say so. A few refusals among stored webhooks (someone probing) do not alert."""
+    series = [
+        # Every series exists from the start (at 0), as the tracker creates them.
+        *(
+            webhooks(p, o, 0)
+            for p in ("mailgun", "ses", "postmark")
+            for o in ("stored", "refused", "invalid", "unavailable")
+        ),
+        webhooks("sendgrid", "stored", 0),
+        webhooks("sendgrid", "refused", 12),  # the key was rotated at the provider
+        webhooks("generic", "stored", 30),
+        webhooks("generic", "refused", 2),
+        # Another release's tracker refusing everything is that release's alert.
+        {
+            "series": 'mailbeacon_tracker_webhooks_total{provider="mailgun",outcome="refused",'
+            'namespace="other",job="other-mailbeacon-tracker"}',
+            "values": "0+50x40",
+        },
+    ]
+    expected = [
+        {"eval_time": "3m", "alertname": "MailbeaconWebhooksFailing", "exp_alerts": []},  # pending
+        {
+            "eval_time": "20m",
+            "alertname": "MailbeaconWebhooksFailing",
+            "exp_alerts": [
+                {
+                    "exp_labels": {
+                        "severity": "critical",
+                        "namespace": "mailbeacon",
+                        "provider": "sendgrid",
+                        **TEAM,
+                    },
+                    "exp_annotations": annotations(
+                        "MailbeaconWebhooksFailing", "100% of sendgrid webhooks fail"
+                    ),
+                }
+            ],
+        },
+    ]
+    promtool_test(tmp_path, series, expected)
+
+
+def test_a_lost_nats_connection_alerts(tmp_path: Path) -> None:
+    series = [
+        {"series": f'mailbeacon_tracker_nats_connected{{{TRACKER},pod="t-a"}}', "values": "1x5 0x35"},
+        {"series": f'mailbeacon_tracker_nats_connected{{{TRACKER},pod="t-b"}}', "values": "1x40"},
+        {
+            "series": 'mailbeacon_proxy_nats_connected{job="mailbeacon/mb-mailbeacon-proxy-sidecars",namespace="shop",pod="shop-1"}',
+            "values": "1x10 0x30",
+        },
+        {
+            "series": 'mailbeacon_tracker_nats_connected{namespace="other",job="other-mailbeacon-tracker",pod="x"}',
+            "values": "0x40",
+        },
+    ]
+
+    def disconnected(job: str, namespace: str, pod: str) -> dict[str, Any]:
+        return {
+            "exp_labels": {"severity": "warning", "namespace": namespace, "job": job, "pod": pod, **TEAM},
+            "exp_annotations": annotations(
+                "MailbeaconNatsDisconnected", f"{job} {pod} has lost its NATS connection"
+            ),
+        }
+
+    expected = [
+        {"eval_time": "6m", "alertname": "MailbeaconNatsDisconnected", "exp_alerts": []},  # pending for 2m
+        {
+            "eval_time": "20m",
+            "alertname": "MailbeaconNatsDisconnected",
+            "exp_alerts": [
+                disconnected("mb-mailbeacon-tracker", "mailbeacon", "t-a"),
+                disconnected("mailbeacon/mb-mailbeacon-proxy-sidecars", "shop", "shop-1"),
+            ],
+        },
+    ]
+    promtool_test(tmp_path, series, expected)
+
+
+def test_components_down_or_gone_alert(tmp_path: Path) -> None:
+    """up == 0: Prometheus cannot scrape it; no up series at all: nothing of it is scraped
+    (no pod, or the ServiceMonitor not selected), which no other rule could notice."""
+    series = [
+        {"series": f'up{{{TRACKER},instance="10.0.0.5:8080",pod="t-a"}}', "values": "1x40"},
+        {"series": f'up{{{AGGREGATOR},instance="10.0.0.1:8090",pod="a-a"}}', "values": "1x10 0x30"},
+        {"series": f'up{{{PROXY},instance="10.0.0.7:8025",pod="p-a"}}', "values": "1x40"},
+        # No operator target at all; another release's operator does not count.
+        {"series": 'up{namespace="other",job="other-mailbeacon-operator",instance="x"}', "values": "1x40"},
+    ]
+    expected = [
+        {
+            "eval_time": "20m",
+            "alertname": "MailbeaconTargetDown",
+            "exp_alerts": [
+                {
+                    "exp_labels": {
+                        "severity": "critical",
+                        "namespace": "mailbeacon",
+                        "job": "mb-mailbeacon-aggregator",
+                        "instance": "10.0.0.1:8090",
+                        "pod": "a-a",
+                        **TEAM,
+                    },
+                    "exp_annotations": annotations(
+                        "MailbeaconTargetDown",
+                        "Prometheus cannot scrape mb-mailbeacon-aggregator at 10.0.0.1:8090",
+                    ),
+                }
+            ],
+        },
+        {"eval_time": "5m", "alertname": "MailbeaconOperatorAbsent", "exp_alerts": []},  # pending for 10m
+        {
+            "eval_time": "20m",
+            "alertname": "MailbeaconOperatorAbsent",
+            "exp_alerts": [
+                {
+                    "exp_labels": {
+                        "severity": "critical",
+                        "namespace": "mailbeacon",
+                        "job": "mb-mailbeacon-operator",
+                        **TEAM,
+                    },
+                    "exp_annotations": annotations(
+                        "MailbeaconOperatorAbsent", "No operator of this release is scraped"
+                    ),
+                }
+            ],
+        },
+        {"eval_time": "20m", "alertname": "MailbeaconTrackerAbsent", "exp_alerts": []},
+        {"eval_time": "20m", "alertname": "MailbeaconAggregatorAbsent", "exp_alerts": []},  # down, not gone
+        {"eval_time": "20m", "alertname": "MailbeaconProxyAbsent", "exp_alerts": []},
+    ]
+    promtool_test(tmp_path, series, expected)
+
+
+def test_pipeline_alerts_judge_only_their_release(tmp_path: Path) -> None:
+    """Two releases in one Prometheus: one's lagging aggregator and failing proxy never fire the other's rules."""
+    other = 'namespace="other",job="other-mailbeacon'
+    series = [
+        {"series": f'mailbeacon_aggregator_ingest_lag_events{{{other}-aggregator"}}', "values": "50000x40"},
+        {"series": f"mailbeacon_aggregator_ingest_lag_events{{{AGGREGATOR}}}", "values": "3x40"},
+        {"series": f'mailbeacon_proxy_copies_total{{result="sent",{other}-proxy"}}', "values": "0+100x40"},
+        {
+            "series": f'mailbeacon_proxy_upstream_errors_total{{code_class="5xx",{other}-proxy"}}',
+            "values": "0+90x40",
+        },
+        {"series": f'mailbeacon_tracker_buffered_events{{{other}-tracker",pod="x"}}', "values": "90000x40"},
+    ]
+    expected = [
+        {"eval_time": "30m", "alertname": name, "exp_alerts": []}
+        for name in ("MailbeaconIngestLag", "MailbeaconProxyUpstreamErrors", "MailbeaconTrackerBuffering")
     ]
     promtool_test(tmp_path, series, expected)

@@ -35,6 +35,7 @@ def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         MAILBEACON_TRACKER_LISTEN=f"127.0.0.1:{tracker}",
         MAILBEACON_SITE_URL=f"http://127.0.0.1:{tracker}",
         MAILBEACON_AGGREGATOR_LISTEN=f"127.0.0.1:{free_port()}",
+        MAILBEACON_PROXY_HTTP_LISTEN="127.0.0.1:0",
     )
     env.update(extra)
     return env

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from prometheus_client import generate_latest
 
+from aggregator import metrics as aggregator_metrics
 from aggregator.service import AggregatorService
 from aggregator.suppressions import CHECK_PARKED_SECONDS
 from mailbeacon.campaign_store import CampaignStore
@@ -30,6 +31,7 @@ from mailbeacon.publisher import EventPublisher
 from mailbeacon.runner import AllInOne
 from mailbeacon.settings import Settings
 from mailbeacon.suppressions import SuppressionList, suppression_key
+from smtp_proxy import metrics as proxy_metrics
 from smtp_proxy.service import ProxyService
 from tests.support import SmtpSink, eventually, make_settings, metric_value
 
@@ -68,11 +70,17 @@ async def send(port: int, campaign: CampaignKey, recipients: list[str]) -> tuple
 
 
 def parked_total() -> float:
-    return metric_value(generate_latest().decode(), "mailbeacon_aggregator_events_parked_total")
+    return metric_value(
+        generate_latest(aggregator_metrics.REGISTRY).decode(), "mailbeacon_aggregator_events_parked_total"
+    )
 
 
 def suppressed_metric(reason: str) -> float:
-    return metric_value(generate_latest().decode(), "mailbeacon_proxy_copies_suppressed_total", reason=reason)
+    return metric_value(
+        generate_latest(proxy_metrics.REGISTRY).decode(),
+        "mailbeacon_proxy_copies_suppressed_total",
+        reason=reason,
+    )
 
 
 class System:
@@ -137,7 +145,7 @@ async def system(tmp_path: Path, nats_url: str, sink: SmtpSink) -> AsyncIterator
 @contextlib.asynccontextmanager
 async def restarted_proxy(settings: Settings) -> AsyncIterator[ProxyService]:
     """A proxy process started afresh: everything it knows comes from NATS."""
-    nc = await connect(settings.nats_url or "", "restarted-proxy")
+    nc = await connect(settings.nats.url or "", "restarted-proxy")
     kv = await provision(nc.jetstream(), settings)
     store = CampaignStore(kv)
     await store.start()
@@ -174,6 +182,8 @@ async def test_one_click_unsubscribe_stops_that_campaigns_mail_to_that_recipient
 
         # The recipient's mailbox provider POSTs the one-click URL of the copy (RFC 8058).
         url = one_click_url(sink.messages[0].content)
+        async with system.http.get(url) as response:  # the page names the list the link leaves
+            assert "<h1>Unsubscribe from newsletter?</h1>" in await response.text()
         async with system.http.post(url, data={"List-Unsubscribe": "One-Click"}) as response:
             assert response.status == 200
         await system.knows(NEWSLETTER, ANN, "unsubscribed")

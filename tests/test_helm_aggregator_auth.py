@@ -19,6 +19,7 @@ from aggregator.auth.policy import Access, AuthPolicy, policy_from_settings
 from mailbeacon.settings import Settings
 from tests.test_helm_chart import (
     PRODUCTION,
+    SIGNING_KEY,
     Manifest,
     by_kind,
     env_of,
@@ -60,7 +61,7 @@ def settings_of(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Setting
 
 def test_the_aggregator_needs_credentials_by_default() -> None:
     with pytest.raises(helm_python.HelmRenderError) as refused:
-        render({}, token=False)
+        render({"secrets": {"secretKeys": [SIGNING_KEY]}}, token=False)  # only the token missing
     message = str(refused.value)
     for value in ("secrets.apiTokens", "secrets.existingSecret", "aggregator.auth.proxyHeader", "mode=none"):
         assert value in message
@@ -78,7 +79,7 @@ def test_tokens_given_as_values(monkeypatch: pytest.MonkeyPatch) -> None:
     assert base64.b64decode(secret["api-read-tokens"]).decode() == READ[0]
 
     aggregator = settings_of(resolved(docs, AGGREGATOR), monkeypatch)
-    assert aggregator.aggregator_listen == "0.0.0.0:8090"
+    assert aggregator.aggregator.listen == "0.0.0.0:8090"
     policy = policy_from_settings(aggregator)  # the pod starts: beyond loopback, with tokens
     assert [c.access for c in policy.credentials] == [Access.FULL, Access.FULL, Access.READ]
     assert not policy.open
@@ -86,9 +87,12 @@ def test_tokens_given_as_values(monkeypatch: pytest.MonkeyPatch) -> None:
     # The operator gets the read-only token and nothing more.
     operator_env = resolved(docs, OPERATOR)
     assert "MAILBEACON_API_TOKENS" not in operator_env
-    assert settings_of(operator_env, monkeypatch).aggregator_token(read_only=True) == READ[0]
+    assert settings_of(operator_env, monkeypatch).aggregator.client_token(read_only=True) == READ[0]
     only_full = manifests(render({"secrets": {"apiTokens": FULL}}))
-    assert settings_of(resolved(only_full, OPERATOR), monkeypatch).aggregator_token(read_only=True) == FULL[0]
+    assert (
+        settings_of(resolved(only_full, OPERATOR), monkeypatch).aggregator.client_token(read_only=True)
+        == FULL[0]
+    )
 
     # Another token restarts the operator (the aggregator's pods follow secrets as before).
     def annotations(values: dict[str, Any]) -> list[dict[str, str]]:

@@ -32,10 +32,12 @@ Manifest = dict[str, Any]
 
 
 # The chart refuses to render without credentials for the aggregator's API and pages
-# (test_the_aggregator_needs_credentials_by_default); tests about other things give it this
-# token unless their values say how the aggregator is protected.
+# (test_the_aggregator_needs_credentials_by_default), and without a click-signing key it could
+# keep (test_helm_gitops.py); tests about other things give it this token and this key unless
+# their values say how the aggregator is protected and where the key comes from.
 API_TOKEN = "chart-test-api-token-0123456789abcdef"
-WITH_TOKEN: dict[str, Any] = {"secrets": {"apiTokens": [API_TOKEN]}}
+SIGNING_KEY = "chart-test-signing-key-0123456789abcdef"
+WITH_TOKEN: dict[str, Any] = {"secrets": {"apiTokens": [API_TOKEN], "secretKeys": [SIGNING_KEY]}}
 
 
 def _protects_aggregator(values: dict[str, Any]) -> bool:
@@ -49,9 +51,12 @@ def _protects_aggregator(values: dict[str, Any]) -> bool:
 
 
 def with_token(values: dict[str, Any]) -> dict[str, Any]:
-    if _protects_aggregator(values):
-        return values
-    return {**values, "secrets": {**values.get("secrets", {}), **WITH_TOKEN["secrets"]}}
+    secrets = dict(values.get("secrets", {}))
+    if not _protects_aggregator(values):
+        secrets["apiTokens"] = [API_TOKEN]
+    if not {"existingSecret", "secretKeys"} & set(secrets):
+        secrets["secretKeys"] = [SIGNING_KEY]
+    return {**values, "secrets": secrets}
 
 
 def render(values: dict[str, Any] | None = None, name: str = "mb", *, token: bool = True) -> dict[str, str]:
@@ -205,13 +210,73 @@ def validate(doc: Manifest) -> None:
         jsonschema.validate(doc, MONITORING_SCHEMAS[doc["kind"]])
         return
     for version in KUBE_VERSIONS:
-        kubernetes_validate.validate(doc, version, strict=True)
+        kubernetes_validate.validate(_as_rendered_for(doc, version), version, strict=True)
 
 
-@pytest.mark.parametrize("values", [WITH_TOKEN, PRODUCTION], ids=["default", "production"])
+def _as_rendered_for(doc: Manifest, version: str) -> Manifest:
+    """The chart renders unhealthyPodEvictionPolicy only for clusters that know it (1.27+, by
+    .Capabilities); the render here assumes the newest, so older versions see it without."""
+    policy = doc.get("spec", {}).get("unhealthyPodEvictionPolicy")
+    if (
+        doc["kind"] != "PodDisruptionBudget"
+        or policy is None
+        or tuple(map(int, version.split(".")[:2])) >= (1, 27)
+    ):
+        return doc
+    return {**doc, "spec": {k: v for k, v in doc["spec"].items() if k != "unhealthyPodEvictionPolicy"}}
+
+
+# The value sets the chart is linted and validated with (issue 16, "Done when"): a first look
+# on defaults, production (production-like, existing Secret), HA (replicated components,
+# spread and budgets), an external PostgreSQL given as a value, an external NATS cluster with
+# credentials and TLS from Secrets, and a release that only offers the proxy sidecar helper.
+HA: dict[str, Any] = {
+    "database": {"url": "postgresql://mb:pw@postgresql.db.svc:5432/mb"},
+    "tracker": {"replicas": 3, "podAntiAffinityPreset": "hard"},
+    "aggregator": {"replicas": 2, "podDisruptionBudget": {"maxUnavailable": "50%"}},
+    "proxy": {"enabled": True, "replicas": 3, "relayNetworks": ["10.244.0.0/16"]},
+    "secrets": {"upstreamSmtp": "smtp://relay.example.com:587?starttls=true"},
+}
+EXTERNAL_POSTGRESQL: dict[str, Any] = {
+    "database": {"url": "postgresql://mailbeacon:pw@postgresql.db.svc:5432/mailbeacon"},
+    "aggregator": {"migrateOnStart": False},
+}
+EXTERNAL_NATS: dict[str, Any] = {
+    "nats": {
+        "url": "tls://nats-0.nats.nats.svc:4222,tls://nats-1.nats.nats.svc:4222,tls://nats-2.nats.nats.svc:4222",
+        "auth": {"method": "creds", "existingSecret": "mailbeacon-nats-creds"},
+        "tls": {"secretName": "mailbeacon-nats-tls", "clientCertificate": True},
+    },
+    "networkPolicy": {"egress": {"enabled": True}},
+}
+SIDECAR_ONLY: dict[str, Any] = {
+    "tracker": {"enabled": False},
+    "aggregator": {"enabled": False},
+    "operator": {"enabled": False},
+    "grafana": {"dashboard": {"enabled": False}},
+}
+VALUE_SETS = {
+    "default": {},
+    "production": PRODUCTION,
+    "ha": HA,
+    "external-postgresql": EXTERNAL_POSTGRESQL,
+    "external-nats": EXTERNAL_NATS,
+    "sidecar": SIDECAR_ONLY,
+}
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
 def test_chart_lints_clean(values: dict[str, Any]) -> None:
-    report = helm_python.lint(str(CHART), values, strict=True, namespace=NAMESPACE, kube_version="v1.30.0")
+    report = helm_python.lint(
+        str(CHART), with_token(values), strict=True, namespace=NAMESPACE, kube_version="v1.30.0"
+    )
     assert report["errors"] == [] and report["messages"] == [], report
+
+
+@pytest.mark.parametrize("values", VALUE_SETS.values(), ids=VALUE_SETS.keys())
+def test_value_sets_render_valid_manifests(values: dict[str, Any]) -> None:
+    for doc in manifests(render(values)):
+        validate(doc)
 
 
 def test_default_values_render_valid_manifests(default_docs: list[Manifest]) -> None:
@@ -219,14 +284,13 @@ def test_default_values_render_valid_manifests(default_docs: list[Manifest]) -> 
     assert kinds == sorted(
         ["Deployment"] * 3
         + ["Service"] * 3
-        + [
-            "Secret",
-            "ConfigMap",
-            "ServiceAccount",
-            "ClusterRole",
-            "ClusterRoleBinding",
-            "PodDisruptionBudget",
-        ]
+        + ["NetworkPolicy"] * 3
+        + ["PodDisruptionBudget"] * 2  # tracker, aggregator
+        # The operator's, and the uninstall hook's (its Job releases the Campaigns).
+        + ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"] * 2
+        + ["Role", "RoleBinding", "Job"]
+        + ["Pod"]  # helm test
+        + ["Secret", "ConfigMap"]
     )
     for doc in default_docs:
         validate(doc)
@@ -316,13 +380,15 @@ def test_standard_labels_and_selectors(production_docs: list[Manifest]) -> None:
         assert "http" in {p["name"] for p in service["spec"]["ports"]}
     for name, doc in by_kind(production_docs, "Deployment").items():
         assert doc["spec"]["selector"]["matchLabels"].items() <= pods[name].items()
-    for pdb in by_kind(production_docs, "PodDisruptionBudget").values():
-        assert pdb["spec"]["selector"]["matchLabels"].items() <= pods["mb-mailbeacon-tracker"].items()
+    for name, pdb in by_kind(production_docs, "PodDisruptionBudget").items():
+        assert pdb["spec"]["selector"]["matchLabels"].items() <= pods[name].items()
 
 
 def test_every_component_runs_a_real_command_with_real_settings(production_docs: list[Manifest]) -> None:
     commands = set(_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
-    fields = {name.upper() for name in Settings.model_fields}
+    fields = {
+        name.removeprefix("MAILBEACON_") for variable in Settings.variables() for name in variable.names
+    }
     for name, _, pod in pod_specs(production_docs):
         for container in pod["containers"]:
             assert container["args"][0] in commands, name
@@ -403,9 +469,9 @@ def test_shared_proxy_relays_only_for_its_networks_and_authenticated_clients(
                 patched.setenv(key, value)
         settings = Settings()
     # Loopback (probes, a sidecar-style client) and the pods' network relay; others must AUTH.
-    assert settings.smtp_relay_networks == ["127.0.0.0/8", "::1/128", "10.244.0.0/16"]
+    assert settings.proxy.smtp_relay_networks == ["127.0.0.0/8", "::1/128", "10.244.0.0/16"]
     # AUTH only after STARTTLS: no network may send passwords in clear but loopback.
-    assert settings.smtp_auth_networks == ["127.0.0.0/8", "::1/128"]
+    assert settings.proxy.smtp_auth_networks == ["127.0.0.0/8", "::1/128"]
     assert secrets["smtp-auth"]["secretName"] == "mailbeacon-smtp-users"
     mounted("MAILBEACON_SMTP_AUTH_FILE", "smtp-auth", "smtp-users")
     assert secrets["smtp-tls"]["secretName"] == "mailbeacon-smtp-tls"
@@ -413,7 +479,7 @@ def test_shared_proxy_relays_only_for_its_networks_and_authenticated_clients(
     mounted("MAILBEACON_SMTP_TLS_KEY_FILE", "smtp-tls", "tls.key")
     assert secrets["dkim"]["secretName"] == "mailbeacon-dkim"
     mounted("MAILBEACON_DKIM_PRIVATE_KEY_FILE", "dkim", "dkim-private-key")
-    assert (settings.dkim_selector, settings.dkim_domain) == ("mb2025", "example.com")
+    assert (settings.proxy.dkim_selector, settings.proxy.dkim_domain) == ("mb2025", "example.com")
     # Readable by the container's group only (fsGroup), not by the world.
     assert all(secret["defaultMode"] == 0o440 for secret in secrets.values())
 
@@ -458,7 +524,7 @@ def test_component_settings_reach_their_pods() -> None:
     assert tracker["MAILBEACON_SHUTDOWN_DRAIN_SECONDS"] == "45"
     assert tracker["MAILBEACON_CLICK_BURST_SECONDS"] == "2"
     pod = by_kind(docs, "Deployment")["mb-mailbeacon-tracker"]["spec"]["template"]["spec"]
-    assert pod["terminationGracePeriodSeconds"] == 55  # the drain fits in the grace period
+    assert pod["terminationGracePeriodSeconds"] == 60  # the delay (5) and the drain fit in the grace period
     aggregator = env_of(docs, "mb-mailbeacon-aggregator")
     assert aggregator["MAILBEACON_MIGRATE_ON_START"] == "false"
     assert aggregator["MAILBEACON_EVENT_RETENTION_DAYS"] == "90"
@@ -501,7 +567,7 @@ def test_parked_events_are_bounded_by_default(default_docs: list[Manifest]) -> N
     )
 
 
-def test_chart_made_secret_holds_given_values_or_a_generated_key() -> None:
+def test_chart_made_secret_holds_given_values() -> None:
     given = manifests(
         render(
             {
@@ -519,9 +585,8 @@ def test_chart_made_secret_holds_given_values_or_a_generated_key() -> None:
         "database-url": "postgresql://mb:pw@db:5432/mb",
         "api-tokens": API_TOKEN,
     }
-    generated = by_kind(manifests(render()), "Secret")["mb-mailbeacon"]
-    assert len(base64.b64decode(generated["data"]["secret-keys"])) == 48
-    assert "database-url" not in generated["data"]  # SQLite fallback, announced in NOTES.txt
+    default = by_kind(manifests(render()), "Secret")["mb-mailbeacon"]
+    assert "database-url" not in default["data"]  # SQLite fallback, announced in NOTES.txt
 
 
 def test_operator_rbac_is_exactly_what_it_uses(
@@ -536,12 +601,16 @@ def test_operator_rbac_is_exactly_what_it_uses(
         {"apiGroups": ["mailbeacon.io"], "resources": ["campaigns/status"], "verbs": ["get", "patch"]},
         {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     ]
-    assert [r["rules"] for r in by_kind(default_docs, "ClusterRole").values()] == [wanted]
-    roles = [doc for doc in production_docs if doc["kind"] == "Role"]
+    # (The uninstall hook's own RBAC, "-release...", is tested in test_helm_uninstall.py.)
+    operator = "mb-mailbeacon-operator"
+    assert [r["rules"] for n, r in by_kind(default_docs, "ClusterRole").items() if n == operator] == [wanted]
+    roles = [doc for doc in production_docs if doc["kind"] == "Role" and doc["metadata"]["name"] == operator]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["marketing", "shop"]
     assert all(r["rules"] == wanted for r in roles)
     assert not by_kind(production_docs, "ClusterRole")
-    bindings = [doc for doc in production_docs if doc["kind"] == "RoleBinding"]
+    bindings = [
+        doc for doc in production_docs if doc["kind"] == "RoleBinding" and doc["metadata"]["name"] == operator
+    ]
     assert {(b["subjects"][0]["name"], b["subjects"][0]["namespace"]) for b in bindings} == {
         ("mb-mailbeacon-operator", NAMESPACE)
     }
@@ -551,7 +620,8 @@ def test_dashboard_config_map_carries_the_sidecar_label(production_docs: list[Ma
     config_map = by_kind(production_docs, "ConfigMap")["mb-mailbeacon-dashboard"]
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert config_map["metadata"]["annotations"] == {"grafana_folder": "Email"}
-    assert yaml.safe_load(config_map["data"]["mailbeacon.json"])["uid"] == "mailbeacon"
+    uid = yaml.safe_load(config_map["data"]["mailbeacon.json"])["uid"]
+    assert uid.startswith("mailbeacon-")  # its release's own
 
 
 def test_notes_tell_what_to_do_next() -> None:

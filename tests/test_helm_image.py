@@ -72,7 +72,8 @@ def test_runs_as_the_non_root_user_the_chart_expects() -> None:
     values = render()
     for name, _, pod in pod_specs(manifests(values)):
         assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == (uid, gid), name
-    sidecar = (ROOT / "deploy" / "helm" / "mailbeacon" / "templates" / "_helpers.tpl").read_text()
+    # The proxy's container (shared proxy, sidecars, injection) sets its own security context.
+    sidecar = (ROOT / "deploy" / "helm" / "mailbeacon-sidecar" / "templates" / "_container.tpl").read_text()
     assert f"runAsUser: {uid}" in sidecar and f"runAsGroup: {gid}" in sidecar
     env = " ".join(runtime.all("ENV"))
     assert "MAILBEACON_DATA_DIR=/tmp/mailbeacon" in env  # the only writable place (emptyDir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,10 @@ def test_crd_names_match_the_contract() -> None:
     assert VERSION_ENTRY["subresources"] == {"status": {}}
     assert CRD["spec"]["scope"] == "Namespaced" and CRD["spec"]["names"]["shortNames"]
     columns = [c["name"] for c in VERSION_ENTRY["additionalPrinterColumns"]]
-    assert columns == ["Sent", "Delivered", "Open %", "Click %", "Bounce %", "Complaint %", "Paused", "Age"]
+    assert columns == [
+        *("Sent", "Delivered", "Open %", "Click %", "Bounce %", "Complaint %", "Paused"),
+        *("Statistics", "Since", "Age"),
+    ]
 
 
 def _resolve(model_schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
@@ -187,13 +191,58 @@ def test_status_the_operator_writes_fits_the_status_schema() -> None:
     jsonschema.validate(status, crd_json_schema(STATUS_SCHEMA))
 
 
+# kubectl's JSONPath as printer columns use it: `.field` steps and `[?(@.key=="value")]` filters.
+_STEP = re.compile(r'\.(\w+)|\[\?\(@\.(\w+)=="([^"]*)"\)\]')
+
+
+def jsonpath(document: Any, path: str) -> list[Any]:
+    """The values ``path`` selects in ``document``, as kubectl selects them for a column."""
+    assert "".join(m.group(0) for m in _STEP.finditer(path)) == path, f"unsupported JSONPath {path}"
+    values = [document]
+    for field, key, wanted in _STEP.findall(path):
+        if field:
+            values = [v[field] for v in values if isinstance(v, dict) and field in v]
+        else:
+            values = [
+                i
+                for v in values
+                if isinstance(v, list)
+                for i in v
+                if isinstance(i, dict) and i.get(key) == wanted
+            ]
+    return values
+
+
 def test_printer_columns_point_at_schema_fields() -> None:
     for column in VERSION_ENTRY["additionalPrinterColumns"]:
-        parts = column["jsonPath"].strip(".").split(".")
-        if parts[0] == "metadata":
+        steps = _STEP.findall(column["jsonPath"])
+        if steps[0][0] == "metadata":
             continue
         node = SCHEMA
-        for part in parts:
-            node = node["properties"][part]
-        expected = {"integer": "integer", "number": "number", "boolean": "boolean"}[node["type"]]
+        for field, key, _ in steps:
+            node = node["properties"][field] if field else node["items"]
+            if key:
+                assert key in node["properties"], column
+        types = {"integer": "integer", "number": "number", "boolean": "boolean", "string": "string"}
+        expected = "date" if node.get("format") == "date-time" else types[node["type"]]
         assert column["type"] == expected, column
+
+
+def test_kubectl_get_shows_whether_a_campaigns_statistics_are_current() -> None:
+    """The Statistics and Since columns: current (the aggregator answered) or stale since when."""
+    from datetime import UTC, datetime
+
+    from campaign_operator.guardrails import decide, statistics_condition
+
+    columns = {c["name"]: c["jsonPath"] for c in VERSION_ENTRY["additionalPrinterColumns"]}
+    then, later = datetime(2026, 11, 27, 10, 0, tzinfo=UTC), datetime(2026, 11, 27, 10, 5, tzinfo=UTC)
+    current = decide(CampaignSpec(), Headline(sent=10), [], then, 1).conditions
+    stale = statistics_condition(current, False, "aggregator not reachable", later, 1)
+    for conditions, reason, since in (
+        (current, "AggregatorAnswered", "2026-11-27T10:00:00Z"),
+        (stale, "AggregatorUnavailable", "2026-11-27T10:05:00Z"),
+    ):
+        campaign = {"status": {"conditions": conditions}}
+        assert jsonpath(campaign, columns["Statistics"]) == [reason]
+        assert jsonpath(campaign, columns["Since"]) == [since]
+        jsonschema.validate(campaign["status"], crd_json_schema(STATUS_SCHEMA))

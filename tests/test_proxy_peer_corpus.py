@@ -26,10 +26,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import pytest_asyncio
-from prometheus_client import REGISTRY, generate_latest
+from prometheus_client import generate_latest
 
 from mailbeacon import signing
 from mailbeacon.embedded_nats import EmbeddedNats
+from smtp_proxy import metrics as proxy_metrics
 from tests.support import SECRET, SmtpSink, metric_value
 from tests.test_proxy_smtp import RunningProxy, proxy_running
 
@@ -213,7 +214,7 @@ def destination(href: str, tracking_id: str) -> str | None:
 
 
 def metrics() -> str:
-    return generate_latest(REGISTRY).decode()
+    return generate_latest(proxy_metrics.REGISTRY).decode()
 
 
 # -- the test --------------------------------------------------------------------------------

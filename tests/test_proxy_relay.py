@@ -18,9 +18,10 @@ import pytest
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from prometheus_client import REGISTRY, generate_latest
+from prometheus_client import generate_latest
 
 from mailbeacon.campaigns import CampaignKey, CampaignSpec, TrackingSwitches
+from smtp_proxy import metrics as proxy_metrics
 from tests.support import SmtpSink, metric_value
 from tests.test_proxy_smtp import (
     client_tls,
@@ -38,7 +39,7 @@ def send(port: int, message: email.message.EmailMessage, recipients: list[str]) 
 
 
 def metrics() -> str:
-    return generate_latest(REGISTRY).decode()
+    return generate_latest(proxy_metrics.REGISTRY).decode()
 
 
 @dataclass
@@ -307,7 +308,8 @@ async def test_campaign_switches_from_the_kv_bucket(tmp_path: Path, nats_url: st
     assert "/track/pixel/" not in markup  # opens off
     assert 'href="https://shop.example.com/legal/terms"' in markup  # a link to leave alone
     assert markup.count(f"/track/click/{tracking_id}/?url=https%3A%2F%2Fshop.example.com%2Fx") == 1
-    assert str(relayed["List-Unsubscribe"]).endswith(f"/track/unsubscribe/{tracking_id}/>")
+    # The link names the list it leaves (the campaign's name: the spec has no displayName), signed.
+    assert f"/track/unsubscribe/{tracking_id}/?list=conversations&sig=" in str(relayed["List-Unsubscribe"])
     assert str(relayed["List-Unsubscribe-Post"]) == "List-Unsubscribe=One-Click"
 
 

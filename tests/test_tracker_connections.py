@@ -21,6 +21,7 @@ from mailbeacon.http_guard import RESERVED_DESCRIPTORS, effective_max_connection
 from mailbeacon.signing import pixel_url
 from tests.esp_payloads.harness import running_tracker
 from tests.support import metric_value
+from tracker import metrics as tracker_metrics
 
 TIMEOUT = 0.5
 SLOW_CLIENTS = 200
@@ -129,7 +130,12 @@ async def test_connections_above_the_cap_are_answered_503(tmp_path: Path, nats_u
             assert b"too many connections" in answer
         writer.close()
         assert tracker.service.limits is not None and tracker.service.limits.refused == 1
-        assert metric_value(generate_latest().decode(), "mailbeacon_tracker_connections_refused") == 1
+        assert (
+            metric_value(
+                generate_latest(tracker_metrics.REGISTRY).decode(), "mailbeacon_tracker_connections_refused"
+            )
+            == 1
+        )
         # One of them leaves: the place is free again.
         held[0][1].close()
         await asyncio.sleep(0.1)

@@ -94,6 +94,14 @@ async def test_replays_are_refused_by_every_worker_and_retries_store_once(
                 return False
 
         await eventually(first_taken, within=30)  # the workers serve, and reach NATS
+
+        async def both_connected() -> bool:
+            # Until a worker reaches NATS it answers 503, which _answered skips: under load one
+            # worker could then take every request, and the test would not see the other refuse.
+            lines = [line for line in log_path.read_text().splitlines() if "connected to NATS" in line]
+            return all(any(name in line.split() for line in lines) for name in ("tracker-0", "tracker-1"))
+
+        await eventually(both_connected, within=30)
         # The captured request with other event-data: a forged complaint under a valid signature.
         forged = json.loads(mailgun)
         forged["event-data"] = {**_delivered("victim@example.com"), "event": "complained"}

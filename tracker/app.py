@@ -13,6 +13,7 @@ answers paths and methods nobody serves with a JSON 404 or 405.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -21,7 +22,7 @@ from mailbeacon.settings import Settings
 from mailbeacon.web import Handler, add_health_routes, json_error
 from tracker.engagement import NO_STORE, PIXEL_GIF, Engagement
 from tracker.esp.sns import HttpGet, https_getter
-from tracker.metrics import REQUEST_LATENCY
+from tracker.metrics import REGISTRY, REQUEST_LATENCY
 from tracker.openapi import openapi_document
 from tracker.webhooks import Webhooks
 
@@ -69,16 +70,21 @@ async def nothing_here(request: web.Request) -> web.StreamResponse:
 
 
 def create_app(
-    settings: Settings, publisher: EventPublisher, *, sns_http_get: HttpGet | None = None
+    settings: Settings,
+    publisher: EventPublisher,
+    *,
+    sns_http_get: HttpGet | None = None,
+    ready: Callable[[], bool] = lambda: True,
 ) -> web.Application:
     """``sns_http_get`` is the one outbound HTTP call (SNS certificates, subscription confirmation);
-    by default over HTTPS_PROXY / NO_PROXY as the settings say."""
-    app = web.Application(client_max_size=settings.max_webhook_bytes)
+    by default over HTTPS_PROXY / NO_PROXY as the settings say. ``ready`` answers /readyz: the
+    tracker serves without NATS, so it is ready until it begins to stop."""
+    app = web.Application(client_max_size=settings.tracker.max_webhook_bytes)
     app[SETTINGS_KEY] = settings
     app[PUBLISHER_KEY] = publisher
     engagement = Engagement(settings, publisher)
     app[ENGAGEMENT_KEY] = engagement
-    outbound = sns_http_get or https_getter(settings.https_proxy, settings.no_proxy)
+    outbound = sns_http_get or https_getter(settings.tracker.https_proxy, settings.tracker.no_proxy)
     webhooks = Webhooks(settings, publisher, outbound)
     document = openapi_document(settings.site_url)
 
@@ -102,7 +108,7 @@ def create_app(
     app.router.add_get("/openapi.json", guarded(openapi))
     # The shared health and metrics routes, guarded like the others.
     health = web.Application()
-    add_health_routes(health)
+    add_health_routes(health, ready=ready, registry=REGISTRY)
     for route in health.router.routes():
         app.router.add_route(route.method, route.resource.canonical, guarded(route.handler))  # type: ignore[union-attr]
     # [\s\S]: "." would miss a path with a decoded newline, which aiohttp then answers as text.

@@ -93,6 +93,7 @@ class EventIds:
 log = logging.getLogger(__name__)
 new_engagement_id = EventIds()
 _SUBJECT_OPENED, _SUBJECT_CLICKED = SUBJECTS[EventType.OPENED], SUBJECTS[EventType.CLICKED]
+_OPENED, _CLICKED = EventType.OPENED.value, EventType.CLICKED.value
 # The Nats-Msg-Id header of an engagement: its id is always 32 hex digits.
 _HEADER_SIZE = len(f"{MSG_ID_HEADER}{'0' * 32}\r\n\r\n")
 
@@ -204,15 +205,17 @@ class Engagement:
         self.settings = settings
         self.publisher = publisher
         self.hold: ClickHold[HeldClick] = ClickHold(
-            self._publish_click, window=settings.click_burst_seconds, max_pending=settings.event_buffer_limit
+            self._publish_click,
+            window=settings.tracker.click_burst_seconds,
+            max_pending=settings.tracker.event_buffer_limit,
         )
         self.arrivals: Arrivals[Arrival] = Arrivals(self._hand_over)
         self.signatures = signing.ClickVerifier(settings.signing_keys())
         self.trusted = [ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies]
         self.machine_networks = [
-            ipaddress.ip_network(cidr, strict=False) for cidr in settings.machine_ip_ranges
+            ipaddress.ip_network(cidr, strict=False) for cidr in settings.tracker.machine_ip_ranges
         ]
-        self._anonymize = settings.anonymize_ip
+        self._anonymize = settings.tracker.anonymize_ip
 
     @property
     def held(self) -> int:
@@ -240,7 +243,7 @@ class Engagement:
         peer: str | None,
         verdict: classify.Verdict | None,
     ) -> tuple[str | None, str | None, classify.Verdict]:
-        """The address we keep, the user agent, and the verdict on this request (counted)."""
+        """The address we keep, the user agent, and the verdict on this request."""
         address, kept = self._client(peer, headers)
         user_agent = headers.get("User-Agent")
         if user_agent:
@@ -251,9 +254,6 @@ class Engagement:
             # Evidence may quote the address it judged (Apple's network, MACHINE_IP_RANGES):
             # it leaves the tracker no more complete than the event's own ip.
             verdict = classify.Verdict(verdict.machine_kind, anonymize_text(verdict.evidence))
-        metrics.count_engagement(
-            EventType.OPENED if kind == "open" else EventType.CLICKED, verdict.machine_kind or "human"
-        )
         return kept, user_agent or None, verdict
 
     def _hand_over(self, arrivals: list[Arrival]) -> None:
@@ -264,6 +264,7 @@ class Engagement:
             try:
                 if url is None:
                     ip, user_agent, verdict = self._classified("open", method, headers, peer, None)
+                    metrics.count_engagement(_OPENED, verdict.machine_kind or "human")
                     occurred_at = json_time(wall)
                     publish(
                         engagement_message(
@@ -298,17 +299,20 @@ class Engagement:
             log.exception("dropping a held click event that could not be encoded")
             return
         self.publisher.publish_encoded_later(message, reserved=True)  # its room was reserved when held
+        # Counted with its final verdict (a scanner burst is known only now), as it is stored.
+        metrics.count_engagement(_CLICKED, verdict.machine_kind or "human")
 
     # Pixel and click never wait: plain functions, answered from the route's one coroutine.
     # They only check what decides the answer; the rest happens when the arrivals are handed over.
     def pixel(self, request: web.Request) -> web.StreamResponse:
         tracking_id = canonical_tracking_id(request.match_info["tracking_id"])
         if tracking_id is None:
+            metrics.PIXEL_INVALID.inc()
             return json_error(400, "tracking id is not a UUID")
         self.arrivals.add(
             (tracking_id, None, time.time(), 0.0, request.method, request.headers, request.remote)
         )
-        metrics.PIXEL_REQUESTS.inc()
+        metrics.PIXEL_OK.inc()
         return web.Response(body=PIXEL_GIF, headers=_PIXEL_HEADERS.copy())
 
     def click(self, request: web.Request) -> web.StreamResponse:
@@ -317,44 +321,62 @@ class Engagement:
         url = query.get("url", "")
         signature = query.get("sig", "")
         if tracking_id is None:
+            metrics.CLICK_INVALID.inc()
             return pages.invalid_link("The tracking id is malformed.")
         honeypot = url == signing.HONEYPOT_URL
         if not honeypot and not url[:8].lower().startswith(("http://", "https://")):
+            metrics.CLICK_INVALID.inc()
             return pages.invalid_link("The destination is missing or not a web address.")
         if _CONTROL_CHARACTERS.search(url):
-            metrics.REQUESTS.labels("click_invalid").inc()
+            metrics.CLICK_INVALID.inc()
             return pages.invalid_link("The destination contains control characters.")
         if not self.signatures.verify(tracking_id, url, signature):
-            metrics.REQUESTS.labels("click_forged").inc()
+            metrics.CLICK_FORGED.inc()
             return pages.invalid_link("The link's signature does not match.")
         self.arrivals.add(
             (tracking_id, url, time.time(), time.monotonic(), request.method, request.headers, request.remote)
         )
         if honeypot:
-            metrics.REQUESTS.labels("click_honeypot").inc()
+            metrics.CLICK_HONEYPOT.inc()
             return pages.honeypot()
-        metrics.CLICK_REQUESTS.inc()
+        metrics.CLICK_OK.inc()
         # A plain response rather than raising HTTPFound: same answer, without exception handling.
         headers = _REDIRECT_HEADERS.copy()
         headers["Location"] = url
         return web.Response(status=302, headers=headers)
 
+    def _list_name(self, request: web.Request, tracking_id: str) -> str | None:
+        """The list an unsubscribe link leaves, when the link carries its name signed by the
+        proxy; anything else (no name, an altered one) shows no name at all."""
+        name, signature = request.query.get("list", ""), request.query.get("sig", "")
+        if len(name) > signing.MAX_LIST_NAME or _CONTROL_CHARACTERS.search(name):
+            return None
+        return name if signing.list_name_verified(self.signatures, tracking_id, name, signature) else None
+
     async def unsubscribe_page(self, request: web.Request) -> web.StreamResponse:
-        if parse_tracking_id(request.match_info["tracking_id"]) is None:
+        tracking_id = parse_tracking_id(request.match_info["tracking_id"])
+        if tracking_id is None:
+            metrics.UNSUBSCRIBE_PAGE_INVALID.inc()
             return pages.invalid_link("The unsubscribe link is malformed.")
-        metrics.REQUESTS.labels("unsubscribe_page").inc()
-        return pages.unsubscribe_confirm(request.path)
+        metrics.UNSUBSCRIBE_PAGE_OK.inc()
+        name = self._list_name(request, tracking_id)
+        # The form posts to the same link, a verified name and its signature included, so the
+        # answer names the list too.
+        return pages.unsubscribe_confirm(request.path_qs if name else request.path, name)
 
     async def unsubscribe(self, request: web.Request) -> web.StreamResponse:
         tracking_id = parse_tracking_id(request.match_info["tracking_id"])
         if tracking_id is None:
+            metrics.UNSUBSCRIBE_REFUSED.inc()
             return pages.invalid_link("The unsubscribe link is malformed.")
         try:
             form = await request.post()
         except (ValueError, HttpProcessingError):  # no multipart boundary, broken part headers, ...
+            metrics.UNSUBSCRIBE_REFUSED.inc()
             return pages.unsubscribe_refused("The request body is not a form.")
         one_click = form.get("List-Unsubscribe") == ONE_CLICK
         if not one_click and "confirm" not in form:
+            metrics.UNSUBSCRIBE_REFUSED.inc()
             return pages.unsubscribe_refused(
                 "An unsubscribe request must carry List-Unsubscribe=One-Click (RFC 8058) or the form's button."
             )
@@ -371,5 +393,5 @@ class Engagement:
             metadata={"via": "one_click" if one_click else "page"},
         )
         await self.publisher.publish_or_buffer(event)
-        metrics.REQUESTS.labels("unsubscribe").inc()
-        return pages.unsubscribed()
+        metrics.UNSUBSCRIBE_OK.inc()
+        return pages.unsubscribed(self._list_name(request, tracking_id))

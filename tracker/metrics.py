@@ -1,4 +1,12 @@
-"""Prometheus metrics of the tracker (names are part of the dashboard contract)."""
+"""Prometheus metrics of the tracker (names are part of the dashboard contract).
+
+They live in the tracker's own registry, :data:`REGISTRY`, which its port serves (in
+`mailbeacon up` too: each component's port serves only its own series). Every label value
+a counter can take is created at zero here: a series that first appears with its first
+increment hides that increment from ``rate()`` and ``increase()``, and a rare event has
+nothing else. The children a pixel or click counts on are bound once (``PIXEL_OK``...):
+no label lookup on the hot path.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +16,17 @@ from time import perf_counter
 from typing import Final
 
 from aiohttp import web
-from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from mailbeacon.build_info import register_build_info
+from mailbeacon.events import EventType
 from mailbeacon.http_guard import ConnectionLimits
 from mailbeacon.publisher import EventPublisher
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+BUILD_INFO = register_build_info(REGISTRY, "tracker")
 
 
 class CountChild:
@@ -54,24 +67,40 @@ class LoopCounter(Collector):
         yield family
 
 
-REQUESTS = LoopCounter("mailbeacon_tracker_requests", "Tracker requests by kind", ("kind",))
-BUFFERED = Gauge("mailbeacon_tracker_buffered_events", "Pixel and click events waiting for NATS")
-DROPPED = Gauge("mailbeacon_tracker_dropped_events", "Events dropped because the buffer was full")
-PUBLISHED = Gauge("mailbeacon_tracker_published_events", "Events JetStream acknowledged since start")
-NATS_CONNECTED = Gauge("mailbeacon_tracker_nats_connected", "1 while the tracker's NATS connection is up")
-HELD_CLICKS = Gauge("mailbeacon_tracker_held_clicks", "Click events held for the scanner-burst window")
-CONNECTIONS = Gauge("mailbeacon_tracker_connections", "Open client connections of this tracker process")
+REQUESTS = LoopCounter(
+    "mailbeacon_tracker_requests", "Tracker requests by kind and the HTTP status answered", ("kind", "status")
+)
+BUFFERED = Gauge(
+    "mailbeacon_tracker_buffered_events", "Pixel and click events waiting for NATS", registry=REGISTRY
+)
+DROPPED = Gauge(
+    "mailbeacon_tracker_dropped_events", "Events dropped because the buffer was full", registry=REGISTRY
+)
+PUBLISHED = Gauge(
+    "mailbeacon_tracker_published_events", "Events JetStream acknowledged since start", registry=REGISTRY
+)
+NATS_CONNECTED = Gauge(
+    "mailbeacon_tracker_nats_connected", "1 while the tracker's NATS connection is up", registry=REGISTRY
+)
+HELD_CLICKS = Gauge(
+    "mailbeacon_tracker_held_clicks", "Click events held for the scanner-burst window", registry=REGISTRY
+)
+CONNECTIONS = Gauge(
+    "mailbeacon_tracker_connections", "Open client connections of this tracker process", registry=REGISTRY
+)
 CONNECTIONS_REFUSED = Gauge(
     "mailbeacon_tracker_connections_refused",
     "Connections answered 503 above TRACKER_MAX_CONNECTIONS since start",
+    registry=REGISTRY,
 )
 CONNECTIONS_TIMED_OUT = Gauge(
     "mailbeacon_tracker_connections_timed_out",
     "Connections closed for not sending request headers within TRACKER_HEADER_TIMEOUT_SECONDS since start",
+    registry=REGISTRY,
 )
 ENGAGEMENTS = LoopCounter(
     "mailbeacon_tracker_engagements",
-    "Opens and clicks by verdict (machine_kind, or 'human')",
+    "Opens and clicks by verdict (machine_kind, or 'human'); a click counts once its burst window is over",
     ("type", "verdict"),
 )
 REGISTRY.register(REQUESTS)
@@ -80,13 +109,66 @@ WEBHOOKS = Counter(
     "mailbeacon_tracker_webhooks_total",
     "Provider webhook requests by outcome (stored, refused, invalid, unavailable)",
     ["provider", "outcome"],
+    registry=REGISTRY,
 )
 WEBHOOK_EVENTS = Counter(
-    "mailbeacon_tracker_webhook_events_total", "Events stored from provider webhooks", ["provider", "type"]
+    "mailbeacon_tracker_webhook_events_total",
+    "Events stored from provider webhooks",
+    ["provider", "type"],
+    registry=REGISTRY,
 )
 
+# The label values, each series created at zero below.
+# Machine verdicts (tracker.classify, tracker.bursts); tests hold this to the verdicts made there.
+MACHINE_KINDS: Final = (
+    "apple_privacy_proxy",
+    "burst",
+    "head_request",
+    "honeypot",
+    "image_proxy",
+    "link_preview",
+    "no_user_agent",
+    "prefetch",
+    "security_scanner",
+)
+PROVIDERS: Final = ("generic", "sendgrid", "mailgun", "ses", "postmark")
+OUTCOMES: Final = ("stored", "refused", "invalid", "unavailable")
+GENERIC_KINDS: Final = ("bounce", "delivery", "complaint")
+GENERIC_TYPES: Final = (EventType.BOUNCED, EventType.DELIVERED, EventType.COMPLAINED)
+PROVIDER_TYPES: Final = tuple(t for t in EventType if t is not EventType.SENT)
+# The routes measured, by a fixed name (never a tracking id, URL or provider taken from the path).
+ROUTES: Final = ("pixel", "click", "unsubscribe_page", "unsubscribe", "webhook")
+# Statuses a webhook answers with (tracker.webhooks, tracker.webhook_limits, tracker.esp).
+WEBHOOK_STATUSES: Final = ("200", "400", "401", "403", "413", "503")
+# kind -> the statuses it answers with, all known in advance.
+REQUEST_KINDS: Final = {
+    "pixel": ("200", "400"),
+    "click": ("302",),
+    "click_invalid": ("400",),
+    "click_forged": ("400",),
+    "click_honeypot": ("200",),
+    "unsubscribe_page": ("200", "400"),
+    "unsubscribe": ("200", "400"),
+    **{f"webhook_generic_{kind}": WEBHOOK_STATUSES for kind in GENERIC_KINDS},
+    **{f"webhook_{provider}": WEBHOOK_STATUSES for provider in PROVIDERS if provider != "generic"},
+}
 
-_engagement_children: dict[tuple[str, str], CountChild] = {}
+for _kind, _statuses in REQUEST_KINDS.items():
+    for _status in _statuses:
+        REQUESTS.labels(_kind, _status)
+for _route in ROUTES:  # a handler that failed unexpectedly, answered 503 by its route's guard
+    REQUESTS.labels(_route, "503")
+for _provider in PROVIDERS:
+    for _outcome in OUTCOMES:
+        WEBHOOKS.labels(_provider, _outcome)
+    for _type in GENERIC_TYPES if _provider == "generic" else PROVIDER_TYPES:
+        WEBHOOK_EVENTS.labels(_provider, _type.value)
+
+_engagement_children: dict[tuple[str, str], CountChild] = {
+    (event_type, verdict): ENGAGEMENTS.labels(event_type, verdict)
+    for event_type in (EventType.OPENED.value, EventType.CLICKED.value)
+    for verdict in ("human", *MACHINE_KINDS)
+}
 
 
 def count_engagement(event_type: str, verdict: str) -> None:
@@ -97,8 +179,22 @@ def count_engagement(event_type: str, verdict: str) -> None:
     child.value += 1
 
 
-PIXEL_REQUESTS = REQUESTS.labels("pixel")
-CLICK_REQUESTS = REQUESTS.labels("click")
+# The children counted on every pixel load and click, and on the rarer answers.
+PIXEL_OK = REQUESTS.labels("pixel", "200")
+PIXEL_INVALID = REQUESTS.labels("pixel", "400")
+CLICK_OK = REQUESTS.labels("click", "302")
+CLICK_INVALID = REQUESTS.labels("click_invalid", "400")
+CLICK_FORGED = REQUESTS.labels("click_forged", "400")
+CLICK_HONEYPOT = REQUESTS.labels("click_honeypot", "200")
+UNSUBSCRIBE_PAGE_OK = REQUESTS.labels("unsubscribe_page", "200")
+UNSUBSCRIBE_PAGE_INVALID = REQUESTS.labels("unsubscribe_page", "400")
+UNSUBSCRIBE_OK = REQUESTS.labels("unsubscribe", "200")
+UNSUBSCRIBE_REFUSED = REQUESTS.labels("unsubscribe", "400")
+
+
+def count_request(kind: str, status: int) -> None:
+    """A webhook's request by the status it was answered with (not on the pixel/click path)."""
+    REQUESTS.labels(kind, str(status)).inc()
 
 
 def watch_publisher(publisher: EventPublisher, held: Callable[[], int] = lambda: 0) -> None:
@@ -131,9 +227,6 @@ def outcome_of(status: int) -> str:
 LATENCY_BUCKETS: Final = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
-# The routes measured, by a fixed name (never a tracking id, URL or provider taken from the path).
-ROUTES: Final = ("pixel", "click", "unsubscribe_page", "unsubscribe", "webhook")
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Answer = Callable[[web.Request], web.StreamResponse]
 ErrorAnswer = Callable[[web.Request, Exception], web.StreamResponse]
@@ -169,7 +262,7 @@ class RequestLatency(Collector):
             except Exception as exc:
                 if on_error is None:
                     raise
-                return on_error(request, exc)
+                return _guarded(route, on_error(request, exc))
             finally:
                 elapsed = perf_counter() - started
                 counts[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
@@ -187,7 +280,7 @@ class RequestLatency(Collector):
             try:
                 return answer(request)
             except Exception as exc:
-                return on_error(request, exc)
+                return _guarded(route, on_error(request, exc))
             finally:
                 elapsed = perf_counter() - started
                 counts[bisect_left(LATENCY_BUCKETS, elapsed)] += 1
@@ -208,6 +301,12 @@ class RequestLatency(Collector):
                 buckets.append((_le(bound), float(cumulative)))
             family.add_metric([route], buckets, self._sums[route])
         yield family
+
+
+def _guarded(route: str, response: web.StreamResponse) -> web.StreamResponse:
+    """A handler's failure, answered by its route's guard, counted under the route's name."""
+    REQUESTS.labels(route, str(response.status)).inc()
+    return response
 
 
 def _le(bound: float) -> str:

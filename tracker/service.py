@@ -2,8 +2,9 @@
 
 ``mailbeacon tracker`` starts serving before NATS answers: pixel and click events wait
 in the publisher's buffer while a background task connects (retrying forever),
-provisions the stream and attaches the publisher. On SIGTERM it stops accepting
-requests, releases held clicks, and drains the buffer for SHUTDOWN_DRAIN_SECONDS.
+provisions the stream and attaches the publisher. On SIGTERM its /readyz answers 503 while it
+serves on for SHUTDOWN_DELAY_SECONDS; then it stops accepting requests, releases held clicks,
+and drains the buffer for SHUTDOWN_DRAIN_SECONDS.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from nats.aio.client import Client as NATS
 
 from mailbeacon.http_guard import ConnectionLimits, descriptor_limit, effective_max_connections
 from mailbeacon.jetstream import connect, provision, redact_url
+from mailbeacon.nats_auth import NatsLogin
 from mailbeacon.publisher import EventPublisher
 from mailbeacon.runner import wait_for_signal
 from mailbeacon.settings import Settings, parse_listen
@@ -41,16 +43,16 @@ PROVISION_CHECK_SECONDS = 10.0
 def connection_limits(settings: Settings) -> ConnectionLimits:
     """TRACKER_HEADER_TIMEOUT_SECONDS, and TRACKER_MAX_CONNECTIONS as the open-file limit allows."""
     fds = descriptor_limit()
-    cap = effective_max_connections(settings.tracker_max_connections, fds)
-    if cap < settings.tracker_max_connections:
+    cap = effective_max_connections(settings.tracker.max_connections, fds)
+    if cap < settings.tracker.max_connections:
         log.warning(
             "MAILBEACON_TRACKER_MAX_CONNECTIONS=%d does not fit the open-file limit (%s): at most %d "
             "connections per process (raise `ulimit -n` for more)",
-            settings.tracker_max_connections,
+            settings.tracker.max_connections,
             fds,
             cap,
         )
-    return ConnectionLimits(header_timeout=settings.tracker_header_timeout_seconds, max_connections=cap)
+    return ConnectionLimits(header_timeout=settings.tracker.header_timeout_seconds, max_connections=cap)
 
 
 def warn_about_webhooks(settings: Settings) -> None:
@@ -64,7 +66,7 @@ def warn_about_webhooks(settings: Settings) -> None:
             "MAILBEACON_ALLOW_UNAUTHENTICATED_WEBHOOKS=true: %s accept anyone's requests although the "
             "tracker listens on %s: forged bounces and complaints stop real mail",
             ", ".join(exposed),
-            settings.tracker_listen,
+            settings.tracker.listen,
         )
 
 
@@ -87,15 +89,18 @@ class TrackerService:
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
         self.limits: ConnectionLimits | None = None
+        self.stopping = False
 
     async def start(self) -> None:
-        self._app = create_app(self.settings, self.publisher, sns_http_get=self._sns_http_get)
+        self._app = create_app(
+            self.settings, self.publisher, sns_http_get=self._sns_http_get, ready=lambda: not self.stopping
+        )
         engagement = self._app[ENGAGEMENT_KEY]
         metrics.watch_publisher(self.publisher, lambda: engagement.hold.pending)
         self.limits = connection_limits(self.settings)
         metrics.watch_connections(self.limits)
         self._runner = await serve(
-            self._app, self.settings.tracker_listen, reuse_port=self.reuse_port, limits=self.limits
+            self._app, self.settings.tracker.listen, reuse_port=self.reuse_port, limits=self.limits
         )
         self.port = bound_port(self._runner)
         log.info("tracker listening on port %s", self.port)
@@ -105,6 +110,10 @@ class TrackerService:
     def held(self) -> int:
         """Pixel and click events not handed to the publisher yet (clicks sit out the scanner-burst window)."""
         return self._app[ENGAGEMENT_KEY].held if self._app is not None else 0
+
+    def begin_stopping(self) -> None:
+        """/readyz answers 503 from now on; pixels, clicks and webhooks are still served."""
+        self.stopping = True
 
     async def stop(self) -> None:
         """Stop accepting requests (in-flight ones finish), then hand held events to the publisher."""
@@ -129,12 +138,14 @@ class NatsLink:
         self._task = asyncio.create_task(self._run(), name="tracker-nats-link")
 
     async def _run(self) -> None:
-        url = self.settings.nats_url or ""
+        url = self.settings.nats.url or ""
         delay = 0.5
         while True:
             try:
                 # connect() retries unreachable servers forever; provisioning may still fail.
-                self.nc = self.nc or await connect(url, "mailbeacon-tracker")
+                self.nc = self.nc or await connect(
+                    url, "mailbeacon-tracker", NatsLogin.from_settings(self.settings)
+                )
                 await provision(self.nc.jetstream(), self.settings)
             except Exception as exc:
                 log.warning("NATS not ready (%s); pixel and click events are buffered meanwhile", exc)
@@ -172,7 +183,7 @@ class StandaloneTracker:
     ) -> None:
         self.settings = settings
         self.publisher = EventPublisher(
-            None, buffer_limit=settings.event_buffer_limit, spool=Spool.under(settings.data_dir)
+            None, buffer_limit=settings.tracker.event_buffer_limit, spool=Spool.under(settings.data_dir)
         )
         self.service = TrackerService(
             settings, self.publisher, reuse_port=reuse_port, sns_http_get=sns_http_get
@@ -185,6 +196,9 @@ class StandaloneTracker:
         self.publisher.load_spool()
         await self.service.start()
         self.link.start()
+
+    def begin_stopping(self) -> None:
+        self.service.begin_stopping()
 
     async def stop(self) -> None:
         """One drain deadline for both: finishing requests, then publishing (and spooling)."""
@@ -202,7 +216,7 @@ async def serve_standalone(settings: Settings, *, reuse_port: bool = False) -> N
     gc.freeze()
     gc.set_threshold(20_000, 20, 20)
     try:
-        await wait_for_signal()
+        await wait_for_signal(settings.shutdown_delay_seconds, tracker.begin_stopping)
     finally:
         await tracker.stop()
 
@@ -218,14 +232,16 @@ def _worker(settings: Settings) -> None:
 def run_tracker(settings: Settings, workers: int = 1) -> None:
     """``mailbeacon tracker [--workers N]``: N processes share the port through SO_REUSEPORT.
 
-    The parent only supervises: it restarts a worker that died and forwards SIGTERM/SIGINT.
+    The parent only supervises: it restarts a worker that died and forwards SIGTERM/SIGINT;
+    each worker then keeps serving for SHUTDOWN_DELAY_SECONDS (its /readyz answering 503, on
+    the port they share) before it stops.
     """
-    if not settings.nats_url:
+    if not settings.nats.url:
         raise SystemExit("mailbeacon tracker: MAILBEACON_NATS_URL is required (or use `mailbeacon up`)")
     if workers <= 1:
         asyncio.run(serve_standalone(settings))
         return
-    if parse_listen(settings.tracker_listen)[1] == 0:
+    if parse_listen(settings.tracker.listen)[1] == 0:
         raise SystemExit("mailbeacon tracker --workers needs a fixed port in MAILBEACON_TRACKER_LISTEN")
     context = multiprocessing.get_context("spawn")
     stopping = False
@@ -253,6 +269,6 @@ def run_tracker(settings: Settings, workers: int = 1) -> None:
                 processes[index] = start_worker(index)
         time.sleep(0.5)
     for process in processes:
-        process.join(settings.shutdown_drain_seconds + 10)
+        process.join(settings.shutdown_delay_seconds + settings.shutdown_drain_seconds + 10)
         if process.is_alive():
             process.kill()

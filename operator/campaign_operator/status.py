@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# status field -> field of the aggregator's statistics (DESIGN.md "Statistics")
+# status field -> field of the aggregator's statistics (docs/architecture.md "Statistics")
 COUNTS = {
     "totalRecipients": "total_recipients",
     "sent": "sent_count",
@@ -65,6 +65,22 @@ class Headline:
                 values[_attribute(status_field)] = round(float(statistics.get(source, 0.0)), 2)
         except (TypeError, ValueError) as exc:
             raise InvalidStatistics(f"statistics field is not a number: {exc}") from exc
+        return cls(**values)
+
+    @classmethod
+    def from_status(cls, status: Mapping[str, Any]) -> Headline | None:
+        """The numbers a Campaign's ``.status`` last showed; None when it shows none (never
+        read yet) or something that is not numbers."""
+        if not any(name in status for name in STATUS_FIELDS):
+            return None
+        try:
+            values: dict[str, Any] = {}
+            for name in COUNTS:
+                values[_attribute(name)] = _count(status.get(name, 0))
+            for name in RATES:
+                values[_attribute(name)] = float(status.get(name, 0.0))
+        except (TypeError, ValueError):
+            return None
         return cls(**values)
 
     def as_status(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -28,6 +28,7 @@ from campaign_operator.status import Headline, InvalidStatistics, numbers_change
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, CampaignSpec
 from mailbeacon.jetstream import connect, ensure_campaign_bucket
+from mailbeacon.nats_auth import NatsLogin
 from mailbeacon.settings import Settings
 from mailbeacon.web import add_health_routes, bound_port, serve
 
@@ -65,6 +66,13 @@ def campaign_key(namespace: str | None, name: str) -> CampaignKey:
     if not namespace:  # the CRD is namespaced; a cluster-scoped body would be a bug elsewhere
         raise kopf.PermanentError(f"Campaign {name} has no namespace")
     return CampaignKey(namespace, name)
+
+
+def export_known(key: CampaignKey, campaign: CampaignSpec, status: Mapping[str, Any]) -> None:
+    """The campaign's guardrail and pause series without the aggregator: its spec, and the
+    verdicts on the numbers its status last showed (none while it never showed any)."""
+    last = Headline.from_status(status)
+    metrics.export(key, campaign, None if last is None else guardrails.judge(campaign.guardrails, last))
 
 
 STOPPED = object()
@@ -117,24 +125,26 @@ class CampaignOperator:
 
     async def startup(self, settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
-        if not self.settings.nats_url:
+        if not self.settings.nats.url:
             raise kopf.PermanentError("MAILBEACON_NATS_URL is required: the operator writes specs to NATS")
         app = web.Application()
-        add_health_routes(app, ready=lambda: self.ready)
-        self.health = await serve(app, self.settings.operator_listen)
+        add_health_routes(app, ready=lambda: self.ready, registry=metrics.REGISTRY)
+        self.health = await serve(app, self.settings.operator.listen)
         self.health_port = bound_port(self.health)
-        self.nc = await connect(self.settings.nats_url, "mailbeacon-operator")
+        self.nc = await connect(
+            self.settings.nats.url, "mailbeacon-operator", NatsLogin.from_settings(self.settings)
+        )
         self.store = CampaignStore(await ensure_campaign_bucket(self.nc.jetstream(), self.settings))
         self.http = aiohttp.ClientSession()
         self.statistics = StatisticsClient(
-            self.settings.aggregator_base_url(),
+            self.settings.aggregator.base_url(),
             self.http,
-            token=self.settings.aggregator_token(read_only=True),  # it only reads
+            token=self.settings.aggregator.client_token(read_only=True),  # it only reads
         )
         log.info(
             "campaign operator ready: statistics from %s every %ss",
             self.statistics.base_url,
-            self.settings.operator_status_interval,
+            self.settings.operator.status_interval,
         )
 
     async def cleanup(self, **_: Any) -> None:
@@ -167,6 +177,7 @@ class CampaignOperator:
         key = campaign_key(namespace, name)
         campaign = parse_spec(spec)
         await self._store().put(key, campaign)
+        export_known(key, campaign, status)  # at once, whether or not the aggregator answers
         # Patch only on a change: a patch that changes nothing gets no new resourceVersion,
         # and kopf would wait for one (settings.persistence.consistency_timeout).
         if status.get("observedGeneration") != meta.get("generation"):
@@ -208,6 +219,7 @@ class CampaignOperator:
             headline = Headline() if statistics is None else Headline.from_statistics(statistics)
         except (StatisticsUnavailable, InvalidStatistics) as exc:
             metrics.STATISTICS_ERRORS.inc()
+            export_known(key, campaign, status)  # the alert rules keep their guardrails meanwhile
             log.warning("campaign %s: %s", key, exc)
             wanted = guardrails.statistics_condition(current, False, str(exc)[:300], now_utc(), generation)
             if guardrails.conditions_changed(current, wanted):
@@ -258,7 +270,11 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> CampaignOpe
         *resource,
         registry=registry,
         id="refresh-status",
-        interval=settings.operator_status_interval,
-        initial_delay=min(1.0, settings.operator_status_interval),
+        interval=settings.operator.status_interval,
+        initial_delay=min(1.0, settings.operator.status_interval),
     )(operator.refresh_status)
+    if settings.operator.injection_listen:
+        from campaign_operator.injection_webhook import register_injection
+
+        register_injection(registry, settings)  # README "Injection by annotation"
     return operator

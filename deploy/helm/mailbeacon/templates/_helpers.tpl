@@ -40,10 +40,12 @@ app.kubernetes.io/part-of: mailbeacon
 {{- end -}}
 
 {{- define "mailbeacon.image" -}}
+{{- $repository := .Values.image.repository -}}
+{{- with .Values.image.registry }}{{ $repository = printf "%s/%s" (trimSuffix "/" .) $repository }}{{ end -}}
 {{- if .Values.image.digest -}}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- printf "%s@%s" $repository .Values.image.digest -}}
 {{- else -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- printf "%s:%s" $repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 {{- end -}}
 
@@ -102,7 +104,8 @@ the shared proxy relays through Postmark. Only then does the Ingress route it. *
 {{/* Environment every component gets. */}}
 {{- define "mailbeacon.commonEnv" -}}
 - name: MAILBEACON_NATS_URL
-  value: {{ .Values.nats.url | quote }}
+  value: {{ include "mailbeacon.natsUrl" . | quote }}
+{{- include "mailbeacon.natsEnv" . }}
 - name: MAILBEACON_STREAM_REPLICAS
   value: {{ .Values.nats.streamReplicas | quote }}
 - name: MAILBEACON_STREAM_MAX_AGE_DAYS
@@ -146,10 +149,10 @@ nodeSelector:
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .values.affinity }}
-affinity:
-  {{- toYaml . | nindent 2 }}
+{{- with .values.priorityClassName }}
+priorityClassName: {{ . }}
 {{- end }}
+{{- include "mailbeacon.scheduling" . }}
 volumes:
   # The root filesystem is read-only; Python and the components write only here.
   - name: tmp
@@ -158,161 +161,61 @@ volumes:
 {{- with .extraVolumes }}
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- include "mailbeacon.natsVolumes" .root | nindent 2 }}
+{{- with .values.extraVolumes }}
+  {{- toYaml . | nindent 2 }}
+{{- end }}
 {{- end -}}
 
-{{/* Probes on the component's health endpoints: (dict "port" "http") */}}
+{{/* A pod template's labels: the component's, plus its podLabels (the chart's win on a clash). */}}
+{{- define "mailbeacon.podLabels" -}}
+{{- toYaml (merge (include "mailbeacon.labels" . | fromYaml) (.values.podLabels | default dict)) }}
+{{- end -}}
+
+{{/* A container's volume mounts besides /tmp: NATS credentials and TLS, then extraVolumeMounts.
+(dict "root" $ "values" .Values.tracker) */}}
+{{- define "mailbeacon.extraMounts" -}}
+{{- include "mailbeacon.natsVolumeMounts" .root }}
+{{- with .values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Probes on the component's health endpoints, with the component's overrides (its
+livenessProbe, readinessProbe, startupProbe values): (dict "port" "http" "values" .Values.tracker) */}}
 {{- define "mailbeacon.probes" -}}
+{{- $v := .values | default dict -}}
 startupProbe:
-  httpGet: {path: /healthz, port: {{ .port }}}
-  periodSeconds: 2
-  failureThreshold: 30
+  {{- include "mailbeacon.probe" (dict "default" (dict "httpGet" (dict "path" "/healthz" "port" .port) "periodSeconds" 2 "failureThreshold" 30) "override" $v.startupProbe) | nindent 2 }}
 livenessProbe:
-  httpGet: {path: /healthz, port: {{ .port }}}
-  periodSeconds: 10
-  timeoutSeconds: 3
-  failureThreshold: 3
+  {{- include "mailbeacon.probe" (dict "default" (dict "httpGet" (dict "path" "/healthz" "port" .port) "periodSeconds" 10 "timeoutSeconds" 3 "failureThreshold" 3) "override" $v.livenessProbe) | nindent 2 }}
 readinessProbe:
-  httpGet: {path: /readyz, port: {{ .port }}}
-  periodSeconds: 5
-  timeoutSeconds: 3
-  failureThreshold: 2
+  {{- include "mailbeacon.probe" (dict "default" (dict "httpGet" (dict "path" "/readyz" "port" .port) "periodSeconds" 5 "timeoutSeconds" 3 "failureThreshold" 2) "override" $v.readinessProbe) | nindent 2 }}
 {{- end -}}
 
-{{/*
-The SMTP proxy as a container, for an app's pod (sidecar) or the shared proxy Deployment.
+{{/* One probe: the override's fields over the default's (the library chart's one definition). */}}
+{{- define "mailbeacon.probe" -}}
+{{- include "mailbeacon-sidecar.probe" . -}}
+{{- end -}}
 
-Apps include it with their own parameters; only natsUrl, siteUrl and secretName are needed:
-
-  containers:
-    - name: app
-      ...
-    {{- include "mailbeacon.proxySidecar" (dict
-          "image" "ghcr.io/mailbeacon/mailbeacon:0.1.0"
-          "natsUrl" "nats://nats.nats.svc:4222"
-          "siteUrl" "https://track.example.com"
-          "secretName" "mailbeacon"
-          "defaultCampaign" "shop/receipts") | nindent 4 }}
-
-Parameters: image, natsUrl, siteUrl, secretName (a Secret with secret-keys and
-upstream-smtp), and optionally name ("mailbeacon-proxy"), upstreamSecretKey
-("upstream-smtp"), upstreamProvider ("generic"), defaultCampaign, listen
-("127.0.0.1:2525": only the app in the same pod can relay), httpPort (8025: health and
-metrics), tmpVolume ("mailbeacon-proxy-tmp"), spoolVolume ("mailbeacon-proxy-spool": events
-a stop could not publish while NATS was unreachable, kept for the container's next start),
-maxConnections (200 SMTP sessions at once), authFailureDelaySeconds (1) and authMaxFailures (3)
-(the tarpit for failed SMTP AUTH), anonymizeIp, honourUnsubscribes (true), logLevel,
-resources, imagePullPolicy, extraEnv (a list of {name, value} or {name, valueFrom}, e.g. the
-MAILBEACON_DKIM_* settings), volumeMounts (extra read-only mounts, e.g. a DKIM key's Secret
-added to the pod's volumes). The app sends mail to 127.0.0.1:2525. The pod's
-terminationGracePeriodSeconds (30 by default) must leave the proxy SHUTDOWN_DRAIN_SECONDS (20)
-and a few seconds more.
-*/}}
+{{/* The SMTP proxy as a container, for an app's pod (a plain sidecar) or the shared proxy
+Deployment: the library chart mailbeacon-sidecar's "mailbeacon-sidecar.container", whose
+parameters it takes (image, natsUrl, siteUrl, secretName; see its templates/_container.tpl).
+Kept for app charts that depend on this chart; new ones depend on mailbeacon-sidecar alone and
+run the proxy as a native sidecar (README "A Job with the native sidecar"). */}}
 {{- define "mailbeacon.proxySidecar" -}}
-- name: {{ .name | default "mailbeacon-proxy" }}
-  image: {{ required "mailbeacon.proxySidecar: image is required" .image | quote }}
-  imagePullPolicy: {{ .imagePullPolicy | default "IfNotPresent" }}
-  args: ["proxy"]
-  env:
-    - name: MAILBEACON_NATS_URL
-      value: {{ required "mailbeacon.proxySidecar: natsUrl is required" .natsUrl | quote }}
-    - name: MAILBEACON_SITE_URL
-      value: {{ required "mailbeacon.proxySidecar: siteUrl is required" .siteUrl | quote }}
-    - name: MAILBEACON_SMTP_LISTEN
-      value: {{ .listen | default "127.0.0.1:2525" | quote }}
-    - name: MAILBEACON_PROXY_HTTP_LISTEN
-      value: {{ printf "0.0.0.0:%d" (int (.httpPort | default 8025)) | quote }}
-    - name: MAILBEACON_UPSTREAM_PROVIDER
-      value: {{ .upstreamProvider | default "generic" | quote }}
-    {{- with .defaultCampaign }}
-    - name: MAILBEACON_DEFAULT_CAMPAIGN
-      value: {{ . | quote }}
-    {{- end }}
-    - name: MAILBEACON_ANONYMIZE_IP
-      value: {{ .anonymizeIp | default false | quote }}
-    - name: MAILBEACON_HONOUR_UNSUBSCRIBES
-      value: {{ ternary "true" "false" (ne .honourUnsubscribes false) | quote }}
-    - name: MAILBEACON_LOG_LEVEL
-      value: {{ .logLevel | default "INFO" | quote }}
-    - name: MAILBEACON_DATA_DIR
-      value: /tmp/mailbeacon
-    - name: MAILBEACON_SMTP_MAX_CONNECTIONS
-      value: {{ int64 (.maxConnections | default 200) | quote }}
-    - name: MAILBEACON_SMTP_AUTH_FAILURE_DELAY
-      value: {{ ternary .authFailureDelaySeconds 1 (hasKey . "authFailureDelaySeconds") | quote }}
-    - name: MAILBEACON_SMTP_AUTH_MAX_FAILURES
-      value: {{ int64 (.authMaxFailures | default 3) | quote }}
-    - name: MAILBEACON_SECRET_KEYS
-      valueFrom:
-        secretKeyRef:
-          name: {{ required "mailbeacon.proxySidecar: secretName is required" .secretName }}
-          key: secret-keys
-    - name: MAILBEACON_UPSTREAM_SMTP
-      valueFrom:
-        secretKeyRef:
-          name: {{ .secretName }}
-          key: {{ .upstreamSecretKey | default "upstream-smtp" }}
-    {{- with .extraEnv }}
-    {{- toYaml . | nindent 4 }}
-    {{- end }}
-  ports:
-    - name: smtp
-      containerPort: {{ (split ":" (.listen | default "127.0.0.1:2525"))._1 | int }}
-      protocol: TCP
-    - name: proxy-http
-      containerPort: {{ .httpPort | default 8025 | int }}
-      protocol: TCP
-  startupProbe:
-    httpGet: {path: /healthz, port: proxy-http}
-    periodSeconds: 2
-    failureThreshold: 30
-  livenessProbe:
-    httpGet: {path: /healthz, port: proxy-http}
-    periodSeconds: 10
-    timeoutSeconds: 3
-  readinessProbe:
-    httpGet: {path: /readyz, port: proxy-http}
-    periodSeconds: 5
-    timeoutSeconds: 3
-  resources:
-    {{- toYaml (.resources | default (dict "requests" (dict "cpu" "50m" "memory" "96Mi") "limits" (dict "memory" "256Mi"))) | nindent 4 }}
-  securityContext:
-    runAsNonRoot: true
-    runAsUser: 10001
-    runAsGroup: 10001
-    allowPrivilegeEscalation: false
-    readOnlyRootFilesystem: true
-    privileged: false
-    capabilities:
-      drop: ["ALL"]
-    seccompProfile:
-      type: RuntimeDefault
-  volumeMounts:
-    - name: {{ .tmpVolume | default "mailbeacon-proxy-tmp" }}
-      mountPath: /tmp
-    # DATA_DIR/spool: survives a restart of the container, not the deletion of the pod.
-    - name: {{ .spoolVolume | default "mailbeacon-proxy-spool" }}
-      mountPath: /tmp/mailbeacon/spool
-    {{- with .volumeMounts }}
-    {{- toYaml . | nindent 4 }}
-    {{- end }}
+{{- include "mailbeacon-sidecar.container" . -}}
 {{- end -}}
 
-{{/* The volumes of the sidecar's /tmp and spool; add them to the pod's volumes next to the
-sidecar. Optionally tmpVolume, spoolVolume (names, as given to the sidecar) and spoolSizeLimit
-("128Mi": about 1 KiB per event the proxy could not publish at a stop; above it the kubelet
-evicts the pod). */}}
+{{/* The sidecar's /tmp and spool volumes: "mailbeacon-sidecar.volumes". */}}
 {{- define "mailbeacon.proxySidecarVolume" -}}
-- name: {{ .tmpVolume | default "mailbeacon-proxy-tmp" }}
-  emptyDir:
-    sizeLimit: 64Mi
-- name: {{ .spoolVolume | default "mailbeacon-proxy-spool" }}
-  emptyDir:
-    sizeLimit: {{ .spoolSizeLimit | default "128Mi" }}
+{{- include "mailbeacon-sidecar.volumes" . -}}
 {{- end -}}
 
 {{/*
 The PromQL pieces of one reputation guardrail, as YAML (dict "guardrail" "complaint"|"bounce"
-"rule" .Values.metrics.prometheusRule):
+"rule" .Values.metrics.prometheusRule "aggregator" and "operator": their series' label
+matchers, mailbeacon.scrapeSelector):
   rate       the campaign's rate in percent, computed from the counts (not the rounded rate)
   threshold  the campaign's threshold from the operator, else the chart's default
   volume     the campaign has enough copies (sent for bounces, delivered for complaints)
@@ -322,11 +225,11 @@ The PromQL pieces of one reputation guardrail, as YAML (dict "guardrail" "compla
 {{- $count := ternary "complained" "bounced" $complaint -}}
 {{- $base := ternary "delivered" "sent" $complaint -}}
 {{- $default := ternary .rule.complaintRatePercent .rule.bounceRatePercent $complaint -}}
-{{- $messages := "max by (campaign) (mailbeacon_campaign_messages{state=%q})" -}}
+{{- $messages := printf "max by (namespace, campaign) (mailbeacon_campaign_messages{%s,state=%%q})" .aggregator -}}
 {{- $volume := printf $messages $base -}}
 rate: {{ printf "(100 * %s / %s)" (printf $messages $count) $volume | quote }}
-threshold: {{ printf "(max by (campaign) (mailbeacon_campaign_guardrail_threshold_percent{guardrail=\"%s_rate\"}) or on (campaign) 0 * %s + %v)" .guardrail $volume $default | quote }}
-volume: {{ printf "%s >= (max by (campaign) (mailbeacon_campaign_guardrail_min_volume) or on (campaign) 0 * %s + %v)" $volume $volume .rule.minVolume | quote }}
+threshold: {{ printf "(max by (namespace, campaign) (mailbeacon_campaign_guardrail_threshold_percent{%s,guardrail=\"%s_rate\"}) or on (namespace, campaign) 0 * %s + %v)" .operator .guardrail $volume $default | quote }}
+volume: {{ printf "%s >= (max by (namespace, campaign) (mailbeacon_campaign_guardrail_min_volume{%s}) or on (namespace, campaign) 0 * %s + %v)" $volume .operator $volume .rule.minVolume | quote }}
 critical: {{ ternary "Recipients mark this campaign's mail as spam at or above its threshold (0.3 % is the large mailbox providers' limit for bulk senders): they start filtering the sender. The Campaign's ComplaintRateHigh condition and Events say more; with guardrails.autoPause the operator has paused it." "Too many of this campaign's copies bounce: the list needs cleaning before providers throttle the sender. The Campaign's BounceRateHigh condition and Events say more; with guardrails.autoPause the operator has paused it." $complaint | quote }}
 warning: {{ ternary "The complaint rate approaches the campaign's guardrail; review the list and the content before it trips." "The bounce rate approaches the campaign's guardrail; clean the list before it trips." $complaint | quote }}
 {{- end -}}
