@@ -23,8 +23,9 @@ from aggregator.api import DB_KEY, campaign_from
 from aggregator.auth.context import CSRF_FIELD, PageAuth, page_auth
 from aggregator.auth.login import LOGOUT_PATH, STYLESHEET_PATH
 from aggregator.db import Database
-from aggregator.live import HUB_KEY, READ_TAKES_TZ, BadZone, View, parse_zone, read_view, zone_applied
+from aggregator.live import HUB_KEY, View, parse_zone, read_view, zone_applied
 from aggregator.models import CAMPAIGNS, EVENTS
+from aggregator.series import BadZone
 from aggregator.times import as_utc, iso_utc
 from mailbeacon.events import EventType
 from mailbeacon.web import Handler
@@ -253,11 +254,7 @@ def live_part(s: dict[str, Any], campaign: str, view: View) -> str:
         f"{sections.headline_cards(s)}"
         f"<h2>Opens and clicks over time <small class=muted>({toggle})</small></h2>"
         f"{sections.over_time(s, view.hourly)}"
-        + (
-            f"<h2>When people open</h2>{_zone_form(base, view) if READ_TAKES_TZ else ''}{heat}"
-            if heat
-            else ""
-        )
+        + (f"<h2>When people open</h2>{_zone_form(base, view)}{heat}" if heat else "")
         + f"<h2>People and machines</h2>{sections.people_and_machines(s)}{sections.machines(s)}"
         + (f'<div class="pair">{pair}</div>' if pair else "")
         + (f"<h2>Mailbox providers</h2>{providers}" if providers else "")

@@ -25,7 +25,7 @@ from aggregator.outbox_pages import add_outbox_routes
 from aggregator.pages import add_page_routes, layout
 from aggregator.parked import bound_parked
 from aggregator.retention import prune
-from aggregator.statistics import list_campaigns
+from aggregator.statistics import list_campaigns, provider_snapshot
 from aggregator.suppressions import SuppressionRecorder
 from mailbeacon.campaign_store import CampaignStore
 from mailbeacon.campaigns import CampaignKey, CampaignSpec
@@ -174,6 +174,7 @@ class AggregatorService:
         while True:
             try:
                 metrics.CAMPAIGNS.update(await list_campaigns(self.db))
+                metrics.DOMAINS.update(await provider_snapshot(self.db))
             except Exception as exc:
                 log.warning("reading statistics for the metrics failed: %s", exc)
             await asyncio.sleep(STATISTICS_METRICS_SECONDS)
