@@ -14,7 +14,7 @@ over raw ``(ack subject, payload)`` pairs, with no header parsing and no per-mes
 objects; for URLs it cannot serve (WebSocket) the feed uses the nats-py client instead. Both log
 in with the same :class:`~mailbeacon.nats_auth.NatsLogin` (credentials and TLS). Against
 nats-py's own ``pull_subscribe``/``fetch`` and ``msg.ack()``, the feed costs 14 times less CPU
-per event and ingest into SQLite about 1.5 times less (measured 2026-12-07; the figures are in
+per event and ingest into SQLite 1.5-1.8 times less (measured 2026-12-07; the figures are in
 :mod:`aggregator.wire`).
 
 Status replies end a request: 404/408 (nothing more, or expired), 409 (the server

@@ -19,12 +19,13 @@ dead connection.
 
 Why this is not nats-py (custom NATS code stays only where it is at least 1.3 times faster;
 README "The NATS paths, measured"). Measured 2026-12-07 with ``python -m bench.bench_aggregator
---only paths`` (part of ``make bench``), in runs on the shared 2-core machine: taking 200,000
-stored events in batches of 5,000 and acknowledging them, the feed over this connection cost
-2.5-2.7 µs of CPU per event, nats-py's ``pull_subscribe``/``fetch`` with ``msg.ack()`` after
-the commit 36-37 µs (14 times as much) at a sixth of the events a second; a whole ``mailbeacon
-aggregator`` ingesting into SQLite spent 1.47-1.55 times the CPU per event with nats-py's
-feed, and stored 1.29-1.36 times fewer events a second. No nats-py internals are used here.
+--only paths`` (part of ``make bench``), four runs on the shared 2-core machine: taking
+200,000 stored events in batches of 5,000 and acknowledging them, the feed over this
+connection cost 2.3-2.7 µs of CPU per event, nats-py's ``pull_subscribe``/``fetch`` with
+``msg.ack()`` after the commit 34-37 µs (14-15 times as much) at a fifth to a seventh of the
+events a second; a whole ``mailbeacon aggregator`` ingesting into SQLite spent 1.47-1.77 times
+the CPU per event with nats-py's feed, and stored 1.29-1.61 times fewer events a second. No
+nats-py internals are used here.
 """
 
 from __future__ import annotations

@@ -22,13 +22,14 @@ simply published again.
 
 Why this is not nats-py's public API (custom NATS code stays only where it is at least 1.3
 times faster; README "The NATS paths, measured"). Measured 2026-12-07 with ``python -m
-bench.bench_tracker --paths`` (part of ``make bench``), two runs on the shared 2-core
-machine, the same buffered pixel events: this path cost the publishing process 3.5-3.7 µs of
-CPU per event, ``js.publish_async`` (nats-py 2.16's fastest, a batch in flight) 29-35 µs,
-8.4-9.5 times as much, and drained 3.3-4.4 times the events a second; at one tracker
-process's rate (20,000 events/s) 5.1-5.6 against 30 µs, which nats-py did not keep up with.
-A tracker worker publishing through nats-py spent 1.37-1.41 times the CPU per pixel request.
-Event by event over the same raw frames (a stream that refuses fast batches) costs 7.1-8.0 µs.
+bench.bench_tracker --paths`` (part of ``make bench``), three runs on the shared 2-core
+machine, the same buffered pixel events: this path cost the publishing process 3.0-3.7 µs of
+CPU per event, ``js.publish_async`` (nats-py 2.16's cheapest way, a batch in flight) 26-35
+µs, 8.4-9.5 times as much, and drained 2.7-4.4 times the events a second; at one tracker
+process's rate (20,000 events/s) 5.1-6.4 against 29-30 µs (nats-py fell behind that rate in
+every run). A tracker worker publishing through nats-py spent 1.37-1.44 times the CPU per
+pixel request. Event by event over the same raw frames (a stream that refuses fast batches):
+6.2-9.1 µs, still 3.2-4.9 times less than nats-py.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Buffered events are kept as ready protocol frames (:data:`mailbeacon.fast_batch.Outgoing`):
 each is encoded once, when it is buffered, however often a flush has to send it again. They
 go out as fast batches, or event by event over the same raw frames where the stream refuses
-those: 8-9 (fast batches) or 4-5 (event by event) times less CPU per event than nats-py's
+those: 8-9 (fast batches) or 3-5 (event by event) times less CPU per event than nats-py's
 ``js.publish_async`` (measured 2026-12-07, see :mod:`mailbeacon.fast_batch`). Events a caller
 waits for (:meth:`EventPublisher.publish`: webhooks, the proxy) use nats-py's ``js.publish``.
 
