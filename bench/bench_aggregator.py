@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
         assert nats.process is not None
         servers = Servers(nats.process.pid)
         if args.only in (None, "paths"):
-            nats_paths(nats_url, servers.nats_pid, workdir)
+            nats_paths(nats_url, servers.nats_pid, workdir, stream_last)
         results: dict[str, Figures] = {}
         if args.only in (None, "sqlite"):
             path = workdir / "bench.db"
@@ -551,12 +551,12 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def nats_paths(nats_url: str, nats_pid: int, workdir: Path) -> None:
+def nats_paths(nats_url: str, nats_pid: int, workdir: Path, stored: int) -> None:
     """Issue 17's question for the aggregator: is its own NATS path worth its code (at least 1.3 times faster)?"""
     from bench import feed_paths
 
     print("\nThe aggregator's NATS path against nats-py's public API", flush=True)
-    rows = feed_paths.compare(nats_url, nats_pid, workdir)
+    rows = feed_paths.compare(nats_url, nats_pid, workdir, stored)
     print(feed_paths.HEADER)
     for row in rows:
         print(row)

@@ -7,12 +7,13 @@
   ``js.pull_subscribe_bind`` to the durable consumer, ``fetch(batch)``, and ``msg.ack()``
   (``nak``/``term``) per message after the commit.
 
-Two measures. The feed alone: a child process takes 200,000 stored events through a fresh
-durable consumer and acknowledges each batch at once, with no database work (events/s, CPU
-µs per event of the child and of nats-server). Then ingest: a real ``mailbeacon aggregator``
-process, with each feed, stores the stream's first 200,000 events into a new SQLite database
-(events/s up to the last acknowledgement, CPU µs per event of the aggregator and nats-server).
-Rounds alternate between the two paths; medians are reported.
+Two measures. The feed alone: a child process takes 200,000 stored events (fewer when the
+stream holds fewer, as with ``bench_aggregator --events``) through a fresh durable consumer
+and acknowledges each batch at once, with no database work (events/s, CPU µs per event of
+the child and of nats-server). Then ingest: a real ``mailbeacon aggregator`` process, with
+each feed, stores the stream's first 200,000 events (or all it holds) into a new SQLite
+database (events/s up to the last acknowledgement, CPU µs per event of the aggregator and
+nats-server). Rounds alternate between the two paths; medians are reported.
 
 ``python -m bench.feed_paths`` runs both on a stream of its own.
 """
@@ -167,8 +168,9 @@ class Round:
     acked: int  # the consumer's ack floor afterwards (stream sequence)
 
 
-async def _consumer(nats_url: str, name: str, create: bool) -> int:
-    """Create (or delete) a durable consumer like the aggregator's; its ack floor."""
+async def _consumer(nats_url: str, name: str, *, create: bool, wanted: int) -> int:
+    """Create (or delete) a durable consumer like the aggregator's; its ack floor once it
+    reaches ``wanted`` (or after 30 s)."""
     nc = await connect(nats_url, "bench-feed-admin")
     try:
         js = nc.jetstream()
@@ -186,7 +188,7 @@ async def _consumer(nats_url: str, name: str, create: bool) -> int:
         floor = 0
         for _ in range(300):  # acknowledgements may still be on their way: wait for them a while
             floor = int((await js.consumer_info(STREAM, name)).ack_floor.stream_seq or 0)
-            if floor >= FEED_EVENTS:
+            if floor >= wanted:
                 break
             await asyncio.sleep(0.1)
         await js.delete_consumer(STREAM, name)
@@ -195,11 +197,11 @@ async def _consumer(nats_url: str, name: str, create: bool) -> int:
         await nc.close()
 
 
-def feed_round(nats_url: str, nats_pid: int, path: str, number: int) -> Round:
+def feed_round(nats_url: str, nats_pid: int, path: str, number: int, wanted: int) -> Round:
     name = f"bench-feed-{path.replace('-', '')}-{number}"
-    asyncio.run(_consumer(nats_url, name, create=True))
+    asyncio.run(_consumer(nats_url, name, create=True, wanted=0))
     child = subprocess.Popen(
-        [sys.executable, "-m", "bench.feed_paths", "--child", nats_url, path, name, str(FEED_EVENTS)],
+        [sys.executable, "-m", "bench.feed_paths", "--child", nats_url, path, name, str(wanted)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -215,7 +217,7 @@ def feed_round(nats_url: str, nats_pid: int, path: str, number: int) -> Round:
         nats_cpu = cpu_seconds(nats_pid) - nats_before
     finally:
         child.wait(60)
-    floor = asyncio.run(_consumer(nats_url, name, create=False))
+    floor = asyncio.run(_consumer(nats_url, name, create=False, wanted=wanted))
     events = int(result["events"])
     return Round(
         path,
@@ -227,7 +229,7 @@ def feed_round(nats_url: str, nats_pid: int, path: str, number: int) -> Round:
     )
 
 
-def _row(label: str, runs: dict[str, list[Round]]) -> str:
+def _row(label: str, runs: dict[str, list[Round]], wanted: int) -> str:
     med = {
         path: (
             statistics.median(r.rate for r in rs),
@@ -237,9 +239,7 @@ def _row(label: str, runs: dict[str, list[Round]]) -> str:
         for path, rs in runs.items()
     }
     (c_rate, c_cpu, c_nats), (n_rate, n_cpu, n_nats) = med["custom"], med["nats-py"]
-    short = [
-        f"{r.path} {r.acked:,}" for rs in runs.values() for r in rs if r.acked < min(r.events, FEED_EVENTS)
-    ]
+    short = [f"{r.path} {r.acked:,}" for rs in runs.values() for r in rs if r.acked < min(r.events, wanted)]
     return (
         f"| {label} | {c_rate:,.0f} | {n_rate:,.0f} | {c_rate / n_rate:.2f} | {c_cpu:.1f} | {n_cpu:.1f} "
         f"| {n_cpu / c_cpu:.2f} | {c_nats:.1f} / {n_nats:.1f} | {'NO: ' + ', '.join(short) if short else 'yes'} "
@@ -254,12 +254,12 @@ HEADER = (
 )
 
 
-def compare_feeds(nats_url: str, nats_pid: int, rounds: int = ROUNDS) -> str:
+def compare_feeds(nats_url: str, nats_pid: int, wanted: int, rounds: int = ROUNDS) -> str:
     runs: dict[str, list[Round]] = {path: [] for path in PATHS}
     for number in range(rounds):
         for path in PATHS:
-            runs[path].append(feed_round(nats_url, nats_pid, path, number))
-    row = _row(f"feed alone, {FEED_EVENTS:,} events, batches of {FEED_BATCH:,}", runs)
+            runs[path].append(feed_round(nats_url, nats_pid, path, number, wanted))
+    row = _row(f"feed alone, {wanted:,} events, batches of {FEED_BATCH:,}", runs, wanted)
     print(row, flush=True)
     return row
 
@@ -276,7 +276,7 @@ def serve_aggregator() -> None:
     cli_main(["aggregator"])
 
 
-def ingest_round(nats_url: str, nats_pid: int, path: str, workdir: Path, number: int) -> Round:
+def ingest_round(nats_url: str, nats_pid: int, path: str, workdir: Path, number: int, wanted: int) -> Round:
     from bench.bench_aggregator import cpu_seconds as tree_cpu
     from bench.bench_aggregator import reset_consumer, start_aggregator, wait_ingested
 
@@ -285,7 +285,7 @@ def ingest_round(nats_url: str, nats_pid: int, path: str, workdir: Path, number:
     aggregator = start_aggregator(nats_url, f"sqlite:///{database}", workdir, None, feed=path)
     try:
         before = tree_cpu([aggregator.process.pid]), cpu_seconds(nats_pid)
-        seconds = asyncio.run(wait_ingested(nats_url, 1, INGEST_EVENTS))
+        seconds = asyncio.run(wait_ingested(nats_url, 1, wanted))
         after = tree_cpu([aggregator.process.pid]), cpu_seconds(nats_pid)
     finally:
         aggregator.stop()
@@ -293,27 +293,32 @@ def ingest_round(nats_url: str, nats_pid: int, path: str, workdir: Path, number:
         Path(f"{database}{suffix}").unlink(missing_ok=True)
     return Round(
         path,
-        INGEST_EVENTS,
-        INGEST_EVENTS / seconds,
-        (after[0] - before[0]) / INGEST_EVENTS * 1e6,
-        (after[1] - before[1]) / INGEST_EVENTS * 1e6,
-        INGEST_EVENTS,
+        wanted,
+        wanted / seconds,
+        (after[0] - before[0]) / wanted * 1e6,
+        (after[1] - before[1]) / wanted * 1e6,
+        wanted,
     )
 
 
-def compare_ingest(nats_url: str, nats_pid: int, workdir: Path, rounds: int = INGEST_ROUNDS) -> str:
+def compare_ingest(
+    nats_url: str, nats_pid: int, workdir: Path, wanted: int, rounds: int = INGEST_ROUNDS
+) -> str:
     runs: dict[str, list[Round]] = {path: [] for path in PATHS}
     for number in range(rounds):
         for path in PATHS:
-            runs[path].append(ingest_round(nats_url, nats_pid, path, workdir, number))
-    row = _row(f"ingest into SQLite, first {INGEST_EVENTS:,} stream events", runs)
+            runs[path].append(ingest_round(nats_url, nats_pid, path, workdir, number, wanted))
+    row = _row(f"ingest into SQLite, first {wanted:,} stream events", runs, wanted)
     print(row, flush=True)
     return row
 
 
-def compare(nats_url: str, nats_pid: int, workdir: Path) -> list[str]:
-    """Both measures; the stream must hold at least 200,000 events."""
-    return [compare_feeds(nats_url, nats_pid), compare_ingest(nats_url, nats_pid, workdir)]
+def compare(nats_url: str, nats_pid: int, workdir: Path, stored: int) -> list[str]:
+    """Both measures, on the first events of a stream holding ``stored`` of them."""
+    return [
+        compare_feeds(nats_url, nats_pid, min(FEED_EVENTS, stored)),
+        compare_ingest(nats_url, nats_pid, workdir, min(INGEST_EVENTS, stored)),
+    ]
 
 
 def main() -> None:
@@ -328,10 +333,12 @@ def main() -> None:
     try:
         nats_url = nats.start()
         asyncio.run(_provision(nats_url))
-        asyncio.run(publish(nats_url, generate(max(FEED_EVENTS, INGEST_EVENTS), CAMPAIGNS, seed=5)))
+        _, stored = asyncio.run(
+            publish(nats_url, generate(max(FEED_EVENTS, INGEST_EVENTS), CAMPAIGNS, seed=5))
+        )
         assert nats.process is not None
         print("The aggregator's NATS path against nats-py's public API", flush=True)
-        rows = compare(nats_url, nats.process.pid, workdir)
+        rows = compare(nats_url, nats.process.pid, workdir, stored)
         print()
         print(HEADER)
         for row in rows:
