@@ -1,4 +1,4 @@
-"""The aggregator's JSON API (DESIGN.md "Aggregator" routes).
+"""The aggregator's JSON API (docs/architecture.md "Interfaces": docs/aggregator.md "API").
 
 Bad input (a campaign name Kubernetes would refuse, an unknown event type, a malformed
 date or cursor, a tracking id that is no UUID) gets a 400 with a JSON reason.
@@ -44,7 +44,7 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
 
 
-def _flag(request: web.Request, name: str) -> bool:
+def flag(request: web.Request, name: str) -> bool:
     """A yes/no query parameter; anything else is a 400 rather than a silent "no"."""
     value = request.query.get(name, "").strip().lower()
     if value in _TRUE:
@@ -57,7 +57,7 @@ def _flag(request: web.Request, name: str) -> bool:
     )
 
 
-async def _known_campaign(request: web.Request) -> str:
+async def known_campaign(request: web.Request) -> str:
     campaign = campaign_from(request)
     if not await statistics.campaign_exists(request.app[DB_KEY], campaign):
         raise web.HTTPNotFound(
@@ -73,15 +73,15 @@ async def list_campaigns(request: web.Request) -> web.Response:
 
 async def campaign_statistics(request: web.Request) -> web.Response:
     db = request.app[DB_KEY]
-    campaign = await _known_campaign(request)
-    if _flag(request, "refresh"):
+    campaign = await known_campaign(request)
+    if flag(request, "refresh"):
         await statistics.refresh(db, campaign)
-    return web.json_response(await statistics.read_statistics(db, campaign, hourly=_flag(request, "hourly")))
+    return web.json_response(await statistics.read_statistics(db, campaign, hourly=flag(request, "hourly")))
 
 
 async def refresh_statistics(request: web.Request) -> web.Response:
     db = request.app[DB_KEY]
-    campaign = await _known_campaign(request)
+    campaign = await known_campaign(request)
     return web.json_response(await statistics.refresh(db, campaign))
 
 
@@ -98,7 +98,7 @@ async def _events_page(request: web.Request, campaign: str | None) -> web.Respon
 
 
 async def campaign_events(request: web.Request) -> web.Response:
-    return await _events_page(request, await _known_campaign(request))
+    return await _events_page(request, await known_campaign(request))
 
 
 async def all_events(request: web.Request) -> web.Response:
@@ -114,7 +114,7 @@ async def all_events(request: web.Request) -> web.Response:
 
 async def export_csv(request: web.Request) -> web.StreamResponse:
     """The campaign's events as CSV, written to the client a chunk at a time."""
-    campaign = await _known_campaign(request)
+    campaign = await known_campaign(request)
     flt = event_filter(request, campaign)
     response = web.StreamResponse(
         headers={

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from aggregator import queries, statistics
 from aggregator.api import DB_KEY, campaign_from
-from aggregator.pages import layout, not_found, timeline, when
+from aggregator.pages import event_detail, layout, machine_badge, moment, not_found, timeline
 from mailbeacon.events import EventType
 
 
@@ -44,9 +44,9 @@ def _rows(events: list[dict[str, Any]], with_campaign: bool) -> str:
         )
         campaign = f'<td class="hide-narrow">{escape(e["campaign"] or "")}</td>' if with_campaign else ""
         rows.append(
-            f'<tr class="event"><td class="num">{escape(when(e["occurred_at"]))}</td>'
-            f'<td><span class="badge t-{escape(e["type"])}">{escape(e["type"])}</span>{waiting}</td>{campaign}'
-            f'<td>{who}</td><td class="url hide-narrow">{escape(e["detail"])}</td></tr>'
+            f'<tr class="event"><td class="num when">{moment(e["occurred_at"])}</td>'
+            f'<td><span class="badge t-{escape(e["type"])}">{escape(e["type"])}</span>{machine_badge(e)}{waiting}</td>'
+            f'{campaign}<td class="who">{who}</td><td class="url hide-narrow">{escape(event_detail(e))}</td></tr>'
         )
     return "".join(rows)
 
@@ -77,10 +77,10 @@ async def _events_page(request: web.Request, campaign: str | None, action: str, 
         else ""
     )
     back = f'<a href="/campaigns/{escape(campaign)}/statistics/">Statistics</a>' if campaign else ""
-    head = "<th class='hide-narrow'>Campaign</th>" if campaign is None else ""
+    head = "<th class='hide-narrow' scope=col>Campaign</th>" if campaign is None else ""
     table = (
-        "<div class=wrap><table id=events><thead><tr><th class=num>Time (UTC)</th><th>Event</th>"
-        f"{head}<th>Recipient</th><th class='hide-narrow'>Detail</th></tr></thead>"
+        "<div class=wrap><table id=events><thead><tr><th class=num scope=col>Time</th><th scope=col>Event</th>"
+        f"{head}<th scope=col>Recipient</th><th class='hide-narrow' scope=col>Detail</th></tr></thead>"
         f"<tbody>{_rows(events, campaign is None)}</tbody></table></div>"
         if events
         else '<p class="muted" id="no-events">No events match.</p>'
@@ -103,6 +103,42 @@ async def all_events_page(request: web.Request) -> web.Response:
     return await _events_page(request, None, "/events/", "All events")
 
 
+def campaign_link(campaign: str | None) -> str:
+    if not campaign:
+        return ""
+    return f'<a href="/campaigns/{escape(campaign)}/statistics/">{escape(campaign)}</a>'
+
+
+def furthest_state(m: dict[str, Any]) -> str:
+    """How far the copy got, from the first-seen times: a copy opened and clicked is
+    "clicked", not the "sent" its row's status keeps. A complaint or unsubscribe is the last
+    thing a recipient does; a bounce counts unless a delivery came after it (a soft bounce
+    retried)."""
+    if m["status"] is None:
+        return "waiting for its sent event"
+    if m["status"] == "failed":
+        return "failed"
+    if m["complained_at"]:
+        return "complained"
+    if m["unsubscribed_at"]:
+        return "unsubscribed"
+    if m["bounced_at"] and not (m["delivered_at"] and m["delivered_at"] > m["bounced_at"]):
+        return f"bounced ({m['bounce_kind']})" if m["bounce_kind"] else "bounced"
+    for noun, human, anyone in (
+        ("clicked", "first_human_clicked_at", "first_clicked_at"),
+        ("opened", "first_human_opened_at", "first_opened_at"),
+    ):
+        if m[human]:
+            return noun
+        if m[anyone]:
+            return f"{noun} (by a machine only)"
+    if m["delivered_at"]:
+        return "delivered"
+    if m["deferred_at"]:
+        return "deferred"
+    return str(m["status"])
+
+
 async def message_page(request: web.Request) -> web.Response:
     try:
         m = await queries.message_timeline(request.app[DB_KEY], request.match_info["tracking_id"])
@@ -110,30 +146,31 @@ async def message_page(request: web.Request) -> web.Response:
         return layout(request, "Message", f"<h1>Message</h1><p>{escape(str(exc))}</p>", 400)
     if m is None:
         return not_found(request, "No message has this tracking id.")
-    facts = [
-        ("Recipient", m["recipient"] or "(not known yet)"),
-        ("Campaign", m["campaign"] or ""),
-        ("Status", m["status"] or "waiting for its sent event"),
-        ("Message-ID", m["message_id"] or ""),
-        ("Sent", m["sent_at"]),
-        ("Delivered", m["delivered_at"]),
-        ("First opened", m["first_opened_at"]),
-        ("First clicked", m["first_clicked_at"]),
-        ("Bounced", f"{m['bounced_at']} ({m['bounce_kind']})" if m["bounced_at"] else None),
-        ("Complained", m["complained_at"]),
-        ("Unsubscribed", m["unsubscribed_at"]),
+    state = furthest_state(m)
+    kind = state.split(" ", 1)[0]
+    facts: list[tuple[str, str | None]] = [
+        ("Recipient", escape(m["recipient"] or "(not known yet)")),
+        ("Campaign", campaign_link(m["campaign"])),
+        ("Status", f'<span class="state t-{escape(kind)}" data-metric="state">{escape(state)}</span>'),
+        ("Message-ID", escape(m["message_id"] or "")),
+        ("Sent", moment(m["sent_at"])),
+        ("Delivered", moment(m["delivered_at"])),
+        ("First opened", moment(m["first_opened_at"])),
+        ("First opened by a person", moment(m["first_human_opened_at"])),
+        ("First clicked", moment(m["first_clicked_at"])),
+        ("First clicked by a person", moment(m["first_human_clicked_at"])),
+        (
+            "Bounced",
+            f"{moment(m['bounced_at'])} ({escape(m['bounce_kind'] or '')})" if m["bounced_at"] else None,
+        ),
+        ("Complained", moment(m["complained_at"])),
+        ("Unsubscribed", moment(m["unsubscribed_at"])),
         ("Opens / clicks", f"{m['open_count']} / {m['click_count']}"),
     ]
-    rows = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in facts if v)
-    campaign = m["campaign"]
-    link = (
-        f'<p><a href="/campaigns/{escape(campaign)}/statistics/">{escape(campaign)}</a></p>'
-        if campaign
-        else ""
-    )
+    rows = "".join(f"<tr><th scope=row>{escape(k)}</th><td>{v}</td></tr>" for k, v in facts if v)
     body = (
-        f"<h1>Message {escape(m['tracking_id'])}</h1>{link}<div class=wrap><table>{rows}</table></div>"
-        f"<h2>Timeline</h2>{timeline(m['events'])}"
+        f"<h1>Message {escape(m['tracking_id'])}</h1><div class=wrap><table id=facts>{rows}</table></div>"
+        f"<h2>Timeline</h2>{timeline(m['events'], one_message=True)}"
     )
     return layout(request, "Message", body)
 

@@ -186,7 +186,7 @@ class CampaignStatistics(Collector):
         )
         rates = GaugeMetricFamily(
             "mailbeacon_campaign_rate_percent",
-            "Campaign rates as DESIGN.md defines them",
+            "Campaign rates as docs/architecture.md (Statistics) defines them",
             labels=["campaign", "rate"],
         )
         singles = {

@@ -34,7 +34,7 @@ class CampaignRow(SQLModel, table=True):
 
 
 class CampaignStats(SQLModel, table=True):
-    """Maintained counters, one row per campaign (see DESIGN.md "Statistics")."""
+    """Maintained counters, one row per campaign (see docs/architecture.md "Statistics")."""
 
     __tablename__ = "campaign_stats"
 

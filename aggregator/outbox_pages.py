@@ -5,17 +5,23 @@ from __future__ import annotations
 import asyncio
 import email
 import re
+from datetime import UTC, datetime
 from email.header import decode_header, make_header
 from email.message import Message
 from email.policy import default as default_policy
+from email.utils import parsedate_to_datetime
 from html import escape
 from pathlib import Path
 
 from aiohttp import web
+from sqlalchemy import select
 
+from aggregator.api import DB_KEY
+from aggregator.models import MESSAGES
 from aggregator.pages import layout
 
 OUTBOX_KEY = web.AppKey("outbox_dir", Path)
+TRACKING_HEADER = "X-Mailbeacon-Tracking-ID"
 _NAME = re.compile(r"^[A-Za-z0-9._-]+\.eml$")
 MAX_LISTED = 200
 
@@ -43,7 +49,7 @@ def _html_of(message: Message) -> str | None:
         payload = body.get_payload(decode=True)
         content = payload.decode("utf-8", "replace") if isinstance(payload, bytes) else ""
     if body.get_content_type() == "text/plain":
-        return f"<pre style='white-space:pre-wrap'>{escape(content)}</pre>"
+        return f"<pre style='white-space:pre-wrap'>{escape(content)}</pre>"  # its own CSP allows inline style
     return str(content)
 
 
@@ -81,22 +87,81 @@ def _tracking_link(tracking_id: str) -> str:
     return f'<a href="/messages/{escape(tracking_id)}/">{escape(tracking_id)}</a>'
 
 
+def sent_date(message: Message, path: Path) -> str:
+    """The message's Date header as ``2026-12-07 15:02 UTC``; the file's time when it has none
+    (or one no parser reads)."""
+    try:
+        moment = parsedate_to_datetime(header_text(message, "Date"))
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+    except (TypeError, ValueError, IndexError):
+        moment = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def attachments(message: Message) -> list[Message]:
+    """The parts a mail client lists as attachments: marked so, or named, and not a body."""
+    found = []
+    for part in message.walk():
+        if part.is_multipart():
+            continue
+        disposition = part.get_content_disposition()
+        if disposition == "attachment" or (disposition != "inline" and part.get_filename()):
+            found.append(part)
+    return found
+
+
+def _size(part: Message) -> int:
+    payload = part.get_payload(decode=True)
+    return len(payload) if isinstance(payload, bytes) else 0
+
+
+async def campaigns_of(request: web.Request, tracking_ids: list[str]) -> dict[str, str]:
+    """Each copy's campaign, from the aggregator's own records (the proxy strips X-Campaign)."""
+    db = request.app.get(DB_KEY)
+    wanted = sorted({t for t in tracking_ids if t})
+    if db is None or not wanted:
+        return {}
+    async with db.read_engine.connect() as conn:
+        rows = await conn.execute(
+            select(MESSAGES.c.tracking_id, MESSAGES.c.campaign).where(MESSAGES.c.tracking_id.in_(wanted))
+        )
+        return {tracking_id: campaign for tracking_id, campaign in rows.all()}
+
+
+def _campaign_link(campaign: str | None) -> str:
+    if not campaign:
+        return '<span class="muted">none</span>'
+    return f'<a href="/campaigns/{escape(campaign)}/statistics/">{escape(campaign)}</a>'
+
+
 async def outbox_list(request: web.Request) -> web.Response:
     directory = request.app[OUTBOX_KEY]
     files = sorted(directory.glob("*.eml"), key=lambda p: p.stat().st_mtime, reverse=True)[:MAX_LISTED]
     headers = await asyncio.to_thread(lambda: [(p, _load(p)) for p in files])
-    rows = (
-        "".join(
-            f'<tr><td><a href="/outbox/{escape(p.name)}">{escape(header_text(m, "Subject") or "(no subject)")}</a></td>'
-            f"<td>{escape(header_text(m, 'Delivered-To'))}</td><td>{escape(header_text(m, 'From'))}</td>"
-            f"<td class=muted>{_tracking_link(header_text(m, 'X-Mailbeacon-Tracking-ID'))}</td></tr>"
-            for p, m in headers
+    tracked = {p: header_text(m, TRACKING_HEADER).strip() for p, m in headers}
+    campaigns = await campaigns_of(request, list(tracked.values()))
+
+    def row(p: Path, m: Message) -> str:
+        date, campaign, attached = sent_date(m, p), campaigns.get(tracked[p]), len(attachments(m))
+        files = f" <span class=muted>· {attached} attached</span>" if attached else ""
+        return (
+            f'<tr><td class="num hide-narrow">{escape(date)}</td>'
+            f'<td><a href="/outbox/{escape(p.name)}">{escape(header_text(m, "Subject") or "(no subject)")}</a>{files}'
+            f'<div class="show-narrow muted small">{escape(date)} · {escape(campaign or "no campaign")}</div></td>'
+            f'<td class="hide-narrow">{_campaign_link(campaign)}</td>'
+            f'<td class="addresses">{escape(header_text(m, "Delivered-To"))}</td>'
+            f'<td class="addresses hide-narrow">{escape(header_text(m, "From"))}</td></tr>'
         )
-        or '<tr><td colspan="4" class="muted">Nothing relayed yet.</td></tr>'
+
+    rows = "".join(row(p, m) for p, m in headers) or (
+        '<tr><td colspan="5" class="muted">Nothing relayed yet.</td></tr>'
     )
     body = (
-        f"<h1>Outbox</h1><p class=muted>Messages the proxy relayed, kept in {escape(str(directory))}.</p>"
-        "<div class=wrap><table><thead><tr><th>Subject</th><th>To</th><th>From</th><th>Tracking id</th>"
+        f"<h1>Outbox</h1><p class=muted>Messages the proxy relayed, one copy per recipient, newest first, "
+        f"kept in {escape(str(directory))}.</p>"
+        "<div class=wrap><table id=outbox><thead><tr><th class='num hide-narrow' scope=col>Date</th>"
+        "<th scope=col>Subject</th><th class=hide-narrow scope=col>Campaign</th><th scope=col>Recipient</th><th class=hide-narrow scope=col>From</th>"
         f"</tr></thead><tbody>{rows}</tbody></table></div>"
     )
     return layout(request, "Outbox", body)
@@ -114,22 +179,63 @@ MESSAGE_CSP = (
 async def outbox_message(request: web.Request) -> web.Response:
     path = _file(request)
     message = await asyncio.to_thread(_load, path)
+    tracking_id = header_text(message, TRACKING_HEADER).strip()
+    campaign = (await campaigns_of(request, [tracking_id])).get(tracking_id)
     # The body is a document of its own (/body): inside this page (srcdoc) it would fall
     # under this page's Content-Security-Policy, which refuses its styles and images.
     frame = (
-        '<iframe class="message-frame" title="message" '
+        '<iframe class="message-frame" title="the message as its recipient sees it" '
         'sandbox="allow-popups allow-popups-to-escape-sandbox" '
         f'src="/outbox/{escape(path.name)}/body"></iframe>'
     )
-    fields = "".join(
-        f"<tr><th>{name}</th><td>{escape(header_text(message, name))}</td></tr>"
-        for name in ("Subject", "From", "Delivered-To", "Date", "X-Mailbeacon-Tracking-ID")
+    fields = [
+        ("Subject", escape(header_text(message, "Subject"))),
+        ("From", escape(header_text(message, "From"))),
+        ("To", escape(header_text(message, "To"))),
+        ("Cc", escape(header_text(message, "Cc"))),
+        ("Delivered to", escape(header_text(message, "Delivered-To"))),
+        ("Date", escape(sent_date(message, path))),
+        ("Campaign", _campaign_link(campaign) if campaign else ""),
+        ("Tracking id", _tracking_link(tracking_id) if tracking_id else ""),
+    ]
+    rows = "".join(
+        f'<tr><th scope=row>{name}</th><td class="addresses">{value}</td></tr>'
+        for name, value in fields
+        if value
     )
+    attached = attachments(message)
+    files = "".join(
+        f'<li><a href="/outbox/{escape(path.name)}/attachments/{number}">'
+        f"{escape(part.get_filename() or f'attachment {number + 1}')}</a> "
+        f'<span class="muted">{escape(part.get_content_type())}, {_size(part):,} bytes</span></li>'
+        for number, part in enumerate(attached)
+    )
+    listing = f'<h2>Attachments</h2><ul id="attachments">{files}</ul>' if files else ""
     body = (
-        f"<h1>{escape(header_text(message, 'Subject') or '(no subject)')}</h1><table>{fields}</table><p>"
-        f'<a href="/outbox/{escape(path.name)}/raw">Download .eml</a></p>{frame}'
+        f"<h1>{escape(header_text(message, 'Subject') or '(no subject)')}</h1><div class=wrap><table id=headers>"
+        f'{rows}</table></div>{listing}<p><a href="/outbox/{escape(path.name)}/raw">Download .eml</a></p>{frame}'
     )
     return layout(request, "Outbox message", body)
+
+
+async def outbox_attachment(request: web.Request) -> web.StreamResponse:
+    """One attachment, always as a download (never shown inline under this site's origin)."""
+    path = _file(request)
+    message = await asyncio.to_thread(_load, path)
+    number = request.match_info["number"]
+    found = attachments(message)
+    if not number.isascii() or not number.isdigit() or int(number) >= len(found):
+        raise web.HTTPNotFound(text="no such attachment")
+    part = found[int(number)]
+    payload = part.get_payload(decode=True)
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", part.get_filename() or f"attachment-{number}")[:100]
+    return web.Response(
+        body=payload if isinstance(payload, bytes) else b"",
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": f'attachment; filename="{name}"',
+        },
+    )
 
 
 async def outbox_body(request: web.Request) -> web.Response:
@@ -151,3 +257,4 @@ def add_outbox_routes(app: web.Application, directory: Path) -> None:
     app.router.add_get("/outbox/{name}", outbox_message)
     app.router.add_get("/outbox/{name}/raw", outbox_raw)
     app.router.add_get("/outbox/{name}/body", outbox_body)
+    app.router.add_get("/outbox/{name}/attachments/{number}", outbox_attachment)

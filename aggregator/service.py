@@ -18,6 +18,7 @@ from aggregator.auth.policy import AuthConfigError, AuthPolicy, policy_from_sett
 from aggregator.auth.web import guard, install
 from aggregator.consumer import EventConsumer
 from aggregator.db import Database, open_database, sqlite_url
+from aggregator.live import DEFAULT_MAX_STREAMS, add_stream_routes
 from aggregator.migrate import ensure_schema
 from aggregator.models import CAMPAIGNS
 from aggregator.outbox_pages import add_outbox_routes
@@ -43,7 +44,7 @@ PARKED_EVERY_SECONDS = 30.0
 
 
 def database_url(settings: Settings) -> str:
-    return settings.database_url_value() or sqlite_url(settings.data_dir)
+    return settings.aggregator.database_url_value() or sqlite_url(settings.data_dir)
 
 
 def auth_policy(settings: Settings) -> AuthPolicy:
@@ -56,13 +57,18 @@ def auth_policy(settings: Settings) -> AuthPolicy:
 
 
 def create_app(
-    db: Database, outbox_dir: Path | None, ready: bool | None = None, auth: AuthPolicy | None = None
+    db: Database,
+    outbox_dir: Path | None,
+    ready: bool | None = None,
+    auth: AuthPolicy | None = None,
+    max_streams: int = DEFAULT_MAX_STREAMS,
 ) -> web.Application:
     """The API and pages; ``auth`` None is the loopback default: open, nothing configured."""
     app = web.Application(middlewares=[json_errors, guard])
     install(app, auth or AuthPolicy())
     app[DB_KEY] = db
     add_api_routes(app)
+    add_stream_routes(app, db, max_streams)
     add_page_routes(app)
     if outbox_dir is not None:
         add_outbox_routes(app, outbox_dir)
@@ -90,7 +96,7 @@ class AggregatorService:
         self.consumer = EventConsumer(
             js,
             self.db,
-            settings.ingest_batch_size,
+            settings.aggregator.ingest_batch_size,
             anonymized=self.anonymized,
             login=NatsLogin.from_settings(settings),
         )
@@ -119,7 +125,7 @@ class AggregatorService:
             )
 
     async def start(self) -> None:
-        await ensure_schema(self.db, self.settings.migrate_on_start)
+        await ensure_schema(self.db, self.settings.aggregator.migrate_on_start)
         if self.campaigns is not None:
             await self.campaigns.start()
         bucket = await ensure_suppression_bucket(self.js, self.settings)
@@ -131,28 +137,35 @@ class AggregatorService:
             asyncio.create_task(self._publish_statistics(), name="aggregator-statistics-metrics"),
             asyncio.create_task(self._bound_parked(), name="aggregator-parked-events"),
         ]
-        if self.settings.event_retention_days is not None:
-            keep = timedelta(days=self.settings.event_retention_days)
-            if self.settings.event_retention_days <= self.settings.stream_max_age_days:
+        retention_days = self.settings.aggregator.event_retention_days
+        stream_days = self.settings.nats.stream_max_age_days
+        if retention_days is not None:
+            keep = timedelta(days=retention_days)
+            if retention_days <= stream_days:
                 # A replay of the stream could bring back events whose ids were pruned.
                 log.warning(
                     "EVENT_RETENTION_DAYS (%s) should exceed STREAM_MAX_AGE_DAYS (%s): events replayed from "
                     "the stream after their pruning would count again",
-                    self.settings.event_retention_days,
-                    self.settings.stream_max_age_days,
+                    retention_days,
+                    stream_days,
                 )
             self._tasks.append(asyncio.create_task(self._retention(keep), name="aggregator-retention"))
         if self.auth.opted_out:
             log.warning(
                 "MAILBEACON_API_AUTH=none: the aggregator's API and pages (recipients, addresses, "
                 "statistics) are open to anyone who reaches %s",
-                self.settings.aggregator_listen,
+                self.settings.aggregator.listen,
             )
-        self.app = app = create_app(self.db, self.settings.outbox_dir, auth=self.auth)
+        self.app = app = create_app(
+            self.db,
+            self.settings.aggregator.outbox_dir,
+            auth=self.auth,
+            max_streams=self.settings.aggregator.max_streams,
+        )
         add_health_routes(
             app, ready=lambda: self.consumer.healthy and not self.stopping, registry=metrics.REGISTRY
         )
-        self._runner = await serve(app, self.settings.aggregator_listen)
+        self._runner = await serve(app, self.settings.aggregator.listen)
         self.port = bound_port(self._runner)
         log.info("aggregator listening on port %s", self.port)
 
@@ -175,12 +188,12 @@ class AggregatorService:
 
     async def _bound_parked(self) -> None:
         """Expire and cap parked events (aggregator.parked); replicas doing it at once delete the same ones."""
-        ttl = timedelta(hours=self.settings.parked_event_ttl_hours)
+        ttl = timedelta(hours=self.settings.aggregator.parked_event_ttl_hours)
         while True:
             await asyncio.sleep(PARKED_EVERY_SECONDS)
             try:
                 await bound_parked(
-                    self.db, ttl, self.settings.parked_event_limit, self.consumer.ingested_until()
+                    self.db, ttl, self.settings.aggregator.parked_event_limit, self.consumer.ingested_until()
                 )
             except Exception as exc:
                 log.warning("expiring parked events failed: %s", exc)

@@ -18,8 +18,9 @@ caller uses nats-py instead. It reconnects by itself; a keepalive ``PING`` finds
 dead connection.
 
 Why this is not nats-py (custom NATS code stays only where it is at least 1.3 times faster;
-README "The NATS paths, measured"). Measured 2026-12-07 with ``python -m bench.bench_aggregator
---only paths`` (part of ``make bench``), four runs on the shared 2-core machine: taking
+docs/performance.md "The NATS paths, measured"). Measured 2026-12-07 with ``python -m
+bench.bench_aggregator --only paths`` (part of ``make bench``), four runs on the shared 2-core
+machine: taking
 200,000 stored events in batches of 5,000 and acknowledging them, the feed over this
 connection cost 2.3-2.7 µs of CPU per event, nats-py's ``pull_subscribe``/``fetch`` with
 ``msg.ack()`` after the commit 34-37 µs (14-15 times as much) at a fifth to a seventh of the

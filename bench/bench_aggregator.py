@@ -15,8 +15,8 @@ baseline from the same run:
 - ``refresh`` of a 100,000-message campaign vs one plain scan counting its events.
 
 Before the databases, the ingest feed's own NATS path against nats-py's public API
-(:mod:`bench.feed_paths`: the feed alone, and ingest into SQLite with each feed; README "The
-NATS paths, measured").
+(:mod:`bench.feed_paths`: the feed alone, and ingest into SQLite with each feed;
+docs/performance.md "The NATS paths, measured").
 
 ``python -m bench.bench_aggregator --events 100000`` runs a smaller load; ``--only paths`` only
 the comparison of the NATS paths.

@@ -8,8 +8,8 @@ clicks carry valid signatures, so the tracker does all of its real work. After e
 stream is checked: every request answered must have become a stored event.
 
 Then the tracker's own NATS path against nats-py's public API (:mod:`bench.publish_paths`):
-publishing alone, and a tracker worker per path loaded in alternation (README "The NATS
-paths, measured").
+publishing alone, and a tracker worker per path loaded in alternation (docs/performance.md
+"The NATS paths, measured").
 
 ``python -m bench tracker``; ``python -m bench.bench_tracker --paths`` runs only the comparison
 of the NATS paths; ``python -m bench.bench_tracker --bare PORT WORKERS`` serves the baseline on

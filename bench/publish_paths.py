@@ -47,7 +47,7 @@ from mailbeacon.publisher import _FLUSH_BATCH, EventPublisher
 PATHS = ("custom", "custom-single", "nats-py")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 DRAIN_EVENTS = 100_000
-PACED_RATE = 20_000  # events/s: about what one tracker process serves (README "Performance")
+PACED_RATE = 20_000  # events/s: about what one tracker process serves (docs/performance.md "Tracker")
 PACED_SECONDS = 3.0
 BROWSER_UA = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
 

@@ -68,7 +68,7 @@ async def _build_proxy(settings: Settings, nc: NATS) -> Component:
     publisher = EventPublisher(nc.jetstream(), spool=Spool.under(settings.data_dir))
     store = CampaignStore(kv)
     suppressions = None
-    if settings.honour_unsubscribes:
+    if settings.proxy.honour_unsubscribes:
         suppressions = SuppressionList(await ensure_suppression_bucket(nc.jetstream(), settings))
     proxy = ProxyService(settings, publisher, store, suppressions=suppressions)
     return _WithPublisher(proxy, publisher, store, settings.shutdown_drain_seconds)
@@ -109,8 +109,8 @@ async def _up(settings: Settings) -> None:
 
 
 def _nats_url(settings: Settings) -> str:
-    if settings.nats_url:
-        return settings.nats_url
+    if settings.nats.url:
+        return settings.nats.url
     path = nats_url_file(settings)
     if path.exists():
         return path.read_text().strip()
@@ -151,8 +151,8 @@ def _refused(code: int, token: str | None, base: str) -> str:
 
 
 def _aggregator_get(settings: Settings, path: str, method: str = "GET") -> Any:
-    base = settings.aggregator_base_url()
-    token = settings.aggregator_token()
+    base = settings.aggregator.base_url()
+    token = settings.aggregator.client_token()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     request = urllib.request.Request(f"{base}{path}", method=method, headers=headers)
     try:

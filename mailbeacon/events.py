@@ -1,4 +1,4 @@
-"""The event contract: one JSON object per NATS message (DESIGN.md "Events")."""
+"""The event contract: one JSON object per NATS message (docs/architecture.md "The event contract")."""
 
 from __future__ import annotations
 

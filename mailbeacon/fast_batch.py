@@ -21,8 +21,8 @@ repeated id is skipped silently, the batch goes on), so a batch that ended in do
 simply published again.
 
 Why this is not nats-py's public API (custom NATS code stays only where it is at least 1.3
-times faster; README "The NATS paths, measured"). Measured 2026-12-07 with ``python -m
-bench.bench_tracker --paths`` (part of ``make bench``), three runs on the shared 2-core
+times faster; docs/performance.md "The NATS paths, measured"). Measured 2026-12-07 with
+``python -m bench.bench_tracker --paths`` (part of ``make bench``), three runs on the shared 2-core
 machine, the same buffered pixel events: this path cost the publishing process 3.0-3.7 µs of
 CPU per event, ``js.publish_async`` (nats-py 2.16's cheapest way, a batch in flight) 26-35
 µs, 8.4-9.5 times as much, and drained 2.7-4.4 times the events a second; at one tracker

@@ -122,9 +122,9 @@ def stream_config(settings: Settings) -> StreamConfig:
         subjects=[ALL_EVENTS],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
-        max_age=settings.stream_max_age_days * 86400,
-        duplicate_window=settings.stream_duplicate_window_seconds,
-        num_replicas=settings.stream_replicas,
+        max_age=settings.nats.stream_max_age_days * 86400,
+        duplicate_window=settings.nats.stream_duplicate_window_seconds,
+        num_replicas=settings.nats.stream_replicas,
     )
 
 
@@ -149,7 +149,7 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
     wanted = stream_config(settings)
     # Fast batches let the tracker publish its pixel and click events with one
     # acknowledgement per batch (mailbeacon.fast_batch); older servers do not know them.
-    fast = settings.stream_fast_batches and takes_fast_batches(js)
+    fast = settings.nats.stream_fast_batches and takes_fast_batches(js)
     wanted.allow_batched = True if fast else None
     try:
         info = await js.stream_info(STREAM)
@@ -162,7 +162,7 @@ async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:
     # STREAM_DUPLICATE_WINDOW_SECONDS): a proxy sidecar in an app's pod, configured by the
     # app's team, must not reset what the release's tracker and aggregator set, nor the two
     # flip it back and forth on every restart.
-    told = settings.model_fields_set
+    told = settings.nats.model_fields_set
     max_age = wanted.max_age if "stream_max_age_days" in told else have.max_age
     window = wanted.duplicate_window if "stream_duplicate_window_seconds" in told else have.duplicate_window
     retention_changed = (
@@ -202,7 +202,7 @@ async def _ensure_bucket(js: JetStreamContext, settings: Settings, bucket: str, 
     try:
         return await js.key_value(bucket)
     except BucketNotFoundError:
-        config = KeyValueConfig(bucket=bucket, history=history, replicas=settings.stream_replicas)
+        config = KeyValueConfig(bucket=bucket, history=history, replicas=settings.nats.stream_replicas)
         return await js.create_key_value(config=config)
 
 
@@ -218,7 +218,10 @@ async def ensure_suppression_bucket(js: JetStreamContext, settings: Settings) ->
 def replay_window_seconds(settings: Settings) -> float:
     """How long a signed webhook request can be accepted after it arrived: the longest age
     window plus the clock skew allowed ahead of it."""
-    return max(settings.webhook_max_age_seconds, settings.sns_max_age_seconds) + CLOCK_SKEW_SECONDS
+    return (
+        max(settings.tracker.webhook_max_age_seconds, settings.tracker.sns_max_age_seconds)
+        + CLOCK_SKEW_SECONDS
+    )
 
 
 async def ensure_replay_bucket(js: JetStreamContext, settings: Settings) -> KeyValue:
@@ -227,7 +230,9 @@ async def ensure_replay_bucket(js: JetStreamContext, settings: Settings) -> KeyV
     try:
         kv = await js.key_value(REPLAY_BUCKET)
     except BucketNotFoundError:
-        config = KeyValueConfig(bucket=REPLAY_BUCKET, history=1, ttl=ttl, replicas=settings.stream_replicas)
+        config = KeyValueConfig(
+            bucket=REPLAY_BUCKET, history=1, ttl=ttl, replicas=settings.nats.stream_replicas
+        )
         return await js.create_key_value(config=config)
     # Only ever lengthened: a shorter TTL than some tracker's age window would let a replay
     # through once its key expired, and two trackers told different windows must not take

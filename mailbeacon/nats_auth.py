@@ -91,14 +91,14 @@ class NatsLogin:
     @classmethod
     def from_settings(cls, settings: Settings) -> NatsLogin:
         return cls(
-            user=settings.nats_user,
-            password=_secret(settings.nats_password),
-            token=_secret(settings.nats_token),
-            nkey_seed_file=settings.nats_nkey_seed_file,
-            creds_file=settings.nats_creds_file,
-            ca_file=settings.nats_ca_file,
-            cert_file=settings.nats_tls_cert_file,
-            key_file=settings.nats_tls_key_file,
+            user=settings.nats.user,
+            password=_secret(settings.nats.password),
+            token=_secret(settings.nats.token),
+            nkey_seed_file=settings.nats.nkey_seed_file,
+            creds_file=settings.nats.creds_file,
+            ca_file=settings.nats.ca_file,
+            cert_file=settings.nats.tls_cert_file,
+            key_file=settings.nats.tls_key_file,
         )
 
     @property

@@ -101,7 +101,7 @@ class AllInOne:
 
         settings = ensure_secret_key(self.settings)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        nats_url = settings.nats_url
+        nats_url = settings.nats.url
         if nats_url is None:
             self.nats = EmbeddedNats(settings.data_dir / "nats")
             # Started from this (the main) thread: the child's parent-death signal follows it.
@@ -112,7 +112,7 @@ class AllInOne:
             "auto_create_campaigns": True,
             "migrate_on_start": True,
         }
-        if settings.upstream_smtp is None:
+        if settings.proxy.upstream_smtp is None:
             self.outbox = Outbox(settings.data_dir / "outbox")
             await self.outbox.start()
             updates |= {"upstream_smtp": SecretStr(self.outbox.url), "outbox_dir": self.outbox.directory}
@@ -135,14 +135,14 @@ class AllInOne:
         for component in (aggregator, tracker, proxy):
             await component.start()
             self.components.append(component)
-        host, _ = parse_listen(settings.smtp_listen)
+        host, _ = parse_listen(settings.proxy.smtp_listen)
         return Addresses(
             smtp=f"{host}:{proxy.port}",
-            tracker=_http(settings.tracker_listen, tracker.port),
-            aggregator=_http(settings.aggregator_listen, aggregator.port),
+            tracker=_http(settings.tracker.listen, tracker.port),
+            aggregator=_http(settings.aggregator.listen, aggregator.port),
             nats=nats_url,
             outbox=self.outbox.directory if self.outbox else None,
-            proxy_http=_http(settings.proxy_http_listen, proxy.http_port),
+            proxy_http=_http(settings.proxy.http_listen, proxy.http_port),
         )
 
     def begin_stopping(self) -> None:
@@ -197,9 +197,9 @@ async def run_component(
     settings: Settings, build: Callable[[Settings, NATS], Awaitable[Component]], name: str
 ) -> None:
     """One component as its container runs it: connect, provision, serve until SIGTERM."""
-    if not settings.nats_url:
+    if not settings.nats.url:
         raise SystemExit(f"mailbeacon {name}: MAILBEACON_NATS_URL is required (or use `mailbeacon up`)")
-    nc = await connect(settings.nats_url, f"mailbeacon-{name}", NatsLogin.from_settings(settings))
+    nc = await connect(settings.nats.url, f"mailbeacon-{name}", NatsLogin.from_settings(settings))
     component = await build(settings, nc)
     await component.start()
     try:

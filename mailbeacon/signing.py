@@ -1,4 +1,4 @@
-"""Tracking URLs and click-link signatures (DESIGN.md "Tracking URLs").
+"""Tracking URLs and click-link signatures (docs/architecture.md "Tracking URLs and signing").
 
 A click URL carries an HMAC-SHA256 over the tracking id and the destination, so the
 tracker redirects only to destinations the proxy itself put in a message: it is never
@@ -84,8 +84,32 @@ def honeypot_url(site_url: str, keys: Sequence[bytes], tracking_id: str) -> str:
     return click_url(site_url, keys, tracking_id, HONEYPOT_URL)
 
 
-def unsubscribe_url(site_url: str, tracking_id: str) -> str:
-    return f"{site_url}/track/unsubscribe/{tracking_id}/"
+# The name of the list an unsubscribe link leaves is signed like a click destination, under
+# a prefix no destination has (the tracker redirects only to http(s) addresses), so its page
+# shows only names the proxy put there and a list signature is never a click signature.
+_LIST_PREFIX = "mailbeacon:list:"
+MAX_LIST_NAME = 100
+
+
+def list_name_signed(keys: Sequence[bytes], tracking_id: str, name: str) -> str:
+    return sign_click(keys, tracking_id, _LIST_PREFIX + name)
+
+
+def list_name_verified(verifier: ClickVerifier, tracking_id: str, name: str, signature: str) -> bool:
+    return bool(name) and verifier.verify(tracking_id, _LIST_PREFIX + name, signature)
+
+
+def unsubscribe_url(
+    site_url: str, tracking_id: str, keys: Sequence[bytes] = (), list_name: str | None = None
+) -> str:
+    """The copy's unsubscribe link; with ``list_name`` (and a key) the link carries the name
+    of the list it leaves, signed, for the unsubscribe page to show."""
+    url = f"{site_url}/track/unsubscribe/{tracking_id}/"
+    name = (list_name or "").strip()[:MAX_LIST_NAME]
+    if not name or not keys:
+        return url
+    query = urlencode({"list": name, "sig": list_name_signed(keys, tracking_id, name)}, quote_via=quote)
+    return f"{url}?{query}"
 
 
 def is_tracking_url(site_url: str, url: str) -> bool:

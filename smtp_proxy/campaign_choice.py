@@ -1,4 +1,4 @@
-"""Which campaign a message is tracked under (DESIGN.md "Campaigns"), as a pure decision.
+"""Which campaign a message is tracked under (docs/architecture.md "Campaigns"), as a pure decision.
 
 An ``X-Campaign`` header is the app's word, but only for campaigns that exist: in the
 embedded default (``AUTO_CREATE_CAMPAIGNS``) an unknown name creates the campaign; anywhere

@@ -56,6 +56,7 @@ class MessageCopies:
         switches: TrackSwitches,
         optouts: Container[str] = (),
         added_headers: bytes = b"",
+        list_name: str | None = None,
     ) -> None:
         self.raw, self.options, self.switches, self.optouts = raw, options, switches, optouts
         self.added_headers = added_headers  # Message-ID/Date the app left out (submission.py)
@@ -84,6 +85,7 @@ class MessageCopies:
                 protected=protected,
                 drop=self.correlation.replaces | ({"dkim-signature"} if self.resign else set()),
                 unsubscribe_header=campaign.unsubscribe_header,
+                list_name=list_name,
             )
         except Exception as exc:
             self.prepare_error = exc

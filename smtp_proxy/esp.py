@@ -1,4 +1,4 @@
-"""ESP correlation (DESIGN.md "ESP correlation"): hand each copy's tracking id to the provider.
+"""ESP correlation (docs/architecture.md "Tracking URLs and signing"): hand each copy's tracking id to the provider.
 
 Every provider gets the id under the key ``tracking_id`` in its own metadata mechanism,
 so its webhooks name the copy, and has its own open/click tracking switched off for the

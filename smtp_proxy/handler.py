@@ -224,7 +224,9 @@ class ProxyHandler:
                     metrics.SUPPRESSED.labels(reason).inc()
             tracking_ids = [str(uuid.uuid4()) for _ in relayed]
             copies = (
-                await self._tracked_copies(raw, message, spec.tracking, relayed, tracking_ids, added)
+                await self._tracked_copies(
+                    raw, message, spec.tracking, relayed, tracking_ids, added, spec.display_name or key.name
+                )
                 if relayed
                 else []
             )
@@ -318,13 +320,16 @@ class ProxyHandler:
         recipients: Sequence[str],
         tracking_ids: Sequence[str | None],
         added: bytes,
+        list_name: str | None = None,
     ) -> list[OutgoingCopy]:
         switches = switches_from_header(message.parsed.get(TRACK_HEADER))
         switches &= TrackSwitches(tracking.opens, tracking.clicks)
         options, optouts = self.options.copies, self.optouts
 
         def prepare() -> MessageCopies:
-            return MessageCopies(raw, message, options, tracking, switches, optouts, added_headers=added)
+            return MessageCopies(
+                raw, message, options, tracking, switches, optouts, added_headers=added, list_name=list_name
+            )
 
         if len(raw) < OFFLOAD_BYTES:
             builder = prepare()

@@ -141,7 +141,8 @@ class PreparedMessage:
     are); ``drop`` names fields removed once for all copies because each copy gets its
     own (provider correlation) or none (the app's signature when the proxy re-signs).
     With ``unsubscribe_header`` a copy gets the proxy's RFC 8058 ``List-Unsubscribe``,
-    unless the app wrote its own: that one stays, so the app keeps its requests.
+    unless the app wrote its own: that one stays, so the app keeps its requests. Its link
+    carries ``list_name``, signed, for the unsubscribe page to say which list it leaves.
 
     What the proxy adds goes where every reader finds it: at the end of the header block,
     or before the first line a strict reader (RFC 5322's field syntax) takes for the start
@@ -157,6 +158,7 @@ class PreparedMessage:
         protected: frozenset[str] = frozenset(),
         drop: frozenset[str] = frozenset(),
         unsubscribe_header: bool = False,
+        list_name: str | None = None,
     ) -> None:
         if not message.separator:
             raise RewriteError("message has no body")
@@ -177,6 +179,7 @@ class PreparedMessage:
         self.adds_unsubscribe = (
             unsubscribe_header and "list-unsubscribe" not in names and not protected & _UNSUBSCRIBE_FIELDS
         )
+        self.list_name = list_name  # named on the unsubscribe page (the campaign's display name)
         if self.adds_unsubscribe:
             drop |= {"list-unsubscribe-post"}  # a stray one of the app's would contradict ours
         self.headers = mime.remove_headers(
@@ -280,7 +283,9 @@ class PreparedMessage:
         headers, tail, body = self._root(Fill(wrap, extra))
         headers.append(self.tracking_header(tracking.tracking_id))
         if self.adds_unsubscribe:
-            url = signing.unsubscribe_url(tracking.site_url, tracking.tracking_id)
+            url = signing.unsubscribe_url(
+                tracking.site_url, tracking.tracking_id, tracking.keys, self.list_name
+            )
             headers.append(
                 f"List-Unsubscribe: <{url}>".encode() + self.eol
                 + b"List-Unsubscribe-Post: List-Unsubscribe=One-Click" + self.eol

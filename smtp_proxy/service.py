@@ -30,38 +30,41 @@ log = logging.getLogger(__name__)
 
 
 def upstream_config(settings: Settings, url: str) -> UpstreamConfig:
+    proxy = settings.proxy
     return UpstreamConfig.from_url(
         url,
-        settings.upstream_timeout,
-        ca_file=str(settings.upstream_ca_file) if settings.upstream_ca_file else None,
-        pool_size=settings.upstream_pool_size,
-        idle_seconds=settings.upstream_idle_seconds,
-        retry_seconds=settings.upstream_retry_seconds,
+        proxy.upstream_timeout,
+        ca_file=str(proxy.upstream_ca_file) if proxy.upstream_ca_file else None,
+        pool_size=proxy.upstream_pool_size,
+        idle_seconds=proxy.upstream_idle_seconds,
+        retry_seconds=proxy.upstream_retry_seconds,
     )
 
 
 def proxy_options(settings: Settings) -> ProxyOptions:
+    proxy = settings.proxy
     return ProxyOptions(
         copies=CopyOptions(
             site_url=settings.site_url,
             keys=settings.signing_keys(),
-            provider=settings.upstream_provider,
-            ses_configuration_set=settings.ses_configuration_set,
-            honeypot=settings.honeypot_links,
+            provider=proxy.upstream_provider,
+            ses_configuration_set=proxy.ses_configuration_set,
+            honeypot=proxy.honeypot_links,
             dkim_signer=dkim_signer(settings),
         ),
-        relay_networks=Networks(settings.smtp_relay_networks),
-        max_recipients=settings.smtp_max_recipients,
-        default_campaign=CampaignKey.parse(settings.default_campaign) if settings.default_campaign else None,
-        auto_create_campaigns=settings.auto_create_campaigns,
+        relay_networks=Networks(proxy.smtp_relay_networks),
+        max_recipients=proxy.smtp_max_recipients,
+        default_campaign=CampaignKey.parse(proxy.default_campaign) if proxy.default_campaign else None,
+        auto_create_campaigns=proxy.auto_create_campaigns,
     )
 
 
 def dkim_signer(settings: Settings) -> DkimSigner | None:
-    if settings.dkim_private_key_file is None:
+    proxy = settings.proxy
+    if proxy.dkim_private_key_file is None:
         return None
     return DkimSigner.from_file(
-        settings.dkim_private_key_file, settings.dkim_selector or "", settings.dkim_domain or ""
+        proxy.dkim_private_key_file, proxy.dkim_selector or "", proxy.dkim_domain or ""
     )
 
 
@@ -77,12 +80,13 @@ class ProxyService:
     ) -> None:
         """``suppressions``: the mirror of the suppression bucket, started and stopped with the
         service; ignored (and never watched) when HONOUR_UNSUBSCRIBES is off."""
-        upstream_url = settings.upstream_smtp_value()
+        proxy = settings.proxy
+        upstream_url = proxy.upstream_smtp_value()
         if not upstream_url:
             raise ValueError("MAILBEACON_UPSTREAM_SMTP is not set: the proxy needs somewhere to relay to")
         self.settings = settings
         configure_session_log(settings.log_level)
-        self.suppressions = suppressions if settings.honour_unsubscribes else None
+        self.suppressions = suppressions if proxy.honour_unsubscribes else None
         self.upstream = Upstream(upstream_config(settings, upstream_url))
         metrics.watch_publisher(publisher)
         self.handler = ProxyHandler(
@@ -90,22 +94,22 @@ class ProxyService:
             self.upstream,
             publisher,
             campaigns,
-            optouts=RecipientOptOuts(settings.tracking_optout_file),
+            optouts=RecipientOptOuts(proxy.tracking_optout_file),
             suppressions=self.suppressions,
         )
-        self.credentials = Credentials.load(settings.smtp_auth_file, settings.smtp_auth_users_value())
+        self.credentials = Credentials.load(proxy.smtp_auth_file, proxy.smtp_auth_users_value())
         self.tls = None
-        if settings.smtp_tls_cert_file and settings.smtp_tls_key_file:
-            self.tls = server_tls_context(settings.smtp_tls_cert_file, settings.smtp_tls_key_file)
-        elif settings.smtp_tls_cert_file or settings.smtp_tls_key_file:
+        if proxy.smtp_tls_cert_file and proxy.smtp_tls_key_file:
+            self.tls = server_tls_context(proxy.smtp_tls_cert_file, proxy.smtp_tls_key_file)
+        elif proxy.smtp_tls_cert_file or proxy.smtp_tls_key_file:
             raise ValueError("STARTTLS needs both MAILBEACON_SMTP_TLS_CERT_FILE and _KEY_FILE")
         self.policy = ListenerPolicy(
-            auth_networks=Networks(settings.smtp_auth_networks),
-            command_timeout=settings.smtp_command_timeout,
-            data_timeout=settings.smtp_data_timeout,
-            auth_tarpit=AuthTarpit(settings.smtp_auth_failure_delay, settings.smtp_auth_max_failures),
+            auth_networks=Networks(proxy.smtp_auth_networks),
+            command_timeout=proxy.smtp_command_timeout,
+            data_timeout=proxy.smtp_data_timeout,
+            auth_tarpit=AuthTarpit(proxy.smtp_auth_failure_delay, proxy.smtp_auth_max_failures),
         )
-        self.session_cap = SessionCap(settings.smtp_max_connections)
+        self.session_cap = SessionCap(proxy.smtp_max_connections)
         self._serve_http = serve_http
         self._server: asyncio.Server | None = None
         self._sessions: weakref.WeakSet[ProxySMTP] = weakref.WeakSet()
@@ -121,11 +125,11 @@ class ProxyService:
             sessions=self.session_cap,
             hostname="mailbeacon",
             ident="mailbeacon proxy",
-            data_size_limit=self.settings.max_message_bytes,
+            data_size_limit=self.settings.proxy.max_message_bytes,
             enable_SMTPUTF8=True,
             decode_data=False,
             tls_context=self.tls,
-            require_starttls=self.settings.smtp_require_starttls,
+            require_starttls=self.settings.proxy.smtp_require_starttls,
             authenticator=Authenticator(self.credentials) if self.credentials else None,
             auth_require_tls=True,
         )
@@ -138,14 +142,14 @@ class ProxyService:
             # recipient who unsubscribed while it was down.
             await self.suppressions.start()
             log.info("honouring %d unsubscribes and complaints", len(self.suppressions))
-        host, port = parse_listen(self.settings.smtp_listen)
+        host, port = parse_listen(self.settings.proxy.smtp_listen)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._smtp, host, port)
         self.port = self._server.sockets[0].getsockname()[1]
         if self._serve_http:
             app = web.Application()
             add_health_routes(app, ready=self._ready, registry=metrics.REGISTRY)
-            self._http = await serve(app, self.settings.proxy_http_listen)
+            self._http = await serve(app, self.settings.proxy.http_listen)
             self.http_port = bound_port(self._http)
         log.info(
             "SMTP proxy listening on %s:%s (STARTTLS %s, AUTH %s), relaying to %r",

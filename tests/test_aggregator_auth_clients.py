@@ -109,9 +109,11 @@ def test_clients_pick_the_token_they_need() -> None:
     from mailbeacon.settings import Settings
 
     both = Settings(api_tokens=FULL, api_read_tokens=READ)
-    assert both.aggregator_token() == FULL  # the CLI may refresh
-    assert both.aggregator_token(read_only=True) == READ  # the operator only reads
-    assert Settings(api_tokens=FULL).aggregator_token(read_only=True) == FULL
+    assert both.aggregator.client_token() == FULL  # the CLI may refresh
+    assert both.aggregator.client_token(read_only=True) == READ  # the operator only reads
+    assert Settings(api_tokens=FULL).aggregator.client_token(read_only=True) == FULL
     chosen = Settings(api_token="chosen-token", api_tokens=FULL, api_read_tokens=READ)
-    assert chosen.aggregator_token() == chosen.aggregator_token(read_only=True) == "chosen-token"
-    assert Settings().aggregator_token() is None
+    assert (
+        chosen.aggregator.client_token() == chosen.aggregator.client_token(read_only=True) == "chosen-token"
+    )
+    assert Settings().aggregator.client_token() is None

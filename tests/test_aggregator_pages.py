@@ -11,7 +11,6 @@ silently unstyle it), and a token-protected aggregator is used through its login
 from __future__ import annotations
 
 import contextlib
-import shutil
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -30,25 +29,13 @@ from aggregator.service import create_app
 from mailbeacon.events import Event, EventType
 from mailbeacon.signing import HONEYPOT_URL
 from mailbeacon.web import bound_port
+from tests.page_support import ARTIFACTS, NEEDS_CHROMIUM, chromium, csp_violations, metrics_on, styled
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-ARTIFACTS = Path(__file__).parent / "artifacts"
-FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-]
 CAMPAIGN = "default/spring-sale"
 LINK_A, LINK_B = "https://shop.example.com/spring?utm=mail", "https://blog.example.com/post"
 START = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed")
+pytestmark = NEEDS_CHROMIUM
 
 
 def seed_events() -> tuple[list[Event], list[str]]:
@@ -87,20 +74,22 @@ def seed_events() -> tuple[list[Event], list[str]]:
 EXPECTED = {
     "sent_count": "6",
     "delivered_count": "5",
-    "delivered_count_rate": "83.33%",
+    "delivery_rate": "83.33%",
+    "human_unique_opens": "2",
+    "human_open_rate": "40.00%",
     "unique_opens": "3",
-    "unique_opens_rate": "60.00%",
+    "open_rate": "60.00%",
+    "human_unique_clicks": "2",
+    "human_click_rate": "40.00%",
     "unique_clicks": "3",
-    "unique_clicks_rate": "60.00%",
+    "click_rate": "60.00%",
     "bounced_count": "1",
-    "bounced_count_rate": "16.67%",
+    "bounce_rate": "16.67%",
     "complained_count": "0",
     "unsubscribed_count": "1",
     "total_recipients": "6",
-    "human_unique_opens": "2",
     "total_opens": "6",
     "human_total_opens": "5",
-    "human_unique_clicks": "2",
     "total_clicks": "4",
 }
 
@@ -132,37 +121,8 @@ async def site(tmp_path: Path) -> AsyncIterator[tuple[str, Database, list[str]]]
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
-    playwright_api = pytest.importorskip("playwright.async_api")
-    ARTIFACTS.mkdir(exist_ok=True)
-    async with playwright_api.async_playwright() as playwright:
-        chromium = await playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        try:
-            yield chromium
-        finally:
-            await chromium.close()
-
-
-def csp_violations(page: Any) -> list[str]:
-    """Chromium reports what a Content-Security-Policy blocked on the console: collected here."""
-    found: list[str] = []
-    page.on(
-        "console",
-        lambda message: found.append(message.text) if "Content Security Policy" in message.text else None,
-    )
-    return found
-
-
-async def styled(page: Any) -> bool:
-    """Whether the site's stylesheet applies (the header's colour comes only from it)."""
-    colour = await page.evaluate("getComputedStyle(document.querySelector('header')).backgroundColor")
-    return bool(colour == "rgb(20, 33, 61)")
-
-
-async def metrics_on(page: Any) -> dict[str, str]:
-    values = {}
-    for element in await page.query_selector_all("[data-metric]"):
-        values[await element.get_attribute("data-metric")] = (await element.inner_text()).strip()
-    return values
+    async with chromium() as launched:
+        yield launched
 
 
 async def test_statistics_page_numbers_and_refresh(
@@ -185,7 +145,9 @@ async def test_statistics_page_numbers_and_refresh(
     links = await page.locator("#top-links tbody tr").all_inner_texts()
     assert [row.split("\t")[0].strip() for row in links] == [LINK_A, LINK_B]  # the honeypot is no link
     assert "2\t1" in links[0].replace(" ", "")
-    assert await page.locator(".chart svg rect.total").count() == 2  # two days of opens
+    assert await page.locator("#opens-chart svg.wide rect.all").count() == 2  # two days of opens
+    # People lead the cards: the first card with a rate is the human open rate.
+    assert await page.locator(".card.lead .value").first.get_attribute("data-metric") == "human_unique_opens"
     recent = page.locator("#recent-events li")
     assert await recent.count() == 20
     assert await recent.first.get_attribute("class") == "t-opened"  # newest first, coloured by type
@@ -229,8 +191,10 @@ async def test_events_page_filters_and_pages(site: tuple[str, Database, list[str
     await page.check("input[name=type][value=clicked]")
     await page.check("input[name=type][value=bounced]")
     await page.click("text=Filter")
-    badges = await page.locator("#events tbody .badge").all_inner_texts()
+    badges = await page.locator("#events tbody .badge:not(.machine)").all_inner_texts()
     assert sorted(badges) == ["bounced", "clicked", "clicked", "clicked", "clicked"]
+    # The honeypot click is marked automated, as automated opens are.
+    assert await page.locator("#events tbody .badge.machine").all_inner_texts() == ["automated: honeypot"]
     assert await page.locator("input[name=type][value=clicked]").is_checked()  # the form keeps the filter
     await page.fill("input[name=since]", "2026-03-03")
     await page.click("text=Filter")
@@ -239,7 +203,7 @@ async def test_events_page_filters_and_pages(site: tuple[str, Database, list[str
     await page.uncheck("input[name=type][value=bounced]")
     await page.check("input[name=type][value=opened]")
     await page.click("text=Filter")
-    assert await page.locator("#events tbody .badge").all_inner_texts() == ["opened", "opened"]
+    assert await page.locator("#events tbody .badge:not(.machine)").all_inner_texts() == ["opened", "opened"]
     await page.screenshot(path=str(ARTIFACTS / "events-filtered.png"), full_page=True)
     assert await styled(page) and violations == []
 
@@ -251,7 +215,7 @@ async def test_pages_work_without_javascript(site: tuple[str, Database, list[str
     violations = csp_violations(page)
     await page.goto(f"{base}/campaigns/{CAMPAIGN}/statistics/")
     assert (await metrics_on(page))["delivered_count"] == "5"
-    assert await page.locator(".chart svg").count() == 1
+    assert await page.locator("#opens-chart svg.wide").count() == 1
     await page.click("text=Refresh statistics")  # a plain form POST and redirect
     assert await page.locator(".notice").count() == 1
     await page.goto(f"{base}/events/?type=unsubscribed")

@@ -83,10 +83,10 @@ class TestSettings:
         monkeypatch.setenv("https_proxy", "http://proxy.internal:3128")
         monkeypatch.setenv("NO_PROXY", "localhost, .internal,10.0.0.0/8")
         settings = Settings()
-        assert settings.https_proxy == "http://proxy.internal:3128"
-        assert settings.no_proxy == ["localhost", ".internal", "10.0.0.0/8"]
+        assert settings.tracker.https_proxy == "http://proxy.internal:3128"
+        assert settings.tracker.no_proxy == ["localhost", ".internal", "10.0.0.0/8"]
         monkeypatch.setenv("MAILBEACON_HTTPS_PROXY", "http://egress:8080")  # the prefixed name wins
-        assert Settings().https_proxy == "http://egress:8080"
+        assert Settings().tracker.https_proxy == "http://egress:8080"
         monkeypatch.setenv("MAILBEACON_HTTPS_PROXY", "socks5://egress:1080")
         with pytest.raises(ValidationError):
             Settings()

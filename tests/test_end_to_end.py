@@ -249,7 +249,7 @@ async def test_forged_click_signature_is_refused(running: Running, sink: SmtpSin
             assert "Location" not in response.headers
             assert "not valid" in await response.text()
     await asyncio.sleep(0.3)
-    assert (await stream_counts(running.system.settings.nats_url or ""))["clicked"] == 0
+    assert (await stream_counts(running.system.settings.nats.url or ""))["clicked"] == 0
 
 
 async def test_replay_into_fresh_database_and_duplicates(

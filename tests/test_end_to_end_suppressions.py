@@ -145,7 +145,7 @@ async def system(tmp_path: Path, nats_url: str, sink: SmtpSink) -> AsyncIterator
 @contextlib.asynccontextmanager
 async def restarted_proxy(settings: Settings) -> AsyncIterator[ProxyService]:
     """A proxy process started afresh: everything it knows comes from NATS."""
-    nc = await connect(settings.nats_url or "", "restarted-proxy")
+    nc = await connect(settings.nats.url or "", "restarted-proxy")
     kv = await provision(nc.jetstream(), settings)
     store = CampaignStore(kv)
     await store.start()
@@ -182,6 +182,8 @@ async def test_one_click_unsubscribe_stops_that_campaigns_mail_to_that_recipient
 
         # The recipient's mailbox provider POSTs the one-click URL of the copy (RFC 8058).
         url = one_click_url(sink.messages[0].content)
+        async with system.http.get(url) as response:  # the page names the list the link leaves
+            assert "<h1>Unsubscribe from newsletter?</h1>" in await response.text()
         async with system.http.post(url, data={"List-Unsubscribe": "One-Click"}) as response:
             assert response.status == 200
         await system.knows(NEWSLETTER, ANN, "unsubscribed")

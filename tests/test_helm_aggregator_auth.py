@@ -79,7 +79,7 @@ def test_tokens_given_as_values(monkeypatch: pytest.MonkeyPatch) -> None:
     assert base64.b64decode(secret["api-read-tokens"]).decode() == READ[0]
 
     aggregator = settings_of(resolved(docs, AGGREGATOR), monkeypatch)
-    assert aggregator.aggregator_listen == "0.0.0.0:8090"
+    assert aggregator.aggregator.listen == "0.0.0.0:8090"
     policy = policy_from_settings(aggregator)  # the pod starts: beyond loopback, with tokens
     assert [c.access for c in policy.credentials] == [Access.FULL, Access.FULL, Access.READ]
     assert not policy.open
@@ -87,9 +87,12 @@ def test_tokens_given_as_values(monkeypatch: pytest.MonkeyPatch) -> None:
     # The operator gets the read-only token and nothing more.
     operator_env = resolved(docs, OPERATOR)
     assert "MAILBEACON_API_TOKENS" not in operator_env
-    assert settings_of(operator_env, monkeypatch).aggregator_token(read_only=True) == READ[0]
+    assert settings_of(operator_env, monkeypatch).aggregator.client_token(read_only=True) == READ[0]
     only_full = manifests(render({"secrets": {"apiTokens": FULL}}))
-    assert settings_of(resolved(only_full, OPERATOR), monkeypatch).aggregator_token(read_only=True) == FULL[0]
+    assert (
+        settings_of(resolved(only_full, OPERATOR), monkeypatch).aggregator.client_token(read_only=True)
+        == FULL[0]
+    )
 
     # Another token restarts the operator (the aggregator's pods follow secrets as before).
     def annotations(values: dict[str, Any]) -> list[dict[str, str]]:

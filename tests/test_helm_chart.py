@@ -386,7 +386,9 @@ def test_standard_labels_and_selectors(production_docs: list[Manifest]) -> None:
 
 def test_every_component_runs_a_real_command_with_real_settings(production_docs: list[Manifest]) -> None:
     commands = set(_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
-    fields = {name.upper() for name in Settings.model_fields}
+    fields = {
+        name.removeprefix("MAILBEACON_") for variable in Settings.variables() for name in variable.names
+    }
     for name, _, pod in pod_specs(production_docs):
         for container in pod["containers"]:
             assert container["args"][0] in commands, name
@@ -467,9 +469,9 @@ def test_shared_proxy_relays_only_for_its_networks_and_authenticated_clients(
                 patched.setenv(key, value)
         settings = Settings()
     # Loopback (probes, a sidecar-style client) and the pods' network relay; others must AUTH.
-    assert settings.smtp_relay_networks == ["127.0.0.0/8", "::1/128", "10.244.0.0/16"]
+    assert settings.proxy.smtp_relay_networks == ["127.0.0.0/8", "::1/128", "10.244.0.0/16"]
     # AUTH only after STARTTLS: no network may send passwords in clear but loopback.
-    assert settings.smtp_auth_networks == ["127.0.0.0/8", "::1/128"]
+    assert settings.proxy.smtp_auth_networks == ["127.0.0.0/8", "::1/128"]
     assert secrets["smtp-auth"]["secretName"] == "mailbeacon-smtp-users"
     mounted("MAILBEACON_SMTP_AUTH_FILE", "smtp-auth", "smtp-users")
     assert secrets["smtp-tls"]["secretName"] == "mailbeacon-smtp-tls"
@@ -477,7 +479,7 @@ def test_shared_proxy_relays_only_for_its_networks_and_authenticated_clients(
     mounted("MAILBEACON_SMTP_TLS_KEY_FILE", "smtp-tls", "tls.key")
     assert secrets["dkim"]["secretName"] == "mailbeacon-dkim"
     mounted("MAILBEACON_DKIM_PRIVATE_KEY_FILE", "dkim", "dkim-private-key")
-    assert (settings.dkim_selector, settings.dkim_domain) == ("mb2025", "example.com")
+    assert (settings.proxy.dkim_selector, settings.proxy.dkim_domain) == ("mb2025", "example.com")
     # Readable by the container's group only (fsGroup), not by the world.
     assert all(secret["defaultMode"] == 0o440 for secret in secrets.values())
 

@@ -111,7 +111,7 @@ def test_the_proxy_is_a_native_sidecar_the_app_waits_for(
             if isinstance(value, str):
                 patched.setenv(key, value)
         settings = Settings()
-    assert settings.default_campaign == "marketing/newsletter"
+    assert settings.proxy.default_campaign == "marketing/newsletter"
     assert settings.shutdown_delay_seconds == 0  # it stops after the app: no delay to sit out
     # The kubectl example is exactly this rendering.
     documented = yaml.safe_load((EXAMPLES / "job-with-native-sidecar.yaml").read_text())

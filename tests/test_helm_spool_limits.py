@@ -64,9 +64,9 @@ def test_spool_sizes_and_smtp_limits_reach_the_pods(monkeypatch: pytest.MonkeyPa
                 patched.setenv(key, value)
         settings = Settings()
     assert (
-        settings.smtp_max_connections,
-        settings.smtp_auth_failure_delay,
-        settings.smtp_auth_max_failures,
+        settings.proxy.smtp_max_connections,
+        settings.proxy.smtp_auth_failure_delay,
+        settings.proxy.smtp_auth_max_failures,
     ) == (
         50,
         0.0,
@@ -79,9 +79,9 @@ def test_the_proxy_limits_default_to_the_settings_defaults() -> None:
         manifests(render({"proxy": SHARED_PROXY, "secrets": {"upstreamSmtp": RELAY}})), "mb-mailbeacon-proxy"
     )
     defaults = Settings()
-    assert proxy["MAILBEACON_SMTP_MAX_CONNECTIONS"] == str(defaults.smtp_max_connections) == "200"
-    assert float(proxy["MAILBEACON_SMTP_AUTH_FAILURE_DELAY"]) == defaults.smtp_auth_failure_delay == 1.0
-    assert proxy["MAILBEACON_SMTP_AUTH_MAX_FAILURES"] == str(defaults.smtp_auth_max_failures) == "3"
+    assert proxy["MAILBEACON_SMTP_MAX_CONNECTIONS"] == str(defaults.proxy.smtp_max_connections) == "200"
+    assert float(proxy["MAILBEACON_SMTP_AUTH_FAILURE_DELAY"]) == defaults.proxy.smtp_auth_failure_delay == 1.0
+    assert proxy["MAILBEACON_SMTP_AUTH_MAX_FAILURES"] == str(defaults.proxy.smtp_auth_max_failures) == "3"
 
 
 @pytest.mark.parametrize(

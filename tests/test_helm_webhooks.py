@@ -113,7 +113,7 @@ def test_without_the_ingress_the_pods_start_and_the_tracker_refuses_unauthentica
     assert env["MAILBEACON_POSTMARK_BASIC_AUTH"]["secretKeyRef"]["optional"] is True
     assert "webhook-token" not in by_kind(docs, "Secret")["mb-mailbeacon"]["data"]
     settings = settings_from(resolved_env(docs), monkeypatch)
-    assert not settings.allow_unauthenticated_webhooks and credentials_required(settings)
+    assert not settings.tracker.allow_unauthenticated_webhooks and credentials_required(settings)
     assert any("MAILBEACON_WEBHOOK_TOKEN" in route for route in missing_credentials(settings))
 
 
@@ -126,13 +126,13 @@ def test_the_opt_out_and_the_limits_reach_the_tracker(monkeypatch: pytest.Monkey
         }
     }
     settings = settings_from(resolved_env(manifests(render(values))), monkeypatch)
-    assert settings.allow_unauthenticated_webhooks and not credentials_required(settings)
-    assert settings.max_json_depth == 32
-    assert settings.tracker_header_timeout_seconds == 5
-    assert settings.tracker_max_connections == 2000
+    assert settings.tracker.allow_unauthenticated_webhooks and not credentials_required(settings)
+    assert settings.tracker.max_json_depth == 32
+    assert settings.tracker.header_timeout_seconds == 5
+    assert settings.tracker.max_connections == 2000
     defaults = settings_from(resolved_env(manifests(render())), monkeypatch)
-    assert (defaults.max_json_depth, defaults.tracker_header_timeout_seconds) == (64, 10)
-    assert defaults.tracker_max_connections == 10_000
+    assert (defaults.tracker.max_json_depth, defaults.tracker.header_timeout_seconds) == (64, 10)
+    assert defaults.tracker.max_connections == 10_000
 
 
 def test_token_reaches_the_secret_and_the_tracker_requires_it() -> None:
@@ -227,8 +227,8 @@ async def test_the_tracker_as_deployed_refuses_forged_bounces_and_sees_real_clie
     }
     settings = settings_from(resolved_env(manifests(render(values))), monkeypatch)
     assert settings.trusted_proxies == ["127.0.0.0/8", "10.244.0.0/16"]
-    assert settings.webhook_token is not None
-    overrides = {"webhook_token": settings.webhook_token, "trusted_proxies": settings.trusted_proxies}
+    assert settings.tracker.webhook_token is not None
+    overrides = {"webhook_token": settings.tracker.webhook_token, "trusted_proxies": settings.trusted_proxies}
     bounce = {"tracking_id": TID, "bounce_type": "hard", "reason": "550 5.1.1 user unknown"}
     async with (
         running_tracker(tmp_path, nats_url, **overrides) as tracker,

@@ -192,7 +192,7 @@ async def test_annotated_pods_get_the_sidecar_from_the_running_webhook(
         async with http.post(url, json=configuration) as created:
             assert created.status == 201
     settings = operator_settings(tmp_path, nats_url, chart)
-    port = int((settings.injection_listen or "").rsplit(":", 1)[1])
+    port = int((settings.operator.injection_listen or "").rsplit(":", 1)[1])
     assert WEBHOOK_ID == "inject-proxy"
     with operator_running(kube, settings, tmp_path, monkeypatch):
 
@@ -288,7 +288,7 @@ async def test_a_given_certificate_is_served_and_the_configuration_left_alone(
         injection_webhook_configuration=None,
         injection_dns_names="",
     )
-    port = int((settings.injection_listen or "").rsplit(":", 1)[1])
+    port = int((settings.operator.injection_listen or "").rsplit(":", 1)[1])
     with operator_running(kube, settings, tmp_path, monkeypatch):
         api = ApiServer(port, made.ca_pem, chart["configuration"])
         await eventually(lambda: _answers(api), within=20)

@@ -45,7 +45,7 @@ async def test_events_are_published_and_ingested_through_a_secured_nats(
     settings = make_settings(tmp_path, nats_url=secured.url, **secured.settings)
     login = NatsLogin.from_settings(settings)
     # The proxy's and tracker's path: connect, provision, publish and wait for the acks.
-    nc = await connect(settings.nats_url or "", "test-publisher", login)
+    nc = await connect(settings.nats.url or "", "test-publisher", login)
     db = open_database(f"sqlite:///{tmp_path / 'stats.db'}")
     await migrate(db)
     consumer = EventConsumer(nc.jetstream(), db, batch_size=50, login=login)

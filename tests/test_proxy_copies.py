@@ -130,6 +130,27 @@ def test_ours_is_added_only_where_the_app_has_none() -> None:
     assert switched_off.get_all("List-Unsubscribe") is None
 
 
+def test_ours_names_the_list_it_leaves_signed() -> None:
+    raw = html_mail('<a href="https://shop.example.com/">x</a>')
+    copies = MessageCopies(
+        raw,
+        Part.parse(raw),
+        OPTIONS,
+        TrackingSwitches(unsubscribe_header=True),
+        TrackSwitches(),
+        list_name="Spring Sale & Co",
+    )
+    url = str(headers_of(copy_for(copies)).get("List-Unsubscribe")).strip("<>")
+    assert url.startswith(f"{SITE}/track/unsubscribe/{IDS[0]}/?list=Spring%20Sale%20%26%20Co&sig=")
+    query = parse_qs(urlsplit(url).query)
+    verifier = signing.ClickVerifier(KEYS)
+    assert signing.list_name_verified(verifier, IDS[0], "Spring Sale & Co", query["sig"][0])
+    assert not signing.list_name_verified(verifier, IDS[1], "Spring Sale & Co", query["sig"][0])  # per copy
+    assert not signing.list_name_verified(verifier, IDS[0], "Another list", query["sig"][0])
+    # A list signature is no click signature: its "destination" is no web address.
+    assert not verifier.verify(IDS[0], "Spring Sale & Co", query["sig"][0])
+
+
 # -- DKIM --------------------------------------------------------------------------------
 
 

@@ -308,7 +308,8 @@ async def test_campaign_switches_from_the_kv_bucket(tmp_path: Path, nats_url: st
     assert "/track/pixel/" not in markup  # opens off
     assert 'href="https://shop.example.com/legal/terms"' in markup  # a link to leave alone
     assert markup.count(f"/track/click/{tracking_id}/?url=https%3A%2F%2Fshop.example.com%2Fx") == 1
-    assert str(relayed["List-Unsubscribe"]).endswith(f"/track/unsubscribe/{tracking_id}/>")
+    # The link names the list it leaves (the campaign's name: the spec has no displayName), signed.
+    assert f"/track/unsubscribe/{tracking_id}/?list=conversations&sig=" in str(relayed["List-Unsubscribe"])
     assert str(relayed["List-Unsubscribe-Post"]) == "List-Unsubscribe=One-Click"
 
 

@@ -33,6 +33,31 @@ async def test_get_shows_a_confirmation_and_changes_nothing(tmp_path: Path, nats
     assert await stream_events(nats_url) == []
 
 
+async def test_the_page_names_the_list_only_when_the_link_carries_it_signed(
+    tmp_path: Path, nats_url: str
+) -> None:
+    async with running_tracker(tmp_path, nats_url) as tracker, aiohttp.ClientSession() as http:
+        site, keys = tracker.settings.site_url, tracker.settings.signing_keys()
+        url = unsubscribe_url(site, TID, keys, "Spring <b>Sale</b>")
+        async with http.get(url) as response:
+            page = await response.text()
+            assert "<h1>Unsubscribe from Spring &lt;b&gt;Sale&lt;/b&gt;?</h1>" in page
+            assert "stop receiving <strong>Spring &lt;b&gt;Sale&lt;/b&gt;</strong>" in page
+            # The button posts to the same link, so the answer names the list as well.
+            action = page.split('action="', 1)[1].split('"', 1)[0].replace("&amp;", "&")
+        async with http.post(site + action, data={"confirm": "page"}) as response:
+            assert "not receive <strong>Spring &lt;b&gt;Sale&lt;/b&gt;</strong>" in await response.text()
+        for forged in (
+            url.replace("Spring", "Summer"),  # another name under the same signature
+            unsubscribe_url(site, OTHER, keys, "Spring <b>Sale</b>").replace(OTHER, TID),  # another copy's
+            url.split("&sig=")[0],  # no signature
+        ):
+            async with http.get(forged) as response:
+                page = await response.text()
+                assert response.status == 200 and "Unsubscribe from these emails?" in page
+                assert "Sale" not in page and "Summer" not in page
+
+
 async def test_post_one_click_and_button_record_one_unsubscribe_never_a_click(
     tmp_path: Path, nats_url: str
 ) -> None:

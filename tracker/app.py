@@ -79,12 +79,12 @@ def create_app(
     """``sns_http_get`` is the one outbound HTTP call (SNS certificates, subscription confirmation);
     by default over HTTPS_PROXY / NO_PROXY as the settings say. ``ready`` answers /readyz: the
     tracker serves without NATS, so it is ready until it begins to stop."""
-    app = web.Application(client_max_size=settings.max_webhook_bytes)
+    app = web.Application(client_max_size=settings.tracker.max_webhook_bytes)
     app[SETTINGS_KEY] = settings
     app[PUBLISHER_KEY] = publisher
     engagement = Engagement(settings, publisher)
     app[ENGAGEMENT_KEY] = engagement
-    outbound = sns_http_get or https_getter(settings.https_proxy, settings.no_proxy)
+    outbound = sns_http_get or https_getter(settings.tracker.https_proxy, settings.tracker.no_proxy)
     webhooks = Webhooks(settings, publisher, outbound)
     document = openapi_document(settings.site_url)
 

@@ -205,15 +205,17 @@ class Engagement:
         self.settings = settings
         self.publisher = publisher
         self.hold: ClickHold[HeldClick] = ClickHold(
-            self._publish_click, window=settings.click_burst_seconds, max_pending=settings.event_buffer_limit
+            self._publish_click,
+            window=settings.tracker.click_burst_seconds,
+            max_pending=settings.tracker.event_buffer_limit,
         )
         self.arrivals: Arrivals[Arrival] = Arrivals(self._hand_over)
         self.signatures = signing.ClickVerifier(settings.signing_keys())
         self.trusted = [ipaddress.ip_network(cidr, strict=False) for cidr in settings.trusted_proxies]
         self.machine_networks = [
-            ipaddress.ip_network(cidr, strict=False) for cidr in settings.machine_ip_ranges
+            ipaddress.ip_network(cidr, strict=False) for cidr in settings.tracker.machine_ip_ranges
         ]
-        self._anonymize = settings.anonymize_ip
+        self._anonymize = settings.tracker.anonymize_ip
 
     @property
     def held(self) -> int:
@@ -343,12 +345,24 @@ class Engagement:
         headers["Location"] = url
         return web.Response(status=302, headers=headers)
 
+    def _list_name(self, request: web.Request, tracking_id: str) -> str | None:
+        """The list an unsubscribe link leaves, when the link carries its name signed by the
+        proxy; anything else (no name, an altered one) shows no name at all."""
+        name, signature = request.query.get("list", ""), request.query.get("sig", "")
+        if len(name) > signing.MAX_LIST_NAME or _CONTROL_CHARACTERS.search(name):
+            return None
+        return name if signing.list_name_verified(self.signatures, tracking_id, name, signature) else None
+
     async def unsubscribe_page(self, request: web.Request) -> web.StreamResponse:
-        if parse_tracking_id(request.match_info["tracking_id"]) is None:
+        tracking_id = parse_tracking_id(request.match_info["tracking_id"])
+        if tracking_id is None:
             metrics.UNSUBSCRIBE_PAGE_INVALID.inc()
             return pages.invalid_link("The unsubscribe link is malformed.")
         metrics.UNSUBSCRIBE_PAGE_OK.inc()
-        return pages.unsubscribe_confirm(request.path)
+        name = self._list_name(request, tracking_id)
+        # The form posts to the same link, a verified name and its signature included, so the
+        # answer names the list too.
+        return pages.unsubscribe_confirm(request.path_qs if name else request.path, name)
 
     async def unsubscribe(self, request: web.Request) -> web.StreamResponse:
         tracking_id = parse_tracking_id(request.match_info["tracking_id"])
@@ -380,4 +394,4 @@ class Engagement:
         )
         await self.publisher.publish_or_buffer(event)
         metrics.UNSUBSCRIBE_OK.inc()
-        return pages.unsubscribed()
+        return pages.unsubscribed(self._list_name(request, tracking_id))

@@ -43,12 +43,18 @@ def honeypot() -> web.Response:
     return page("", "", 200)
 
 
-def unsubscribe_confirm(action: str) -> web.Response:
-    """GET: changes nothing (link scanners follow GETs); only the button's POST unsubscribes."""
+def _leaving(list_name: str | None) -> str:
+    return f"<strong>{escape(list_name)}</strong>" if list_name else "this mailing"
+
+
+def unsubscribe_confirm(action: str, list_name: str | None = None) -> web.Response:
+    """GET: changes nothing (link scanners follow GETs); only the button's POST unsubscribes.
+    ``list_name``: the list the link leaves, when the link carries it signed."""
+    heading = f"Unsubscribe from {escape(list_name)}?" if list_name else "Unsubscribe from these emails?"
     return page(
         "Unsubscribe",
-        "<h1>Unsubscribe from these emails?</h1>"
-        "<p>Press the button to stop receiving this mailing at this address.</p>"
+        f"<h1>{heading}</h1>"
+        f"<p>Press the button to stop receiving {_leaving(list_name)} at this address.</p>"
         f'<form method="post" action="{escape(action)}">'
         '<input type="hidden" name="confirm" value="page">'
         '<button type="submit" style="font-size:1.1rem;padding:.5rem 1.2rem">Unsubscribe</button>'
@@ -56,10 +62,10 @@ def unsubscribe_confirm(action: str) -> web.Response:
     )
 
 
-def unsubscribed() -> web.Response:
+def unsubscribed(list_name: str | None = None) -> web.Response:
     return page(
         "Unsubscribed",
-        "<h1>You are unsubscribed</h1><p>You will not receive this mailing at this address any more.</p>",
+        f"<h1>You are unsubscribed</h1><p>You will not receive {_leaving(list_name)} at this address any more.</p>",
     )
 
 

@@ -43,16 +43,16 @@ PROVISION_CHECK_SECONDS = 10.0
 def connection_limits(settings: Settings) -> ConnectionLimits:
     """TRACKER_HEADER_TIMEOUT_SECONDS, and TRACKER_MAX_CONNECTIONS as the open-file limit allows."""
     fds = descriptor_limit()
-    cap = effective_max_connections(settings.tracker_max_connections, fds)
-    if cap < settings.tracker_max_connections:
+    cap = effective_max_connections(settings.tracker.max_connections, fds)
+    if cap < settings.tracker.max_connections:
         log.warning(
             "MAILBEACON_TRACKER_MAX_CONNECTIONS=%d does not fit the open-file limit (%s): at most %d "
             "connections per process (raise `ulimit -n` for more)",
-            settings.tracker_max_connections,
+            settings.tracker.max_connections,
             fds,
             cap,
         )
-    return ConnectionLimits(header_timeout=settings.tracker_header_timeout_seconds, max_connections=cap)
+    return ConnectionLimits(header_timeout=settings.tracker.header_timeout_seconds, max_connections=cap)
 
 
 def warn_about_webhooks(settings: Settings) -> None:
@@ -66,7 +66,7 @@ def warn_about_webhooks(settings: Settings) -> None:
             "MAILBEACON_ALLOW_UNAUTHENTICATED_WEBHOOKS=true: %s accept anyone's requests although the "
             "tracker listens on %s: forged bounces and complaints stop real mail",
             ", ".join(exposed),
-            settings.tracker_listen,
+            settings.tracker.listen,
         )
 
 
@@ -100,7 +100,7 @@ class TrackerService:
         self.limits = connection_limits(self.settings)
         metrics.watch_connections(self.limits)
         self._runner = await serve(
-            self._app, self.settings.tracker_listen, reuse_port=self.reuse_port, limits=self.limits
+            self._app, self.settings.tracker.listen, reuse_port=self.reuse_port, limits=self.limits
         )
         self.port = bound_port(self._runner)
         log.info("tracker listening on port %s", self.port)
@@ -138,7 +138,7 @@ class NatsLink:
         self._task = asyncio.create_task(self._run(), name="tracker-nats-link")
 
     async def _run(self) -> None:
-        url = self.settings.nats_url or ""
+        url = self.settings.nats.url or ""
         delay = 0.5
         while True:
             try:
@@ -183,7 +183,7 @@ class StandaloneTracker:
     ) -> None:
         self.settings = settings
         self.publisher = EventPublisher(
-            None, buffer_limit=settings.event_buffer_limit, spool=Spool.under(settings.data_dir)
+            None, buffer_limit=settings.tracker.event_buffer_limit, spool=Spool.under(settings.data_dir)
         )
         self.service = TrackerService(
             settings, self.publisher, reuse_port=reuse_port, sns_http_get=sns_http_get
@@ -236,12 +236,12 @@ def run_tracker(settings: Settings, workers: int = 1) -> None:
     each worker then keeps serving for SHUTDOWN_DELAY_SECONDS (its /readyz answering 503, on
     the port they share) before it stops.
     """
-    if not settings.nats_url:
+    if not settings.nats.url:
         raise SystemExit("mailbeacon tracker: MAILBEACON_NATS_URL is required (or use `mailbeacon up`)")
     if workers <= 1:
         asyncio.run(serve_standalone(settings))
         return
-    if parse_listen(settings.tracker_listen)[1] == 0:
+    if parse_listen(settings.tracker.listen)[1] == 0:
         raise SystemExit("mailbeacon tracker --workers needs a fixed port in MAILBEACON_TRACKER_LISTEN")
     context = multiprocessing.get_context("spawn")
     stopping = False

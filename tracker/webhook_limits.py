@@ -6,7 +6,7 @@ Plain functions of the settings and of what NATS told us; ``tracker.webhooks`` a
 from __future__ import annotations
 
 from mailbeacon.jsondepth import nests_deeper_than
-from mailbeacon.settings import Settings
+from mailbeacon.settings import Settings, TrackerSettings
 from tracker.generic_webhooks import WebhookError
 
 # An event carries the provider's record in metadata.payload and, beside it, fields taken
@@ -23,7 +23,7 @@ GENERIC_ROUTES = "/track/bounce/, /track/delivery/, /track/complaint/"
 def credentials_required(settings: Settings) -> bool:
     """Whether the webhooks that can go without credentials (generic, Postmark) must have them:
     always, unless the tracker listens on loopback only or the operator opted out."""
-    return not (settings.listens_on_loopback("tracker") or settings.allow_unauthenticated_webhooks)
+    return not (settings.listens_on_loopback("tracker") or settings.tracker.allow_unauthenticated_webhooks)
 
 
 def missing_credentials(settings: Settings) -> list[str]:
@@ -31,16 +31,16 @@ def missing_credentials(settings: Settings) -> list[str]:
     missing = [
         f"{route} (set MAILBEACON_{variable})"
         for route, value, variable in (
-            ("/webhooks/sendgrid", settings.sendgrid_public_key, "SENDGRID_PUBLIC_KEY"),
-            ("/webhooks/mailgun", settings.mailgun_signing_key, "MAILGUN_SIGNING_KEY"),
-            ("/webhooks/ses", settings.ses_topic_arns, "SES_TOPIC_ARNS"),
+            ("/webhooks/sendgrid", settings.tracker.sendgrid_public_key, "SENDGRID_PUBLIC_KEY"),
+            ("/webhooks/mailgun", settings.tracker.mailgun_signing_key, "MAILGUN_SIGNING_KEY"),
+            ("/webhooks/ses", settings.tracker.ses_topic_arns, "SES_TOPIC_ARNS"),
         )
         if not value
     ]
     if credentials_required(settings):
-        if settings.webhook_token is None:
+        if settings.tracker.webhook_token is None:
             missing.append(f"{GENERIC_ROUTES} (set MAILBEACON_WEBHOOK_TOKEN)")
-        if settings.postmark_basic_auth is None:
+        if settings.tracker.postmark_basic_auth is None:
             missing.append("/webhooks/postmark (set MAILBEACON_POSTMARK_BASIC_AUTH)")
     return missing
 
@@ -48,18 +48,18 @@ def missing_credentials(settings: Settings) -> list[str]:
 def unauthenticated(settings: Settings) -> list[str]:
     """The webhook routes that take anyone's requests although the tracker is reachable from
     other machines (the ALLOW_UNAUTHENTICATED_WEBHOOKS opt-out)."""
-    if settings.listens_on_loopback("tracker") or not settings.allow_unauthenticated_webhooks:
+    if settings.listens_on_loopback("tracker") or not settings.tracker.allow_unauthenticated_webhooks:
         return []
-    routes = [GENERIC_ROUTES] if settings.webhook_token is None else []
-    return routes + (["/webhooks/postmark"] if settings.postmark_basic_auth is None else [])
+    routes = [GENERIC_ROUTES] if settings.tracker.webhook_token is None else []
+    return routes + (["/webhooks/postmark"] if settings.tracker.postmark_basic_auth is None else [])
 
 
-def body_limit(settings: Settings, max_payload: int | None) -> int:
+def body_limit(tracker: TrackerSettings, max_payload: int | None) -> int:
     """The largest body taken: MAX_WEBHOOK_BYTES, and no more than one NATS message can carry
     as an event once NATS said how much that is."""
     if max_payload is None:
-        return settings.max_webhook_bytes
-    return max(0, min(settings.max_webhook_bytes, max_payload - EVENT_ROOM_BYTES - HEADER_ROOM_BYTES))
+        return tracker.max_webhook_bytes
+    return max(0, min(tracker.max_webhook_bytes, max_payload - EVENT_ROOM_BYTES - HEADER_ROOM_BYTES))
 
 
 def too_large(size: int, limit: int) -> WebhookError:
@@ -77,8 +77,8 @@ def check_event_size(encoded: int, max_payload: int | None) -> None:
         )
 
 
-def check_depth(text: bytes | str, settings: Settings, what: str = "body") -> None:
-    if nests_deeper_than(text, settings.max_json_depth):
+def check_depth(text: bytes | str, tracker: TrackerSettings, what: str = "body") -> None:
+    if nests_deeper_than(text, tracker.max_json_depth):
         raise WebhookError(
-            f"{what} nests JSON deeper than {settings.max_json_depth} levels (MAILBEACON_MAX_JSON_DEPTH)"
+            f"{what} nests JSON deeper than {tracker.max_json_depth} levels (MAILBEACON_MAX_JSON_DEPTH)"
         )

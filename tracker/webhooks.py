@@ -51,12 +51,15 @@ def invalid_event(exc: ValidationError) -> web.Response:
 class Webhooks:
     def __init__(self, settings: Settings, publisher: EventPublisher, sns_http_get: HttpGet) -> None:
         self.settings = settings
+        self.tracker = settings.tracker  # read per request
         self.publisher = publisher
         self.credentials_required = webhook_limits.credentials_required(settings)
         self.replays = SharedReplayGuard(settings, self._jetstream)
-        self.certificates = Certificates(settings.sns_cert_dir, sns_http_get)
-        machine = [ipaddress.ip_network(cidr, strict=False) for cidr in settings.machine_ip_ranges]
-        self.parse_context = ParseContext(machine_networks=machine, max_json_depth=settings.max_json_depth)
+        self.certificates = Certificates(settings.tracker.sns_cert_dir, sns_http_get)
+        machine = [ipaddress.ip_network(cidr, strict=False) for cidr in settings.tracker.machine_ip_ranges]
+        self.parse_context = ParseContext(
+            machine_networks=machine, max_json_depth=settings.tracker.max_json_depth
+        )
 
     def _jetstream(self) -> JetStreamContext | None:
         # The replay guard's bucket is reached over the publisher's connection.
@@ -64,7 +67,7 @@ class Webhooks:
 
     def _private(self, event: Event) -> Event:
         """Anonymize addresses before anything leaves the tracker, the raw payload included."""
-        if not self.settings.anonymize_ip:
+        if not self.tracker.anonymize_ip:
             return event
         return event.model_copy(
             update={
@@ -98,20 +101,20 @@ class Webhooks:
     async def _body(self, request: web.Request) -> bytes:
         """The body, once it is no larger than one event can carry and nests no deeper than
         MAX_JSON_DEPTH (JSON readers recurse)."""
-        limit = webhook_limits.body_limit(self.settings, self.publisher.max_payload)
+        limit = webhook_limits.body_limit(self.tracker, self.publisher.max_payload)
         if request.content_length is not None and request.content_length > limit:
             raise webhook_limits.too_large(request.content_length, limit)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
-            raise webhook_limits.too_large(self.settings.max_webhook_bytes + 1, limit) from exc
+            raise webhook_limits.too_large(self.tracker.max_webhook_bytes + 1, limit) from exc
         if len(body) > limit:
             raise webhook_limits.too_large(len(body), limit)
-        webhook_limits.check_depth(body, self.settings)
+        webhook_limits.check_depth(body, self.tracker)
         return body
 
     def _token_ok(self, request: web.Request) -> bool:
-        token = self.settings.webhook_token
+        token = self.tracker.webhook_token
         if token is None:
             return True
         auth = request.headers.get("Authorization", "")
@@ -133,7 +136,7 @@ class Webhooks:
 
     async def _generic(self, request: web.Request) -> web.Response:
         kind = request.match_info["kind"]
-        if self.settings.webhook_token is None and self.credentials_required:
+        if self.tracker.webhook_token is None and self.credentials_required:
             return json_error(503, "generic webhooks are not configured: set MAILBEACON_WEBHOOK_TOKEN")
         if not self._token_ok(request):
             return json_error(401, "missing or wrong webhook token")
@@ -173,7 +176,7 @@ class Webhooks:
                 raise WebhookError("this signed request was already received with another body (replay)", 403)
             result = adapter.parse(hook, self.parse_context)
             if result.confirm_url is not None:
-                if not self.settings.sns_confirm_subscriptions:
+                if not self.tracker.sns_confirm_subscriptions:
                     raise WebhookError(
                         "subscription confirmation is switched off; confirm it in the SNS console", 403
                     )

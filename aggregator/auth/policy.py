@@ -110,12 +110,14 @@ def _checked_tokens(name: str, tokens: list[str]) -> list[bytes]:
 
 def policy_from_settings(settings: Settings) -> AuthPolicy:
     """The aggregator's policy, or :class:`AuthConfigError` when it would be open off loopback."""
-    full = _checked_tokens("API_TOKENS", [t.get_secret_value() for t in settings.api_tokens])
-    read = _checked_tokens("API_READ_TOKENS", [t.get_secret_value() for t in settings.api_read_tokens])
+    full = _checked_tokens("API_TOKENS", [t.get_secret_value() for t in settings.aggregator.api_tokens])
+    read = _checked_tokens(
+        "API_READ_TOKENS", [t.get_secret_value() for t in settings.aggregator.api_read_tokens]
+    )
     if set(full) & set(read):
         raise AuthConfigError("a token is in both MAILBEACON_API_TOKENS and MAILBEACON_API_READ_TOKENS")
-    header = settings.auth_proxy_header
-    if settings.api_auth == "none":
+    header = settings.aggregator.auth_proxy_header
+    if settings.aggregator.api_auth == "none":
         if full or read or header:
             raise AuthConfigError(
                 "MAILBEACON_API_AUTH=none contradicts MAILBEACON_API_TOKENS, API_READ_TOKENS and "
@@ -136,7 +138,7 @@ def policy_from_settings(settings: Settings) -> AuthPolicy:
     )
     if policy.open and not settings.listens_on_loopback("aggregator"):
         raise AuthConfigError(
-            f"the aggregator listens on {settings.aggregator_listen}, beyond loopback, without "
+            f"the aggregator listens on {settings.aggregator.listen}, beyond loopback, without "
             "authentication: set MAILBEACON_API_TOKENS (and/or API_READ_TOKENS), or AUTH_PROXY_HEADER "
             "with TRUSTED_PROXIES, or MAILBEACON_API_AUTH=none to serve statistics and recipients to anyone"
         )

@@ -1,1 +1,1 @@
-"""The kopf operator for Campaign resources (see deploy/ and DESIGN.md)."""
+"""The kopf operator for Campaign resources (see deploy/ and docs/architecture.md "Campaigns")."""

@@ -35,11 +35,12 @@ CONFIGURATIONS = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigura
 class InjectionWebhook:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        operator = settings.operator
         # Refused at start, not at the first pod: a broken template is a deployment mistake.
-        self.template = SidecarTemplate.parse(settings.injection_template)
-        if (settings.injection_cert_file is None) != (settings.injection_key_file is None):
+        self.template = SidecarTemplate.parse(operator.injection_template)
+        if (operator.injection_cert_file is None) != (operator.injection_key_file is None):
             raise ValueError("MAILBEACON_INJECTION_CERT_FILE and _KEY_FILE go together")
-        if settings.injection_cert_file is None and not settings.injection_dns_names:
+        if operator.injection_cert_file is None and not operator.injection_dns_names:
             raise ValueError(
                 "the injection webhook needs MAILBEACON_INJECTION_DNS_NAMES (its Service's names) "
                 "for the certificate it makes, or cert-manager's MAILBEACON_INJECTION_CERT_FILE"
@@ -48,13 +49,14 @@ class InjectionWebhook:
         self._tasks: list[asyncio.Task[None]] = []
 
     async def startup(self, settings: kopf.OperatorSettings, **_: Any) -> None:
-        host, port = parse_listen(self.settings.injection_listen or "")
-        cert, key = self.settings.injection_cert_file, self.settings.injection_key_file
+        operator = self.settings.operator
+        host, port = parse_listen(operator.injection_listen or "")
+        cert, key = operator.injection_cert_file, operator.injection_key_file
         if cert is not None and key is not None:
             settings.admission.server = kopf.WebhookServer(addr=host, port=port, certfile=cert, pkeyfile=key)
             log.info("injection webhook on %s:%s with the certificate %s", host, port, cert)
             return
-        made = make_certificate(self.settings.injection_dns_names)
+        made = make_certificate(operator.injection_dns_names)
         cert, key = made.write(self.settings.data_dir / "webhook")
         settings.admission.server = kopf.WebhookServer(
             addr=host, port=port, certfile=cert, pkeyfile=key, password=made.password, cadata=made.ca_pem
@@ -62,7 +64,7 @@ class InjectionWebhook:
         log.info(
             "injection webhook on %s:%s with a certificate made for %s", host, port, made_for(self.settings)
         )
-        if self.settings.injection_webhook_configuration:
+        if operator.injection_webhook_configuration:
             self._tasks.append(asyncio.create_task(self._install_ca(made.ca_pem, settings)))
 
     async def cleanup(self, **_: Any) -> None:
@@ -74,7 +76,7 @@ class InjectionWebhook:
 
     async def _install_ca(self, ca_pem: bytes, settings: kopf.OperatorSettings) -> None:
         """Until the API server has the CA, it cannot verify the webhook and creates pods uninjected."""
-        name, delay = self.settings.injection_webhook_configuration or "", 1.0
+        name, delay = self.settings.operator.injection_webhook_configuration or "", 1.0
         while True:
             try:
                 await install_ca_bundle(connection(settings), name, ca_pem)
@@ -115,7 +117,7 @@ class InjectionWebhook:
 
 
 def made_for(settings: Settings) -> str:
-    return ", ".join(settings.injection_dns_names)
+    return ", ".join(settings.operator.injection_dns_names)
 
 
 def write_patch(body: kopf.Body, patch: kopf.Patch, result: Injection) -> None:

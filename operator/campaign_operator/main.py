@@ -10,11 +10,11 @@ from mailbeacon.settings import Settings
 
 async def run(settings: Settings) -> None:
     """Serve Campaigns until SIGTERM; one replica (kopf runs standalone, no peering)."""
-    if not settings.nats_url:
+    if not settings.nats.url:
         raise SystemExit("mailbeacon operator: MAILBEACON_NATS_URL is required")
     registry = kopf.OperatorRegistry()
     register(registry, settings)
-    namespaces = settings.operator_namespaces
+    namespaces = settings.operator.namespaces
     await kopf.operator(
         registry=registry,
         standalone=True,

@@ -243,6 +243,6 @@ def release_command(
 ) -> None:
     """``mailbeacon operator release-campaigns``: errors become one line and exit status 1."""
     try:
-        asyncio.run(run(settings.operator_namespaces, deployment, namespace, timeout))
+        asyncio.run(run(settings.operator.namespaces, deployment, namespace, timeout))
     except (KubeError, aiohttp.ClientError, OSError) as exc:
         raise SystemExit(f"release-campaigns: {exc}") from exc

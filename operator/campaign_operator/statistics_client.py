@@ -1,4 +1,4 @@
-"""Reading a campaign's statistics from the aggregator's API (DESIGN.md "Aggregator")."""
+"""Reading a campaign's statistics from the aggregator's API (docs/architecture.md "Interfaces")."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-# status field -> field of the aggregator's statistics (DESIGN.md "Statistics")
+# status field -> field of the aggregator's statistics (docs/architecture.md "Statistics")
 COUNTS = {
     "totalRecipients": "total_recipients",
     "sent": "sent_count",

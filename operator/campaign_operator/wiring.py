@@ -125,26 +125,26 @@ class CampaignOperator:
 
     async def startup(self, settings: kopf.OperatorSettings, **_: Any) -> None:
         configure(settings)
-        if not self.settings.nats_url:
+        if not self.settings.nats.url:
             raise kopf.PermanentError("MAILBEACON_NATS_URL is required: the operator writes specs to NATS")
         app = web.Application()
         add_health_routes(app, ready=lambda: self.ready, registry=metrics.REGISTRY)
-        self.health = await serve(app, self.settings.operator_listen)
+        self.health = await serve(app, self.settings.operator.listen)
         self.health_port = bound_port(self.health)
         self.nc = await connect(
-            self.settings.nats_url, "mailbeacon-operator", NatsLogin.from_settings(self.settings)
+            self.settings.nats.url, "mailbeacon-operator", NatsLogin.from_settings(self.settings)
         )
         self.store = CampaignStore(await ensure_campaign_bucket(self.nc.jetstream(), self.settings))
         self.http = aiohttp.ClientSession()
         self.statistics = StatisticsClient(
-            self.settings.aggregator_base_url(),
+            self.settings.aggregator.base_url(),
             self.http,
-            token=self.settings.aggregator_token(read_only=True),  # it only reads
+            token=self.settings.aggregator.client_token(read_only=True),  # it only reads
         )
         log.info(
             "campaign operator ready: statistics from %s every %ss",
             self.statistics.base_url,
-            self.settings.operator_status_interval,
+            self.settings.operator.status_interval,
         )
 
     async def cleanup(self, **_: Any) -> None:
@@ -270,10 +270,10 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> CampaignOpe
         *resource,
         registry=registry,
         id="refresh-status",
-        interval=settings.operator_status_interval,
-        initial_delay=min(1.0, settings.operator_status_interval),
+        interval=settings.operator.status_interval,
+        initial_delay=min(1.0, settings.operator.status_interval),
     )(operator.refresh_status)
-    if settings.injection_listen:
+    if settings.operator.injection_listen:
         from campaign_operator.injection_webhook import register_injection
 
         register_injection(registry, settings)  # README "Injection by annotation"

@@ -282,7 +282,7 @@ async def running_tracker(tmp_path: Path, nats_url: str, **overrides: Any) -> As
     settings = make_settings(tmp_path, nats_url=nats_url, **webhook_settings(tmp_path, **overrides))
     nc = await connect(nats_url, "tracker-test")
     await provision(nc.jetstream(), settings)
-    publisher = EventPublisher(nc.jetstream(), buffer_limit=settings.event_buffer_limit)
+    publisher = EventPublisher(nc.jetstream(), buffer_limit=settings.tracker.event_buffer_limit)
     sns = FakeSns()
     service = TrackerService(settings, publisher, sns_http_get=sns.get)
     await service.start()
@@ -353,5 +353,5 @@ def verify_context(tmp_path: Path, fetcher: FakeSns | None = None, **overrides: 
     from tracker.webhook_limits import credentials_required
 
     settings = Settings(**{"secret_keys": "k" * 32, **webhook_settings(tmp_path, **overrides)})
-    certificates = Certificates(settings.sns_cert_dir, (fetcher or FakeSns()).get)
+    certificates = Certificates(settings.tracker.sns_cert_dir, (fetcher or FakeSns()).get)
     return VerifyContext(settings, datetime.now(UTC), certificates.load, credentials_required(settings))

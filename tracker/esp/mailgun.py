@@ -88,7 +88,7 @@ def _envelope(body: bytes) -> dict[str, Any]:
 
 
 async def verify(request: WebhookRequest, context: VerifyContext) -> Authentic:
-    key = context.settings.mailgun_signing_key
+    key = context.settings.tracker.mailgun_signing_key
     if key is None:
         raise not_configured("Mailgun", "MAILGUN_SIGNING_KEY")
     block = _envelope(request.body).get("signature")
@@ -106,7 +106,9 @@ async def verify(request: WebhookRequest, context: VerifyContext) -> Authentic:
         signed_at = parse_timestamp(timestamp)
     except WebhookError as exc:
         raise WebhookError("signature timestamp is not a time", 401) from exc
-    check_freshness(signed_at, context.now, context.settings.webhook_max_age_seconds, "signed timestamp")
+    check_freshness(
+        signed_at, context.now, context.settings.tracker.webhook_max_age_seconds, "signed timestamp"
+    )
     # Only timestamp and token are signed: the token is what a replay reuses.
     return Authentic(f"mailgun:{token}")
 

@@ -89,7 +89,7 @@ def credentials_match(header: str, expected: str) -> bool:
 
 
 async def verify(request: WebhookRequest, context: VerifyContext) -> Authentic:
-    expected = context.settings.postmark_basic_auth
+    expected = context.settings.tracker.postmark_basic_auth
     if expected is None:
         if context.credentials_required:
             raise not_configured("Postmark", "POSTMARK_BASIC_AUTH")

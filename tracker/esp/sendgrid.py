@@ -90,7 +90,7 @@ def signature_valid(key: ec.EllipticCurvePublicKey, timestamp: str, body: bytes,
 
 
 async def verify(request: WebhookRequest, context: VerifyContext) -> Authentic:
-    configured = context.settings.sendgrid_public_key
+    configured = context.settings.tracker.sendgrid_public_key
     if configured is None:
         raise not_configured("SendGrid", "SENDGRID_PUBLIC_KEY")
     signature = request.headers.get(SIGNATURE_HEADER, "").strip()
@@ -107,7 +107,9 @@ async def verify(request: WebhookRequest, context: VerifyContext) -> Authentic:
         signed_at = parse_timestamp(int(timestamp))
     except WebhookError as exc:
         raise WebhookError(f"{TIMESTAMP_HEADER} is out of range", 401) from exc
-    check_freshness(signed_at, context.now, context.settings.webhook_max_age_seconds, "signed timestamp")
+    check_freshness(
+        signed_at, context.now, context.settings.tracker.webhook_max_age_seconds, "signed timestamp"
+    )
     # What was signed, not the signature: an ECDSA signature is malleable (a second valid
     # signature can be derived from the first), so keying on it would let a replay through.
     return Authentic("sendgrid:" + hashlib.sha256(timestamp.encode() + request.body).hexdigest())

@@ -73,7 +73,7 @@ def _envelope(request: WebhookRequest) -> dict[str, Any]:
 
 
 async def verify(request: WebhookRequest, context: VerifyContext) -> Authentic:
-    topics = context.settings.ses_topic_arns
+    topics = context.settings.tracker.ses_topic_arns
     if not topics:
         raise not_configured("SES", "SES_TOPIC_ARNS")
     message = _envelope(request)
@@ -89,7 +89,7 @@ async def verify(request: WebhookRequest, context: VerifyContext) -> Authentic:
         sent_at = parse_timestamp(message.get("Timestamp"))
     except WebhookError as exc:
         raise WebhookError("SNS Timestamp is not a time", 400) from exc
-    check_freshness(sent_at, context.now, context.settings.sns_max_age_seconds, "SNS message")
+    check_freshness(sent_at, context.now, context.settings.tracker.sns_max_age_seconds, "SNS message")
     return Authentic(f"sns:{message.get('MessageId')}")
 
 
