@@ -20,7 +20,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
-from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy import text
 from sqlalchemy.exc import DataError
@@ -33,7 +32,7 @@ from aggregator.ingest import adopt_parked, apply_prepared, count_parked, look_u
 from aggregator.prepare import Prepared, prepare, prepare_yielding
 from aggregator.privacy import NOBODY, Anonymized
 from mailbeacon.events import utcnow
-from mailbeacon.jetstream import CONSUMER, STREAM
+from mailbeacon.jetstream import CONSUMER, STREAM, client_of
 from mailbeacon.nats_auth import NatsLogin
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,7 @@ class EventConsumer:
     ) -> None:
         # The pull feed publishes raw pull requests, so it needs the connection under js (and
         # the login, for its own lean connection).
-        nc: NATS = js._nc
+        nc = client_of(js)
         self.nc = nc
         self.db = db
         self.feed = PullFeed(nc, STREAM, CONSUMER, batch_size, login=login)
