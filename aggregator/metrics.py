@@ -220,3 +220,30 @@ class CampaignStatistics(Collector):
 
 CAMPAIGNS = CampaignStatistics()
 REGISTRY.register(CAMPAIGNS)
+
+
+class CampaignDomains(Collector):
+    """``mailbeacon_campaign_domain_messages{campaign,domain,state}``: copies per mailbox provider
+    (``domain`` is one of aggregator.store.domains.PROVIDERS, never a recipient's own domain)."""
+
+    def __init__(self) -> None:
+        self._snapshot: Mapping[str, Mapping[str, Mapping[str, int]]] = {}
+
+    def update(self, snapshot: Mapping[str, Mapping[str, Mapping[str, int]]]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "mailbeacon_campaign_domain_messages",
+            "Messages per campaign and mailbox provider by what happened to them",
+            labels=["campaign", "domain", "state"],
+        )
+        for campaign, providers in self._snapshot.items():
+            for provider, counts in providers.items():
+                for state, value in counts.items():
+                    family.add_metric([campaign, provider, state], float(value))
+        yield family
+
+
+DOMAINS = CampaignDomains()
+REGISTRY.register(DOMAINS)

@@ -23,7 +23,7 @@ from aggregator.read.event_pages import add_event_page_routes
 from aggregator.read.live import DEFAULT_MAX_STREAMS, add_stream_routes
 from aggregator.read.outbox_pages import add_outbox_routes
 from aggregator.read.pages import add_page_routes, layout
-from aggregator.read.statistics import list_campaigns
+from aggregator.read.statistics import list_campaigns, provider_snapshot
 from aggregator.store.db import Database, open_database, sqlite_url
 from aggregator.store.migrate import ensure_schema
 from aggregator.store.models import CAMPAIGNS
@@ -176,6 +176,7 @@ class AggregatorService:
         while True:
             try:
                 metrics.CAMPAIGNS.update(await list_campaigns(self.db))
+                metrics.DOMAINS.update(await provider_snapshot(self.db))
             except Exception as exc:
                 log.warning("reading statistics for the metrics failed: %s", exc)
             await asyncio.sleep(STATISTICS_METRICS_SECONDS)

@@ -11,10 +11,16 @@ baseline from the same run:
   on SQLite), with the CPU time each process spent per event while ingesting (the
   aggregator, nats-server, PostgreSQL): on a shared 2-core machine that is steadier than
   the rate;
-- statistics read latency (HTTP, p50/p99) vs ``/healthz`` of the same server;
+- statistics read latency (HTTP, p50/p99) vs ``/healthz`` of the same server, every field
+  included (clients, devices, machines, domains, series, heatmap; half the reads with ``?tz=``);
 - ``refresh`` of a 100,000-message campaign vs one plain scan counting its events.
 
-``python -m bench.bench_aggregator --events 100000`` runs a smaller load.
+Before the databases, the ingest feed's own NATS path against nats-py's public API
+(:mod:`bench.feed_paths`: the feed alone, and ingest into SQLite with each feed;
+docs/performance.md "The NATS paths, measured").
+
+``python -m bench.bench_aggregator --events 100000`` runs a smaller load; ``--only paths`` only
+the comparison of the NATS paths.
 """
 
 from __future__ import annotations
@@ -195,7 +201,10 @@ class Aggregator:
                 self.process.wait()
 
 
-def start_aggregator(nats_url: str, database_url: str, workdir: Path, batch: int | None) -> Aggregator:
+def start_aggregator(
+    nats_url: str, database_url: str, workdir: Path, batch: int | None, feed: str = "custom"
+) -> Aggregator:
+    """A ``mailbeacon aggregator`` process; ``feed="nats-py"``: with bench.feed_paths' nats-py feed."""
     port_probe = __import__("socket").socket()
     port_probe.bind(("127.0.0.1", 0))
     port = port_probe.getsockname()[1]
@@ -212,9 +221,10 @@ def start_aggregator(nats_url: str, database_url: str, workdir: Path, batch: int
     if batch is not None:
         env["MAILBEACON_INGEST_BATCH_SIZE"] = str(batch)
     log = open(workdir / "aggregator.log", "ab")  # noqa: SIM115  (closed with the process)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mailbeacon.app.cli", "aggregator"], env=env, stdout=log, stderr=log
+    command = (
+        ["bench.feed_paths", "--aggregator"] if feed == "nats-py" else ["mailbeacon.app.cli", "aggregator"]
     )
+    process = subprocess.Popen([sys.executable, "-m", *command], env=env, stdout=log, stderr=log)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -418,7 +428,9 @@ def run_database(
         http_times(f"{base}/api/campaigns/bench/campaign-0/statistics", 20)  # warm-up
         reads = []
         for i in range(500):
-            reads += http_times(f"{base}/api/campaigns/bench/campaign-{i % CAMPAIGNS}/statistics", 1)
+            # Every other read puts the heatmap in a time zone with daylight saving.
+            zone = "?tz=America/New_York" if i % 2 else ""
+            reads += http_times(f"{base}/api/campaigns/bench/campaign-{i % CAMPAIGNS}/statistics{zone}", 1)
         health = http_times(f"{base}/healthz", 500)
         figures.read_p50, figures.read_p99 = _percentile(reads, 50), _percentile(reads, 99)
         figures.health_p99 = _percentile(health, 99)
@@ -478,7 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--batch", type=int, default=None, help="MAILBEACON_INGEST_BATCH_SIZE (default: its default)"
     )
-    parser.add_argument("--only", choices=["sqlite", "postgresql"], default=None)
+    parser.add_argument("--only", choices=["sqlite", "postgresql", "paths"], default=None)
     args = parser.parse_args([] if argv is None else argv)
     logging.getLogger("mailbeacon").setLevel(logging.ERROR)  # no reconnect chatter from admin clients
 
@@ -506,6 +518,8 @@ def main(argv: list[str] | None = None) -> None:
 
         assert nats.process is not None
         servers = Servers(nats.process.pid)
+        if args.only in (None, "paths"):
+            nats_paths(nats_url, servers.nats_pid, workdir, stream_last)
         results: dict[str, Figures] = {}
         if args.only in (None, "sqlite"):
             path = workdir / "bench.db"
@@ -533,12 +547,25 @@ def main(argv: list[str] | None = None) -> None:
             results["PostgreSQL"].baseline = asyncio.run(
                 postgres_baseline(str(pg.get_uri("baseline")), events)
             )
-        report(results, args.events, args.refresh_messages)
+        if results:
+            report(results, args.events, args.refresh_messages)
     finally:
         if pg is not None:
             pg.cleanup()
         nats.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def nats_paths(nats_url: str, nats_pid: int, workdir: Path, stored: int) -> None:
+    """Issue 17's question for the aggregator: is its own NATS path worth its code (at least 1.3 times faster)?"""
+    from bench import feed_paths
+
+    print("\nThe aggregator's NATS path against nats-py's public API", flush=True)
+    rows = feed_paths.compare(nats_url, nats_pid, workdir, stored)
+    print(feed_paths.HEADER)
+    for row in rows:
+        print(row)
+    print(flush=True)
 
 
 async def _provision(nats_url: str) -> None:

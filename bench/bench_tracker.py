@@ -7,8 +7,13 @@ from the small aiohttp load generator below. Each request names another recipien
 clicks carry valid signatures, so the tracker does all of its real work. After each run the
 stream is checked: every request answered must have become a stored event.
 
-``python -m bench tracker``; ``python -m bench.bench_tracker --bare PORT WORKERS`` serves the
-baseline on its own.
+Then the tracker's own NATS path against nats-py's public API (:mod:`bench.publish_paths`):
+publishing alone, and a tracker worker per path loaded in alternation (docs/performance.md
+"The NATS paths, measured").
+
+``python -m bench tracker``; ``python -m bench.bench_tracker --paths`` runs only the comparison
+of the NATS paths; ``python -m bench.bench_tracker --bare PORT WORKERS`` serves the baseline on
+its own.
 """
 
 from __future__ import annotations
@@ -136,7 +141,7 @@ def process(args: list[str], port: int, env: dict[str, str] | None = None):  # t
             child.wait()
 
 
-def tracker_process(port: int, nats_url: str, workers: int):  # type: ignore[no-untyped-def]
+def tracker_process(port: int, nats_url: str, workers: int, publisher: str = "custom"):  # type: ignore[no-untyped-def]
     env = {
         "MAILBEACON_NATS_URL": nats_url,
         "MAILBEACON_SECRET_KEYS": SECRET,
@@ -144,6 +149,8 @@ def tracker_process(port: int, nats_url: str, workers: int):  # type: ignore[no-
         "MAILBEACON_SITE_URL": f"http://127.0.0.1:{port}",
         "MAILBEACON_LOG_LEVEL": "WARNING",
     }
+    if publisher != "custom":  # bench.publish_paths: the same tracker with another publish path
+        return process([sys.executable, "-m", "bench.publish_paths", "--tracker", publisher], port, env)
     mailbeacon = Path(sys.executable).parent / "mailbeacon"
     return process([str(mailbeacon), "tracker", "--workers", str(workers)], port, env)
 
@@ -344,7 +351,58 @@ def compare(kind: str, workers: int, nats_url: str, work: Path) -> str:
     )
 
 
-def main() -> None:
+def compare_publishers(kind: str, nats_url: str, work: Path) -> list[str]:
+    """One tracker worker per publish path (bench.publish_paths.PATHS), loaded in alternation;
+    a row per path with its figures against the tracker's own (``custom``)."""
+    from bench.publish_paths import PATHS
+
+    ports = {path: free_port() for path in PATHS}
+    with contextlib.ExitStack() as servers:
+        pids = {
+            path: servers.enter_context(tracker_process(port, nats_url, 1, publisher=path)).pid
+            for path, port in ports.items()
+        }
+        before = asyncio.run(stream_count(nats_url))
+        answered = sum(load(port, kind, WARMUP, work).requests for port in ports.values())
+        runs: dict[str, list[Result]] = {path: [] for path in PATHS}
+        for _ in range(ROUNDS):
+            for path, port in ports.items():
+                runs[path].append(measured(pids[path], port, kind, DURATION, work))
+        answered += sum(r.requests for results in runs.values() for r in results)
+        stored = wait_stored(nats_url, before + answered) - before
+    medians = {path: median(results) for path, results in runs.items()}
+    base = medians["custom"]
+    return [
+        f"| {kind} | {path} | {m.rps:,.0f} | {m.rps / base.rps if base.rps else 0:.2f} | {m.p50_ms:.2f} / {m.p99_ms:.2f} "
+        f"| {m.cpu_us:.0f} | {m.cpu_us / base.cpu_us if base.cpu_us else 0:.2f} | {m.errors} "
+        f"| {stored:,} / {answered:,} |"
+        for path, m in medians.items()
+    ]
+
+
+def publish_paths(nats_url: str, nats_pid: int, work: Path) -> None:
+    """Issue 17's question for the tracker: is its own NATS path worth its code (at least 1.3 times faster)?"""
+    from bench import publish_paths
+
+    print("\nThe tracker's NATS paths against nats-py's public API (publishing alone, no HTTP)", flush=True)
+    rows = publish_paths.compare(nats_url, nats_pid)
+    print(publish_paths.HEADER)
+    for row in rows:
+        print(row)
+    print()
+    print(publish_paths.frame_cost(nats_url), flush=True)
+    print("\nThe same, end to end: one tracker worker per publish path, loaded in alternation", flush=True)
+    rows = compare_publishers("pixel", nats_url, work)
+    print(
+        "| endpoint | path | req/s | vs custom | p50 / p99 ms | CPU µs/request | vs custom "
+        "| errors | events stored / requests (all paths) |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---|---|")
+    for row in rows:
+        print(row)
+
+
+def main(only_paths: bool = False) -> None:
     workers_n = max(2, os.cpu_count() or 1)
     generator = "wrk -t1" if shutil.which("wrk") else "aiohttp load generator"
     print(
@@ -359,24 +417,29 @@ def main() -> None:
         nats_url = nats.start()
         try:
             asyncio.run(stream_count(nats_url, create=True))
-            for workers in (1, workers_n):
-                for kind in ("pixel", "click"):
-                    rows.append(compare(kind, workers, nats_url, work))
-                    print(rows[-1], flush=True)
+            if not only_paths:
+                for workers in (1, workers_n):
+                    for kind in ("pixel", "click"):
+                        rows.append(compare(kind, workers, nats_url, work))
+                        print(rows[-1], flush=True)
+                print()
+                print(
+                    "| endpoint | workers | bare req/s | bare p50 / p99 ms | tracker req/s | tracker p50 / p99 ms "
+                    "| ratio | CPU µs/request bare / tracker | events stored / requests | errors | goal (≥0.7, p99<20ms) |"
+                )
+                print("|---|---|---|---|---|---|---|---|---|---|---|")
+                for row in rows:
+                    print(row)
+            assert nats.process is not None
+            publish_paths(nats_url, nats.process.pid, work)
         finally:
             nats.stop()
-    print()
-    print(
-        "| endpoint | workers | bare req/s | bare p50 / p99 ms | tracker req/s | tracker p50 / p99 ms "
-        "| ratio | CPU µs/request bare / tracker | events stored / requests | errors | goal (≥0.7, p99<20ms) |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(row)
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--bare":
         serve_bare(int(sys.argv[2]), int(sys.argv[3]))
+    elif sys.argv[1:] == ["--paths"]:
+        main(only_paths=True)  # only the comparison of the two NATS paths
     else:
         main()

@@ -31,6 +31,7 @@ def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "site_url": f"http://127.0.0.1:{tracker_port}",
         "secret_keys": SECRET,
         "data_dir": str(tmp_path / "data"),
+        "runtime_dir": str(tmp_path / "run"),  # `up`'s address file stays with the test
         "smtp_listen": "127.0.0.1:0",
         "tracker_listen": f"127.0.0.1:{tracker_port}",
         "aggregator_listen": "127.0.0.1:0",

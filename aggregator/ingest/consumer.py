@@ -20,7 +20,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
-from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy import text
 from sqlalchemy.exc import DataError
@@ -32,7 +31,7 @@ from aggregator.ingest.ingest import adopt_parked, apply_prepared, count_parked,
 from aggregator.ingest.prepare import Prepared, prepare, prepare_yielding
 from aggregator.ingest.privacy import NOBODY, Anonymized
 from aggregator.store.db import Database
-from mailbeacon.bus.jetstream import CONSUMER, STREAM
+from mailbeacon.bus.jetstream import CONSUMER, STREAM, client_of
 from mailbeacon.bus.nats_auth import NatsLogin
 from mailbeacon.contract.events import utcnow
 
@@ -111,7 +110,7 @@ class EventConsumer:
     ) -> None:
         # The pull feed publishes raw pull requests, so it needs the connection under js (and
         # the login, for its own lean connection).
-        nc: NATS = js._nc
+        nc = client_of(js)
         self.nc = nc
         self.db = db
         self.feed = PullFeed(nc, STREAM, CONSUMER, batch_size, login=login)

@@ -60,12 +60,13 @@ from aggregator.ingest.prepare import (
     Prepared,
     prepare,
 )
-from aggregator.ingest.privacy import NOBODY, Anonymized, anonymize_row
+from aggregator.ingest.privacy import NOBODY, USER_AGENT, Anonymized, anonymize_row
 from aggregator.ingest.tally import BatchResult
-from aggregator.ingest.transaction import Transaction
+from aggregator.ingest.transaction import Target, Transaction
 from aggregator.store.attribution import CLOCK_SKEW
 from aggregator.store.bulk import Bulk
 from aggregator.store.db import Database
+from aggregator.store.readers import reader_of
 from aggregator.store.times import sqlite_time
 from mailbeacon.contract.events import EventType
 
@@ -96,8 +97,9 @@ async def apply_prepared(db: Database, batch: Prepared, anonymized: Anonymized =
         rows = batch.rows
         applied: dict[str, Applied] = {}
         waiting: list[str] = []  # events naming a message not stored (yet): parked
-        for e, row in zip(batch.events, rows, strict=True):
+        for e, row, reader in zip(batch.events, rows, batch.readers, strict=True):
             kind = e.type
+            target: Target | None = None
             if kind is _SENT or kind is _FAILED:
                 # Only the event that created its message counts; a second sent/failed for the
                 # same copy is kept for the record.
@@ -110,26 +112,30 @@ async def apply_prepared(db: Database, batch: Prepared, anonymized: Anonymized =
                     target = by_id.get(tid)
                 elif e.recipient:
                     target = by_address.get(batch.address_of[e.event_id])
-                else:
-                    target = None  # names no message at all: kept for the record, never applied
+                # else: names no message at all: kept for the record, never applied
                 if target is not None:
                     row[TRACKING_ID] = target.tracking_id
                     row[CAMPAIGN] = target.campaign
                     row[APPLIED] = True
-                    applied[e.event_id] = Applied(
-                        kind,
-                        target.tracking_id,
-                        target.campaign,
-                        e.occurred_at,
-                        e.machine,
-                        row[BOUNCE_KIND],
-                        e.url,
-                    )
                 elif tid or e.recipient:
                     waiting.append(e.event_id)
             # A parked event's campaign is not known yet: claim_parked anonymizes it when applied.
             if anonymized and row[CAMPAIGN] in anonymized:
                 anonymize_row(row)
+                if reader is not None:
+                    reader = reader_of(row[USER_AGENT])  # the user agent as stored, which a recount reads
+            if target is not None:
+                applied[e.event_id] = Applied(
+                    kind,
+                    target.tracking_id,
+                    target.campaign,
+                    e.occurred_at,
+                    e.machine,
+                    row[BOUNCE_KIND],
+                    e.url,
+                    e.machine_kind,
+                    reader,
+                )
         # The effects of the events not known to be stored are planned while the database
         # works on the insert (SQLite, or a lookup inside the transaction); an event the
         # insert finds stored after all means planning again.

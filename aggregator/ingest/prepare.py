@@ -23,6 +23,8 @@ from typing import Any
 from aggregator.ingest.decode import EventFields
 from aggregator.store.attribution import event_time
 from aggregator.store.bulk import json_text
+from aggregator.store.domains import domain_of
+from aggregator.store.readers import Reader, reader_of
 from aggregator.store.times import sqlite_time
 from mailbeacon.contract.events import EventType, utcnow
 
@@ -32,7 +34,7 @@ _SLICE = 256
 # Positions in an events row (the column order of ingest's _EVENT_COLUMNS).
 TRACKING_ID, CAMPAIGN, IP, BOUNCE_KIND, APPLIED = 2, 3, 7, 10, 16
 
-_SENT, _FAILED, _BOUNCED = EventType.SENT, EventType.FAILED, EventType.BOUNCED
+_SENT, _FAILED, _BOUNCED, _OPENED = EventType.SENT, EventType.FAILED, EventType.BOUNCED, EventType.OPENED
 _VALUE = {t: t.value for t in EventType}  # plain str: drivers bind it without adapting
 _by_event_id = attrgetter("event_id")
 
@@ -42,8 +44,11 @@ class Prepared:
     events: list[EventFields]  # the first of each event id, sorted by event id
     repeats: int  # events dropped as repeats within the batch
     rows: list[list[Any]]  # one driver-ready ``events`` row per event, same order
+    # A person's open: the client and device of its user agent (aggregator.store.readers); else None
+    readers: list[Reader | None]
     creators: dict[str, EventFields]  # tracking id -> the first sent/failed event naming it
     message_rows: list[tuple[Any, ...]]  # the messages those events would create, by tracking id
+    domains: dict[str, str]  # tracking id -> the recipient domain of the message it would create
     tracking_ids: list[str]  # messages named by the other events
     addresses: list[tuple[str, datetime]]  # (recipient, attributed time) of address-only events
     address_of: dict[str, tuple[str, datetime]]  # event id -> its entry in ``addresses``
@@ -107,6 +112,7 @@ def _preparing(
     now = utcnow()
     received: Any = now if postgres else sqlite_time(now)
     rows: list[list[Any]] = []
+    readers: list[Reader | None] = []
     tracking_ids: set[str] = set()
     address_of: dict[str, tuple[str, datetime]] = {}
     value = _VALUE
@@ -125,6 +131,8 @@ def _preparing(
                 address_of[e.event_id] = (e.recipient, event_time(e.occurred_at, arrived))
                 row_received = arrived if postgres else sqlite_time(arrived)
         metadata = e.metadata
+        # Parsed here, outside the transaction; cached per distinct user agent.
+        readers.append(reader_of(e.user_agent) if kind is _OPENED and not e.machine else None)
         rows.append(
             [
                 e.event_id,
@@ -147,19 +155,31 @@ def _preparing(
             ]
         )
     message_rows = []
+    domains = {}
     for tid in sorted(creators):
         e = creators[tid]
         sent_at = e.occurred_at if postgres else sqlite_time(e.occurred_at)
         message_id = str(e.metadata.get("message_id") or "")[:998] or None
+        domains[tid] = domain = domain_of(e.recipient)
         message_rows.append(
-            (tid, e.campaign or UNKNOWN_CAMPAIGN, e.recipient or "", message_id, value[e.type], sent_at)
+            (
+                tid,
+                e.campaign or UNKNOWN_CAMPAIGN,
+                e.recipient or "",
+                message_id,
+                value[e.type],
+                sent_at,
+                domain,
+            )
         )
     return Prepared(
         batch,
         repeats,
         rows,
+        readers,
         creators,
         message_rows,
+        domains,
         sorted(tracking_ids),
         sorted(set(address_of.values())),
         address_of,

@@ -19,12 +19,13 @@ from aggregator.ingest.effects import (
     Applied,
     Plan,
     Seen,
+    Transition,
     count_transitions,
     message_changes,
     plan,
 )
 from aggregator.store.bulk import Bulk, Column
-from aggregator.store.models import COUNTER_COLUMNS
+from aggregator.store.models import COUNTER_COLUMNS, DOMAIN_COUNTERS
 from aggregator.store.times import sqlite_time
 from mailbeacon.contract.events import utcnow
 
@@ -49,6 +50,9 @@ class Tally:
         self.counters: dict[str, defaultdict[str, int]] = defaultdict(lambda: defaultdict(int))
         self.plan = Plan()
         self.unique_link_clicks: list[tuple[str, str]] = []
+        # (campaign, facet, name) -> [unique opens, opens, clicks]; (campaign, domain row) -> DOMAIN_COUNTERS
+        self.facets: dict[tuple[str, str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+        self.domains: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0] * len(DOMAIN_COUNTERS))
 
     # -- effects ----------------------------------------------------------------------------
 
@@ -67,13 +71,24 @@ class Tally:
         for campaign, deltas in p.counters.items():
             for name, n in deltas.items():
                 self.counters[campaign][name] += n
+        for facet, values in p.facets.items():
+            into = self.facets[facet]
+            for i, n in enumerate(values):
+                into[i] += n
+        for row, values in p.domains.items():
+            into = self.domains[row]
+            for i, n in enumerate(values):
+                into[i] += n
 
-    async def _update_messages(self, p: Plan) -> list[tuple[str, int]]:
+    async def _update_messages(self, p: Plan) -> list[Transition]:
         """One conditional UPDATE for every touched message.
 
         First-seen columns keep the earliest time (out-of-order events move them back);
         ``newly_seen`` is computed from the row as it was before this statement, so the
-        returned masks say exactly which columns were empty until now.
+        returned masks say exactly which columns were empty until now. The client and
+        device of the first person's open follow ``first_human_opened_at``: they are
+        replaced when this batch holds an earlier person's open (at the same time, one
+        whose client and device sort first), and the ones replaced are returned with them.
         """
         v = await self.sql.staged(
             "message_changes",
@@ -84,11 +99,13 @@ class Tally:
                 ("bounce_kind", "text"),
                 ("opens", "int"),
                 ("clicks", "int"),
+                ("client", "text"),
+                ("device", "text"),
             ],
             message_changes(p, None if self.sql.postgres else sqlite_time),
             ready=True,
         )
-        assert len(CHANGE_COLUMNS) == len(FIRST_SEEN) + 4
+        assert len(CHANGE_COLUMNS) == len(FIRST_SEEN) + 6
         m = "messages."  # the row before the update; the source has the same column names
         earliest = [
             f"{c} = CASE WHEN {v[c]} IS NOT NULL AND ({m}{c} IS NULL OR {m}{c} > {v[c]}) THEN {v[c]} "
@@ -107,17 +124,30 @@ class Tally:
             f"CASE WHEN {kind} = 'hard' AND ({m}bounce_kind IS NULL OR {m}bounce_kind <> 'hard') "
             f"THEN {int(Seen.HARD_BOUNCE)} ELSE 0 END"
         )
+        # Code point order on both databases, as Python compares the batch's own opens.
+        c = ' COLLATE "C"' if self.sql.postgres else ""
+        at, old_at = v["first_human_opened_at"], f"{m}first_human_opened_at"
+        replace = (
+            f"{v['client']} IS NOT NULL AND ({old_at} IS NULL OR {at} < {old_at} OR ({at} = {old_at} AND "
+            f"({v['client']}{c} < {m}human_client{c} OR ({v['client']} = {m}human_client "
+            f"AND {v['device']}{c} < {m}human_device{c}))))"
+        )
+        bits.append(f"CASE WHEN {replace} THEN {int(Seen.READER)} ELSE 0 END")
         rows = await self.sql.run(
             f"UPDATE messages SET {', '.join(earliest)}, "
             f"bounce_kind = CASE WHEN {kind} = 'hard' OR {m}bounce_kind IS NULL "
             f"THEN coalesce({kind}, {m}bounce_kind) ELSE {m}bounce_kind END, "
             f"open_count = {m}open_count + {v['opens']}, click_count = {m}click_count + {v['clicks']}, "
+            f"human_client = CASE WHEN {replace} THEN {v['client']} ELSE {m}human_client END, "
+            f"human_device = CASE WHEN {replace} THEN {v['device']} ELSE {m}human_device END, "
+            f"replaced_client = {m}human_client, replaced_device = {m}human_device, "
             f"newly_seen = {' + '.join(bits)} "
             f"FROM {v.sql} WHERE messages.tracking_id = {v['tracking_id']} "
-            "RETURNING messages.tracking_id, messages.newly_seen",
+            "RETURNING messages.tracking_id, messages.newly_seen, messages.domain, messages.human_client, "
+            "messages.human_device, messages.replaced_client, messages.replaced_device",
             v.params,
         )
-        return [(tid, int(mask)) for tid, mask in rows if mask]
+        return [row for row in rows if row[1]]  # TRANSITION_COLUMNS
 
     async def _message_links(self, p: Plan) -> None:
         """Per-link unique clicks: a (message, link) pair counts the first time it is stored."""
@@ -159,6 +189,8 @@ class Tally:
         await self._upsert_counters()
         await self._upsert_links()
         await self._upsert_buckets()
+        await self._upsert_facets()
+        await self._upsert_domains()
 
     async def _upsert_counters(self) -> None:
         rows = [
@@ -204,13 +236,66 @@ class Tally:
         if not self.plan.buckets:
             return
         v = self.sql.source(
-            [("campaign", "text"), ("hour", "ts"), ("opens", "int"), ("human", "int")],
-            [(c, h, o, m) for (c, h), (o, m) in sorted(self.plan.buckets.items())],
+            [
+                ("campaign", "text"),
+                ("hour", "ts"),
+                ("opens", "int"),
+                ("human", "int"),
+                ("clicks", "int"),
+                ("human_clicks", "int"),
+            ],
+            [(c, h, *counts) for (c, h), counts in sorted(self.plan.buckets.items())],
         )
         await self.sql.run(
-            "INSERT INTO open_buckets (campaign, hour, opens, human_opens) "
-            f"SELECT {v['campaign']}, {v['hour']}, {v['opens']}, {v['human']} FROM {v.sql} WHERE true "
+            "INSERT INTO open_buckets (campaign, hour, opens, human_opens, clicks, human_clicks) "
+            f"SELECT {v['campaign']}, {v['hour']}, {v['opens']}, {v['human']}, {v['clicks']}, "
+            f"{v['human_clicks']} FROM {v.sql} WHERE true "
             "ON CONFLICT (campaign, hour) DO UPDATE SET opens = open_buckets.opens + excluded.opens, "
-            "human_opens = open_buckets.human_opens + excluded.human_opens",
+            "human_opens = open_buckets.human_opens + excluded.human_opens, "
+            "clicks = open_buckets.clicks + excluded.clicks, "
+            "human_clicks = open_buckets.human_clicks + excluded.human_clicks",
+            v.params,
+        )
+
+    async def _upsert_facets(self) -> None:
+        rows = [(*key, *counts) for key, counts in sorted(self.facets.items()) if any(counts)]
+        if not rows:
+            return
+        v = self.sql.source(
+            [
+                ("campaign", "text"),
+                ("facet", "text"),
+                ("name", "text"),
+                ("unique_opens", "int"),
+                ("opens", "int"),
+                ("clicks", "int"),
+            ],
+            rows,
+        )
+        await self.sql.run(
+            "INSERT INTO campaign_breakdowns (campaign, facet, name, unique_opens, opens, clicks) "
+            f"SELECT {v['campaign']}, {v['facet']}, {v['name']}, {v['unique_opens']}, {v['opens']}, "
+            f"{v['clicks']} FROM {v.sql} WHERE true ON CONFLICT (campaign, facet, name) DO UPDATE SET "
+            "unique_opens = campaign_breakdowns.unique_opens + excluded.unique_opens, "
+            "opens = campaign_breakdowns.opens + excluded.opens, "
+            "clicks = campaign_breakdowns.clicks + excluded.clicks",
+            v.params,
+        )
+
+    async def _upsert_domains(self) -> None:
+        rows = [(*key, *counts) for key, counts in sorted(self.domains.items()) if any(counts)]
+        if not rows:
+            return
+        columns: list[Column] = [
+            ("campaign", "text"),
+            ("domain", "text"),
+            *((n, "int") for n in DOMAIN_COUNTERS),
+        ]
+        v = self.sql.source(columns, rows)
+        sums = ", ".join(f"{n} = domain_stats.{n} + excluded.{n}" for n in DOMAIN_COUNTERS)
+        await self.sql.run(
+            f"INSERT INTO domain_stats (campaign, domain, {', '.join(DOMAIN_COUNTERS)}) "
+            f"SELECT {v['campaign']}, {v['domain']}, {', '.join(v[n] for n in DOMAIN_COUNTERS)} FROM {v.sql} "
+            f"WHERE true ON CONFLICT (campaign, domain) DO UPDATE SET {sums}",
             v.params,
         )

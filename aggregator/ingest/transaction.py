@@ -15,6 +15,8 @@ from aggregator.ingest.privacy import NOBODY, Anonymized, anonymized_details
 from aggregator.ingest.tally import Tally
 from aggregator.store.attribution import event_time, latest_relay
 from aggregator.store.bulk import Bulk, Column, overlapped
+from aggregator.store.domains import rows_of
+from aggregator.store.readers import reader_of
 from aggregator.store.times import as_utc
 from mailbeacon.contract.events import EventType
 
@@ -62,6 +64,7 @@ class _Parked(NamedTuple):
     user_agent: str | None
     reason: str | None
     metadata: Any
+    machine_kind: str | None
 
 
 class Transaction(Tally):
@@ -86,14 +89,15 @@ class Transaction(Tally):
                 ("message_id", "text"),
                 ("status", "text"),
                 ("sent_at", "ts"),
+                ("domain", "text"),
             ],
             batch.message_rows,
             ready=True,
         )
         created = await self.sql.run(
-            "INSERT INTO messages (tracking_id, campaign, recipient, message_id, status, sent_at, "
+            "INSERT INTO messages (tracking_id, campaign, recipient, message_id, status, sent_at, domain, "
             f"open_count, click_count) SELECT {v['tracking_id']}, {v['campaign']}, {v['recipient']}, "
-            f"{v['message_id']}, {v['status']}, {v['sent_at']}, 0, 0 FROM {v.sql} WHERE true "
+            f"{v['message_id']}, {v['status']}, {v['sent_at']}, {v['domain']}, 0, 0 FROM {v.sql} WHERE true "
             "ON CONFLICT (tracking_id) DO NOTHING RETURNING tracking_id",
             v.params,
         )
@@ -102,7 +106,12 @@ class Transaction(Tally):
             e = batch.creators[tid]
             campaign = e.campaign or UNKNOWN_CAMPAIGN
             self.new_campaigns.add(campaign)
-            self.counters[campaign]["sent_count" if e.type is EventType.SENT else "failed_count"] += 1
+            if e.type is EventType.SENT:
+                self.counters[campaign]["sent_count"] += 1
+                for row in rows_of(batch.domains[tid]):
+                    self.domains[(campaign, row)][0] += 1  # DOMAIN_COUNTERS[0]: sent
+            else:
+                self.counters[campaign]["failed_count"] += 1
             self.result.by_type[(campaign, e.type.value)] += 1
             self.result.applied += 1
             if e.recipient:
@@ -248,7 +257,7 @@ class Transaction(Tally):
             # Each branch on its own (an OR would not use the right index on SQLite).
             rows += await sql.run(
                 "SELECT id, type, tracking_id, recipient, occurred_at, received_at, machine, bounce_kind, "
-                "url, ip, user_agent, reason, metadata "
+                "url, ip, user_agent, reason, metadata, machine_kind "
                 f"FROM {table} WHERE applied = {sql.false} AND type NOT IN ('sent', 'failed') "
                 f"AND {where}"
                 + (f" LIMIT {int(limit)}" if limit else "")
@@ -297,6 +306,8 @@ class Transaction(Tally):
             for r, t in chosen
             if r.id in claimed and t.campaign in anonymized
         ]
+        # A person's open counts with the client its stored user agent names (as a recount reads it).
+        agents = {r.id: r.user_agent for r, _ in chosen} | {row[0]: row[2] for row in private}
         if private:
             # Only now is the campaign known, and with it whether its addresses may be kept.
             p = sql.source(
@@ -323,6 +334,8 @@ class Transaction(Tally):
                 machine=bool(r.machine),
                 bounce_kind=r.bounce_kind,
                 url=r.url,
+                machine_kind=r.machine_kind,
+                reader=reader_of(agents[r.id]) if r.type == "opened" and not r.machine else None,
             )
             for r, t in chosen
             if r.id in claimed

@@ -9,10 +9,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+from datetime import tzinfo
 
 from aiohttp import web
 
 from aggregator.read import queries, statistics
+from aggregator.read.series import BadZone, parse_zone
 from aggregator.store.db import Database
 from mailbeacon.contract.campaigns import CampaignKey, InvalidCampaign
 from mailbeacon.web.server import json_error
@@ -71,12 +73,21 @@ async def list_campaigns(request: web.Request) -> web.Response:
     return web.json_response({"campaigns": await statistics.list_campaigns(request.app[DB_KEY])})
 
 
+def time_zone(request: web.Request) -> tzinfo:
+    """``tz``: the IANA time zone of the engagement heatmap (UTC when absent); else a 400."""
+    try:
+        return parse_zone(request.query.get("tz"))
+    except BadZone as exc:
+        raise _bad_request(str(exc)) from exc
+
+
 async def campaign_statistics(request: web.Request) -> web.Response:
     db = request.app[DB_KEY]
     campaign = await known_campaign(request)
+    hourly, zone = flag(request, "hourly"), time_zone(request)
     if flag(request, "refresh"):
         await statistics.refresh(db, campaign)
-    return web.json_response(await statistics.read_statistics(db, campaign, hourly=flag(request, "hourly")))
+    return web.json_response(await statistics.read_statistics(db, campaign, hourly=hourly, zone=zone))
 
 
 async def refresh_statistics(request: web.Request) -> web.Response:

@@ -79,7 +79,7 @@ async def _events_page(request: web.Request, campaign: str | None, action: str, 
     back = f'<a href="/campaigns/{escape(campaign)}/statistics/">Statistics</a>' if campaign else ""
     head = "<th class='hide-narrow' scope=col>Campaign</th>" if campaign is None else ""
     table = (
-        "<div class=wrap><table id=events><thead><tr><th class=num scope=col>Time</th><th scope=col>Event</th>"
+        "<div class=wrap tabindex=0><table id=events><thead><tr><th class=num scope=col>Time</th><th scope=col>Event</th>"
         f"{head}<th scope=col>Recipient</th><th class='hide-narrow' scope=col>Detail</th></tr></thead>"
         f"<tbody>{_rows(events, campaign is None)}</tbody></table></div>"
         if events
@@ -169,7 +169,7 @@ async def message_page(request: web.Request) -> web.Response:
     ]
     rows = "".join(f"<tr><th scope=row>{escape(k)}</th><td>{v}</td></tr>" for k, v in facts if v)
     body = (
-        f"<h1>Message {escape(m['tracking_id'])}</h1><div class=wrap><table id=facts>{rows}</table></div>"
+        f"<h1>Message {escape(m['tracking_id'])}</h1><div class=wrap tabindex=0><table id=facts>{rows}</table></div>"
         f"<h2>Timeline</h2>{timeline(m['events'], one_message=True)}"
     )
     return layout(request, "Message", body)

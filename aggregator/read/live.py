@@ -1,5 +1,5 @@
 """Live statistics: ``GET /api/campaigns/{ns}/{name}/stream`` as Server-Sent Events
-(README "Aggregator: API, pages, metrics, operations").
+(docs/aggregator.md, "Live statistics").
 
 One watcher per followed campaign and process reads the campaign's ``updated_at`` (one row
 by its key) once a second, however many browsers follow it. Only when it moved are the
@@ -12,19 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import UTC
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from aiohttp import web
 from sqlalchemy import select
 
-from aggregator.read import statistics
+from aggregator.read import series, statistics
 from aggregator.read.api import flag, known_campaign
+from aggregator.read.series import BadZone
 from aggregator.store.db import Database
 from aggregator.store.models import STATS
 from mailbeacon.web.server import json_error
@@ -36,7 +36,6 @@ MIN_GAP_SECONDS = 1.0  # at most one update a second per stream
 HEARTBEAT_SECONDS = 15.0  # a comment line, so proxies and load balancers keep the stream open
 CHECK_SECONDS = 1.0  # how often an idle stream looks whether its browser is still there
 DEFAULT_MAX_STREAMS = 100
-MAX_TZ_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -48,37 +47,20 @@ class View:
     tz: str | None = None
 
 
-class BadZone(ValueError):
-    pass
-
-
 def parse_zone(value: str | None) -> str | None:
-    """``?tz=``: an IANA zone name (``Europe/Berlin``), or None for UTC; BadZone otherwise."""
-    if not value or value.upper() == "UTC":
-        return None
-    if len(value) > MAX_TZ_LENGTH:
-        raise BadZone("tz must be an IANA time zone name such as Europe/Berlin")
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError) as exc:  # ValueError: a path-like or empty key
-        raise BadZone(f"tz {value!r} is no IANA time zone name (such as Europe/Berlin)") from exc
-    return value
-
-
-# The time zone of the heatmap is computed by the statistics read (its ``tz`` argument);
-# a read without one is asked without it, in UTC.
-READ_TAKES_TZ = "tz" in inspect.signature(statistics.read_statistics).parameters
+    """``?tz=``: an IANA zone name (``Europe/Berlin``), or None for UTC; BadZone otherwise
+    (the statistics read's own rule, aggregator.read.series.parse_zone)."""
+    zone = series.parse_zone(value)
+    return None if zone is UTC else str(value).strip()
 
 
 def zone_applied(view: View) -> str | None:
     """The time zone the statistics read computes the heatmap in for ``view`` (None: UTC)."""
-    return view.tz if READ_TAKES_TZ else None
+    return view.tz
 
 
 async def read_view(db: Database, campaign: str, view: View) -> dict[str, Any]:
-    if view.tz is not None and READ_TAKES_TZ:
-        return await statistics.read_statistics(db, campaign, hourly=view.hourly, tz=view.tz)  # type: ignore[call-arg,unused-ignore]
-    return await statistics.read_statistics(db, campaign, hourly=view.hourly)
+    return await statistics.read_statistics(db, campaign, hourly=view.hourly, zone=series.parse_zone(view.tz))
 
 
 @dataclass(eq=False)

@@ -160,7 +160,7 @@ async def outbox_list(request: web.Request) -> web.Response:
     body = (
         f"<h1>Outbox</h1><p class=muted>Messages the proxy relayed, one copy per recipient, newest first, "
         f"kept in {escape(str(directory))}.</p>"
-        "<div class=wrap><table id=outbox><thead><tr><th class='num hide-narrow' scope=col>Date</th>"
+        "<div class=wrap tabindex=0><table id=outbox><thead><tr><th class='num hide-narrow' scope=col>Date</th>"
         "<th scope=col>Subject</th><th class=hide-narrow scope=col>Campaign</th><th scope=col>Recipient</th><th class=hide-narrow scope=col>From</th>"
         f"</tr></thead><tbody>{rows}</tbody></table></div>"
     )
@@ -212,7 +212,7 @@ async def outbox_message(request: web.Request) -> web.Response:
     )
     listing = f'<h2>Attachments</h2><ul id="attachments">{files}</ul>' if files else ""
     body = (
-        f"<h1>{escape(header_text(message, 'Subject') or '(no subject)')}</h1><div class=wrap><table id=headers>"
+        f"<h1>{escape(header_text(message, 'Subject') or '(no subject)')}</h1><div class=wrap tabindex=0><table id=headers>"
         f'{rows}</table></div>{listing}<p><a href="/outbox/{escape(path.name)}/raw">Download .eml</a></p>{frame}'
     )
     return layout(request, "Outbox message", body)

@@ -139,7 +139,7 @@ def people_and_machines(s: Mapping[str, Any]) -> str:
         )
 
     return (
-        "<div class=wrap><table><thead><tr><th scope=col></th><th class=num scope=col>Messages (people)</th>"
+        "<div class=wrap tabindex=0><table><thead><tr><th scope=col></th><th class=num scope=col>Messages (people)</th>"
         "<th class=num scope=col>Messages (all)</th><th class='num hide-narrow' scope=col>Events (people)</th>"
         "<th class='num hide-narrow' scope=col>Events (all)</th><th class=num scope=col>Rate people / all</th>"
         f"</tr></thead><tbody>{row('Opens', 'opens')}{row('Clicks', 'clicks')}</tbody></table></div>"
@@ -159,7 +159,7 @@ def machines(s: Mapping[str, Any]) -> str:
         if isinstance(v, Mapping)
     )
     return (
-        "<h3>Automated opens and clicks by kind</h3><div class=wrap><table id=machines><thead><tr>"
+        "<h3>Automated opens and clicks by kind</h3><div class=wrap tabindex=0><table id=machines><thead><tr>"
         "<th scope=col>Kind</th><th class=num scope=col>Opens</th><th class=num scope=col>Clicks</th>"
         f"</tr></thead><tbody>{rows}</tbody></table></div>"
     )
@@ -203,7 +203,7 @@ def over_time(s: Mapping[str, Any], hourly: bool) -> str:
         if any(opens.get(start, (0, 0))) or any(clicks.get(start, (0, 0)))
     )
     table = (
-        '<details id="over-time-table"><summary>The numbers as a table</summary><div class=wrap><table>'
+        '<details id="over-time-table"><summary>The numbers as a table</summary><div class=wrap tabindex=0><table>'
         f"<thead><tr><th scope=col>{unit} (UTC)</th><th class=num scope=col>Opens</th><th class=num scope=col>"
         "Opens by people</th><th class=num scope=col>Clicks</th><th class=num scope=col>Clicks by people</th>"
         f"</tr></thead><tbody>{rows}</tbody></table></div><p class=muted>{unit}s without any are left out.</p></details>"
@@ -233,7 +233,7 @@ def engagement(s: Mapping[str, Any], zone: str) -> str:
     return (
         f'<figure class="chart heat" id="heatmap"><figcaption>Hours in {escape(zone)}; darker is more</figcaption>'
         f"{heatmap(grid, zone)}</figure>"
-        '<details id="heatmap-table"><summary>The numbers as a table</summary><div class=wrap><table>'
+        '<details id="heatmap-table"><summary>The numbers as a table</summary><div class=wrap tabindex=0><table>'
         f"<thead><tr><th scope=col>Day</th>{header}</tr></thead><tbody>{rows}</tbody></table></div></details>"
     )
 
@@ -255,7 +255,7 @@ def clients(s: Mapping[str, Any]) -> str:
     )
     rows = rows or '<tr><td colspan="4" class="muted">No data yet.</td></tr>'
     return (
-        "<div class=wrap><table id=clients><thead><tr><th scope=col>Mail client</th>"
+        "<div class=wrap tabindex=0><table id=clients><thead><tr><th scope=col>Mail client</th>"
         "<th class=num scope=col>Messages</th><th class=num scope=col>Share</th>"
         f"<th class='num hide-narrow' scope=col>Opens</th></tr></thead><tbody>{rows}</tbody></table></div>"
     )
@@ -275,7 +275,7 @@ def devices(s: Mapping[str, Any]) -> str:
         for label, n in counts
     )
     return (
-        "<div class=wrap><table id=devices><thead><tr><th scope=col>Device</th>"
+        "<div class=wrap tabindex=0><table id=devices><thead><tr><th scope=col>Device</th>"
         "<th class=num scope=col>Messages</th><th class=num scope=col>Share</th>"
         f"</tr></thead><tbody>{rows}</tbody></table></div>"
     )
@@ -313,7 +313,7 @@ def providers(s: Mapping[str, Any]) -> str:
         for name, f in sorted(rows_in, key=lambda nf: -int(nf[1].get("sent", 0) or 0))
     )
     return (
-        "<div class=wrap><table id=providers><thead><tr><th scope=col>Provider</th>"
+        "<div class=wrap tabindex=0><table id=providers><thead><tr><th scope=col>Provider</th>"
         "<th class=num scope=col>Sent</th><th class='num hide-narrow' scope=col>Delivered</th>"
         "<th class='num hide-narrow' scope=col>Bounced</th><th class='num hide-narrow' scope=col>Complaints</th>"
         "<th class='num hide-narrow' scope=col>Opened</th><th class=num scope=col>Delivery rate</th>"
@@ -332,6 +332,6 @@ def top_links(s: Mapping[str, Any]) -> str:
     )
     rows = rows or '<tr><td colspan="3" class="muted">No clicks yet.</td></tr>'
     return (
-        "<div class=wrap><table id=top-links><thead><tr><th scope=col>Link</th><th class=num scope=col>Clicks</th>"
+        "<div class=wrap tabindex=0><table id=top-links><thead><tr><th scope=col>Link</th><th class=num scope=col>Clicks</th>"
         f"<th class=num scope=col>Messages</th></tr></thead><tbody>{rows}</tbody></table></div>"
     )

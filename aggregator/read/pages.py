@@ -22,7 +22,8 @@ from aggregator.auth.login import LOGOUT_PATH, STYLESHEET_PATH
 from aggregator.read import page_sections as sections
 from aggregator.read import statistics
 from aggregator.read.api import DB_KEY, campaign_from
-from aggregator.read.live import HUB_KEY, READ_TAKES_TZ, BadZone, View, parse_zone, read_view, zone_applied
+from aggregator.read.live import HUB_KEY, View, parse_zone, read_view, zone_applied
+from aggregator.read.series import BadZone
 from aggregator.store.db import Database
 from aggregator.store.models import CAMPAIGNS, EVENTS
 from aggregator.store.times import as_utc, iso_utc
@@ -253,11 +254,7 @@ def live_part(s: dict[str, Any], campaign: str, view: View) -> str:
         f"{sections.headline_cards(s)}"
         f"<h2>Opens and clicks over time <small class=muted>({toggle})</small></h2>"
         f"{sections.over_time(s, view.hourly)}"
-        + (
-            f"<h2>When people open</h2>{_zone_form(base, view) if READ_TAKES_TZ else ''}{heat}"
-            if heat
-            else ""
-        )
+        + (f"<h2>When people open</h2>{_zone_form(base, view)}{heat}" if heat else "")
         + f"<h2>People and machines</h2>{sections.people_and_machines(s)}{sections.machines(s)}"
         + (f'<div class="pair">{pair}</div>' if pair else "")
         + (f"<h2>Mailbox providers</h2>{providers}" if providers else "")

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from sqlalchemy import and_, case, delete, distinct, func, literal, select, union_all
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from aggregator.read import breakdowns
 from aggregator.read.queries import event_json, with_message_recipient
+from aggregator.read.series import MAX_DAYS, Bucket, activity_series, heatmap, window_start
 from aggregator.store.db import Database
+from aggregator.store.domains import PROVIDERS
 from aggregator.store.keys import url_hash
-from aggregator.store.models import BUCKETS, CAMPAIGNS, COUNTER_COLUMNS, EVENTS, LINKS, PRUNED, STATS
+from aggregator.store.models import (
+    BUCKETS,
+    CAMPAIGNS,
+    COUNTER_COLUMNS,
+    DOMAIN_COUNTERS,
+    DOMAINS,
+    EVENTS,
+    LINKS,
+    PRUNED,
+    STATS,
+)
 from aggregator.store.times import as_utc, iso_utc
 from mailbeacon.contract.events import EventType, utcnow
 from mailbeacon.contract.signing import HONEYPOT_URL
@@ -43,16 +55,6 @@ def with_rates(counters: Mapping[str, int]) -> dict[str, Any]:
     }
 
 
-def opens_series(buckets: list[tuple[datetime, int, int]], hourly: bool) -> list[dict[str, Any]]:
-    totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for hour, opens, human in buckets:
-        label = hour.strftime("%Y-%m-%dT%H:00:00Z") if hourly else hour.strftime("%Y-%m-%d")
-        totals[label][0] += opens
-        totals[label][1] += human
-    key = "hour" if hourly else "date"
-    return [{key: label, "opens": v[0], "human_opens": v[1]} for label, v in sorted(totals.items())]
-
-
 async def campaign_exists(db: Database, campaign: str) -> bool:
     async with db.read_engine.connect() as conn:
         found = await conn.scalar(select(CAMPAIGNS.c.key).where(CAMPAIGNS.c.key == campaign))
@@ -61,7 +63,26 @@ async def campaign_exists(db: Database, campaign: str) -> bool:
     return found is not None
 
 
-async def _read(conn: AsyncConnection, campaign: str, hourly: bool) -> dict[str, Any]:
+async def _buckets(conn: AsyncConnection, campaign: str) -> list[Bucket]:
+    """The campaign's hourly buckets of the most recent days a read shows (aggregator.read.series):
+    newest first, at most as many as that window has hours, then cut to the window."""
+    b = BUCKETS.c
+    rows = (
+        await conn.execute(
+            select(b.hour, b.opens, b.human_opens, b.clicks, b.human_clicks)
+            .where(b.campaign == campaign)
+            .order_by(b.hour.desc())
+            .limit(MAX_DAYS * 24)
+        )
+    ).all()
+    if not rows:
+        return []
+    start = window_start(as_utc(rows[0][0]))
+    buckets = [Bucket(as_utc(h), o, ho, c, hc) for h, o, ho, c, hc in rows]
+    return [bucket for bucket in buckets if bucket.hour >= start]
+
+
+async def _read(conn: AsyncConnection, campaign: str, hourly: bool, zone: tzinfo) -> dict[str, Any]:
     row = (await conn.execute(select(STATS).where(STATS.c.campaign == campaign))).mappings().first()
     counters = dict(row) if row else {}
     links = await conn.execute(
@@ -70,9 +91,8 @@ async def _read(conn: AsyncConnection, campaign: str, hourly: bool) -> dict[str,
         .order_by(LINKS.c.total_clicks.desc(), LINKS.c.unique_clicks.desc(), LINKS.c.url)
         .limit(TOP_LINKS)
     )
-    buckets = await conn.execute(
-        select(BUCKETS.c.hour, BUCKETS.c.opens, BUCKETS.c.human_opens).where(BUCKETS.c.campaign == campaign)
-    )
+    buckets = await _buckets(conn, campaign)
+    insights = await breakdowns.read_breakdowns(conn, campaign, int(counters.get("human_unique_opens") or 0))
     recent = await conn.execute(
         with_message_recipient(select(EVENTS))
         .where(EVENTS.c.campaign == campaign, EVENTS.c.applied.is_(True))
@@ -83,15 +103,21 @@ async def _read(conn: AsyncConnection, campaign: str, hourly: bool) -> dict[str,
         "campaign": campaign,
         **with_rates(counters),
         "top_links": [{"url": u, "total_clicks": t, "unique_clicks": q} for u, t, q in links.all()],
-        "opens_over_time": opens_series([(h, o, m) for h, o, m in buckets.all()], hourly),
+        **activity_series(buckets, hourly),
+        **insights,
+        "engagement_heatmap": heatmap(buckets, zone),
+        "timezone": str(zone),
         "recent_events": [event_json(dict(r)) for r in recent.mappings().all()],
         "updated_at": iso_utc(counters.get("updated_at")),
     }
 
 
-async def read_statistics(db: Database, campaign: str, hourly: bool = False) -> dict[str, Any]:
+async def read_statistics(
+    db: Database, campaign: str, hourly: bool = False, zone: tzinfo = UTC
+) -> dict[str, Any]:
+    """The campaign's statistics; ``zone`` is the time zone of ``engagement_heatmap``."""
     async with db.read_engine.connect() as conn:
-        return await _read(conn, campaign, hourly)
+        return await _read(conn, campaign, hourly, zone)
 
 
 def _facts(campaign: str) -> Any:
@@ -167,68 +193,84 @@ def _hour(dialect: str, column: Any) -> Any:
 
 
 async def recount_buckets(conn: AsyncConnection, dialect: str, campaign: str) -> dict[datetime, list[int]]:
-    """Opens and human opens per UTC hour."""
+    """Opens, people's opens, clicks and people's clicks per UTC hour."""
     f = _facts(campaign).c
     hour = _hour(dialect, f.at).label("hour")
+    human = f.machine.is_(False)
+    opened, clicked = f.type == EventType.OPENED.value, f.type == EventType.CLICKED.value
+
+    def total(*conditions: Any) -> Any:
+        return func.coalesce(func.sum(case((and_(*conditions), f.n), else_=0)), 0)
+
     rows = await conn.execute(
-        select(hour, func.sum(f.n), func.sum(case((f.machine.is_(False), f.n), else_=0)))
-        .where(f.type == EventType.OPENED.value)
+        select(hour, total(opened), total(opened, human), total(clicked), total(clicked, human))
+        .where(f.type.in_([EventType.OPENED.value, EventType.CLICKED.value]))
         .group_by(hour)
     )
-    buckets: dict[datetime, list[int]] = {}
-    for moment, opens, human in rows.all():
-        buckets[as_utc(moment)] = [int(opens), int(human or 0)]
-    return buckets
+    return {as_utc(moment): [int(n) for n in counts] for moment, *counts in rows.all()}
 
 
 async def refresh(db: Database, campaign: str) -> dict[str, Any]:
-    """Recompute the campaign's counters, links and open buckets from stored events and store them.
+    """Recompute the campaign's statistics from stored events, store them, and read them."""
+    async with db.writing() as conn:
+        await refresh_in(conn, db, campaign)
+    return await read_statistics(db, campaign)
+
+
+async def refresh_in(conn: AsyncConnection, db: Database, campaign: str) -> None:
+    """Recompute the campaign's counters, links, buckets and breakdowns from stored events and
+    store them, in the caller's (writing) transaction.
 
     The statistics row is locked first: ingest transactions touching this campaign wait,
     so no increment lands between the recount and the write (SQLite's write lock does the
     same for the whole database).
     """
-    async with db.writing() as conn:
-        now = utcnow()
-        insert = db.insert
+    now = utcnow()
+    await conn.execute(
+        db.insert(STATS)
+        .values(campaign=campaign, updated_at=now, **dict.fromkeys(COUNTER_COLUMNS, 0))
+        .on_conflict_do_nothing(index_elements=["campaign"])
+    )
+    lock = select(STATS.c.campaign).where(STATS.c.campaign == campaign)
+    await conn.execute(lock.with_for_update() if db.dialect == "postgresql" else lock)
+    counters = await recount(conn, campaign)
+    await conn.execute(STATS.update().where(STATS.c.campaign == campaign).values(updated_at=now, **counters))
+    links = await recount_links(conn, campaign)
+    await conn.execute(delete(LINKS).where(LINKS.c.campaign == campaign))
+    if links:
         await conn.execute(
-            insert(STATS)
-            .values(campaign=campaign, updated_at=now, **dict.fromkeys(COUNTER_COLUMNS, 0))
-            .on_conflict_do_nothing(index_elements=["campaign"])
+            LINKS.insert(),
+            [
+                {
+                    "campaign": campaign,
+                    "url_hash": url_hash(u),
+                    "url": u,
+                    "total_clicks": t,
+                    "unique_clicks": q,
+                }
+                for u, t, q in links
+            ],
         )
-        lock = select(STATS.c.campaign).where(STATS.c.campaign == campaign)
-        await conn.execute(lock.with_for_update() if db.dialect == "postgresql" else lock)
-        counters = await recount(conn, campaign)
+    buckets = await recount_buckets(conn, db.dialect, campaign)
+    await conn.execute(delete(BUCKETS).where(BUCKETS.c.campaign == campaign))
+    if buckets:
         await conn.execute(
-            STATS.update().where(STATS.c.campaign == campaign).values(updated_at=now, **counters)
+            BUCKETS.insert(),
+            [
+                {
+                    "campaign": campaign,
+                    "hour": h,
+                    "opens": o,
+                    "human_opens": ho,
+                    "clicks": c,
+                    "human_clicks": hc,
+                }
+                for h, (o, ho, c, hc) in sorted(buckets.items())
+            ],
         )
-        links = await recount_links(conn, campaign)
-        await conn.execute(delete(LINKS).where(LINKS.c.campaign == campaign))
-        if links:
-            await conn.execute(
-                LINKS.insert(),
-                [
-                    {
-                        "campaign": campaign,
-                        "url_hash": url_hash(u),
-                        "url": u,
-                        "total_clicks": t,
-                        "unique_clicks": q,
-                    }
-                    for u, t, q in links
-                ],
-            )
-        buckets = await recount_buckets(conn, db.dialect, campaign)
-        await conn.execute(delete(BUCKETS).where(BUCKETS.c.campaign == campaign))
-        if buckets:
-            await conn.execute(
-                BUCKETS.insert(),
-                [
-                    {"campaign": campaign, "hour": h, "opens": o, "human_opens": m}
-                    for h, (o, m) in sorted(buckets.items())
-                ],
-            )
-    return await read_statistics(db, campaign)
+    facets = await breakdowns.recount_facets(conn, campaign)
+    domains = await breakdowns.recount_domains(conn, _facts(campaign))
+    await breakdowns.store_recount(conn, campaign, facets, domains)
 
 
 async def list_campaigns(db: Database) -> list[dict[str, Any]]:
@@ -243,3 +285,20 @@ async def list_campaigns(db: Database) -> list[dict[str, Any]]:
             stats = with_rates({k: v for k, v in row.items() if k in COUNTER_COLUMNS and v is not None})
             result.append({"campaign": row["key"], "first_seen_at": iso_utc(row["first_seen_at"]), **stats})
     return result
+
+
+async def provider_snapshot(db: Database) -> dict[str, dict[str, dict[str, int]]]:
+    """Every campaign's copies per mailbox provider (the Prometheus gauge's rows)."""
+    d = DOMAINS.c
+    async with db.read_engine.connect() as conn:
+        rows = await conn.execute(
+            select(CAMPAIGNS.c.key, d.domain, *(d[n] for n in DOMAIN_COUNTERS))
+            .select_from(CAMPAIGNS.join(DOMAINS, d.campaign == CAMPAIGNS.c.key))
+            .where(d.domain.in_(PROVIDERS))
+        )
+        snapshot: dict[str, dict[str, dict[str, int]]] = {}
+        for campaign, provider, *counts in rows.all():
+            snapshot.setdefault(campaign, {})[provider] = dict(
+                zip(DOMAIN_COUNTERS, map(int, counts), strict=True)
+            )
+    return snapshot

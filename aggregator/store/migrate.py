@@ -4,6 +4,11 @@
 :func:`migrate`. All revisions run in one transaction that first takes a migration lock
 (a PostgreSQL advisory lock; on SQLite the ``BEGIN IMMEDIATE`` write lock), so replicas
 starting together wait for each other and the later ones find nothing left to do.
+
+A revision that adds statistics lists the campaigns to recount in ``pending_recounts``;
+after the schema is committed, :func:`recount_pending` recounts each (``refresh``) in a
+transaction of its own that also removes it from the list, so an interrupted upgrade
+resumes where it stopped at the next ``migrate`` (or start of an aggregator).
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect, text
+from sqlalchemy import delete, inspect, select, text
 
+from aggregator.read import statistics
 from aggregator.store.db import Database
+from aggregator.store.models import PENDING
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 # The first revision is the schema that the first slice created with ``create_all``.
@@ -58,12 +65,34 @@ def _upgrade(connection: Any, target: str) -> tuple[str | None, str | None]:
 
 
 async def migrate(db: Database, target: str = "head") -> tuple[str | None, str | None]:
-    """Upgrade to ``target``; returns the revisions before and after."""
+    """Upgrade to ``target``, then recount what the upgrade asked for; returns the revisions before and after."""
     async with db.writing() as conn:
         if db.dialect == "postgresql":
             await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _ADVISORY_LOCK})
         before, after = await conn.run_sync(_upgrade, target)
+    if after == head_revision():
+        await recount_pending(db)
     return before, after
+
+
+async def recount_pending(db: Database) -> int:
+    """Recount every campaign a migration listed, one transaction each; returns how many.
+
+    Replicas doing it at once share the list (PostgreSQL: ``SKIP LOCKED``); an increment
+    made meanwhile by ingest is part of the recount, which replaces the stored numbers.
+    """
+    done = 0
+    while True:
+        async with db.writing() as conn:
+            pick = select(PENDING.c.campaign).order_by(PENDING.c.campaign).limit(1)
+            if db.dialect == "postgresql":
+                pick = pick.with_for_update(skip_locked=True)
+            campaign = await conn.scalar(pick)
+            if campaign is None:
+                return done
+            await statistics.refresh_in(conn, db, campaign)
+            await conn.execute(delete(PENDING).where(PENDING.c.campaign == campaign))
+        done += 1
 
 
 def _downgrade(connection: Any, target: str) -> str | None:
@@ -85,7 +114,8 @@ async def current_revision(db: Database) -> str | None:
 
 
 async def ensure_schema(db: Database, migrate_on_start: bool) -> None:
-    """Migrate when asked; otherwise refuse to run on a schema this code does not know."""
+    """Migrate when asked; otherwise refuse to run on a schema this code does not know (and
+    finish the recounts an interrupted ``mailbeacon migrate`` left)."""
     if migrate_on_start:
         await migrate(db)
         return
@@ -95,3 +125,4 @@ async def ensure_schema(db: Database, migrate_on_start: bool) -> None:
             f"the database schema is at revision {current or '(none)'} but this aggregator needs {head}: "
             "run `mailbeacon migrate` first, or set MAILBEACON_MIGRATE_ON_START=true"
         )
+    await recount_pending(db)

@@ -89,6 +89,15 @@ class MessageRow(SQLModel, table=True):
     unsubscribed_at: datetime | None = _ts()
     open_count: int = 0
     click_count: int = 0
+    # What follows the last "@" of the recipient (aggregator.store.domains), for the domain breakdown.
+    domain: str | None = Field(default=None, max_length=320)
+    # Client and device of the first person's open (aggregator.store.readers; README "Statistics").
+    human_client: str | None = Field(default=None, max_length=64)
+    human_device: str | None = Field(default=None, max_length=8)
+    # The two above as they were before the latest ingest statement (like newly_seen), so that
+    # RETURNING tells ingest which client and device a copy moved from.
+    replaced_client: str | None = Field(default=None, max_length=64)
+    replaced_device: str | None = Field(default=None, max_length=8)
     # Bit mask of the first-seen columns the latest ingest statement filled (see
     # aggregator.ingest.effects.Seen): SET expressions see the row before the update, so RETURNING
     # this column tells ingest exactly which unique counts it moved, in one atomic statement.
@@ -178,7 +187,7 @@ class MessageLink(SQLModel, table=True):
 
 
 class OpenBucket(SQLModel, table=True):
-    """Opens per campaign and UTC hour; days are sums of hours."""
+    """Opens and clicks per campaign and UTC hour; days (and the heatmap) are sums of hours."""
 
     __tablename__ = "open_buckets"
 
@@ -186,11 +195,62 @@ class OpenBucket(SQLModel, table=True):
     hour: datetime = Field(sa_column=Column(DateTime(timezone=True), primary_key=True))
     opens: int = 0
     human_opens: int = 0
+    clicks: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    human_clicks: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+
+
+class Breakdown(SQLModel, table=True):
+    """Counts per campaign by client and device of people's opens, and by kind of machine.
+
+    ``facet`` ``client``: ``unique_opens`` copies whose first person's open was with that
+    client, ``opens`` people's opens with it; ``device``: ``unique_opens`` likewise;
+    ``machine``: ``opens`` and ``clicks`` flagged with that ``machine_kind``.
+    """
+
+    __tablename__ = "campaign_breakdowns"
+
+    campaign: str = Field(primary_key=True, max_length=320)
+    facet: str = Field(primary_key=True, max_length=8)
+    name: str = Field(primary_key=True, max_length=64)
+    unique_opens: int = 0
+    opens: int = 0
+    clicks: int = 0
+
+
+class DomainStats(SQLModel, table=True):
+    """Copies per campaign and mailbox provider (``gmail`` ... ``other``, no dot) or, for the
+    providers' ``other``, per domain (with a dot): see aggregator.domains."""
+
+    __tablename__ = "domain_stats"
+    __table_args__ = (Index("ix_domain_stats_rank", "campaign", "sent"),)
+
+    campaign: str = Field(primary_key=True, max_length=320)
+    domain: str = Field(primary_key=True, max_length=320)
+    sent: int = 0
+    delivered: int = 0
+    bounced: int = 0
+    complained: int = 0
+    unique_opens: int = 0
+    human_unique_opens: int = 0
+
+
+DOMAIN_COUNTERS: tuple[str, ...] = tuple(
+    name for name in DomainStats.model_fields if name not in ("campaign", "domain")
+)
+
+
+class PendingRecount(SQLModel, table=True):
+    """Campaigns whose statistics a migration asked to recount (aggregator.store.migrate)."""
+
+    __tablename__ = "pending_recounts"
+
+    campaign: str = Field(primary_key=True, max_length=320)
 
 
 class PrunedEvent(SQLModel, table=True):
     """Events removed by retention, counted per message, type, hour and the details that
-    statistics group by. A recount reads these rows weighted by ``n`` alongside ``events``."""
+    statistics group by. A recount reads these rows weighted by ``n`` alongside ``events``;
+    ``first_at`` is the earliest exact time of a row's events (which open came first)."""
 
     __tablename__ = "pruned_events"
     __table_args__ = (Index("ix_pruned_events_campaign", "campaign"),)
@@ -201,6 +261,12 @@ class PrunedEvent(SQLModel, table=True):
     machine: bool = Field(primary_key=True)
     bounce_kind: str = Field(primary_key=True, max_length=4)  # "" when not a bounce
     url_hash: str = Field(primary_key=True, max_length=64)  # "" when not a click
+    # A person's open: its client and device (aggregator.store.readers); "" otherwise, and for
+    # opens pruned before these were kept (they count as client Other, device unknown).
+    client: str = Field(default="", primary_key=True, max_length=64)
+    device: str = Field(default="", primary_key=True, max_length=8)
+    machine_kind: str = Field(default="", primary_key=True, max_length=64)  # "" when not a machine
+    first_at: datetime | None = _ts()
     campaign: str = Field(max_length=320)
     recipient: str | None = Field(default=None, max_length=320)
     url: str | None = Field(default=None, sa_column=Column(Text))
@@ -217,27 +283,37 @@ LINKS = LinkStats.__table__  # type: ignore[attr-defined]
 MESSAGE_LINKS = MessageLink.__table__  # type: ignore[attr-defined]
 BUCKETS = OpenBucket.__table__  # type: ignore[attr-defined]
 PRUNED = PrunedEvent.__table__  # type: ignore[attr-defined]
+BREAKDOWNS = Breakdown.__table__  # type: ignore[attr-defined]
+DOMAINS = DomainStats.__table__  # type: ignore[attr-defined]
+PENDING = PendingRecount.__table__  # type: ignore[attr-defined]
 
 __all__ = [
+    "BREAKDOWNS",
     "BUCKETS",
     "CAMPAIGNS",
     "COUNTER_COLUMNS",
+    "DOMAINS",
+    "DOMAIN_COUNTERS",
     "EVENTS",
     "LINKS",
     "MESSAGES",
     "MESSAGE_LINKS",
     "PARKED_SINCE_WHERE",
+    "PENDING",
     "PRUNED",
     "RECIPIENTS",
     "STATS",
+    "Breakdown",
     "CampaignRecipient",
     "CampaignRow",
     "CampaignStats",
+    "DomainStats",
     "EventRow",
     "LinkStats",
     "MessageLink",
     "MessageRow",
     "OpenBucket",
+    "PendingRecount",
     "PrunedEvent",
     "String",
 ]

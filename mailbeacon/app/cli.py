@@ -18,7 +18,9 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from pydantic import ValidationError
 
+from mailbeacon.app.devstate import read_state
 from mailbeacon.app.runner import AllInOne, Component, nats_url_file, run_component
+from mailbeacon.app.summary import summary
 from mailbeacon.bus.campaign_store import CampaignStore
 from mailbeacon.bus.jetstream import connect, ensure_suppression_bucket, provision, redact_url
 from mailbeacon.bus.nats_auth import NatsLogin
@@ -110,12 +112,36 @@ async def _up(settings: Settings) -> None:
 
 
 def _nats_url(settings: Settings) -> str:
+    """NATS_URL, else the NATS of the running `mailbeacon up` (mailbeacon.app.devstate), else the
+    one `up` left under DATA_DIR; else a message saying what to set."""
     if settings.nats.url:
         return settings.nats.url
+    running = read_state(settings)
+    if running is not None and running.nats:
+        return running.nats
     path = nats_url_file(settings)
     if path.exists():
         return path.read_text().strip()
-    raise SystemExit("no NATS to talk to: set MAILBEACON_NATS_URL or start `mailbeacon up` first")
+    if running is not None:
+        raise SystemExit(
+            "error: the running `mailbeacon up` uses a NATS with credentials, which it does not write down: "
+            "set MAILBEACON_NATS_URL to it"
+        )
+    raise SystemExit(
+        "error: no NATS to talk to: start `mailbeacon up` (found from any directory through "
+        f"{settings.up_state_dir()}), or set MAILBEACON_NATS_URL to your NATS server"
+    )
+
+
+def _aggregator_base(settings: Settings) -> str:
+    """AGGREGATOR_URL or an explicitly set AGGREGATOR_LISTEN, else the running `mailbeacon up`'s
+    aggregator, else the default listen address."""
+    explicit = settings.aggregator.url or "listen" in settings.aggregator.model_fields_set
+    if not explicit:
+        running = read_state(settings)
+        if running is not None:
+            return running.aggregator
+    return settings.aggregator.base_url()
 
 
 async def _apply(settings: Settings, text: str) -> None:
@@ -152,7 +178,7 @@ def _refused(code: int, token: str | None, base: str) -> str:
 
 
 def _aggregator_get(settings: Settings, path: str, method: str = "GET") -> Any:
-    base = settings.aggregator.base_url()
+    base = _aggregator_base(settings)
     token = settings.aggregator.client_token()
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     request = urllib.request.Request(f"{base}{path}", method=method, headers=headers)
@@ -164,7 +190,10 @@ def _aggregator_get(settings: Settings, path: str, method: str = "GET") -> Any:
             raise SystemExit(_refused(exc.code, token, base)) from None
         raise SystemExit(f"error: {exc.code} {exc.read().decode(errors='replace')}") from exc
     except urllib.error.URLError as exc:
-        raise SystemExit(f"error: aggregator not reachable at {base} ({exc.reason})") from exc
+        raise SystemExit(
+            f"error: aggregator not reachable at {base} ({exc.reason}): start `mailbeacon up`, or set "
+            "MAILBEACON_AGGREGATOR_URL to the aggregator's address"
+        ) from exc
 
 
 def _print_events(settings: Settings, args: argparse.Namespace) -> None:
@@ -256,6 +285,7 @@ def _parser() -> argparse.ArgumentParser:
     apply.add_argument("-f", "--filename", required=True, help="YAML file with Campaign documents, or -")
     stats = commands.add_parser("stats", help="a campaign's statistics")
     stats.add_argument("campaign", type=_campaign_arg, help="NAMESPACE/NAME")
+    stats.add_argument("--json", action="store_true", help="the statistics object (the API's JSON)")
     refresh = commands.add_parser("refresh", help="recompute a campaign's statistics from stored events")
     refresh.add_argument("campaign", type=_campaign_arg, help="NAMESPACE/NAME")
     commands.add_parser("campaigns", help="list campaigns with headline numbers")
@@ -330,7 +360,8 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(_apply(settings, _manifest_text(args.filename)))
     elif command == "stats":
         key: CampaignKey = args.campaign
-        print(json.dumps(_aggregator_get(settings, f"/api/campaigns/{key}/statistics"), indent=2))
+        found = _aggregator_get(settings, f"/api/campaigns/{key}/statistics")
+        print(json.dumps(found, indent=2) if args.json else summary(found), end="\n" if args.json else "")
     elif command == "refresh":
         print(
             json.dumps(_aggregator_get(settings, f"/api/campaigns/{args.campaign}/refresh", "POST"), indent=2)

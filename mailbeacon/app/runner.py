@@ -20,6 +20,7 @@ from typing import Protocol
 from nats.aio.client import Client as NATS
 from pydantic import SecretStr
 
+from mailbeacon.app.devstate import UpState, remove_state, write_state
 from mailbeacon.app.embedded_nats import EmbeddedNats
 from mailbeacon.app.outbox import Outbox
 from mailbeacon.bus.campaign_store import CampaignStore
@@ -79,7 +80,9 @@ class Addresses:
 
 def _http(listen: str, port: int | None) -> str:
     host, configured = parse_listen(listen)
-    return f"http://{host}:{port or configured}"
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"  # listening everywhere: reachable here on loopback
+    return f"http://[{host}]:{port or configured}" if ":" in host else f"http://{host}:{port or configured}"
 
 
 class AllInOne:
@@ -93,6 +96,7 @@ class AllInOne:
         self.publisher: EventPublisher | None = None
         self.store: CampaignStore | None = None
         self.components: list[Component] = []
+        self.state_written = False
 
     async def start(self) -> Addresses:
         from aggregator.service import AggregatorService
@@ -124,26 +128,47 @@ class AllInOne:
         # What the last stop could not publish goes first, before anything is served.
         if self.publisher.load_spool():
             await self.publisher.spool_published()
+        if self.outbox is not None:
+            # The outbox is the final mailbox here: a kept copy is a delivered one.
+            self.outbox.on_delivery = self.publisher.publish_or_buffer
+        derive_site = "site_url" not in self.settings.model_fields_set
+        if derive_site and parse_listen(settings.tracker.listen)[1]:
+            # Links must reach this tracker wherever TRACKER_LISTEN puts it.
+            settings = settings.model_copy(update={"site_url": _http(settings.tracker.listen, None)})
         self.store = CampaignStore(kv)
         await self.store.start()
         aggregator = AggregatorService(settings, js, kv)
         tracker = TrackerService(settings, self.publisher)
+        for component in (aggregator, tracker):
+            await component.start()
+            self.components.append(component)
+        tracker_url = _http(settings.tracker.listen, tracker.port)
+        if derive_site:  # port 0: known only now
+            settings = settings.model_copy(update={"site_url": tracker_url})
         suppressions = SuppressionList(await ensure_suppression_bucket(js, settings))
         # Each component serves its own /metrics on its own port (the proxy's on PROXY_HTTP_LISTEN):
         # one scrape target per component, as in a cluster, so no sum counts an event twice.
         proxy = ProxyService(settings, self.publisher, self.store, suppressions=suppressions)
-        for component in (aggregator, tracker, proxy):
-            await component.start()
-            self.components.append(component)
+        await proxy.start()
+        self.components.append(proxy)
         host, _ = parse_listen(settings.proxy.smtp_listen)
-        return Addresses(
+        addresses = Addresses(
             smtp=f"{host}:{proxy.port}",
-            tracker=_http(settings.tracker.listen, tracker.port),
+            tracker=tracker_url,
             aggregator=_http(settings.aggregator.listen, aggregator.port),
             nats=nats_url,
             outbox=self.outbox.directory if self.outbox else None,
             proxy_http=_http(settings.proxy.http_listen, proxy.http_port),
         )
+        try:
+            write_state(
+                settings,
+                UpState(os.getpid(), addresses.smtp, addresses.tracker, addresses.aggregator, nats_url),
+            )
+            self.state_written = True
+        except OSError as exc:
+            log.warning("other commands will not find this mailbeacon up (%s): set their addresses", exc)
+        return addresses
 
     def begin_stopping(self) -> None:
         for component in self.components:
@@ -171,6 +196,8 @@ class AllInOne:
         if self.nats is not None:
             self.nats.stop()
             nats_url_file(self.settings).unlink(missing_ok=True)
+        if self.state_written:
+            remove_state(self.settings, os.getpid())
 
 
 async def run_component(

@@ -19,6 +19,17 @@ too: the event-by-event publisher in :mod:`mailbeacon.bus.publisher` writes the 
 ``Nats-Msg-Id`` deduplication works inside fast batches as for single publishes (a
 repeated id is skipped silently, the batch goes on), so a batch that ended in doubt is
 simply published again.
+
+Why this is not nats-py's public API (custom NATS code stays only where it is at least 1.3
+times faster; docs/performance.md "The NATS paths, measured"). Measured 2026-12-07 with
+``python -m bench.bench_tracker --paths`` (part of ``make bench``), three runs on the shared 2-core
+machine, the same buffered pixel events: this path cost the publishing process 3.0-3.7 µs of
+CPU per event, ``js.publish_async`` (nats-py 2.16's cheapest way, a batch in flight) 26-35
+µs, 8.4-9.5 times as much, and drained 2.7-4.4 times the events a second; at one tracker
+process's rate (20,000 events/s) 5.1-6.4 against 29-30 µs (nats-py fell behind that rate in
+every run). A tracker worker publishing through nats-py spent 1.37-1.44 times the CPU per
+pixel request. Event by event over the same raw frames (a stream that refuses fast batches):
+6.2-9.1 µs, still 3.2-4.9 times less than nats-py.
 """
 
 from __future__ import annotations
@@ -79,10 +90,18 @@ async def send_commands(nc: NATS, commands: list[bytes]) -> None:
     if nc.is_closed:
         raise ConnectionError("NATS connection closed")
     data = b"".join(commands)
+    # Private attributes of nats-py's client (as of nats-py 2.16), for want of a public way
+    # to write ready frames: publish() costs 4.4 µs of CPU a message, these joined frames 0.6
+    # (``python -m bench.bench_tracker --paths``, 2026-12-07); without them fast batches would
+    # cost the tracker twice as much CPU per event (see the module docstring).
+    # tests/tracker/test_tracker_hot_path.py holds the frames to the bytes publish() sends, and the
+    # publisher's tests run through these calls against a real nats-server, so a nats-py that
+    # renames them fails there first. The pending sizes: publish()'s own refusal while
+    # reconnecting once the reconnect buffer is full (no public accessor either).
     if not nc.is_connected and nc._pending_data_size + len(data) > nc._max_pending_size:
         raise ConnectionError("NATS reconnect buffer full")
-    await nc._send_command(data)
-    await nc._flush_pending()
+    await nc._send_command(data)  # appends to the outgoing buffer, as publish() does
+    await nc._flush_pending()  # wakes the writer task once for the whole chunk
 
 
 class FastBatchesUnavailable(Exception):

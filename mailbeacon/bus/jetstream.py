@@ -104,6 +104,18 @@ async def connect(url: str, name: str, login: NatsLogin | None = None) -> NATS:
     return client
 
 
+def client_of(js: JetStreamContext) -> NATS:
+    """The connection a JetStream context publishes on.
+
+    ``JetStreamContext`` keeps its client in the private ``_nc`` and has no public accessor
+    (nats-py 2.16); this is the only place that reads it (tests/mailbeacon/test_nats_internals.py). The
+    publisher needs the client to write raw frames and to know whether the connection is up,
+    the aggregator's pull feed for its inbox and server address; passing the client along
+    beside every context instead would change each component's constructors for one object.
+    """
+    return js._nc
+
+
 def stream_config(settings: Settings) -> StreamConfig:
     return StreamConfig(
         name=STREAM,
@@ -129,12 +141,8 @@ def consumer_config() -> ConsumerConfig:
 
 def takes_fast_batches(js: JetStreamContext) -> bool:
     """Whether the connected server knows fast-ingest batches (nats-server 2.14+)."""
-    info = getattr(getattr(js, "_nc", None), "_server_info", None) or {}  # nats-py keeps it there
-    try:
-        major, minor = (int(part) for part in str(info.get("version", "0.0")).split(".")[:2])
-    except ValueError:
-        return False
-    return (major, minor) >= (2, 14)
+    version = client_of(js).connected_server_version  # 0.0.0 while unknown
+    return (version.major, version.minor) >= (2, 14)
 
 
 async def ensure_stream(js: JetStreamContext, settings: Settings) -> None:

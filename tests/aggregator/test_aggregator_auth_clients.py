@@ -59,7 +59,7 @@ async def test_the_command_line_sends_its_token(running: Running) -> None:
     code, _, err = await cli(running, "campaigns", MAILBEACON_API_TOKEN="not-the-token-0123456789abc")
     assert code == 1 and "does not accept the token (401)" in one_line(err)
 
-    code, out, err = await cli(running, "stats", CAMPAIGN, MAILBEACON_API_TOKEN=READ)
+    code, out, err = await cli(running, "stats", CAMPAIGN, "--json", MAILBEACON_API_TOKEN=READ)
     assert code == 0, err
     assert json.loads(out)["sent_count"] == 1
     code, out, err = await cli(running, "events", CAMPAIGN, MAILBEACON_API_TOKEN=READ)

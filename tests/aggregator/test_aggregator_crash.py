@@ -36,6 +36,13 @@ CAMPAIGNS = ("crash/one", "crash/two")
 LINKS = ("https://shop.example/a", "https://shop.example/b", HONEYPOT_URL)
 
 
+AGENTS = [  # Apple Mail on an iPhone, Outlook on Windows, webmail in Chrome on Android
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148",
+    "Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17328; Pro)",
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Mobile Safari/537.36",
+]
+
+
 def generate(messages: int, seed: int) -> list[dict[str, Any]]:
     """A stream with out-of-order opens, address-only deliveries and machine clicks."""
     rng = random.Random(seed)
@@ -55,7 +62,14 @@ def generate(messages: int, seed: int) -> list[dict[str, Any]]:
         else:
             event("delivered", 1, tracking_id=tid, source="webhook:sendgrid")
         for _ in range(rng.randrange(4)):
-            event("opened", rng.uniform(-5, 300), tracking_id=tid, machine=rng.random() < 0.3, source="pixel")
+            event(
+                "opened",
+                rng.uniform(-5, 300),
+                tracking_id=tid,
+                machine=rng.random() < 0.3,
+                source="pixel",
+                user_agent=rng.choice(AGENTS),
+            )
         for _ in range(rng.randrange(3)):
             url = rng.choice(LINKS)
             event("clicked", rng.uniform(1, 300), tracking_id=tid, url=url, machine=url == HONEYPOT_URL)

@@ -143,6 +143,38 @@ async def _is(value: bool) -> bool:
     return value
 
 
+async def test_the_last_acknowledgements_reach_the_server_before_the_feed_stops(nc: NATS) -> None:
+    """A stopping aggregator acknowledges its last batches and closes its feed at once. With
+    pull requests outstanding the server keeps delivering, the closed socket is reset, and
+    the acknowledgements it had not sent yet were lost: JetStream delivered those events
+    again after the ack wait (stored twice over, then dropped as duplicates), at every stop.
+    A big batch makes it certain: its acknowledgements outgrow the socket buffers."""
+    js = nc.jetstream()
+    name, batch = "big-batches", 20_000
+    config = ConsumerConfig(
+        durable_name=name,
+        ack_policy=AckPolicy.EXPLICIT,
+        filter_subject="mailbeacon.events.>",
+        max_ack_pending=4 * batch,
+    )
+    await js.add_consumer(STREAM, config=config)
+    for e in [event() for _ in range(2 * batch)]:  # more than taken: deliveries go on at the stop
+        await js.publish_async(f"mailbeacon.events.{e['type']}", json.dumps(e).encode())
+    await js.publish_async_completed()
+    feed = PullFeed(nc, STREAM, name, batch=batch)
+    await feed.start()
+    try:
+        taken = await take_all(feed, batch)
+        assert await feed.settle([reply for reply, _ in taken], ACK)
+    finally:
+        await feed.stop()
+
+    async def all_acked() -> bool:
+        return (await js.consumer_info(STREAM, name)).ack_floor.stream_seq >= len(taken)
+
+    await eventually(all_acked, within=5)  # well before the ack wait would redeliver them
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("lean", [True, False], ids=["lean", "nats-py"])
 async def test_refused_pull_requests_are_asked_again_with_a_pause(

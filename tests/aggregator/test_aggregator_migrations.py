@@ -31,6 +31,7 @@ from aggregator.store.migrate import (
     head_revision,
     migrate,
 )
+from aggregator.store.retention import prune
 from mailbeacon.contract.events import Event, EventType
 
 
@@ -190,5 +191,123 @@ async def test_aggregator_refuses_an_unmigrated_database(database_url: str) -> N
             await ensure_schema(db, migrate_on_start=False)
         await migrate(db)
         await ensure_schema(db, migrate_on_start=False)
+    finally:
+        await db.dispose()
+
+
+async def test_insights_upgrade_recounts_existing_campaigns(database_url: str) -> None:
+    """0004 on a database with events (some pruned): ``migrate`` fills each copy's domain and
+    first client, lists the campaigns, and recounts them once the schema is committed; the
+    numbers equal what ingest keeps and a refresh. Opens pruned before the upgrade kept no
+    user agent: they count as client Other, device unknown."""
+    iphone = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148"
+    outlook = "Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17328; Pro)"
+    # In the days ahead, so that retention can prune the one open dated long before them.
+    campaign, start = (
+        "up/insights",
+        datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(days=30),
+    )
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    recipients = ["ann@gmail.com", '"x@y"@corp.example', "cy@corp.example"]
+
+    def event(n: int, kind: EventType, tid: str, hours: float, **fields: Any) -> Event:
+        return Event(
+            event_id=f"e{n}", type=kind, tracking_id=tid, occurred_at=start + timedelta(hours=hours), **fields
+        )
+
+    events = [
+        *(
+            event(i, EventType.SENT, tid, 0, campaign=campaign, recipient=recipients[i])
+            for i, tid in enumerate(ids)
+        ),
+        event(10, EventType.DELIVERED, ids[0], 0.1),
+        event(11, EventType.DELIVERED, ids[1], 0.1),
+        event(12, EventType.OPENED, ids[0], 1, user_agent=iphone),
+        event(13, EventType.OPENED, ids[0], 2, user_agent=outlook),
+        event(14, EventType.OPENED, ids[1], 1, machine=True, machine_kind="image_proxy"),
+        event(15, EventType.CLICKED, ids[1], 3, url="https://shop.example/a", user_agent=outlook),
+        event(16, EventType.BOUNCED, ids[2], 0.2, bounce_kind="hard"),
+        # A person's open years back, pruned before the upgrade.
+        event(17, EventType.OPENED, ids[1], -24 * 400, user_agent=iphone),
+    ]
+    db = open_database(database_url)
+    try:
+        await migrate(db)
+        await apply_batch(db, events)
+        assert await prune(db, timedelta(days=1), now=datetime.now(UTC) + timedelta(days=2)) == 1
+        assert await downgrade(db, "0003") == "0003"
+        async with db.engine.begin() as conn:  # what 0003 kept of it
+            assert await conn.scalar(text("SELECT sum(n) FROM pruned_events")) == 1
+            assert await conn.scalar(text("SELECT total_opens FROM campaign_stats")) == 4
+
+        before, after = await migrate(db)
+        assert (before, after) == ("0003", head_revision())
+        async with db.engine.connect() as conn:
+            assert await conn.scalar(text("SELECT count(*) FROM pending_recounts")) == 0
+            domains = dict((await conn.execute(text("SELECT tracking_id, domain FROM messages"))).all())
+        assert domains == {ids[0]: "gmail.com", ids[1]: "corp.example", ids[2]: "corp.example"}
+        upgraded = await statistics.read_statistics(db, campaign)
+        assert upgraded["clients"] == [
+            {"client": "Apple Mail", "unique_opens": 1, "total_opens": 1, "share": 50.0},
+            {"client": "Other", "unique_opens": 1, "total_opens": 1, "share": 50.0},  # the pruned open
+            {"client": "Outlook", "unique_opens": 0, "total_opens": 1, "share": 0.0},
+        ]
+        assert upgraded["devices"] == {"desktop": 0, "mobile": 1, "tablet": 0, "webmail": 0, "unknown": 1}
+        assert upgraded["machines"] == {"image_proxy": {"opens": 1, "clicks": 0}}
+        rows = {
+            d["domain"]: (d["sent"], d["delivered"], d["bounced"], d["unique_opens"])
+            for d in upgraded["domains"]
+        }
+        assert rows["gmail"] == (1, 1, 0, 1) and rows["other"] == rows["corp.example"] == (2, 1, 1, 1)
+        # The open 400 days back is counted, but the series cover the most recent 366 days only.
+        day = start.strftime("%Y-%m-%d")
+        assert upgraded["clicks_over_time"] == [{"date": day, "clicks": 1, "human_clicks": 1}]
+        assert upgraded["opens_over_time"] == [{"date": day, "opens": 3, "human_opens": 2}]
+        # Ingest goes on from the filled state: an earlier open of ann's copy on Outlook moves it.
+        await apply_batch(db, [event(20, EventType.OPENED, ids[0], 0.5, user_agent=outlook)])
+        moved = await statistics.read_statistics(db, campaign)
+        assert [(c["client"], c["unique_opens"], c["total_opens"]) for c in moved["clients"]] == [
+            ("Outlook", 1, 2),
+            ("Other", 1, 1),
+            ("Apple Mail", 0, 1),
+        ]
+        refreshed = await statistics.refresh(db, campaign)
+        volatile = {"updated_at", "recent_events"}
+        assert {k: v for k, v in refreshed.items() if k not in volatile} == {
+            k: v for k, v in moved.items() if k not in volatile
+        }
+    finally:
+        await db.dispose()
+
+
+async def test_an_interrupted_upgrade_finishes_its_recounts_later(database_url: str) -> None:
+    """A campaign still listed in pending_recounts (the migrating process stopped after the
+    schema commit) is recounted by the next ``migrate`` or aggregator start."""
+    db = open_database(database_url)
+    tid = str(uuid.uuid4())
+    try:
+        await migrate(db)
+        await apply_batch(
+            db,
+            [
+                Event(
+                    event_id="s",
+                    type=EventType.SENT,
+                    tracking_id=tid,
+                    campaign="up/later",
+                    recipient="a@gmail.com",
+                ),
+                Event(event_id="d", type=EventType.DELIVERED, tracking_id=tid),
+            ],
+        )
+        async with db.engine.begin() as conn:
+            await conn.execute(text("DELETE FROM domain_stats"))
+            await conn.execute(text("INSERT INTO pending_recounts (campaign) VALUES ('up/later')"))
+        assert (await statistics.read_statistics(db, "up/later"))["domains"][0]["delivered"] == 0
+        await ensure_schema(db, migrate_on_start=False)
+        gmail = (await statistics.read_statistics(db, "up/later"))["domains"][0]
+        assert (gmail["domain"], gmail["sent"], gmail["delivered"]) == ("gmail", 1, 1)
+        async with db.engine.connect() as conn:
+            assert await conn.scalar(text("SELECT count(*) FROM pending_recounts")) == 0
     finally:
         await db.dispose()

@@ -1,5 +1,7 @@
 """Property: whatever the order, duplication and batching of events, the statistics kept
-incrementally equal ``refresh`` and equal a recount written here from the definitions.
+incrementally equal ``refresh`` and equal a recount written here from the definitions,
+every field included (clients, devices, machines, domains, heatmap, series), and so do
+both again once retention has pruned every event.
 
 The recount below shares no code with the aggregator. It follows the documented
 semantics: a message exists once its first ``sent``/``failed`` event is stored; an
@@ -19,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -28,11 +31,28 @@ from aggregator.ingest.ingest import adopt_parked, apply_batch
 from aggregator.read import statistics
 from aggregator.store.db import Database, open_database
 from aggregator.store.migrate import migrate
+from aggregator.store.retention import prune
 from mailbeacon.contract.events import Event, EventType
 from mailbeacon.contract.signing import HONEYPOT_URL
 
 START = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
 URLS = ["https://a.example/1", "https://a.example/2", HONEYPOT_URL]
+# Real user agents and the client and device the README says each one is.
+AGENTS = {
+    "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
+    "Mobile/15E148": ("Apple Mail", "mobile"),
+    "Mozilla/5.0 (iPad; CPU OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148": (
+        "Apple Mail",
+        "tablet",
+    ),
+    "Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17328; Pro)": ("Outlook", "desktop"),
+    "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0.6478.71 "
+    "Mobile Safari/537.36": ("Webmail (Chrome Mobile)", "webmail"),
+}
+MACHINE_KINDS = ["honeypot", "image_proxy", "apple_privacy_proxy"]
+# Recipient domains: two providers, two domains counted on their own, one without a dot.
+DOMAINS = ["gmail.com", "hotmail.co.uk", "corp.example", "shop.example", "localhost"]
+ZONE = ZoneInfo("America/New_York")
 ADDRESS_ONLY = ("delivered", "deferred", "bounced", "complained")
 ENGAGEMENT = ("opened", "clicked")
 OTHER = ("delivered", "deferred", "bounced", "complained", "unsubscribed")
@@ -51,6 +71,9 @@ class Spec:
     url: int = 0
     status: str = "sent"
     campaign: int = 0
+    agent: int = 0
+    robot: int = 0  # index of the machine kind
+    days: int = 0  # engagement some days later (gaps in the series)
 
 
 @st.composite
@@ -85,6 +108,9 @@ def scenarios(draw: st.DrawFn) -> tuple[list[Spec], list[int]]:
                 machine=draw(st.booleans()) if kind in ENGAGEMENT else False,
                 bounce_kind=draw(st.sampled_from(["hard", "soft"])),
                 url=draw(st.integers(0, len(URLS) - 1)),
+                agent=draw(st.integers(0, len(AGENTS) - 1)),
+                robot=draw(st.integers(0, len(MACHINE_KINDS) - 1)),
+                days=draw(st.sampled_from([0, 0, 0, 2, 3])) if kind in ENGAGEMENT else 0,
             )
         )
     # Redeliveries and provider retries: the same event (same id) again, anywhere later.
@@ -99,8 +125,13 @@ def materialize(specs: list[Spec], tag: str) -> tuple[list[Event], list[str]]:
     tracking = [str(uuid.uuid4()) for _ in range(6)]
     sent_of = {s.message: s for s in specs if s.kind == "sent"}
     events = []
+    agents = list(AGENTS)
+
+    def address(index: int) -> str:
+        return f"r{index}.{tag}@{DOMAINS[index % len(DOMAINS)]}"
+
     for i, s in enumerate(specs):
-        at = START + timedelta(minutes=s.minute)
+        at = START + timedelta(days=s.days, minutes=s.minute)
         common: dict[str, Any] = {"event_id": f"{tag}-{i}", "occurred_at": at}
         if s.kind == "sent":
             assert s.message is not None and s.address is not None
@@ -110,7 +141,7 @@ def materialize(specs: list[Spec], tag: str) -> tuple[list[Event], list[str]]:
                     type=EventType(s.status),
                     tracking_id=tracking[s.message],
                     campaign=f"{tag}/c{s.campaign}",
-                    recipient=f"r{s.address}@{tag}.example",
+                    recipient=address(s.address),
                 )
             )
             continue
@@ -118,12 +149,14 @@ def materialize(specs: list[Spec], tag: str) -> tuple[list[Event], list[str]]:
         if s.message is not None:
             fields["tracking_id"] = tracking[s.message]
             known = sent_of.get(s.message)
-            fields["recipient"] = f"r{known.address}@{tag}.example" if known else None
+            fields["recipient"] = address(known.address) if known and known.address is not None else None
         else:
-            fields["recipient"] = f"r{s.address}@{tag}.example"
+            assert s.address is not None
+            fields["recipient"] = address(s.address)
         if s.kind in ENGAGEMENT:
             fields["machine"] = s.machine
-            fields["machine_kind"] = "honeypot" if s.machine else None
+            fields["machine_kind"] = MACHINE_KINDS[s.robot] if s.machine else None
+            fields["user_agent"] = agents[s.agent]
         if s.kind == "bounced":
             fields["bounce_kind"] = s.bounce_kind
         if s.kind == "clicked":
@@ -225,14 +258,11 @@ class Model:
             m for m in bounced if any(e.type.value == "bounced" and e.bounce_kind == "hard" for e in m.events)
         ]
         links: dict[str, list[Any]] = defaultdict(lambda: [0, set()])
-        opens: dict[str, int] = defaultdict(int)
         for m in mine:
             for e in m.events:
                 if e.type.value == "clicked" and e.url and e.url != HONEYPOT_URL:
                     links[e.url][0] += 1
                     links[e.url][1].add(m.tracking_id)
-                if e.type.value == "opened":
-                    opens[e.occurred_at.strftime("%Y-%m-%d")] += 1
         counts = {
             "total_recipients": len({m.recipient for m in mine}),
             "sent_count": sum(1 for m in mine if m.status == "sent"),
@@ -255,9 +285,6 @@ class Model:
         }
         delivered = counts["delivered_count"]
 
-        def pct(n: int, d: int) -> float:
-            return round(100.0 * n / d, 2) if d else 0.0
-
         top = sorted(
             ({"url": u, "total_clicks": t, "unique_clicks": len(q)} for u, (t, q) in links.items()),
             key=lambda link: (-link["total_clicks"], -link["unique_clicks"], link["url"]),
@@ -270,13 +297,124 @@ class Model:
             "bounce_rate": pct(counts["bounced_count"], counts["sent_count"]),
             "complaint_rate": pct(counts["complained_count"], delivered),
             "top_links": top,
-            "opens": dict(sorted(opens.items())),
+            **insights(mine, counts["human_unique_opens"]),
         }
 
 
-def comparable(stats: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
-    picked = {key: stats[key] for key in model if key != "opens"}
-    picked["opens"] = {p["date"]: p["opens"] for p in stats["opens_over_time"]}
+def pct(n: int, d: int) -> float:
+    return round(100.0 * n / d, 2) if d else 0.0
+
+
+def series(mine: list[Message], hourly: bool) -> dict[str, list[dict[str, Any]]]:
+    """Every UTC day (hour) from the first to the last open or click, zeros included."""
+    step = timedelta(hours=1) if hourly else timedelta(days=1)
+    totals: dict[datetime, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for m in mine:
+        for e in m.events:
+            if e.type.value in ENGAGEMENT:
+                at = e.occurred_at.replace(minute=0, second=0, microsecond=0)
+                at = at if hourly else at.replace(hour=0)
+                offset = 0 if e.type.value == "opened" else 2
+                totals[at][offset] += 1
+                totals[at][offset + 1] += 0 if e.machine else 1
+    key, label = ("hour", "%Y-%m-%dT%H:00:00Z") if hourly else ("date", "%Y-%m-%d")
+    opens, clicks = [], []
+    moment = min(totals, default=None)
+    while moment is not None and moment <= max(totals):
+        o, ho, c, hc = totals.get(moment, [0, 0, 0, 0])
+        opens.append({key: moment.strftime(label), "opens": o, "human_opens": ho})
+        clicks.append({key: moment.strftime(label), "clicks": c, "human_clicks": hc})
+        moment += step
+    return {"opens_over_time": opens, "clicks_over_time": clicks}
+
+
+def insights(mine: list[Message], human_unique: int) -> dict[str, Any]:
+    """Clients, devices, machines, domains and the heatmaps, from their README definitions."""
+    clients: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    devices = dict.fromkeys(("desktop", "mobile", "tablet", "webmail", "unknown"), 0)
+    machines: dict[str, dict[str, int]] = defaultdict(lambda: {"opens": 0, "clicks": 0})
+    grids = {zone: [[0] * 24 for _ in range(7)] for zone in ("UTC", "NY")}
+    providers = {"gmail.com": "gmail", "hotmail.co.uk": "outlook"}
+    domains: dict[str, list[int]] = defaultdict(lambda: [0] * 6)
+    for m in mine:
+        people = [e for e in m.events if e.type.value == "opened" and not e.machine]
+        for e in people:
+            clients[AGENTS[e.user_agent or ""][0]][1] += 1
+            for zone, local in (("UTC", e.occurred_at), ("NY", e.occurred_at.astimezone(ZONE))):
+                grids[zone][local.weekday()][local.hour] += 1
+        if people:
+            _, client, device = min((e.occurred_at, *AGENTS[e.user_agent or ""]) for e in people)
+            clients[client][0] += 1
+            devices[device] += 1
+        for e in m.events:
+            if e.machine:
+                machines[e.machine_kind or "unknown"]["opens" if e.type.value == "opened" else "clicks"] += 1
+        domain = m.recipient.rpartition("@")[2]
+        kinds = {e.type.value for e in m.events}
+        values = [
+            int(m.status == "sent"),
+            int("delivered" in kinds),
+            int("bounced" in kinds),
+            int("complained" in kinds),
+            int("opened" in kinds),
+            int(bool(people)),
+        ]
+        rows = [providers.get(domain, "other")] + (
+            [domain] if domain not in providers and "." in domain else []
+        )
+        for row in rows:
+            domains[row] = [a + b for a, b in zip(domains[row], values, strict=True)]
+
+    def domain_json(name: str, kind: str, v: list[int]) -> dict[str, Any]:
+        return {
+            "domain": name,
+            "kind": kind,
+            **dict(
+                zip(
+                    ("sent", "delivered", "bounced", "complained", "unique_opens", "human_unique_opens"),
+                    v,
+                    strict=True,
+                )
+            ),
+            "delivery_rate": pct(v[1], v[0]),
+            "bounce_rate": pct(v[2], v[0]),
+            "open_rate": pct(v[4], v[1]),
+            "human_open_rate": pct(v[5], v[1]),
+        }
+
+    counted = sorted(
+        ((d, v) for d, v in domains.items() if "." in d and any(v)), key=lambda item: (-item[1][0], item[0])
+    )
+    return {
+        "clients": sorted(
+            (
+                {"client": c, "unique_opens": u, "total_opens": t, "share": pct(u, human_unique)}
+                for c, (u, t) in clients.items()
+            ),
+            key=lambda c: (-c["unique_opens"], -c["total_opens"], c["client"]),
+        ),
+        "devices": devices,
+        "machines": dict(sorted(machines.items())),
+        "domains": [
+            domain_json(p, "provider", domains.get(p, [0] * 6))
+            for p in ("gmail", "outlook", "yahoo", "apple", "other")
+        ]
+        + [domain_json(d, "domain", v) for d, v in counted[:10]],
+        "engagement_heatmap": grids["UTC"],
+        "heatmap_new_york": grids["NY"],
+        **series(mine, hourly=False),
+        "hourly": series(mine, hourly=True),
+    }
+
+
+async def comparable(db: Database, stats: dict[str, Any], model: dict[str, Any]) -> dict[str, Any]:
+    """``stats`` in the model's shape, with the heatmap in New York and the hourly series read too."""
+    campaign = stats["campaign"]
+    picked = {key: stats[key] for key in model if key in stats}
+    new_york = await statistics.read_statistics(db, campaign, zone=ZONE)
+    hourly = await statistics.read_statistics(db, campaign, hourly=True)
+    picked["heatmap_new_york"] = new_york["engagement_heatmap"]
+    picked["hourly"] = {k: hourly[k] for k in ("opens_over_time", "clicks_over_time")}
     return picked
 
 
@@ -320,13 +458,21 @@ async def test_incremental_equals_refresh_equals_recount(
         model.batch(batch)
     await adopt_parked(db)
     model.adopt()
-    for c in (f"{tag}/c0", f"{tag}/c1"):
+    campaigns = (f"{tag}/c0", f"{tag}/c1")
+    for c in campaigns:
         expected = model.statistics(c)
         kept = await statistics.read_statistics(db, c)
-        assert comparable(kept, expected) == expected, f"incremental {c}"
+        assert await comparable(db, kept, expected) == expected, f"incremental {c}"
         refreshed = await statistics.refresh(db, c)
-        assert comparable(refreshed, expected) == expected, f"refresh {c}"
+        assert await comparable(db, refreshed, expected) == expected, f"refresh {c}"
     await check_first_seen(db, model, tracking)
+    # Retention prunes every event (they all happened and arrived before its cutoff): what
+    # was kept stays, and a recount from the pruned rows alone gives the same again.
+    await prune(db, timedelta(days=1), now=datetime.now(UTC) + timedelta(days=2))
+    for c in campaigns:
+        expected = model.statistics(c)
+        assert await comparable(db, await statistics.read_statistics(db, c), expected) == expected
+        assert await comparable(db, await statistics.refresh(db, c), expected) == expected, f"pruned {c}"
 
 
 async def check_first_seen(db: Database, model: Model, tracking: list[str]) -> None:

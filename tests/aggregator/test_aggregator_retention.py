@@ -141,3 +141,52 @@ async def test_an_imported_old_event_is_kept_for_the_retention_after_it_arrived(
         assert strip(after) == strip(before)
     finally:
         await db.dispose()
+
+
+async def test_pruned_opens_keep_their_client_and_which_came_first(database_url: str) -> None:
+    """A copy opened first in Outlook and half an hour later on an iPhone, both pruned: the
+    recount still says Outlook (by the earliest exact time kept, not the hour, in which Apple
+    Mail would sort first), and keeps the machine's kind and the recipient's provider."""
+    outlook = "Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17328; Pro)"
+    iphone = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148"
+    db = open_database(database_url)
+    await migrate(db)
+    campaign, tid = f"keep/c{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
+    old = NOW - timedelta(days=100)
+
+    def ev(kind: EventType, at: datetime, **fields: object) -> Event:
+        return Event(event_id=uuid.uuid4().hex, type=kind, tracking_id=tid, occurred_at=at, **fields)
+
+    try:
+        await apply_batch(
+            db,
+            [
+                ev(EventType.SENT, old, campaign=campaign, recipient="ann@icloud.com"),
+                ev(EventType.DELIVERED, old + timedelta(minutes=1)),
+                ev(EventType.OPENED, old + timedelta(minutes=5), user_agent=outlook),
+                ev(EventType.OPENED, old + timedelta(minutes=35), user_agent=iphone),
+                ev(EventType.OPENED, old + timedelta(minutes=36), machine=True, machine_kind="image_proxy"),
+                ev(EventType.OPENED, NOW - timedelta(days=1), user_agent=iphone),  # kept
+            ],
+        )
+        before = await statistics.read_statistics(db, campaign)
+        assert [(c["client"], c["unique_opens"], c["total_opens"]) for c in before["clients"]] == [
+            ("Outlook", 1, 1),
+            ("Apple Mail", 0, 2),
+        ]
+        assert await prune(db, timedelta(days=30), now=NOW) == 5
+        strip = lambda s: {k: v for k, v in s.items() if k not in VOLATILE}  # noqa: E731
+        assert strip(await statistics.read_statistics(db, campaign)) == strip(before)
+        refreshed = await statistics.refresh(db, campaign)
+        assert strip(refreshed) == strip(before)
+        assert refreshed["devices"]["desktop"] == 1 and refreshed["machines"] == {
+            "image_proxy": {"opens": 1, "clicks": 0}
+        }
+        assert refreshed["domains"][3] == {
+            **refreshed["domains"][3],
+            "domain": "apple",
+            "sent": 1,
+            "delivered": 1,
+        }
+    finally:
+        await db.dispose()

@@ -22,10 +22,15 @@ MAILBEACON = [sys.executable, "-m", "mailbeacon.app.cli"]
 
 
 def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAILBEACON_") and k != "SITE_URL"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("MAILBEACON_") and k not in ("SITE_URL", "XDG_RUNTIME_DIR")
+    }
     tracker = free_port()
     env.update(
         MAILBEACON_DATA_DIR=str(tmp_path / "data"),
+        MAILBEACON_RUNTIME_DIR=str(tmp_path / "run"),
         MAILBEACON_SMTP_LISTEN="127.0.0.1:0",
         MAILBEACON_TRACKER_LISTEN=f"127.0.0.1:{tracker}",
         MAILBEACON_SITE_URL=f"http://127.0.0.1:{tracker}",

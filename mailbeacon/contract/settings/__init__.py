@@ -2,7 +2,8 @@
 
 Built once at start-up (``Settings()``) and passed down; no other module reads the
 environment. Every variable carries the ``MAILBEACON_`` prefix; ``SITE_URL`` alone is
-accepted as a fallback because the original tracking guide used it.
+accepted as a fallback because the original tracking guide used it, and the standard
+``XDG_RUNTIME_DIR`` is read for RUNTIME_DIR.
 
 ``Settings`` holds the fields every component reads (SITE_URL, SECRET_KEYS, DATA_DIR, ...)
 and one group per component: ``settings.nats``, ``.proxy``, ``.tracker``, ``.aggregator``,
@@ -13,6 +14,7 @@ and ``model_copy(update=...)``: mailbeacon.contract.settings.environment routes 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -83,6 +85,12 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         default=Path(".mailbeacon"),
         description="Local state: the embedded NATS store, SQLite, the outbox, the generated key, and spool/ (events a stop could not publish)",
+    )
+    runtime_dir: Path | None = Field(
+        default=None,
+        validation_alias=AliasChoices("MAILBEACON_RUNTIME_DIR", "XDG_RUNTIME_DIR"),
+        description="Per-user directory whose mailbeacon/up.json tells the command line where a "
+        "running `mailbeacon up` is; unset means XDG_RUNTIME_DIR, else /tmp/mailbeacon-<uid>",
     )
     trusted_proxies: Networks = Field(
         default_factory=list,
@@ -168,6 +176,12 @@ class Settings(BaseSettings):
         """Every setting with its environment variables and description, shared ones first,
         then each group's: what the configuration docs and the chart's checks walk."""
         return settings_variables(cls)
+
+    def up_state_dir(self) -> Path:
+        """The directory of `mailbeacon up`'s address file (mailbeacon.app.devstate)."""
+        if self.runtime_dir is not None:
+            return self.runtime_dir / "mailbeacon"
+        return Path("/tmp") / f"mailbeacon-{os.getuid()}"
 
     def signing_keys(self) -> list[bytes]:
         return [key.get_secret_value().encode() for key in self.secret_keys]
