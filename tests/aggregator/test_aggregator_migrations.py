@@ -202,10 +202,11 @@ async def test_insights_upgrade_recounts_existing_campaigns(database_url: str) -
     user agent: they count as client Other, device unknown."""
     iphone = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) Mobile/15E148"
     outlook = "Microsoft Office/16.0 (Windows NT 10.0; Microsoft Outlook 16.0.17328; Pro)"
-    # In the days ahead, so that retention can prune the one open dated long before them.
+    # In the days ahead, so that retention can prune the one open dated long before them; at
+    # 08:00, so the events of the next hours fall on the same day whenever the test runs.
     campaign, start = (
         "up/insights",
-        datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(days=30),
+        datetime.now(UTC).replace(hour=8, minute=0, second=0, microsecond=0) + timedelta(days=30),
     )
     ids = [str(uuid.uuid4()) for _ in range(3)]
     recipients = ["ann@gmail.com", '"x@y"@corp.example', "cy@corp.example"]
