@@ -21,16 +21,15 @@ hides that increment from ``rate()`` and ``increase()``, and a rare event has no
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from aggregator.tally import BatchResult
-from mailbeacon.build_info import register_build_info
-from mailbeacon.events import EventType
-from mailbeacon.suppressions import REASONS
+from mailbeacon.bus.suppressions import REASONS
+from mailbeacon.contract.build_info import register_build_info
+from mailbeacon.contract.events import EventType
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 BUILD_INFO = register_build_info(REGISTRY, "aggregator")
@@ -117,6 +116,19 @@ for _type in PARKED_TYPES:
 for _reason in REASONS:
     SUPPRESSIONS_RECORDED.labels(_reason)
 
+
+class BatchCounts(Protocol):
+    """What one ingested batch did (ingest's ``BatchResult``; ingest counts here, so this
+    module does not import it)."""
+
+    @property
+    def duplicates(self) -> int: ...
+    @property
+    def parked(self) -> int: ...
+    @property
+    def by_type(self) -> Mapping[tuple[str, str], int]: ...
+
+
 # The children of mailbeacon_events_total, by (campaign, type): bound once per campaign.
 _events: dict[tuple[str, str], Counter] = {}
 
@@ -129,7 +141,7 @@ def campaign_seen(campaign: str) -> None:
         _events[(campaign, event_type)] = EVENTS.labels(campaign, event_type)
 
 
-def record_batch(result: BatchResult, received: int) -> None:
+def record_batch(result: BatchCounts, received: int) -> None:
     RECEIVED.inc(received)
     DUPLICATES.inc(result.duplicates)
     PARKED_TOTAL.inc(result.parked)
@@ -212,7 +224,7 @@ REGISTRY.register(CAMPAIGNS)
 
 class CampaignDomains(Collector):
     """``mailbeacon_campaign_domain_messages{campaign,domain,state}``: copies per mailbox provider
-    (``domain`` is one of aggregator.domains.PROVIDERS, never a recipient's own domain)."""
+    (``domain`` is one of aggregator.store.domains.PROVIDERS, never a recipient's own domain)."""
 
     def __init__(self) -> None:
         self._snapshot: Mapping[str, Mapping[str, Mapping[str, int]]] = {}

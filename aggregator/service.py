@@ -13,28 +13,29 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from aggregator import metrics
-from aggregator.api import DB_KEY, add_api_routes
 from aggregator.auth.policy import AuthConfigError, AuthPolicy, policy_from_settings
 from aggregator.auth.web import guard, install
-from aggregator.consumer import EventConsumer
-from aggregator.db import Database, open_database, sqlite_url
-from aggregator.live import DEFAULT_MAX_STREAMS, add_stream_routes
-from aggregator.migrate import ensure_schema
-from aggregator.models import CAMPAIGNS
-from aggregator.outbox_pages import add_outbox_routes
-from aggregator.pages import add_page_routes, layout
-from aggregator.parked import bound_parked
-from aggregator.retention import prune
-from aggregator.statistics import list_campaigns, provider_snapshot
-from aggregator.suppressions import SuppressionRecorder
-from mailbeacon.campaign_store import CampaignStore
-from mailbeacon.campaigns import CampaignKey, CampaignSpec
-from mailbeacon.events import utcnow
-from mailbeacon.jetstream import ensure_suppression_bucket
-from mailbeacon.nats_auth import NatsLogin
-from mailbeacon.settings import Settings
-from mailbeacon.suppressions import SuppressionList
-from mailbeacon.web import add_health_routes, bound_port, json_errors, serve
+from aggregator.ingest.consumer import EventConsumer
+from aggregator.ingest.parked import bound_parked
+from aggregator.ingest.suppressions import SuppressionRecorder
+from aggregator.read.api import DB_KEY, add_api_routes
+from aggregator.read.event_pages import add_event_page_routes
+from aggregator.read.live import DEFAULT_MAX_STREAMS, add_stream_routes
+from aggregator.read.outbox_pages import add_outbox_routes
+from aggregator.read.pages import add_page_routes, layout
+from aggregator.read.statistics import list_campaigns, provider_snapshot
+from aggregator.store.db import Database, open_database, sqlite_url
+from aggregator.store.migrate import ensure_schema
+from aggregator.store.models import CAMPAIGNS
+from aggregator.store.retention import prune
+from mailbeacon.bus.campaign_store import CampaignStore
+from mailbeacon.bus.jetstream import ensure_suppression_bucket
+from mailbeacon.bus.nats_auth import NatsLogin
+from mailbeacon.bus.suppressions import SuppressionList
+from mailbeacon.contract.campaigns import CampaignKey, CampaignSpec
+from mailbeacon.contract.events import utcnow
+from mailbeacon.contract.settings import Settings
+from mailbeacon.web.server import add_health_routes, bound_port, json_errors, serve
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ def create_app(
     add_api_routes(app)
     add_stream_routes(app, db, max_streams)
     add_page_routes(app)
+    add_event_page_routes(app)  # here, not in add_page_routes: event pages import pages (layout)
     if outbox_dir is not None:
         add_outbox_routes(app, outbox_dir)
     else:
@@ -188,7 +190,7 @@ class AggregatorService:
             await asyncio.sleep(RETENTION_EVERY_SECONDS)
 
     async def _bound_parked(self) -> None:
-        """Expire and cap parked events (aggregator.parked); replicas doing it at once delete the same ones."""
+        """Expire and cap parked events (aggregator.ingest.parked); replicas doing it at once delete the same ones."""
         ttl = timedelta(hours=self.settings.aggregator.parked_event_ttl_hours)
         while True:
             await asyncio.sleep(PARKED_EVERY_SECONDS)

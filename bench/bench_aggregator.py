@@ -47,9 +47,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from mailbeacon.embedded_nats import EmbeddedNats
-from mailbeacon.jetstream import CONSUMER, STREAM, connect, provision
-from mailbeacon.settings import Settings
+from mailbeacon.app.embedded_nats import EmbeddedNats
+from mailbeacon.bus.jetstream import CONSUMER, STREAM, connect, provision
+from mailbeacon.contract.settings import Settings
 
 CAMPAIGNS = 10
 START = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
@@ -221,7 +221,9 @@ def start_aggregator(
     if batch is not None:
         env["MAILBEACON_INGEST_BATCH_SIZE"] = str(batch)
     log = open(workdir / "aggregator.log", "ab")  # noqa: SIM115  (closed with the process)
-    command = ["bench.feed_paths", "--aggregator"] if feed == "nats-py" else ["mailbeacon.cli", "aggregator"]
+    command = (
+        ["bench.feed_paths", "--aggregator"] if feed == "nats-py" else ["mailbeacon.app.cli", "aggregator"]
+    )
     process = subprocess.Popen([sys.executable, "-m", *command], env=env, stdout=log, stderr=log)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -312,8 +314,8 @@ _COLUMNS = [
 
 
 async def migrated(url: str) -> None:
-    from aggregator.db import open_database
-    from aggregator.migrate import migrate
+    from aggregator.store.db import open_database
+    from aggregator.store.migrate import migrate
 
     db = open_database(url)
     await migrate(db)
@@ -321,7 +323,7 @@ async def migrated(url: str) -> None:
 
 
 def sqlite_baseline(path: Path, events: list[dict[str, Any]]) -> float:
-    from aggregator.times import sqlite_time
+    from aggregator.store.times import sqlite_time
 
     asyncio.run(migrated(f"sqlite:///{path}"))
     rows = [tuple(sqlite_time(v) if isinstance(v, datetime) else v for v in row) for row in _rows(events)]
@@ -442,7 +444,7 @@ def run_database(
 async def scan_time(url: str) -> float:
     from sqlalchemy import text
 
-    from aggregator.db import open_database
+    from aggregator.store.db import open_database
 
     db = open_database(url)
     async with db.read_engine.connect() as conn:

@@ -84,7 +84,7 @@ class PassThrough:
         self.upstream = upstream
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        from smtp_proxy.upstream import OutgoingCopy, Upstream
+        from smtp_proxy.relay.upstream import OutgoingCopy, Upstream
 
         assert isinstance(self.upstream, Upstream)
         raw = envelope.original_content or b""
@@ -98,8 +98,8 @@ async def serve_role(role: str, port_file: Path, upstream_port: int, nats_url: s
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     closers = []
-    from smtp_proxy.auth import Networks
-    from smtp_proxy.server import ListenerPolicy, ProxySMTP
+    from smtp_proxy.session.auth import Networks
+    from smtp_proxy.session.server import ListenerPolicy, ProxySMTP
 
     # The sink and the baseline relay receive with the same server code as the proxy, so
     # the comparison measures what tracking costs, not two ways of reading DATA.
@@ -112,7 +112,7 @@ async def serve_role(role: str, port_file: Path, upstream_port: int, nats_url: s
         port = server.sockets[0].getsockname()[1]
         closers.append(server.close)
     elif role in ("relay", "relay-stock"):
-        from smtp_proxy.upstream import Upstream, UpstreamConfig
+        from smtp_proxy.relay.upstream import Upstream, UpstreamConfig
 
         upstream = Upstream(
             UpstreamConfig.from_url(f"smtp://127.0.0.1:{upstream_port}", pool_size=CONCURRENCY)
@@ -131,9 +131,9 @@ async def serve_role(role: str, port_file: Path, upstream_port: int, nats_url: s
         port = server.sockets[0].getsockname()[1]
         closers.append(server.close)
     else:
-        from mailbeacon.jetstream import connect, provision
-        from mailbeacon.publisher import EventPublisher
-        from mailbeacon.settings import Settings
+        from mailbeacon.bus.jetstream import connect, provision
+        from mailbeacon.bus.publisher import EventPublisher
+        from mailbeacon.contract.settings import Settings
         from smtp_proxy.service import ProxyService
 
         settings = Settings(
@@ -249,10 +249,10 @@ def smtp_source(port: int, total: int) -> float | None:
 
 
 def rewrite_timings() -> list[tuple[str, float]]:
-    from mailbeacon.campaigns import TrackingSwitches
-    from smtp_proxy.copies import CopyOptions, MessageCopies
-    from smtp_proxy.mime import Part
-    from smtp_proxy.optout import TrackSwitches
+    from mailbeacon.contract.campaigns import TrackingSwitches
+    from smtp_proxy.rewrite.copies import CopyOptions, MessageCopies
+    from smtp_proxy.rewrite.mime import Part
+    from smtp_proxy.rewrite.optout import TrackSwitches
 
     html_only = EmailMessage()
     html_only["Subject"] = "x"
@@ -292,9 +292,9 @@ def rewrite_timings() -> list[tuple[str, float]]:
 
 async def peak_memory(workdir: Path, sink_port: int, nats_url: str) -> tuple[int, int, int]:
     """Peak Python heap while the proxy (in this process) receives, rewrites and relays 25 MB."""
-    from mailbeacon.jetstream import connect, provision
-    from mailbeacon.publisher import EventPublisher
-    from mailbeacon.settings import Settings
+    from mailbeacon.bus.jetstream import connect, provision
+    from mailbeacon.bus.publisher import EventPublisher
+    from mailbeacon.contract.settings import Settings
     from smtp_proxy.service import ProxyService
 
     big = EmailMessage()
@@ -357,9 +357,9 @@ def row(label: str, value: str) -> str:
 
 
 def main() -> None:
-    from mailbeacon.embedded_nats import EmbeddedNats
+    from mailbeacon.app.embedded_nats import EmbeddedNats
 
-    logging.getLogger("mailbeacon.jetstream").setLevel(logging.ERROR)  # "disconnected" on close
+    logging.getLogger("mailbeacon.bus.jetstream").setLevel(logging.ERROR)  # "disconnected" on close
 
     message = build_message()
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:

@@ -36,8 +36,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from mailbeacon.embedded_nats import EmbeddedNats
-from mailbeacon.signing import click_url, pixel_url
+from mailbeacon.app.embedded_nats import EmbeddedNats
+from mailbeacon.contract.signing import click_url, pixel_url
 
 CONNECTIONS = 64
 DURATION = int(os.environ.get("BENCH_SECONDS", "5"))  # seconds per run
@@ -287,8 +287,8 @@ def load(port: int, kind: str, duration: int, work: Path) -> Result:
 
 
 async def stream_count(nats_url: str, create: bool = False) -> int:
-    from mailbeacon.jetstream import STREAM, connect, provision
-    from mailbeacon.settings import Settings
+    from mailbeacon.bus.jetstream import STREAM, connect, provision
+    from mailbeacon.contract.settings import Settings
 
     nc = await connect(nats_url, "bench")
     try:

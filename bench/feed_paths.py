@@ -1,7 +1,7 @@
 """The aggregator's ingest feed over its own NATS path and over nats-py's public API, in one run.
 
-- ``custom``: :class:`aggregator.feed.PullFeed` as the aggregator runs it: a lean protocol
-  connection (:mod:`aggregator.wire`), pull requests kept outstanding for three batches, raw
+- ``custom``: :class:`aggregator.ingest.feed.PullFeed` as the aggregator runs it: a lean protocol
+  connection (:mod:`aggregator.ingest.wire`), pull requests kept outstanding for three batches, raw
   ``(ack subject, payload)`` pairs, a batch's acknowledgements in one write;
 - ``nats-py``: :class:`NatsPyFeed`, the same interface built on nats-py's public API only:
   ``js.pull_subscribe_bind`` to the durable consumer, ``fetch(batch)``, and ``msg.ack()``
@@ -38,8 +38,8 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError
 
-from aggregator.feed import ACK, TERM, Delivery
-from mailbeacon.jetstream import ALL_EVENTS, CONSUMER_ACK_WAIT_SECONDS, STREAM, connect
+from aggregator.ingest.feed import ACK, TERM, Delivery
+from mailbeacon.bus.jetstream import ALL_EVENTS, CONSUMER_ACK_WAIT_SECONDS, STREAM, connect
 
 PATHS = ("custom", "nats-py")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
@@ -50,7 +50,7 @@ INGEST_ROUNDS = 2
 
 
 class NatsPyFeed:
-    """:class:`aggregator.feed.PullFeed`'s interface on nats-py's public pull-consumer API.
+    """:class:`aggregator.ingest.feed.PullFeed`'s interface on nats-py's public pull-consumer API.
 
     ``take`` is one ``fetch``; ``settle`` acknowledges message by message through the ``Msg``
     each acknowledgement subject belongs to. A refused fetch (503: nobody serves the consumer)
@@ -120,7 +120,7 @@ class NatsPyFeed:
 
 
 def make_feed(path: str, nc: NATS, consumer: str, batch: int) -> object:
-    from aggregator.feed import PullFeed
+    from aggregator.ingest.feed import PullFeed
 
     return (
         NatsPyFeed(nc, STREAM, consumer, batch)
@@ -269,10 +269,10 @@ def compare_feeds(nats_url: str, nats_pid: int, wanted: int, rounds: int = ROUND
 
 def serve_aggregator() -> None:
     """``mailbeacon aggregator`` with :class:`NatsPyFeed` in place of the custom pull feed."""
-    import aggregator.consumer
-    from mailbeacon.cli import main as cli_main
+    import aggregator.ingest.consumer
+    from mailbeacon.app.cli import main as cli_main
 
-    aggregator.consumer.PullFeed = NatsPyFeed  # type: ignore[assignment, misc]
+    aggregator.ingest.consumer.PullFeed = NatsPyFeed  # type: ignore[assignment, misc]
     cli_main(["aggregator"])
 
 
@@ -326,7 +326,7 @@ def main() -> None:
     import tempfile
 
     from bench.bench_aggregator import CAMPAIGNS, _provision, generate, publish
-    from mailbeacon.embedded_nats import EmbeddedNats
+    from mailbeacon.app.embedded_nats import EmbeddedNats
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-feed-"))
     nats = EmbeddedNats(workdir / "nats")

@@ -1,9 +1,9 @@
 """The tracker's buffered events over its own NATS path and over nats-py's public API, in one run.
 
 Two publishers take the same pixel events, encoded as the tracker encodes them
-(:func:`tracker.engagement.engagement_message`), into the same buffer:
+(:func:`tracker.engagement.engagement.engagement_message`), into the same buffer:
 
-- ``custom``: :class:`mailbeacon.publisher.EventPublisher` as the tracker runs it: ready
+- ``custom``: :class:`mailbeacon.bus.publisher.EventPublisher` as the tracker runs it: ready
   protocol frames, JetStream fast batches (one acknowledgement per 128 events);
 - ``nats-py``: the same publisher whose flush uses only nats-py's public API,
   ``js.publish_async`` with ``Nats-Msg-Id`` for each event of a batch (at most a batch, 512,
@@ -39,8 +39,8 @@ from typing import Any
 
 from nats.js import JetStreamContext
 
-from mailbeacon.fast_batch import Outgoing
-from mailbeacon.publisher import _FLUSH_BATCH, EventPublisher
+from mailbeacon.bus.fast_batch import Outgoing
+from mailbeacon.bus.publisher import _FLUSH_BATCH, EventPublisher
 
 # custom-single: the custom publisher as it runs where the stream refuses fast batches (an
 # older server, STREAM_FAST_BATCHES=false): raw frames, an acknowledgement per event.
@@ -102,9 +102,9 @@ def make_publisher(path: str, js: JetStreamContext) -> EventPublisher:
 
 
 def pixel_messages(count: int) -> list[Outgoing]:
-    from mailbeacon.events import EventType
+    from mailbeacon.contract.events import EventType
     from tracker import classify
-    from tracker.engagement import engagement_message
+    from tracker.engagement.engagement import engagement_message
 
     ids = [str(uuid.UUID(int=i + 1)) for i in range(1000)]
     return [
@@ -119,7 +119,7 @@ def pixel_messages(count: int) -> list[Outgoing]:
 
 
 async def _child(nats_url: str, path: str, load: str) -> None:
-    from mailbeacon.jetstream import connect
+    from mailbeacon.bus.jetstream import connect
 
     count = DRAIN_EVENTS if load == "drain" else int(PACED_RATE * PACED_SECONDS)
     nc = await connect(nats_url, f"bench-publish-{path}")
@@ -176,7 +176,7 @@ class Round:
 
 
 async def _stream_messages(nats_url: str, purge: bool = False) -> int:
-    from mailbeacon.jetstream import STREAM, connect
+    from mailbeacon.bus.jetstream import STREAM, connect
 
     nc = await connect(nats_url, "bench-publish-admin")
     try:
@@ -249,9 +249,9 @@ def compare(nats_url: str, nats_pid: int, rounds: int = ROUNDS) -> list[str]:
 async def _frame_cost(nats_url: str, count: int = 50_000, rounds: int = ROUNDS) -> tuple[float, float]:
     """CPU µs to hand one event's frame to the connection: nats-py's public ``publish()`` with
     the reply subject and ``Nats-Msg-Id`` header a fast batch needs, against the raw frames
-    :func:`mailbeacon.fast_batch.send_commands` writes (what its private attributes buy)."""
-    from mailbeacon.fast_batch import send_commands
-    from mailbeacon.jetstream import connect
+    :func:`mailbeacon.bus.fast_batch.send_commands` writes (what its private attributes buy)."""
+    from mailbeacon.bus.fast_batch import send_commands
+    from mailbeacon.bus.jetstream import connect
 
     nc = await connect(nats_url, "bench-frames")
     messages = pixel_messages(count)
@@ -303,7 +303,7 @@ HEADER = (
 
 def main() -> None:
     from bench.bench_tracker import stream_count
-    from mailbeacon.embedded_nats import EmbeddedNats
+    from mailbeacon.app.embedded_nats import EmbeddedNats
 
     print(
         f"Tracker publish paths: {ROUNDS} alternating rounds per path and load (median shown); "
@@ -339,7 +339,7 @@ class SinglePublisher(EventPublisher):
 def serve_tracker(path: str) -> None:
     """``mailbeacon tracker`` (one worker) with the publisher of ``path``."""
     import tracker.service
-    from mailbeacon.cli import main as cli_main
+    from mailbeacon.app.cli import main as cli_main
 
     tracker.service.EventPublisher = {"nats-py": NatsPyPublisher, "custom-single": SinglePublisher}[path]  # type: ignore[misc]
     cli_main(["tracker"])

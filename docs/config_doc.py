@@ -267,7 +267,7 @@ def markdown(model: type[BaseModel]) -> str:
 
 def _settings_model() -> type[BaseModel]:
     sys.path.insert(0, str(ROOT))
-    from mailbeacon.settings import Settings
+    from mailbeacon.contract.settings import Settings
 
     return Settings
 

@@ -12,7 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from mailbeacon.campaigns import CAMPAIGN_HEADER, CampaignKey, CampaignSpec, InvalidCampaign, match_campaign
+from mailbeacon.contract.campaigns import (
+    CAMPAIGN_HEADER,
+    CampaignKey,
+    CampaignSpec,
+    InvalidCampaign,
+    match_campaign,
+)
 
 
 @dataclass(frozen=True)

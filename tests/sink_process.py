@@ -14,8 +14,8 @@ from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from smtp_proxy.auth import Networks
-from smtp_proxy.server import ListenerPolicy, ProxySMTP
+from smtp_proxy.session.auth import Networks
+from smtp_proxy.session.server import ListenerPolicy, ProxySMTP
 
 
 class FileSink:

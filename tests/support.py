@@ -13,7 +13,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from mailbeacon.settings import Settings
+from mailbeacon.contract.settings import Settings
 
 SECRET = "test-signing-key-0123456789abcdefghij"
 

@@ -6,7 +6,7 @@ event, so a provider retries whatever we could not keep.
 
 The app runs no middleware: aiohttp would wrap every pixel and click in two more
 coroutines for it. Each route is timed and guarded by one wrapper instead (failures
-answered as :func:`mailbeacon.web.json_errors` answers them), and a last catch-all route
+answered as :func:`mailbeacon.web.server.json_errors` answers them), and a last catch-all route
 answers paths and methods nobody serves with a JSON 404 or 405.
 """
 
@@ -17,14 +17,14 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.settings import Settings
-from mailbeacon.web import Handler, add_health_routes, json_error
-from tracker.engagement import NO_STORE, PIXEL_GIF, Engagement
-from tracker.esp.sns import HttpGet, https_getter
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.contract.settings import Settings
+from mailbeacon.web.server import Handler, add_health_routes, json_error
+from tracker.engagement.engagement import NO_STORE, PIXEL_GIF, Engagement
 from tracker.metrics import REGISTRY, REQUEST_LATENCY
 from tracker.openapi import openapi_document
-from tracker.webhooks import Webhooks
+from tracker.webhooks.esp.sns import HttpGet, https_getter
+from tracker.webhooks.webhooks import Webhooks
 
 __all__ = ["ENGAGEMENT_KEY", "NO_STORE", "PIXEL_GIF", "PUBLISHER_KEY", "SETTINGS_KEY", "create_app"]
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from mailbeacon.netaddr import normalize_ip
+from mailbeacon.contract.netaddr import normalize_ip
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Engagement = Literal["open", "click"]

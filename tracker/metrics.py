@@ -20,10 +20,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from mailbeacon.build_info import register_build_info
-from mailbeacon.events import EventType
-from mailbeacon.http_guard import ConnectionLimits
-from mailbeacon.publisher import EventPublisher
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.contract.build_info import register_build_info
+from mailbeacon.contract.events import EventType
+from mailbeacon.web.http_guard import ConnectionLimits
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 BUILD_INFO = register_build_info(REGISTRY, "tracker")
@@ -119,7 +119,7 @@ WEBHOOK_EVENTS = Counter(
 )
 
 # The label values, each series created at zero below.
-# Machine verdicts (tracker.classify, tracker.bursts); tests hold this to the verdicts made there.
+# Machine verdicts (tracker.classify, tracker.engagement.bursts); tests hold this to the verdicts made there.
 MACHINE_KINDS: Final = (
     "apple_privacy_proxy",
     "burst",
@@ -138,7 +138,7 @@ GENERIC_TYPES: Final = (EventType.BOUNCED, EventType.DELIVERED, EventType.COMPLA
 PROVIDER_TYPES: Final = tuple(t for t in EventType if t is not EventType.SENT)
 # The routes measured, by a fixed name (never a tracking id, URL or provider taken from the path).
 ROUTES: Final = ("pixel", "click", "unsubscribe_page", "unsubscribe", "webhook")
-# Statuses a webhook answers with (tracker.webhooks, tracker.webhook_limits, tracker.esp).
+# Statuses a webhook answers with (tracker.webhooks.webhooks, tracker.webhooks.webhook_limits, tracker.webhooks.esp).
 WEBHOOK_STATUSES: Final = ("200", "400", "401", "403", "413", "503")
 # kind -> the statuses it answers with, all known in advance.
 REQUEST_KINDS: Final = {

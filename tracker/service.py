@@ -22,18 +22,19 @@ from multiprocessing.process import BaseProcess
 from aiohttp import web
 from nats.aio.client import Client as NATS
 
-from mailbeacon.http_guard import ConnectionLimits, descriptor_limit, effective_max_connections
-from mailbeacon.jetstream import connect, provision, redact_url
-from mailbeacon.nats_auth import NatsLogin
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.runner import wait_for_signal
-from mailbeacon.settings import Settings, parse_listen
-from mailbeacon.signing import NoSigningKey
-from mailbeacon.spool import Spool
-from mailbeacon.web import bound_port, serve
-from tracker import metrics, webhook_limits
+from mailbeacon.bus.jetstream import connect, provision, redact_url
+from mailbeacon.bus.nats_auth import NatsLogin
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.bus.spool import Spool
+from mailbeacon.contract.settings import Settings, parse_listen
+from mailbeacon.contract.signing import NoSigningKey
+from mailbeacon.web.http_guard import ConnectionLimits, descriptor_limit, effective_max_connections
+from mailbeacon.web.server import bound_port, serve
+from mailbeacon.web.shutdown import wait_for_signal
+from tracker import metrics
 from tracker.app import ENGAGEMENT_KEY, create_app
-from tracker.esp.sns import HttpGet
+from tracker.webhooks import webhook_limits
+from tracker.webhooks.esp.sns import HttpGet
 
 log = logging.getLogger(__name__)
 

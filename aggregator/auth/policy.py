@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from urllib.parse import urlsplit
 
-from mailbeacon.netaddr import normalize_ip
-from mailbeacon.settings import Settings
+from mailbeacon.contract.netaddr import normalize_ip
+from mailbeacon.contract.settings import Settings
 
 # A token is a password nobody types: 24 characters of `openssl rand -hex 32` are 96 bits.
 MIN_TOKEN_LENGTH = 24

@@ -44,7 +44,7 @@ from aggregator.auth.policy import (
     local_path,
     needed_access,
 )
-from mailbeacon.web import Handler, json_error
+from mailbeacon.web.server import Handler, json_error
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", STYLESHEET_PATH, LOGIN_PATH})
 # Pages load only their own stylesheet: no inline style or script anywhere, so nothing

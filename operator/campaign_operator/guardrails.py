@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from campaign_operator.resource import BOUNCE_RATE_HIGH, COMPLAINT_RATE_HIGH, STATISTICS_AVAILABLE
 from campaign_operator.status import Headline
-from mailbeacon.campaigns import CampaignSpec, Guardrails
+from mailbeacon.contract.campaigns import CampaignSpec, Guardrails
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 

@@ -10,6 +10,6 @@ from __future__ import annotations
 import kopf
 
 from campaign_operator.wiring import register
-from mailbeacon.settings import Settings
+from mailbeacon.contract.settings import Settings
 
 OPERATOR = register(kopf.get_default_registry(), Settings())

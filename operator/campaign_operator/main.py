@@ -5,7 +5,7 @@ from __future__ import annotations
 import kopf
 
 from campaign_operator.wiring import register
-from mailbeacon.settings import Settings
+from mailbeacon.contract.settings import Settings
 
 
 async def run(settings: Settings) -> None:

@@ -22,8 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from campaign_operator.guardrails import Judgement
 from campaign_operator.resource import BOUNCE_RATE_HIGH
-from mailbeacon.build_info import register_build_info
-from mailbeacon.campaigns import CampaignKey, CampaignSpec
+from mailbeacon.contract.build_info import register_build_info
+from mailbeacon.contract.campaigns import CampaignKey, CampaignSpec
 
 GUARDRAILS = ("bounce_rate", "complaint_rate")
 REGISTRY = CollectorRegistry(auto_describe=True)

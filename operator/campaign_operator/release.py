@@ -29,7 +29,7 @@ import aiohttp
 import kopf
 
 from campaign_operator.resource import FINALIZER, GROUP, PLURAL, VERSION
-from mailbeacon.settings import Settings
+from mailbeacon.contract.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mailbeacon.campaigns import API_GROUP, KIND
+from mailbeacon.contract.campaigns import API_GROUP, KIND
 
 GROUP = API_GROUP
 VERSION = "v1alpha1"

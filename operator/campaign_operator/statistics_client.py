@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 import aiohttp
 
-from mailbeacon.campaigns import CampaignKey
+from mailbeacon.contract.campaigns import CampaignKey
 
 
 class StatisticsUnavailable(RuntimeError):

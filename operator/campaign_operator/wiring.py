@@ -25,12 +25,12 @@ from campaign_operator import guardrails, metrics
 from campaign_operator.resource import ANNOTATION_PREFIX, FINALIZER, GROUP, PLURAL, VERSION
 from campaign_operator.statistics_client import StatisticsClient, StatisticsUnavailable
 from campaign_operator.status import Headline, InvalidStatistics, numbers_changed
-from mailbeacon.campaign_store import CampaignStore
-from mailbeacon.campaigns import CampaignKey, CampaignSpec
-from mailbeacon.jetstream import connect, ensure_campaign_bucket
-from mailbeacon.nats_auth import NatsLogin
-from mailbeacon.settings import Settings
-from mailbeacon.web import add_health_routes, bound_port, serve
+from mailbeacon.bus.campaign_store import CampaignStore
+from mailbeacon.bus.jetstream import connect, ensure_campaign_bucket
+from mailbeacon.bus.nats_auth import NatsLogin
+from mailbeacon.contract.campaigns import CampaignKey, CampaignSpec
+from mailbeacon.contract.settings import Settings
+from mailbeacon.web.server import add_health_routes, bound_port, serve
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -274,7 +274,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> CampaignOpe
         initial_delay=min(1.0, settings.operator.status_interval),
     )(operator.refresh_status)
     if settings.operator.injection_listen:
-        from campaign_operator.injection_webhook import register_injection
+        from campaign_operator.injection.webhook import register_injection
 
         register_injection(registry, settings)  # README "Injection by annotation"
     return operator

@@ -33,10 +33,10 @@ from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from mailbeacon.events import Event
-from mailbeacon.jetstream import ALL_EVENTS, STREAM, connect, provision
-from mailbeacon.publisher import EventPublisher
-from mailbeacon.settings import Settings
+from mailbeacon.bus.jetstream import ALL_EVENTS, STREAM, connect, provision
+from mailbeacon.bus.publisher import EventPublisher
+from mailbeacon.contract.events import Event
+from mailbeacon.contract.settings import Settings
 from tests.support import make_settings
 from tracker.service import TrackerService
 
@@ -338,7 +338,7 @@ def webhook_request(
 ) -> Any:
     from multidict import CIMultiDict, CIMultiDictProxy
 
-    from tracker.esp.base import WebhookRequest
+    from tracker.webhooks.esp.base import WebhookRequest
 
     return WebhookRequest(
         headers=CIMultiDictProxy(CIMultiDict(headers or {})),
@@ -348,9 +348,9 @@ def webhook_request(
 
 
 def verify_context(tmp_path: Path, fetcher: FakeSns | None = None, **overrides: Any) -> Any:
-    from tracker.esp.base import VerifyContext
-    from tracker.esp.sns import Certificates
-    from tracker.webhook_limits import credentials_required
+    from tracker.webhooks.esp.base import VerifyContext
+    from tracker.webhooks.esp.sns import Certificates
+    from tracker.webhooks.webhook_limits import credentials_required
 
     settings = Settings(**{"secret_keys": "k" * 32, **webhook_settings(tmp_path, **overrides)})
     certificates = Certificates(settings.tracker.sns_cert_dir, (fetcher or FakeSns()).get)

@@ -1,1 +1,0 @@
-"""Alembic migrations of the aggregator's SQL schema (run by :mod:`aggregator.migrate`)."""

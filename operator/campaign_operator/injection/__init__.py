@@ -1,0 +1,2 @@
+"""Sidecar injection by annotation: what is done to a pod, the mutating admission webhook that
+does it, and the webhook's own certificate (README "Injection by annotation")."""
