@@ -50,7 +50,7 @@ def database_url(settings: Settings) -> str:
 
 def auth_policy(settings: Settings) -> AuthPolicy:
     """The aggregator's access policy; a one-line SystemExit when the settings would leave it
-    open beyond loopback or contradict each other (README "Aggregator: authentication")."""
+    open beyond loopback or contradict each other (docs/aggregator.md "Authentication")."""
     try:
         return policy_from_settings(settings)
     except AuthConfigError as exc:

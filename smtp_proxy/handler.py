@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 _SHUTTING_DOWN = "451 4.3.2 The proxy is shutting down, please try again later"
 # A message this large is prepared, and each copy rendered, in a worker thread, so the
-# event loop keeps greeting and serving other sessions (README "Limits"): rewriting
+# event loop keeps greeting and serving other sessions (docs/proxy.md "Limits"): rewriting
 # costs up to ~150 ms per MB of dense HTML, held in one piece. Below it the work takes a
 # few milliseconds and stays inline (a thread hop costs more than that for small mail).
 OFFLOAD_BYTES = 256 * 1024

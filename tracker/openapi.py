@@ -33,7 +33,7 @@ def _tracking_id() -> dict[str, Any]:
     }
 
 
-# The README's examples; any time is accepted as stated (see the README's "Event times").
+# The examples of docs/esps/generic.md; any time is accepted as stated (docs/tracker.md "Event times").
 GENERIC_EXAMPLES: dict[str, Any] = {
     "bounce": {
         "summary": "POST /track/bounce/",

@@ -2,7 +2,7 @@
 credentials a request carries, which requests are cross-origin, where a login may return.
 
 Open only on loopback: an aggregator listening elsewhere needs tokens, a trusted auth
-proxy, or the explicit ``API_AUTH=none`` (README "Aggregator: authentication").
+proxy, or the explicit ``API_AUTH=none`` (docs/aggregator.md "Authentication").
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Ingest keeps ``campaign_breakdowns`` and ``domain_stats`` (aggregator.ingest.tally); reading
 them is a handful of primary-key and index lookups whatever the number of events. The
 recount here computes the same numbers from the stored events (and the pruned ones)
-by their definitions (README "Statistics"), for ``refresh``.
+by their definitions (docs/architecture.md "Statistics"), for ``refresh``.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ qualifies (the provider's clock and the proxy's disagree a little), but only whe
 was relayed by the time itself. A copy relayed later never takes the event: it waits
 (parked) and expires, so a list of addresses cannot be poisoned in advance of the mail.
 
-See the README, "Aggregator: API, pages, metrics, operations".
+See docs/architecture.md, "Out of order", and docs/aggregator.md, "Parked events".
 """
 
 from __future__ import annotations

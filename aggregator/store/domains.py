@@ -1,4 +1,4 @@
-"""Recipient domains and the mailbox providers they belong to (README "Statistics": domains).
+"""Recipient domains and the mailbox providers they belong to (docs/aggregator.md "Insights": mailbox providers).
 
 Pure functions. A copy's domain is what follows the last ``@`` of its recipient (already
 lower-cased by the event contract). Providers are a small, fixed mapping, so the

@@ -91,7 +91,7 @@ class MessageRow(SQLModel, table=True):
     click_count: int = 0
     # What follows the last "@" of the recipient (aggregator.store.domains), for the domain breakdown.
     domain: str | None = Field(default=None, max_length=320)
-    # Client and device of the first person's open (aggregator.store.readers; README "Statistics").
+    # Client and device of the first person's open (aggregator.store.readers; docs/architecture.md "Statistics").
     human_client: str | None = Field(default=None, max_length=64)
     human_device: str | None = Field(default=None, max_length=8)
     # The two above as they were before the latest ingest statement (like newly_seen), so that

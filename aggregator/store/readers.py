@@ -1,6 +1,6 @@
 """Which mail client and kind of device a person's open came from, by its User-Agent.
 
-Pure functions (README "Statistics": clients and devices). ``ua-parser`` names the
+Pure functions (docs/aggregator.md "Insights": clients and devices). ``ua-parser`` names the
 browser or app and the operating system; the rules here turn that into a mail client
 and one of :data:`DEVICES`:
 

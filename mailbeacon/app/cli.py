@@ -38,7 +38,7 @@ class _WithPublisher:
     Its start publishes the events spooled at the last stop before the component takes
     any work (the proxy connected to NATS already, so this takes moments); its stop gives
     the component and then the publisher one drain deadline, SHUTDOWN_DRAIN_SECONDS, after
-    which what NATS has not taken is spooled (README "Never down").
+    which what NATS has not taken is spooled (docs/tracker.md "Never down").
     """
 
     def __init__(

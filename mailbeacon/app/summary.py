@@ -1,6 +1,6 @@
 """`mailbeacon stats`: a campaign's statistics as a short text a person reads in a terminal.
 
-A pure function of the statistics JSON (README "Statistics"); ``--json`` prints the
+A pure function of the statistics JSON (docs/architecture.md "Statistics"); ``--json`` prints the
 object itself instead.
 """
 

@@ -1,4 +1,4 @@
-"""Events a stopping process could not publish, kept on disk for its next start (README "Never down").
+"""Events a stopping process could not publish, kept on disk for its next start (docs/tracker.md "Never down").
 
 One file per stop, ``DATA_DIR/spool/<time>-<host>-<pid>-<random>.jsonl``: one JSON object per
 line, the frame the publisher would have sent, ``{"subject": ..., "msg_id": ..., "payload":

@@ -3,7 +3,7 @@
 JSON readers recurse: Python's raises RecursionError some hundreds of levels down, and
 pydantic's refuses more than 200 ("recursion limit exceeded"), far from where the input
 arrived. So the tracker measures each webhook body before reading it (``MAX_JSON_DEPTH``,
-README "ESP webhooks"), and the aggregator each unusual event before validating it.
+docs/tracker.md "ESP webhooks"), and the aggregator each unusual event before validating it.
 
 The measure skips string contents (a ``[`` inside a string does not nest) with bytes
 operations, then counts the brackets: about 3 ms for a 700 KB batch of webhook events, at

@@ -29,7 +29,7 @@ def normalize_ip(text: str) -> IPAddress | None:
 
 
 def is_loopback_host(host: str) -> bool:
-    """True when a listen host is reachable from this machine only (the rule of README
+    """True when a listen host is reachable from this machine only (the rule of docs/security.md
     "Security model": open only on loopback). ``localhost`` counts; ``0.0.0.0``, ``::``,
     an empty host (every interface) and any other name or address do not."""
     host = host.strip().strip("[]")

@@ -56,7 +56,7 @@ def add_health_routes(
         # The component's own registry, then prometheus_client's default one, which holds
         # only the process's own collectors (CPU, memory, file descriptors, GC): components
         # never register there, so in `mailbeacon up` no component's series shows on another's
-        # port (README "Metrics: one registry per component").
+        # port (docs/architecture.md "Metrics: one registry per component").
         body = generate_latest(registry)
         if registry is not REGISTRY:
             body += generate_latest(REGISTRY)

@@ -2,7 +2,7 @@
 
 The runner waits here for each component it runs, and the tracker's standalone workers for
 themselves (``mailbeacon tracker --workers N``), so it lives with the HTTP plumbing they share
-rather than in the app shell (README "Zero-drop rollouts").
+rather than in the app shell (docs/kubernetes.md "Zero-drop rollouts").
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ async def wait_for_signal(delay: float = 0.0, stopping: Callable[[], None] | Non
     """Return once SIGTERM or SIGINT arrives; with a ``delay`` (SHUTDOWN_DELAY_SECONDS), first call
     ``stopping`` (readiness turns 503) and keep serving for ``delay`` seconds, or until a second
     signal: Service endpoints and load balancers take a moment to stop sending requests to a
-    terminating pod, and a listener closed at once would refuse them (README "Zero-drop rollouts")."""
+    terminating pod, and a listener closed at once would refuse them (docs/kubernetes.md "Zero-drop rollouts")."""
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

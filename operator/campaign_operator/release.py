@@ -4,7 +4,7 @@ kopf keeps its finalizer (:data:`~campaign_operator.resource.FINALIZER`) on ever
 serves, so that it can take the campaign out of the KV bucket when the Campaign is deleted. Once
 the operator is uninstalled nobody removes it, and a Campaign deleted then (or being deleted)
 hangs with its ``deletionTimestamp`` set. This command, run by the chart's ``pre-delete`` hook
-(or by hand, README "Uninstall"), first stops the operator when told its Deployment (a running
+(or by hand, docs/kubernetes.md "Uninstall"), first stops the operator when told its Deployment (a running
 operator would put the finalizer straight back), then takes the finalizer off every Campaign in
 the namespaces the operator served. Other finalizers are left alone.
 

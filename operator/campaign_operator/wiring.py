@@ -276,5 +276,5 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> CampaignOpe
     if settings.operator.injection_listen:
         from campaign_operator.injection.webhook import register_injection
 
-        register_injection(registry, settings)  # README "Injection by annotation"
+        register_injection(registry, settings)  # docs/kubernetes.md "Injection by annotation"
     return operator

@@ -1,6 +1,6 @@
 """What the app is told once the upstream answered for every copy, and the events that record each copy.
 
-Pure policy (README "What the app is told"): the proxy answers 250 only when the upstream
+Pure policy (docs/proxy.md "What the app is told (SMTP replies)"): the proxy answers 250 only when the upstream
 accepted some copy, and every copy the upstream answered for ends as ``sent`` or ``failed``.
 """
 

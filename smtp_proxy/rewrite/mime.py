@@ -264,7 +264,7 @@ def encode_body(data: bytes, encoding: str, eol: bytes) -> bytes:
 
 # Each of these C calls holds the GIL from start to end (binascii.b2a_qp: ~8 ms per MB),
 # so a rewrite running in a worker thread would stop the proxy's event loop for as long:
-# large bodies go through them in runs of about a megabyte (README "Limits").
+# large bodies go through them in runs of about a megabyte (docs/proxy.md "Limits").
 _RUN = 1 << 20
 _NOT_BASE64 = re.compile(rb"[^A-Za-z0-9+/]")
 

@@ -1,4 +1,4 @@
-"""SMTP session limits (README "Limits"): sessions at once, and a tarpit for failed AUTH.
+"""SMTP session limits (docs/proxy.md "Limits"): sessions at once, and a tarpit for failed AUTH.
 
 Plain policy; :class:`smtp_proxy.session.server.ProxySMTP` wires it to the sockets.
 """

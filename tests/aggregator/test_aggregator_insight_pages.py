@@ -100,7 +100,7 @@ def insight_events() -> tuple[list[Event], list[str]]:
 
 
 def with_insights(s: dict[str, Any], events: list[Event], hourly: bool = False) -> dict[str, Any]:
-    """The breakdowns the statistics gain with the insights work (README "Statistics"), for
+    """The breakdowns the statistics gain with the insights work (docs/architecture.md "Statistics"), for
     the screenshots, derived from the seeded events; a statistics read that has them keeps its own."""
     human_opens = [e for e in events if e.type == EventType.OPENED and not e.machine]
     first: dict[str | None, Event] = {}

@@ -37,7 +37,7 @@ from mailbeacon.contract.signing import HONEYPOT_URL
 
 START = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
 URLS = ["https://a.example/1", "https://a.example/2", HONEYPOT_URL]
-# Real user agents and the client and device the README says each one is.
+# Real user agents and the client and device docs/aggregator.md "Insights" says each one is.
 AGENTS = {
     "Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, like Gecko) "
     "Mobile/15E148": ("Apple Mail", "mobile"),
@@ -329,7 +329,7 @@ def series(mine: list[Message], hourly: bool) -> dict[str, list[dict[str, Any]]]
 
 
 def insights(mine: list[Message], human_unique: int) -> dict[str, Any]:
-    """Clients, devices, machines, domains and the heatmaps, from their README definitions."""
+    """Clients, devices, machines, domains and the heatmaps, from their definitions in docs/aggregator.md "Insights"."""
     clients: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     devices = dict.fromkeys(("desktop", "mobile", "tablet", "webmail", "unknown"), 0)
     machines: dict[str, dict[str, int]] = defaultdict(lambda: {"opens": 0, "clicks": 0})

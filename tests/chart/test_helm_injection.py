@@ -1,4 +1,4 @@
-"""Injection by annotation, the chart and the decisions (README "Injection by annotation").
+"""Injection by annotation, the chart and the decisions (docs/kubernetes.md "Injection by annotation").
 
 The sidecar the webhook adds is the library chart's rendering for the same inputs: the chart
 renders MAILBEACON_INJECTION_TEMPLATE from the library's templates, and ``inject`` only fits it

@@ -1,4 +1,4 @@
-"""The chart's side of zero-drop rollouts (README "Zero-drop rollouts"): the delay a terminating
+"""The chart's side of zero-drop rollouts (docs/kubernetes.md "Zero-drop rollouts"): the delay a terminating
 pod serves on, spent once (in the process, or in the kubelet's preStop sleep), and a grace
 period that covers the delay, the drain and a margin. The process side: test_graceful_stop.py."""
 

@@ -1,4 +1,4 @@
-"""The proxy as a native sidecar, from the library chart alone (README "A Job with the native sidecar").
+"""The proxy as a native sidecar, from the library chart alone (docs/kubernetes.md "A Job with the native sidecar").
 
 An app chart that depends on ``deploy/helm/mailbeacon-sidecar`` renders only its own objects
 (no operator, CRD, RBAC or Secret of mailbeacon's), and its Job's pod has the proxy as the

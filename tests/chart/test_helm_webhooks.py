@@ -2,7 +2,7 @@
 sees the recipients' addresses, not the ingress controller's.
 
 The tracker in its pod listens beyond loopback, so it refuses the generic webhooks without
-their token and Postmark's without its basic auth (README "ESP webhooks"), unless
+their token and Postmark's without its basic auth (docs/tracker.md "ESP webhooks"), unless
 tracker.webhooks.allowUnauthenticated. With the Ingress enabled the chart goes further: it
 refuses to render without those credentials unless the operator opts out.
 """

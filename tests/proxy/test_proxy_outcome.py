@@ -1,4 +1,4 @@
-"""The reply policy of README "What the app is told", row by row, as a pure function."""
+"""The reply policy of docs/proxy.md "What the app is told (SMTP replies)", row by row, as a pure function."""
 
 from __future__ import annotations
 

@@ -195,7 +195,7 @@ def browser_url(href: str) -> str:
 
 
 def trackable(href: str, attrs: dict[str, str | None], unsubscribe_urls: set[str]) -> bool:
-    """The README's rule: web links, less mailto:/tel:/anchors, unsubscribe links and the
+    """The rule of docs/proxy.md "What changes in a copy": web links, less mailto:/tel:/anchors, unsubscribe links and the
     List-Unsubscribe URLs, links at the tracker, data-notrack and +notrack, control characters."""
     url = browser_url(href)
     if not re.match(r"https?://", url, re.IGNORECASE) or "data-notrack" in attrs:

@@ -1,4 +1,4 @@
-"""Slow clients cannot hold the tracker's connections (README "Tracker").
+"""Slow clients cannot hold the tracker's connections (docs/configuration.md "Tracker").
 
 Headers must be complete within TRACKER_HEADER_TIMEOUT_SECONDS of connecting (or of the
 first bytes of a later request on a kept-alive connection); at most

@@ -3,7 +3,7 @@ would sign it, posted to a running tracker with a real nats-server, and the stor
 compared with what anymail's own tests assert (tests/peer_corpora/SOURCES.md).
 
 anymail and mailbeacon name event types differently; ``ANYMAIL_TO_MAILBEACON`` is the one
-table between them (the README's "ESP webhooks" shows the same), and ``CASE_DIFFERENCES``
+table between them (docs/tracker.md "Compared with django-anymail" shows the same), and ``CASE_DIFFERENCES``
 the cases where mailbeacon deliberately stores something else, each with its reason. A case
 that maps otherwise fails.
 """

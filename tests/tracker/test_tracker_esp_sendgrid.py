@@ -198,7 +198,7 @@ async def test_signed_batch_over_http_is_stored_once_even_when_retried(tmp_path:
         status, answer = await post(http, url, body, sendgrid_headers(body))
         assert status == 200
         # The same signed bytes again (even with a re-randomized signature): the same body under
-        # the same replay key, taken as a retry whose events are stored once (README "ESP webhooks").
+        # the same replay key, taken as a retry whose events are stored once (docs/tracker.md "ESP webhooks").
         status, answer = await post(http, url, body, sendgrid_headers(body, timestamp=first_sent))
         assert (status, answer["stored"]) == (200, 11)
     stored = await stream_events(nats_url)

@@ -1,5 +1,5 @@
 """Webhooks that can go without credentials (the generic ones, Postmark's) need them as soon as
-the tracker listens beyond loopback (README "ESP webhooks").
+the tracker listens beyond loopback (docs/tracker.md "ESP webhooks").
 
 A tracker bound to 0.0.0.0 is reached here through 127.0.0.1: what a stranger on the network
 would see. Forged complaints made the proxy withhold a recipient's mail for good.

@@ -1,4 +1,4 @@
-"""The webhook replay guard, one for every tracker worker and replica (README "ESP webhooks").
+"""The webhook replay guard, one for every tracker worker and replica (docs/tracker.md "ESP webhooks").
 
 An adapter names what makes a signed request unique (Mailgun's token, SNS's MessageId, a
 hash of what SendGrid signed). That key is claimed in the NATS KV bucket

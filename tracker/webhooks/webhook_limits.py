@@ -1,4 +1,4 @@
-"""What a webhook may be: credentials off loopback, body size, nesting depth (README "ESP webhooks").
+"""What a webhook may be: credentials off loopback, body size, nesting depth (docs/tracker.md "ESP webhooks").
 
 Plain functions of the settings and of what NATS told us; ``tracker.webhooks.webhooks`` applies them.
 """

@@ -1,5 +1,4 @@
-// Live statistics for a campaign's page (README "Aggregator: API, pages, metrics,
-// operations"). The page is complete without this script; with it, the page follows the
+// Live statistics for a campaign's page (docs/aggregator.md "Live statistics"). The page is complete without this script; with it, the page follows the
 // campaign's Server-Sent Events stream and, whenever the statistics change, asks the
 // server for the page again and swaps in its live part (the server renders it from the
 // snapshot it just streamed), keeping open tables open. One rendering, on the server.

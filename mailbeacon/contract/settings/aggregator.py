@@ -1,5 +1,5 @@
 """Aggregator settings: its database, ingest, retention, and who may read its API
-(README "Aggregator: authentication"), with where its clients find it."""
+(docs/aggregator.md "Authentication"), with where its clients find it."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class AggregatorSettings(SettingsGroup):
         validation_alias="MAILBEACON_AGGREGATOR_URL",
         description="Base URL the operator reads campaign statistics from; unset means AGGREGATOR_LISTEN",
     )
-    # Aggregator API and pages: who may read and change (README "Aggregator: authentication").
+    # Aggregator API and pages: who may read and change (docs/aggregator.md "Authentication").
     api_tokens: SecretList = Field(
         default_factory=list,
         description="Bearer tokens with full access to the aggregator's API and pages, comma-separated "

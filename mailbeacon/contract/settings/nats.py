@@ -11,7 +11,7 @@ from mailbeacon.contract.settings.values import SettingsGroup
 
 
 class NatsSettings(SettingsGroup):
-    """NATS: where it is, how to log in (README "Kubernetes", NATS credentials), and the
+    """NATS: where it is, how to log in (docs/kubernetes.md "NATS credentials and TLS", NATS credentials), and the
     event stream's retention. Read by every component; the stream's by whichever creates it."""
 
     url: str | None = Field(
@@ -19,7 +19,7 @@ class NatsSettings(SettingsGroup):
         validation_alias="MAILBEACON_NATS_URL",
         description="NATS server URL (with JetStream), or a cluster's URLs separated by commas; unset means the embedded nats-server of `mailbeacon up`",
     )
-    # NATS login and TLS as connect options (README "Kubernetes", NATS credentials): unlike
+    # NATS login and TLS as connect options (docs/kubernetes.md "NATS credentials and TLS", NATS credentials): unlike
     # credentials in NATS_URL they apply to every server of a cluster, learned ones included.
     user: str | None = Field(
         default=None,

@@ -1,5 +1,5 @@
 """Campaign operator settings: its namespaces, status copies, and the sidecar-injection
-webhook (README "Injection by annotation")."""
+webhook (docs/kubernetes.md "Injection by annotation")."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class OperatorSettings(SettingsGroup):
         validation_alias="MAILBEACON_OPERATOR_NAMESPACES",
         description="Namespaces whose Campaigns the operator serves; empty means all",
     )
-    # Sidecar injection by annotation, served by the operator (README "Injection by annotation").
+    # Sidecar injection by annotation, served by the operator (docs/kubernetes.md "Injection by annotation").
     injection_listen: OptionalListen = Field(
         default=None,
         description="host:port of the operator's sidecar-injection webhook (HTTPS), e.g. 0.0.0.0:9443; "

@@ -1,4 +1,4 @@
-"""SMTP proxy settings: who may relay, TLS, limits, the upstream, DKIM (README "SMTP proxy settings")."""
+"""SMTP proxy settings: who may relay, TLS, limits, the upstream, DKIM (docs/configuration.md "SMTP proxy")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tracker settings: pixels and clicks, ESP webhooks and their secrets, limits (README "Tracker")."""
+"""Tracker settings: pixels and clicks, ESP webhooks and their secrets, limits (docs/configuration.md "Tracker")."""
 
 from __future__ import annotations
 

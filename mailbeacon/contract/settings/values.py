@@ -13,7 +13,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Sec
 from pydantic_settings import NoDecode
 
 UpstreamProvider = Literal["generic", "sendgrid", "mailgun", "ses", "postmark"]
-# Click-signing keys shorter than this are refused at start (README "Configuration").
+# Click-signing keys shorter than this are refused at start (docs/configuration.md "Configuration").
 MIN_SECRET_KEY_LENGTH = 32
 # The highest MAX_JSON_DEPTH may be set: events this deep (plus their envelope) stay well
 # inside what every JSON reader on the way accepts (pydantic's stops at 200 levels).

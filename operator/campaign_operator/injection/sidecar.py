@@ -1,4 +1,4 @@
-"""Sidecar injection by annotation: what the webhook does to one pod (README "Injection by annotation").
+"""Sidecar injection by annotation: what the webhook does to one pod (docs/kubernetes.md "Injection by annotation").
 
 The sidecar is not defined here. The Helm chart renders it from the library chart
 mailbeacon-sidecar, with the very templates an app chart includes, into

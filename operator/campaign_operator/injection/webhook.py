@@ -1,4 +1,4 @@
-"""kopf wiring of the sidecar-injection webhook (README "Injection by annotation").
+"""kopf wiring of the sidecar-injection webhook (docs/kubernetes.md "Injection by annotation").
 
 A mutating admission handler for Pods on kopf's own HTTPS server (``kopf.WebhookServer``),
 listening on INJECTION_LISTEN. Its certificate is cert-manager's (INJECTION_CERT_FILE and

@@ -73,7 +73,7 @@ class VerifyContext:
     now: datetime
     load_certificate: CertificateLoader  # SNS: PEM bytes for a SigningCertURL
     # Off loopback, webhooks that can go without credentials (Postmark) must have them,
-    # unless ALLOW_UNAUTHENTICATED_WEBHOOKS (README "ESP webhooks").
+    # unless ALLOW_UNAUTHENTICATED_WEBHOOKS (docs/tracker.md "ESP webhooks").
     credentials_required: bool = True
 
 

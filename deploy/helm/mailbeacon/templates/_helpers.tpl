@@ -202,7 +202,7 @@ readinessProbe:
 Deployment: the library chart mailbeacon-sidecar's "mailbeacon-sidecar.container", whose
 parameters it takes (image, natsUrl, siteUrl, secretName; see its templates/_container.tpl).
 Kept for app charts that depend on this chart; new ones depend on mailbeacon-sidecar alone and
-run the proxy as a native sidecar (README "A Job with the native sidecar"). */}}
+run the proxy as a native sidecar (docs/kubernetes.md "A Job with the native sidecar"). */}}
 {{- define "mailbeacon.proxySidecar" -}}
 {{- include "mailbeacon-sidecar.container" . -}}
 {{- end -}}

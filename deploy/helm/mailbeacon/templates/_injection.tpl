@@ -1,4 +1,4 @@
-{{/* Sidecar injection by annotation (README "Injection by annotation"): the operator serves a
+{{/* Sidecar injection by annotation (docs/kubernetes.md "Injection by annotation"): the operator serves a
 mutating admission webhook that adds the proxy, as the library chart mailbeacon-sidecar renders
 it, to pods annotated mailbeacon.io/inject: "true". */}}
 

@@ -1,5 +1,4 @@
-{{/* Graceful stops of the tracker, the aggregator and the shared proxy (README "Zero-drop
-rollouts"). A terminating pod keeps serving for shutdown.delaySeconds while the endpoints
+{{/* Graceful stops of the tracker, the aggregator and the shared proxy (docs/kubernetes.md "Zero-drop rollouts"). A terminating pod keeps serving for shutdown.delaySeconds while the endpoints
 drop it: by default in the process (MAILBEACON_SHUTDOWN_DELAY_SECONDS, /readyz answering 503
 meanwhile), with shutdown.preStopSleep in the kubelet's preStop sleep instead, never both. */}}
 
