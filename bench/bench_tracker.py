@@ -36,6 +36,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from bench.publish_paths import stream_count
 from mailbeacon.app.embedded_nats import EmbeddedNats
 from mailbeacon.contract.signing import click_url, pixel_url
 
@@ -284,19 +285,6 @@ def load(port: int, kind: str, duration: int, work: Path) -> Result:
     if shutil.which("wrk"):
         return wrk(port, kind, duration, work)
     return asyncio.run(_python_load(port, kind, duration))
-
-
-async def stream_count(nats_url: str, create: bool = False) -> int:
-    from mailbeacon.bus.jetstream import STREAM, connect, provision
-    from mailbeacon.contract.settings import Settings
-
-    nc = await connect(nats_url, "bench")
-    try:
-        if create:
-            await provision(nc.jetstream(), Settings(secret_keys=SECRET))
-        return int((await nc.jetstream().stream_info(STREAM)).state.messages)
-    finally:
-        await nc.close()
 
 
 def wait_stored(nats_url: str, expected: int, timeout: float = 60) -> int:

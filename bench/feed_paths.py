@@ -277,8 +277,8 @@ def serve_aggregator() -> None:
 
 
 def ingest_round(nats_url: str, nats_pid: int, path: str, workdir: Path, number: int, wanted: int) -> Round:
-    from bench.bench_aggregator import cpu_seconds as tree_cpu
-    from bench.bench_aggregator import reset_consumer, start_aggregator, wait_ingested
+    from bench.aggregator_world import cpu_seconds as tree_cpu
+    from bench.aggregator_world import reset_consumer, start_aggregator, wait_ingested
 
     asyncio.run(reset_consumer(nats_url))
     database = workdir / f"ingest-{path}-{number}.db"
@@ -325,14 +325,14 @@ def main() -> None:
     import shutil
     import tempfile
 
-    from bench.bench_aggregator import CAMPAIGNS, _provision, generate, publish
+    from bench.aggregator_world import CAMPAIGNS, generate, provision_stream, publish
     from mailbeacon.app.embedded_nats import EmbeddedNats
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-feed-"))
     nats = EmbeddedNats(workdir / "nats")
     try:
         nats_url = nats.start()
-        asyncio.run(_provision(nats_url))
+        asyncio.run(provision_stream(nats_url))
         _, stored = asyncio.run(
             publish(nats_url, generate(max(FEED_EVENTS, INGEST_EVENTS), CAMPAIGNS, seed=5))
         )

@@ -50,6 +50,7 @@ DRAIN_EVENTS = 100_000
 PACED_RATE = 20_000  # events/s: about what one tracker process serves (docs/performance.md "Tracker")
 PACED_SECONDS = 3.0
 BROWSER_UA = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0"
+PROVISIONING_KEY = "bench-provisioning-key-0123456789abcdef"  # settings need one; never signs
 
 
 class NatsPyPublisher(EventPublisher):
@@ -95,6 +96,20 @@ class NatsPyPublisher(EventPublisher):
                     failed.append(message)
             self._buffer.extendleft(reversed(failed))
         return not failed
+
+
+async def stream_count(nats_url: str, create: bool = False) -> int:
+    """The events in the stream; with ``create``, the stream provisioned first (as a tracker would)."""
+    from mailbeacon.bus.jetstream import STREAM, connect, provision
+    from mailbeacon.contract.settings import Settings
+
+    nc = await connect(nats_url, "bench")
+    try:
+        if create:
+            await provision(nc.jetstream(), Settings(secret_keys=PROVISIONING_KEY))
+        return int((await nc.jetstream().stream_info(STREAM)).state.messages)
+    finally:
+        await nc.close()
 
 
 def make_publisher(path: str, js: JetStreamContext) -> EventPublisher:
@@ -302,7 +317,6 @@ HEADER = (
 
 
 def main() -> None:
-    from bench.bench_tracker import stream_count
     from mailbeacon.app.embedded_nats import EmbeddedNats
 
     print(
