@@ -22,7 +22,13 @@ from mailbeacon.app.devstate import read_state
 from mailbeacon.app.runner import AllInOne, Component, nats_url_file, run_component
 from mailbeacon.app.summary import summary
 from mailbeacon.bus.campaign_store import CampaignStore
-from mailbeacon.bus.jetstream import connect, ensure_suppression_bucket, provision, redact_url
+from mailbeacon.bus.jetstream import (
+    connect,
+    ensure_suppression_bucket,
+    provision,
+    provision_patiently,
+    redact_url,
+)
 from mailbeacon.bus.nats_auth import NatsLogin
 from mailbeacon.bus.publisher import EventPublisher
 from mailbeacon.bus.spool import Spool
@@ -67,7 +73,7 @@ class _WithPublisher:
 async def _build_proxy(settings: Settings, nc: NATS) -> Component:
     from smtp_proxy.service import ProxyService
 
-    kv = await provision(nc.jetstream(), settings)
+    kv = await provision_patiently(nc.jetstream(), settings)
     publisher = EventPublisher(nc.jetstream(), spool=Spool.under(settings.data_dir))
     store = CampaignStore(kv)
     suppressions = None
@@ -80,7 +86,7 @@ async def _build_proxy(settings: Settings, nc: NATS) -> Component:
 async def _build_aggregator(settings: Settings, nc: NATS) -> Component:
     from aggregator.service import AggregatorService
 
-    kv = await provision(nc.jetstream(), settings)
+    kv = await provision_patiently(nc.jetstream(), settings)
     return AggregatorService(settings, nc.jetstream(), kv)
 
 

@@ -7,10 +7,13 @@ already match, so replicas can start in any order.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from urllib.parse import urlsplit, urlunsplit
 
 from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as RequestTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -21,7 +24,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BucketNotFoundError, NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError, ServerError, ServiceUnavailableError
 from nats.js.kv import KeyValue
 
 from mailbeacon.bus.nats_auth import NatsLogin
@@ -258,3 +261,28 @@ async def provision(js: JetStreamContext, settings: Settings) -> KeyValue:
     await ensure_suppression_bucket(js, settings)
     await ensure_replay_bucket(js, settings)
     return await ensure_campaign_bucket(js, settings)
+
+
+# What JetStream answers while it cannot serve yet: nothing (a cluster electing its meta
+# leader, a server under load, JetStream not enabled yet) or "temporarily unavailable".
+# Anything else (no permission, a stream configured otherwise) is not waited out.
+NOT_READY = (RequestTimeoutError, NoRespondersError, ServiceUnavailableError, ServerError)
+
+
+async def provision_patiently(
+    js: JetStreamContext, settings: Settings, first_delay: float = 0.5, max_delay: float = 5.0
+) -> KeyValue:
+    """:func:`provision`, tried again until JetStream answers: a starting proxy or aggregator
+    waits, not ready, instead of exiting with a traceback (the tracker waits the same way)."""
+    delay = first_delay
+    while True:
+        try:
+            return await provision(js, settings)
+        except NOT_READY as exc:
+            log.warning(
+                "JetStream not ready (%s); provisioning again in %.1f s",
+                str(exc) or type(exc).__name__,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_delay)

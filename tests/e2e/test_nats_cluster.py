@@ -106,9 +106,11 @@ async def components(tmp_path: Path, cluster: NatsCluster, sink: SmtpSink) -> As
                         command, role, env={**common, **env}, stdout=log, stderr=log, start_new_session=True
                     )
                 )
-        await wait_http_ok(f"{processes.aggregator}/readyz")
-        await wait_http_ok(f"{tracker}/readyz")
-        await wait_http_ok(f"http://127.0.0.1:{proxy_http}/readyz")
+        # A busy machine (the suite on every core) can keep a three-node cluster's JetStream
+        # from answering for a while; the components wait for it (provision_patiently).
+        await wait_http_ok(f"{processes.aggregator}/readyz", within=60)
+        await wait_http_ok(f"{tracker}/readyz", within=60)
+        await wait_http_ok(f"http://127.0.0.1:{proxy_http}/readyz", within=60)
         yield processes
     finally:
         for process in processes.running:

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import subprocess
 from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
 
+from mailbeacon.app.embedded_nats import EmbeddedNats, nats_server_binary
 from mailbeacon.bus.campaign_store import CampaignStore
-from mailbeacon.bus.jetstream import CONSUMER, KV_BUCKET, STREAM, connect, provision, redact_url
+from mailbeacon.bus.jetstream import (
+    CONSUMER,
+    KV_BUCKET,
+    STREAM,
+    connect,
+    provision,
+    provision_patiently,
+    redact_url,
+)
 from mailbeacon.bus.publisher import EventPublisher
 from mailbeacon.contract.campaigns import CampaignKey, CampaignSpec
 from mailbeacon.contract.events import Event, EventType, new_event_id
@@ -123,3 +134,51 @@ async def test_a_comma_separated_url_names_a_cluster(nats_url: str) -> None:
     assert redact_url("nats://a:pw1@n1:4222,nats://tok@n2:4222,nats://n3:4222") == (
         "nats://***@n1:4222,nats://***@n2:4222,nats://n3:4222"
     )
+
+
+async def test_a_component_waits_for_jetstream_instead_of_exiting(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy or aggregator that starts while JetStream cannot answer yet (a cluster electing
+    its leader, a server under load) waits, saying so, and provisions once it answers; it
+    exited with a traceback before. Here a nats-server without JetStream stands in, then the
+    same port gets a server with it."""
+    port = free_port()
+    bare = await asyncio.create_subprocess_exec(
+        str(nats_server_binary()),
+        "-a",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server: EmbeddedNats | None = None
+    client = await connect(f"nats://127.0.0.1:{port}", "patient-test")
+    try:
+        with caplog.at_level(logging.WARNING, logger="mailbeacon.bus.jetstream"):
+            task = asyncio.create_task(
+                provision_patiently(
+                    client.jetstream(), make_settings(tmp_path), first_delay=0.1, max_delay=0.2
+                )
+            )
+
+            async def waiting() -> bool:
+                assert not task.done(), task  # it neither gave up nor pretended to succeed
+                return "JetStream not ready" in caplog.text
+
+            await eventually(waiting, within=10)
+            bare.terminate()
+            await asyncio.wait_for(bare.wait(), 10)
+            server = EmbeddedNats(tmp_path / "nats", port=port)
+            server.start()
+            bucket = await asyncio.wait_for(task, 30)
+        assert bucket is not None
+        assert (await client.jetstream().stream_info(STREAM)).config.name == STREAM
+    finally:
+        await client.close()
+        if bare.returncode is None:
+            bare.kill()
+            await bare.wait()
+        if server is not None:
+            server.stop()
