@@ -27,6 +27,11 @@ _TRACKING_HEADER = re.compile(
 _END_OF_HEADERS = re.compile(rb"\r?\n\r?\n")
 
 
+# How long after its 250 the outbox reports a copy delivered: after the proxy has stamped its
+# ``sent`` event (it does when the 250 arrives).
+DELIVERY_DELAY_SECONDS = 0.05
+
+
 def tracking_id_of(content: bytes) -> str | None:
     """The copy's tracking id from its header section, or None for mail the proxy did not track."""
     end = _END_OF_HEADERS.search(content)
@@ -61,12 +66,10 @@ class OutboxHandler:
             name = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.eml"
             data = trace + f"Delivered-To: {recipient}\r\n".encode() + content
             await asyncio.to_thread((self.directory / name).write_bytes, data)
-        deliveries = self.outbox.on_delivery if self.outbox else None
-        tracking_id = tracking_id_of(content) if deliveries else None
-        if deliveries is not None and tracking_id is not None:
+        tracking_id = tracking_id_of(content) if self.outbox and self.outbox.on_delivery else None
+        if self.outbox is not None and tracking_id is not None:
             # The proxy relays each tracked copy on its own, to its one recipient.
-            for recipient in envelope.rcpt_tos:
-                await deliveries(delivered_event(tracking_id, recipient))
+            self.outbox.report_delivery(tracking_id, list(envelope.rcpt_tos))
         return "250 2.0.0 kept in the outbox"
 
 
@@ -78,6 +81,26 @@ class Outbox:
         self._server: asyncio.Server | None = None
         # Called with a ``delivered`` event for each tracked copy kept (mailbeacon up: publish it).
         self.on_delivery: Deliveries | None = None
+        self._reports: set[asyncio.Task[None]] = set()
+
+    def report_delivery(self, tracking_id: str, recipients: list[str]) -> None:
+        """Report the copy delivered just after the outbox answered 250: a mailbox delivers
+        after the relay accepted, so the copy's timeline reads sent, then delivered (reported
+        within the same transaction, the delivery was stamped before the proxy's ``sent``)."""
+        task = asyncio.get_running_loop().create_task(self._report(tracking_id, recipients))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _report(self, tracking_id: str, recipients: list[str]) -> None:
+        await asyncio.sleep(DELIVERY_DELAY_SECONDS)
+        if self.on_delivery is not None:
+            for recipient in recipients:
+                await self.on_delivery(delivered_event(tracking_id, recipient))
+
+    async def settle(self) -> None:
+        """Wait for the deliveries still to be reported (before the publisher closes)."""
+        while self._reports:
+            await asyncio.gather(*self._reports, return_exceptions=True)
 
     async def start(self) -> None:
         handler = OutboxHandler(self.directory, self)

@@ -180,6 +180,8 @@ class AllInOne:
         deadline = time.monotonic() + self.settings.shutdown_drain_seconds
         for component in reversed(self.components):
             if component is self.components[0] and self.publisher is not None:
+                if self.outbox is not None:
+                    await self.outbox.settle()  # its last deliveries, before the publisher closes
                 await self.publisher.close(drain_timeout=max(0.0, deadline - time.monotonic()))
             try:
                 await component.stop()

@@ -102,6 +102,11 @@ def test_up_links_to_its_tracker_counts_deliveries_and_is_found_from_anywhere(
         time.sleep(0.2)
     assert (stats["sent_count"], stats["delivered_count"], stats["delivery_rate"]) == (1, 1, 100.0)
     assert stats["open_rate"] == 100.0  # per delivered copy: no longer 0.00% in development
+    # A mailbox delivers after the relay accepted: the copy's timeline reads sent, then delivered.
+    events_url = addresses["statistics API"] + "/default/welcome/events?type=sent,delivered"
+    with urllib.request.urlopen(events_url, timeout=5) as response:
+        newest_first = [e["type"] for e in json.load(response)["events"]]
+    assert newest_first == ["delivered", "sent"], newest_first
 
     summary = elsewhere(tmp_path, env, "stats", "default/welcome")
     assert summary.returncode == 0, summary.stderr
