@@ -282,12 +282,9 @@ def devices(s: Mapping[str, Any]) -> str:
 
 
 def _provider_rows(found: Any) -> list[tuple[str, Mapping[str, Any]]]:
-    """``domains`` as (name, figures): a mapping by provider, or a list naming each."""
-    if isinstance(found, Mapping):
-        return [(str(k), v) for k, v in found.items() if isinstance(v, Mapping)]
-    if isinstance(found, list):
-        return [(str(d.get("domain") or d.get("provider") or ""), d) for d in found if isinstance(d, Mapping)]
-    return []
+    """``domains`` (aggregator.read.breakdowns: a list of rows, each naming its ``domain``) as
+    (name, figures)."""
+    return [(str(d["domain"]), d) for d in found] if isinstance(found, list) else []
 
 
 def providers(s: Mapping[str, Any]) -> str:

@@ -22,7 +22,7 @@ from aiohttp import web
 from playwright.async_api import expect
 
 from aggregator.ingest.ingest import apply_batch
-from aggregator.read import live, page_sections, pages
+from aggregator.read import page_sections, pages, statistics
 from aggregator.read.charts import Timeline, bar_chart, label_ticks, y_ticks
 from aggregator.read.event_pages import furthest_state
 from aggregator.service import create_app
@@ -99,77 +99,12 @@ def insight_events() -> tuple[list[Event], list[str]]:
     return events, ids
 
 
-def with_insights(s: dict[str, Any], events: list[Event], hourly: bool = False) -> dict[str, Any]:
-    """The breakdowns the statistics gain with the insights work (docs/architecture.md "Statistics"), for
-    the screenshots, derived from the seeded events; a statistics read that has them keeps its own."""
-    human_opens = [e for e in events if e.type == EventType.OPENED and not e.machine]
-    first: dict[str | None, Event] = {}
-    for e in sorted(human_opens, key=lambda e: e.occurred_at):
-        first.setdefault(e.tracking_id, e)
-    heat = [[0] * 24 for _ in range(7)]
-    for e in human_opens:
-        heat[e.occurred_at.weekday()][e.occurred_at.hour] += 1
-    clicks: dict[str, list[int]] = {}
-    for e in events:
-        if e.type == EventType.CLICKED:
-            day = clicks.setdefault(
-                e.occurred_at.strftime("%Y-%m-%dT%H:00:00Z" if hourly else "%Y-%m-%d"), [0, 0]
-            )
-            day[0] += 1
-            day[1] += 0 if e.machine else 1
-    iphone = sum(1 for e in first.values() if e.user_agent == IPHONE)
-    extra: dict[str, Any] = {
-        "clients": [
-            {"client": "Apple Mail", "unique_opens": iphone, "total_opens": 5, "share": 0},
-            {"client": "Outlook", "unique_opens": len(first) - iphone, "total_opens": 2, "share": 0},
-        ],
-        "devices": {
-            "desktop": len(first) - iphone,
-            "mobile": iphone,
-            "tablet": 0,
-            "webmail": 0,
-            "unknown": 0,
-        },
-        "machines": {
-            "apple_privacy_proxy": {"opens": 1, "clicks": 0},
-            "security_scanner": {"opens": 0, "clicks": 1},
-        },
-        "domains": {
-            "gmail": {"sent": 3, "delivered": 3, "bounced": 0, "complained": 0, "unique_opens": 3},
-            "outlook": {"sent": 2, "delivered": 1, "bounced": 1, "complained": 0, "unique_opens": 1},
-            "yahoo": {"sent": 1, "delivered": 1, "bounced": 0, "complained": 1, "unique_opens": 1},
-            "apple": {"sent": 1, "delivered": 1, "bounced": 0, "complained": 0, "unique_opens": 0},
-            "other": {"sent": 1, "delivered": 0, "bounced": 0, "complained": 0, "unique_opens": 0},
-        },
-        "engagement_heatmap": heat,
-        "clicks_over_time": [
-            {"hour" if hourly else "date": d, "clicks": c, "human_clicks": h}
-            for d, (c, h) in sorted(clicks.items())
-        ],
-    }
-    for figures in extra["domains"].values():
-        sent, delivered = figures["sent"], figures["delivered"]
-        figures["delivery_rate"] = round(delivered * 100 / sent, 2)
-        figures["bounce_rate"] = round(figures["bounced"] * 100 / sent, 2)
-        figures["open_rate"] = round(figures["unique_opens"] * 100 / delivered, 2) if delivered else 0.0
-    return {**extra, **s}
-
-
 @contextlib.asynccontextmanager
-async def insight_site(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[tuple[str, Database, list[str]]]:
+async def insight_site(tmp_path: Path) -> AsyncIterator[tuple[str, Database, list[str]]]:
     db = open_database(f"sqlite:///{tmp_path / 'insights.db'}")
     await migrate(db)
     events, ids = insight_events()
     await apply_batch(db, events)
-    read = live.read_view
-
-    async def read_with_insights(db: Database, campaign: str, view: live.View) -> dict[str, Any]:
-        return with_insights(await read(db, campaign, view), events, view.hourly)
-
-    monkeypatch.setattr(pages, "read_view", read_with_insights)
-    monkeypatch.setattr(live, "read_view", read_with_insights)
     outbox = tmp_path / "outbox"
     outbox.mkdir()
     write_outbox(outbox, ids)
@@ -312,9 +247,15 @@ def test_cards_lead_with_people_and_say_when_nothing_is_delivered() -> None:
     assert "no delivery events yet" not in delivered
 
 
-def test_sections_draw_the_insight_fields_and_nothing_when_absent() -> None:
-    events, _ = insight_events()
-    s = with_insights(stats(human_unique_opens=5, delivered_count=6, sent_count=8), events)
+async def test_sections_draw_the_insight_fields_and_nothing_when_absent(tmp_path: Path) -> None:
+    """The sections drawn from a real statistics read of the seeded campaign."""
+    db = open_database(f"sqlite:///{tmp_path / 'sections.db'}")
+    try:
+        await migrate(db)
+        await apply_batch(db, insight_events()[0])
+        s = await statistics.read_statistics(db, CAMPAIGN)
+    finally:
+        await db.dispose()
     clients = page_sections.clients(s)
     assert (
         "Apple Mail" in clients and "60.00%" in clients and "40.00%" in clients
@@ -344,7 +285,7 @@ def test_sections_draw_the_insight_fields_and_nothing_when_absent() -> None:
     empty = stats(
         clients=[],
         devices=dict.fromkeys(["desktop", "mobile"], 0),
-        domains={},
+        domains=[],
         engagement_heatmap=[[0] * 24] * 7,
     )
     assert "No data yet." in page_sections.clients(empty) and "No data yet." in page_sections.devices(empty)
@@ -392,10 +333,8 @@ async def browser() -> AsyncIterator[Any]:
 
 @pytest.mark.slow  # a browser
 @NEEDS_CHROMIUM
-async def test_statistics_page_updates_itself_from_the_stream(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, browser: Any
-) -> None:
-    async with insight_site(tmp_path, monkeypatch) as (base, db, ids):
+async def test_statistics_page_updates_itself_from_the_stream(tmp_path: Path, browser: Any) -> None:
+    async with insight_site(tmp_path) as (base, db, ids):
         page = await browser.new_page(viewport=DESKTOP)
         violations = csp_violations(page)
         await page.goto(f"{base}/campaigns/{CAMPAIGN}/statistics/")
@@ -437,10 +376,8 @@ PAGES = [
 
 @pytest.mark.slow  # a browser
 @NEEDS_CHROMIUM
-async def test_pages_at_desktop_and_phone_width_are_accessible(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, browser: Any
-) -> None:
-    async with insight_site(tmp_path, monkeypatch) as (base, _, ids):
+async def test_pages_at_desktop_and_phone_width_are_accessible(tmp_path: Path, browser: Any) -> None:
+    async with insight_site(tmp_path) as (base, _, ids):
         problems: dict[str, list[str]] = {}
         for width, viewport in (("desktop", DESKTOP), ("phone", PHONE)):
             context = await browser.new_context(viewport=viewport, is_mobile=width == "phone")
@@ -464,10 +401,8 @@ async def test_pages_at_desktop_and_phone_width_are_accessible(
 
 @pytest.mark.slow  # a browser
 @NEEDS_CHROMIUM
-async def test_campaigns_message_and_outbox_pages_say_what_people_ask(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, browser: Any
-) -> None:
-    async with insight_site(tmp_path, monkeypatch) as (base, _, ids):
+async def test_campaigns_message_and_outbox_pages_say_what_people_ask(tmp_path: Path, browser: Any) -> None:
+    async with insight_site(tmp_path) as (base, _, ids):
         page = await browser.new_page(viewport=DESKTOP)
         await page.goto(f"{base}/campaigns/")
         row = (await page.locator("#campaigns tbody tr").first.inner_text()).split("\t")
